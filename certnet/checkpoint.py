@@ -1,0 +1,188 @@
+"""Checkpoints: a directory with ``model.safetensors`` + ``config.json`` (never pickle).
+
+``config.json`` records method, layer spec, input shape, classes, epsilon, dataset and its
+checksum, the training config, the certnet version and the sha256 of ``model.safetensors``,
+so a torn or swapped file is detected. Every file is written atomically (temp file, fsync,
+rename). Training state for ``--resume`` lives in ``DIR/state/epoch-NNNN/`` directories that
+appear atomically (renamed from a temp directory once complete).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from certnet import __version__
+from certnet.errors import CheckpointError
+from certnet.methods import get_method
+from certnet.methods.base import CertifiedModel
+from certnet.nn.spec import build_layers, describe_layers
+
+FORMAT = "certnet-checkpoint"
+FORMAT_VERSION = 1
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, data: bytes | str) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix.
+    On failure (e.g. disk full) the previous file is left intact and the error propagates."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = data.encode() if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(p) for p in version.split(".")[:3])
+    except ValueError as err:
+        raise CheckpointError(f"unreadable certnet version {version!r} in checkpoint") from err
+
+
+def model_config(model: CertifiedModel, **extra: Any) -> dict[str, Any]:
+    """The JSON description that, with the weights, rebuilds ``model``."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "certnet_version": __version__,
+        "method": model.method,
+        "norm": model.norm,
+        "input_shape": list(model.input_shape),
+        "num_classes": model.num_classes,
+        "layers": describe_layers(model.layers),
+        "method_config": model.method_config(),
+        **extra,
+    }
+
+
+def save_model(directory: str | Path, model: CertifiedModel, **extra: Any) -> None:
+    """Write ``model.safetensors`` then ``config.json`` (which names the weights' sha256)."""
+    directory = Path(directory)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    blob = st_save(state)
+    atomic_write(directory / MODEL_FILE, blob)
+    config = model_config(model, model_sha256=hashlib.sha256(blob).hexdigest(), **extra)
+    atomic_write(directory / CONFIG_FILE, json.dumps(config, indent=2))
+
+
+def read_config(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / CONFIG_FILE
+    if not Path(directory).is_dir():
+        raise CheckpointError(f"{directory} is not a checkpoint directory")
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError as err:
+        raise CheckpointError(f"{path} is missing") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a certnet checkpoint config")
+    if _version_tuple(config.get("certnet_version", "0")) > _version_tuple(__version__) or \
+            config.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{directory} was written by certnet {config.get('certnet_version')}, newer than "
+            f"this certnet {__version__}; upgrade certnet to load it")
+    for key in ("method", "input_shape", "num_classes", "layers", "model_sha256"):
+        if key not in config:
+            raise CheckpointError(f"{path} lacks the field {key!r}")
+    return config
+
+
+def load(directory: str | Path, device: str | torch.device = "cpu") -> CertifiedModel:
+    """Rebuild a model from a checkpoint directory; never unpickles anything."""
+    directory = Path(directory)
+    config = read_config(directory)
+    weights = directory / MODEL_FILE
+    try:
+        blob = weights.read_bytes()
+    except FileNotFoundError as err:
+        raise CheckpointError(f"{weights} is missing") from err
+    if hashlib.sha256(blob).hexdigest() != config["model_sha256"]:
+        raise CheckpointError(f"{weights} does not match config.json (corrupt, truncated or "
+                              "from another checkpoint)")
+    try:
+        state = st_load(blob)
+    except (SafetensorError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{weights} is not a valid safetensors file: {err}") from err
+    try:
+        shape = tuple(config["input_shape"])
+        layers = build_layers(config["layers"], shape)
+        model = get_method(config["method"])(layers, shape, config["num_classes"],
+                                             **config.get("method_config", {}))
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, TypeError, KeyError) as err:
+        raise CheckpointError(f"{directory}: weights do not fit the architecture in "
+                              f"config.json: {str(err).splitlines()[0]}") from err
+    model.checkpoint_config = config
+    return model.to(device).eval()
+
+
+def save_train_state(directory: str | Path, epoch: int, tensors: dict[str, torch.Tensor],
+                     meta: dict[str, Any], keep: int = 1) -> Path:
+    """Write the resumable state of ``epoch`` into ``DIR/state/epoch-NNNN`` atomically and
+    drop older states beyond ``keep``."""
+    root = Path(directory) / "state"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"epoch-{epoch:04d}"
+    tmp = Path(tempfile.mkdtemp(prefix=".epoch-", dir=root))
+    try:
+        blob = st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+        atomic_write(tmp / "state.safetensors", blob)
+        meta = {**meta, "epoch": epoch, "sha256": hashlib.sha256(blob).hexdigest()}
+        atomic_write(tmp / "state.json", json.dumps(meta, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in sorted(root.glob("epoch-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_train_state(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The newest complete training state under ``DIR/state``."""
+    root = Path(directory) / "state"
+    candidates = sorted(root.glob("epoch-*"), reverse=True)
+    if not candidates:
+        raise CheckpointError(f"no training state to resume under {root}")
+    path = candidates[0]
+    try:
+        meta = json.loads((path / "state.json").read_text())
+        blob = (path / "state.safetensors").read_bytes()
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"training state {path} is unreadable: {err}") from err
+    if hashlib.sha256(blob).hexdigest() != meta.get("sha256"):
+        raise CheckpointError(f"training state {path} is corrupt (checksum mismatch)")
+    return st_load(blob), meta

@@ -1,0 +1,26 @@
+"""Typed errors. Every failure a user can cause maps to one of these; the CLI prints
+``error: <message>`` on one line and exits non-zero."""
+
+
+class CertnetError(Exception):
+    """Base class of every error certnet raises on purpose."""
+
+
+class InputError(CertnetError, ValueError):
+    """A tensor or argument is malformed: shape, dtype, NaN/Inf, pixel range, epsilon."""
+
+
+class ConfigError(CertnetError, ValueError):
+    """An unknown method / architecture / dataset / schedule, or an invalid option."""
+
+
+class DataError(CertnetError):
+    """A dataset is missing, unreachable or fails its checksum."""
+
+
+class CheckpointError(CertnetError):
+    """A checkpoint is missing, truncated, corrupt, foreign or from a newer certnet."""
+
+
+class UnsupportedLayerError(CertnetError, TypeError):
+    """A layer has no known Lipschitz bound; certnet never assumes 1.0 silently."""

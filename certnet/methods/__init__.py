@@ -1,0 +1,13 @@
+"""Certification methods; importing this package registers them all."""
+
+from certnet.methods.base import (
+    METHODS,
+    Certificate,
+    CertifiedModel,
+    get_method,
+    register_method,
+)
+from certnet.methods.gloro import GloroNet
+
+__all__ = ["METHODS", "Certificate", "CertifiedModel", "GloroNet", "get_method",
+           "register_method"]

@@ -1,0 +1,175 @@
+"""GloRo nets (Leino, Wang, Fredrikson, ICML 2021, "Globally-Robust Neural Networks").
+
+The network f = head o body gets an extra logit (Eq. 5 of the paper)
+
+    y_bot = max_{i != j} y_i + eps * K_ij,   j = argmax y,   K_ij = ||w_j - w_i||_2 * Lip(body),
+
+so ``argmax [y, y_bot] == j`` proves that no x' with ||x' - x||_2 <= eps changes the prediction.
+Training uses power-iteration estimates of Lip(body); :meth:`certify_lipschitz` uses only the
+sound float64 bounds of :mod:`certnet.nn.lipschitz`, a float64 forward pass, strict comparison
+against a rounding slack, and treats ties as not certified.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from certnet.errors import ConfigError
+from certnet.methods.base import Certificate, CertifiedModel, register_method
+from certnet.nn.lipschitz import LipschitzLinear, layer_bound, layer_estimate, product
+
+LossName = Literal["ce", "trades", "emma"]
+LOSSES = ("ce", "trades", "emma")
+#: Relative slack on logit gaps at certification time: covers float rounding in the forward
+#: pass (float64 here, float32 in attacks) with a wide margin.
+GAP_SLACK = 1e-5
+
+
+def pairwise_lipschitz(head_weight: torch.Tensor, body_lipschitz: torch.Tensor) -> torch.Tensor:
+    """K_ij = ||w_i - w_j||_2 * Lip(body): the Lipschitz constant of y_i - y_j (paper Eq. 4)."""
+    diff = head_weight.unsqueeze(0) - head_weight.unsqueeze(1)
+    return diff.norm(dim=-1) * body_lipschitz
+
+
+def shifted_logits(logits: torch.Tensor, lipschitz: torch.Tensor, eps: torch.Tensor | float,
+                   ref: torch.Tensor) -> torch.Tensor:
+    """y_i + eps_i * K_{ref,i} for i != ref and -inf at ref (eps may be per point and class)."""
+    shifted = logits + eps * lipschitz[ref]
+    return shifted.scatter(1, ref.unsqueeze(1), float("-inf"))
+
+
+def bottom_logit(logits: torch.Tensor, lipschitz: torch.Tensor, eps: float,
+                 ref: torch.Tensor | None = None) -> torch.Tensor:
+    """y_bot (paper Eq. 5). Only the reference index is excluded, so a tie for the top makes
+    y_bot >= y_j and the point is not certified (unlike gloro issue #9)."""
+    ref = logits.argmax(1) if ref is None else ref
+    return shifted_logits(logits, lipschitz, eps, ref).max(1).values
+
+
+@register_method
+class GloroNet(CertifiedModel):
+    """A GloRo net over any ``nn.Sequential`` of Lipschitz layers ending in a LipschitzLinear."""
+
+    method = "gloro"
+    norm = "l2"
+    certifiers = {"lipschitz": "certify_lipschitz"}
+
+    def __init__(self, layers: nn.Sequential, input_shape: tuple[int, ...], num_classes: int,
+                 power_iterations: int = 10, loss: LossName = "ce") -> None:
+        super().__init__(input_shape, num_classes)
+        if not isinstance(layers[-1], LipschitzLinear) or layers[-1].out_features != num_classes:
+            raise ConfigError(f"a GloRo net must end in a linear layer with {num_classes} outputs")
+        if loss not in LOSSES:
+            raise ConfigError(f"unknown GloRo loss {loss!r}; choose from {LOSSES}")
+        for layer in layers[:-1]:
+            layer_bound(layer)  # raises UnsupportedLayerError for layers without a bound
+        self.layers = layers
+        self.power_iterations = power_iterations
+        self.loss_name = loss
+
+    @property
+    def head(self) -> LipschitzLinear:
+        return self.layers[-1]
+
+    @property
+    def body(self) -> nn.Sequential:
+        return self.layers[:-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+    def method_config(self) -> dict[str, Any]:
+        return {"power_iterations": self.power_iterations, "loss": self.loss_name}
+
+    # -- Lipschitz constants -------------------------------------------------------------------
+    def body_estimate(self, iterations: int) -> torch.Tensor:
+        return product([layer_estimate(m, iterations) for m in self.body])
+
+    @torch.no_grad()
+    def body_bound(self) -> torch.Tensor:
+        return product([layer_bound(m) for m in self.body])
+
+    @torch.no_grad()
+    def converge(self) -> None:
+        """Run every layer's power iteration to convergence (before evaluation)."""
+        for m in self.body:
+            if hasattr(m, "converge"):
+                m.converge()
+
+    def training_lipschitz(self) -> torch.Tensor:
+        """Pairwise K from power iteration (``power_iterations`` steps, persistent iterates)."""
+        return pairwise_lipschitz(self.head.weight, self.body_estimate(self.power_iterations))
+
+    @torch.no_grad()
+    def sound_lipschitz(self) -> torch.Tensor:
+        """Pairwise K in float64 from guaranteed upper bounds only."""
+        return pairwise_lipschitz(self.head.weight.double(), self.body_bound())
+
+    # -- training ------------------------------------------------------------------------------
+    def loss(self, x: torch.Tensor, y: torch.Tensor, eps: float, trades_lambda: float = 1.0,
+             **_: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """GloRo losses on [y, y_bot]: ``ce`` (paper §4), ``trades`` (CE(clean) + lambda *
+        KL(softmax([y, 0]) || softmax([y, y_bot])), paper §5), ``emma`` (Hu et al. 2023:
+        each non-label logit shifted by its own eps_i = eps * clip(gap_i / (eps K_yi), .01, 1),
+        gap detached, then CE)."""
+        logits = self(x)
+        lipschitz = self.training_lipschitz()
+        bot = bottom_logit(logits, lipschitz, eps)
+        augmented = torch.cat([logits, bot.unsqueeze(1)], dim=1)
+        if self.loss_name == "ce":
+            loss = F.cross_entropy(augmented, y)
+        elif self.loss_name == "trades":
+            target = F.pad(F.softmax(logits, dim=1), (0, 1))
+            robust = F.kl_div(F.log_softmax(augmented, dim=1), target, reduction="batchmean")
+            loss = F.cross_entropy(logits, y) + trades_lambda * robust
+        else:
+            k_y = lipschitz[y]
+            gap = (logits.gather(1, y.unsqueeze(1)) - logits).detach()
+            scale = (gap / (eps * k_y).clamp_min(1e-12)).clamp(0.01, 1.0)
+            emma = shifted_logits(logits, lipschitz, eps * scale, y)
+            emma = emma.scatter(1, y.unsqueeze(1), logits.gather(1, y.unsqueeze(1)))
+            loss = F.cross_entropy(emma, y)
+        with torch.no_grad():
+            pred = augmented.argmax(1)
+            stats = {"clean": logits.argmax(1) == y, "robust": pred == y}
+        return loss, stats
+
+    # -- certification -------------------------------------------------------------------------
+    @torch.no_grad()
+    def certify_lipschitz(self, x: torch.Tensor, eps: float) -> Certificate:
+        """Sound certificate: float64 forward, float64 sound K, gaps must beat eps*K + slack."""
+        params = {k: v.double() for k, v in [*self.named_parameters(), *self.named_buffers()]}
+        logits = functional_call(self, params, (x.double(),))
+        lipschitz = self.sound_lipschitz()
+        pred = logits.argmax(1)
+        top = logits.gather(1, pred.unsqueeze(1))
+        gap = top - logits - GAP_SLACK * (1 + top.abs() + logits.abs())
+        k = lipschitz[pred]
+        others = torch.ones_like(gap, dtype=torch.bool).scatter(1, pred.unsqueeze(1), False)
+        pair_radius = torch.where(
+            k > 0, gap / k.clamp_min(1e-300), torch.where(gap > 0, float("inf"), 0.0))
+        pair_radius = torch.where(others, pair_radius.clamp_min(0), float("inf"))
+        radius = pair_radius.min(1).values
+        certified = ((gap - eps * k > 0) | ~others).all(1)
+        return Certificate(pred=pred, certified=certified, radius=radius.float())
+
+    def lipschitz_report(self) -> dict[str, float]:
+        self.converge()
+        with torch.no_grad():
+            estimate = float(self.body_estimate(0))
+            bound = float(self.body_bound())
+            k_est = pairwise_lipschitz(self.head.weight.double(), torch.tensor(estimate,
+                                       dtype=torch.float64))
+            k_bound = self.sound_lipschitz()
+        return {
+            "body_estimate": estimate,
+            "body_bound": bound,
+            "bound_over_estimate": bound / estimate if estimate > 0 else float("inf"),
+            "max_pairwise_estimate": float(k_est.max()),
+            "max_pairwise_bound": float(k_bound.max()),
+        }

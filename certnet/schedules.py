@@ -1,0 +1,66 @@
+"""Schedules for epsilon, learning rate and loss weights, as functions of training progress.
+
+A :class:`Ramp` holds ``start`` until progress ``begin``, moves to ``end`` by ``finish`` along
+``shape`` and holds ``end`` after. Progress is (epoch + step / steps) / epochs in [0, 1].
+Shapes: ``linear``; ``log`` (GloRo's log ramp, v = log(e^a + (e^b - e^a) t)); ``exp``
+(geometric, GloRo's "decay_to"); ``cosine``; ``constant``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from certnet.errors import ConfigError
+
+SHAPES = ("constant", "linear", "log", "exp", "cosine")
+
+
+@dataclass(frozen=True)
+class Ramp:
+    start: float = 1.0
+    end: float = 1.0
+    begin: float = 0.0
+    finish: float = 1.0
+    shape: str = "constant"
+
+    def __post_init__(self) -> None:
+        if self.shape not in SHAPES:
+            raise ConfigError(f"unknown schedule shape {self.shape!r}; choose from {SHAPES}")
+        if not 0 <= self.begin <= self.finish <= 1:
+            raise ConfigError(f"schedule needs 0 <= begin <= finish <= 1, got {self}")
+        if self.shape == "exp" and (self.start <= 0 or self.end <= 0):
+            raise ConfigError("an exp schedule needs positive start and end")
+
+    @classmethod
+    def parse(cls, value: Any) -> Ramp:
+        """A number (constant), a dict of fields, or a Ramp."""
+        if isinstance(value, Ramp):
+            return value
+        if isinstance(value, (int, float)):
+            return cls(float(value), float(value))
+        if isinstance(value, dict):
+            unknown = set(value) - set(cls.__dataclass_fields__)
+            if unknown:
+                raise ConfigError(f"unknown schedule fields {sorted(unknown)}")
+            return cls(**value)
+        raise ConfigError(f"cannot read a schedule from {value!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __call__(self, progress: float) -> float:
+        if self.shape == "constant" or progress <= self.begin:
+            return self.start
+        if progress >= self.finish:
+            return self.end
+        t = (progress - self.begin) / (self.finish - self.begin)
+        a, b = self.start, self.end
+        if self.shape == "linear":
+            return a + (b - a) * t
+        if self.shape == "log":
+            return math.log(math.exp(a) + (math.exp(b) - math.exp(a)) * t)
+        if self.shape == "exp":
+            return a * (b / a) ** t
+        return b + (a - b) * (1 + math.cos(math.pi * t)) / 2

@@ -1,0 +1,241 @@
+"""One Trainer for every method: schedules, seeded determinism, per-epoch sound evaluation,
+``metrics.jsonl``, an atomic checkpoint per epoch and ``resume``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from certnet.archs import build_arch
+from certnet.certify import evaluate
+from certnet.checkpoint import (
+    atomic_write,
+    load_train_state,
+    read_config,
+    save_model,
+    save_train_state,
+)
+from certnet.data import Dataset, load_dataset
+from certnet.errors import ConfigError
+from certnet.methods import get_method
+from certnet.methods.base import CertifiedModel, check_eps
+from certnet.schedules import Ramp
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (YAML presets under ``certnet/configs``).
+
+    ``eps`` is the certification radius; training uses ``eps * eps_train_factor`` scaled by
+    ``eps_schedule``. ``lr_schedule`` multiplies ``lr``; ``loss_schedules`` gives extra
+    keyword arguments of the method's loss (e.g. ``trades_lambda``) as schedules.
+    """
+
+    method: str = "gloro"
+    arch: str = "2c2f"
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    method_kwargs: dict[str, Any] = field(default_factory=dict)
+    dataset: str = "mnist"
+    data_dir: str | None = None
+    eps: float = 0.3
+    eps_train_factor: float = 1.0
+    eps_schedule: Any = 1.0
+    epochs: int = 10
+    batch_size: int = 256
+    lr: float = 1e-3
+    lr_schedule: Any = 1.0
+    weight_decay: float = 0.0
+    loss_schedules: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    eval_every: int = 1
+    eval_limit: int | None = None
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_eps(self.eps)
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError("epochs and batch_size must be positive")
+        self.eps_schedule = Ramp.parse(self.eps_schedule)
+        self.lr_schedule = Ramp.parse(self.lr_schedule)
+        self.loss_schedules = {k: Ramp.parse(v) for k, v in self.loss_schedules.items()}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - names
+        if unknown:
+            raise ConfigError(f"unknown config keys {sorted(unknown)}; known: {sorted(names)}")
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainConfig:
+        try:
+            values = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError as err:
+            raise ConfigError(f"config file {path} not found") from err
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {path} must hold a mapping")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(values)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["eps_schedule"] = self.eps_schedule.to_dict()
+        out["lr_schedule"] = self.lr_schedule.to_dict()
+        out["loss_schedules"] = {k: v.to_dict() for k, v in self.loss_schedules.items()}
+        return out
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_model(config: TrainConfig, input_shape: tuple[int, ...],
+                num_classes: int) -> CertifiedModel:
+    layers = build_arch(config.arch, input_shape, num_classes, seed=config.seed,
+                        **config.arch_kwargs)
+    return get_method(config.method)(layers, input_shape, num_classes, **config.method_kwargs)
+
+
+class Trainer:
+    """Trains ``config`` into ``out_dir``; ``resume=True`` continues from the last epoch."""
+
+    def __init__(self, config: TrainConfig, out_dir: str | Path, resume: bool = False,
+                 progress: bool = True) -> None:
+        self.config = config
+        self.out_dir = Path(out_dir)
+        self.device = resolve_device(config.device)
+        self.progress = progress
+        self.train_data = load_dataset(config.dataset, "train", config.data_dir)
+        self.test_data = load_dataset(config.dataset, "test", config.data_dir)
+        if config.eval_limit:
+            self.test_data = _head(self.test_data, config.eval_limit)
+        self.model = build_model(config, self.train_data.input_shape,
+                                 self.train_data.num_classes).to(self.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr,
+                                          weight_decay=config.weight_decay)
+        self.start_epoch = 0
+        if resume:
+            self._resume()
+        elif (self.out_dir / "state").exists():
+            raise ConfigError(f"{self.out_dir} already holds a training run; pass --resume "
+                              "to continue it or choose another --out")
+
+    # -- state ---------------------------------------------------------------------------------
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        for idx, state in self.optimizer.state_dict()["state"].items():
+            for name, value in state.items():
+                tensors[f"optim.{idx}.{name}"] = torch.as_tensor(value)
+        tensors["rng.torch"] = torch.get_rng_state()
+        return tensors
+
+    def _resume(self) -> None:
+        saved = read_config(self.out_dir).get("train")
+        if saved is not None and saved != json.loads(json.dumps(self.config.to_dict())):
+            raise ConfigError(f"--resume: the config differs from the run in {self.out_dir}")
+        tensors, meta = load_train_state(self.out_dir)
+        self.model.load_state_dict(
+            {k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        optim_state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, idx, name = key.split(".", 2)
+                optim_state.setdefault(int(idx), {})[name] = value
+        self.optimizer.load_state_dict(
+            {"state": optim_state, "param_groups": meta["param_groups"]})
+        torch.set_rng_state(tensors["rng.torch"])
+        self.start_epoch = meta["epoch"] + 1
+
+    # -- loop ----------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        cfg = self.config
+        x_all, y_all = self.train_data.x, self.train_data.y
+        steps = (len(y_all) + cfg.batch_size - 1) // cfg.batch_size
+        eps_train = cfg.eps * cfg.eps_train_factor
+        metrics_path = self.out_dir / "metrics.jsonl"
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        record: dict[str, Any] = {}
+        for epoch in range(self.start_epoch, cfg.epochs):
+            order = torch.randperm(len(y_all), generator=torch.Generator().manual_seed(
+                cfg.seed * 100003 + epoch))
+            self.model.train()
+            start = time.perf_counter()
+            totals = {"loss": 0.0, "clean": 0.0, "robust": 0.0, "n": 0}
+            bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                       disable=not self.progress, leave=False)
+            for step in bar:
+                progress = (epoch + step / steps) / cfg.epochs
+                eps = eps_train * cfg.eps_schedule(progress)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = cfg.lr * cfg.lr_schedule(progress)
+                extra = {k: v(progress) for k, v in cfg.loss_schedules.items()}
+                idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+                x, y = x_all[idx].to(self.device), y_all[idx].to(self.device)
+                loss, stats = self.model.loss(x, y, eps, **extra)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                n = len(y)
+                totals["n"] += n
+                totals["loss"] += float(loss.detach()) * n
+                totals["clean"] += float(stats["clean"].sum())
+                totals["robust"] += float(stats["robust"].sum())
+                bar.set_postfix(loss=f"{totals['loss'] / totals['n']:.3f}",
+                                acc=f"{totals['clean'] / totals['n']:.3f}",
+                                vra=f"{totals['robust'] / totals['n']:.3f}", eps=f"{eps:.3f}")
+            train_seconds = time.perf_counter() - start
+            record = {"epoch": epoch + 1, "eps_train": eps, "lr": cfg.lr * cfg.lr_schedule(
+                      progress), "train_loss": totals["loss"] / totals["n"],
+                      "train_clean": totals["clean"] / totals["n"],
+                      "train_vra_estimate": totals["robust"] / totals["n"],
+                      "train_seconds": train_seconds, **extra}
+            last = epoch + 1 == cfg.epochs
+            if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
+                report = evaluate(self.model, self.test_data, cfg.eps)
+                record.update(test_clean=report.clean_accuracy, test_vra=report.vra,
+                              test_bottom=report.bottom_rate)
+            self._checkpoint(epoch, record)
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if self.progress:
+                tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                    for k, v in record.items()))
+        return record
+
+    def _checkpoint(self, epoch: int, record: dict[str, Any]) -> None:
+        cfg = self.config
+        save_model(self.out_dir, self.model, eps=cfg.eps, dataset=cfg.dataset,
+                   data_checksum=self.train_data.checksum, epoch=epoch + 1,
+                   train=self.config.to_dict(), last_metrics=record)
+        groups = self.optimizer.state_dict()["param_groups"]
+        save_train_state(self.out_dir, epoch, self._state_tensors(),
+                         {"param_groups": groups, "metrics": record})
+
+
+def _head(data: Dataset, n: int) -> Dataset:
+    return dataclasses.replace(data, x=data.x[:n], y=data.y[:n])
+
+
+def train(config: TrainConfig, out_dir: str | Path, resume: bool = False,
+          progress: bool = True) -> CertifiedModel:
+    """Train ``config`` into ``out_dir`` and return the model."""
+    trainer = Trainer(config, out_dir, resume=resume, progress=progress)
+    trainer.fit()
+    return trainer.model
+
+
+def write_json(path: str | Path, payload: dict[str, Any]) -> None:
+    atomic_write(path, json.dumps(payload, indent=2))
