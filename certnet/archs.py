@@ -39,7 +39,8 @@ def conv_mlp(input_shape: tuple[int, ...], num_classes: int, convs: list[tuple[i
         # the kernels and even sizes used here, and we check it.
         padding = (kernel - 1) // 2 if stride == 1 else (kernel - stride + 1) // 2
         specs += [{"type": "conv", "in_channels": channels, "out_channels": filters,
-                   "kernel_size": kernel, "stride": stride, "padding": padding},
+                   "kernel_size": kernel, "stride": stride, "padding": padding,
+                   "bias": True},
                   {"type": activation}]
         height = (height + 2 * padding - kernel) // stride + 1
         width = (width + 2 * padding - kernel) // stride + 1
@@ -47,10 +48,12 @@ def conv_mlp(input_shape: tuple[int, ...], num_classes: int, convs: list[tuple[i
     specs.append({"type": "flatten"})
     features = channels * height * width
     for units in dense:
-        specs += [{"type": "linear", "in_features": features, "out_features": units},
+        specs += [{"type": "linear", "in_features": features, "out_features": units,
+                   "bias": True},
                   {"type": activation}]
         features = units
-    specs.append({"type": "linear", "in_features": features, "out_features": num_classes})
+    specs.append({"type": "linear", "in_features": features, "out_features": num_classes,
+                  "bias": True})
     return specs
 
 

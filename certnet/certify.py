@@ -59,7 +59,8 @@ class Report:
 
         rows = [["index", "label", "pred", "certified", "radius"]]
         for i, (lab, p, c, r) in enumerate(zip(self.labels.tolist(), self.pred.tolist(),
-                                               self.certified.tolist(), self.radius.tolist())):
+                                               self.certified.tolist(), self.radius.tolist(),
+                                               strict=True)):
             rows.append([i, lab, p, int(c), f"{r:.6g}"])
         buffer = io.StringIO()
         csv.writer(buffer).writerows(rows)

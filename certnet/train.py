@@ -15,7 +15,7 @@ import yaml
 from tqdm import tqdm
 
 from certnet.archs import build_arch
-from certnet.certify import evaluate
+from certnet.certify import Report, evaluate
 from certnet.checkpoint import (
     atomic_write,
     load_train_state,
@@ -28,6 +28,23 @@ from certnet.errors import ConfigError
 from certnet.methods import get_method
 from certnet.methods.base import CertifiedModel, check_eps
 from certnet.schedules import Ramp
+
+AUGMENTATIONS = ("none", "crop-flip")
+
+
+def crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Standard CIFAR augmentation: random translation by up to ``pad`` pixels (zero fill,
+    i.e. a random crop of the padded image) and a random horizontal flip."""
+    n, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    rows = (dy.view(n, 1) + torch.arange(h)).view(n, 1, h, 1).expand(-1, x.shape[1], h, w)
+    cols = (dx.view(n, 1) + torch.arange(w)).view(n, 1, 1, w).expand(-1, x.shape[1], h, w)
+    out = padded[torch.arange(n).view(n, 1, 1, 1), torch.arange(x.shape[1]).view(1, -1, 1, 1),
+                 rows, cols]
+    flip = torch.rand(n, generator=generator) < 0.5
+    return torch.where(flip.view(n, 1, 1, 1), out.flip(3), out)
 
 
 @dataclass
@@ -57,12 +74,16 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 1
     eval_limit: int | None = None
+    train_limit: int | None = None
+    augment: str = "none"
     device: str = "auto"
 
     def __post_init__(self) -> None:
         check_eps(self.eps)
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError("epochs and batch_size must be positive")
+        if self.augment not in AUGMENTATIONS:
+            raise ConfigError(f"unknown augmentation {self.augment!r}; choose {AUGMENTATIONS}")
         self.eps_schedule = Ramp.parse(self.eps_schedule)
         self.lr_schedule = Ramp.parse(self.lr_schedule)
         self.loss_schedules = {k: Ramp.parse(v) for k, v in self.loss_schedules.items()}
@@ -120,6 +141,8 @@ class Trainer:
         self.progress = progress
         self.train_data = load_dataset(config.dataset, "train", config.data_dir)
         self.test_data = load_dataset(config.dataset, "test", config.data_dir)
+        if config.train_limit:
+            self.train_data = _head(self.train_data, config.train_limit)
         if config.eval_limit:
             self.test_data = _head(self.test_data, config.eval_limit)
         self.model = build_model(config, self.train_data.input_shape,
@@ -127,6 +150,7 @@ class Trainer:
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr,
                                           weight_decay=config.weight_decay)
         self.start_epoch = 0
+        self.report: Report | None = None
         if resume:
             self._resume()
         elif (self.out_dir / "state").exists():
@@ -160,7 +184,8 @@ class Trainer:
         self.start_epoch = meta["epoch"] + 1
 
     # -- loop ----------------------------------------------------------------------------------
-    def fit(self) -> dict[str, Any]:
+    def fit(self, stop_after: int | None = None) -> dict[str, Any]:
+        """Train to the configured epoch count (or only up to epoch ``stop_after``)."""
         cfg = self.config
         x_all, y_all = self.train_data.x, self.train_data.y
         steps = (len(y_all) + cfg.batch_size - 1) // cfg.batch_size
@@ -168,9 +193,9 @@ class Trainer:
         metrics_path = self.out_dir / "metrics.jsonl"
         self.out_dir.mkdir(parents=True, exist_ok=True)
         record: dict[str, Any] = {}
-        for epoch in range(self.start_epoch, cfg.epochs):
-            order = torch.randperm(len(y_all), generator=torch.Generator().manual_seed(
-                cfg.seed * 100003 + epoch))
+        for epoch in range(self.start_epoch, min(cfg.epochs, stop_after or cfg.epochs)):
+            generator = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
+            order = torch.randperm(len(y_all), generator=generator)
             self.model.train()
             start = time.perf_counter()
             totals = {"loss": 0.0, "clean": 0.0, "robust": 0.0, "n": 0}
@@ -183,7 +208,10 @@ class Trainer:
                     group["lr"] = cfg.lr * cfg.lr_schedule(progress)
                 extra = {k: v(progress) for k, v in cfg.loss_schedules.items()}
                 idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-                x, y = x_all[idx].to(self.device), y_all[idx].to(self.device)
+                x = x_all[idx]
+                if cfg.augment == "crop-flip":
+                    x = crop_flip(x, generator)
+                x, y = x.to(self.device), y_all[idx].to(self.device)
                 loss, stats = self.model.loss(x, y, eps, **extra)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -204,7 +232,7 @@ class Trainer:
                       "train_seconds": train_seconds, **extra}
             last = epoch + 1 == cfg.epochs
             if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
-                report = evaluate(self.model, self.test_data, cfg.eps)
+                report = self.report = evaluate(self.model, self.test_data, cfg.eps)
                 record.update(test_clean=report.clean_accuracy, test_vra=report.vra,
                               test_bottom=report.bottom_rate)
             self._checkpoint(epoch, record)

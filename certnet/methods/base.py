@@ -61,7 +61,7 @@ class CertifiedModel(nn.Module):
         return getattr(self, self.certifiers[name])(x, eps)
 
     def method_config(self) -> dict[str, Any]:
-        """JSON-serialisable constructor arguments beyond the architecture (saved in config.json)."""
+        """JSON-serialisable constructor arguments besides the layers (saved in config.json)."""
         return {}
 
     def lipschitz_report(self) -> dict[str, float]:

@@ -124,8 +124,11 @@ class GloroNet(CertifiedModel):
         if self.loss_name == "ce":
             loss = F.cross_entropy(augmented, y)
         elif self.loss_name == "trades":
-            target = F.pad(F.softmax(logits, dim=1), (0, 1))
-            robust = F.kl_div(F.log_softmax(augmented, dim=1), target, reduction="batchmean")
+            # KL(p || q) with p = softmax(y) (bot gets probability 0), q = softmax([y, y_bot]);
+            # written with log-probabilities so an underflowing p_i gives 0, not 0/0 = NaN.
+            log_p = F.log_softmax(logits, dim=1)
+            log_q = F.log_softmax(augmented, dim=1)[:, :-1]
+            robust = (log_p.exp() * (log_p - log_q)).sum(1).mean()
             loss = F.cross_entropy(logits, y) + trades_lambda * robust
         else:
             k_y = lipschitz[y]

@@ -113,7 +113,8 @@ class LipschitzLinear(nn.Linear, LipschitzModule):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, **kwargs) -> None:
         super().__init__(in_features, out_features, bias=bias, **kwargs)
-        self.register_buffer("power_iterate", _normalize(torch.randn(in_features)))
+        self.register_buffer("power_iterate", _normalize(
+            torch.randn(in_features, dtype=self.weight.dtype, device=self.weight.device)))
 
     def lipschitz_estimate(self, iterations: int = 1) -> torch.Tensor:
         w = self.weight
@@ -151,7 +152,8 @@ class LipschitzConv2d(nn.Conv2d, LipschitzModule):
         if shape[0] != self.in_channels:
             raise InputError(f"conv expects {self.in_channels} input channels, got {shape[0]}")
         self.input_shape = torch.tensor(shape, dtype=torch.long, device=self.weight.device)
-        self.power_iterate = _normalize(torch.randn(1, *shape, device=self.weight.device))
+        self.power_iterate = _normalize(
+            torch.randn(1, *shape, dtype=self.weight.dtype, device=self.weight.device))
 
     def effective_weight(self) -> torch.Tensor:
         return self.weight
@@ -246,8 +248,9 @@ def layer_bound(module: nn.Module) -> torch.Tensor:
 
 def record_input_shapes(model: nn.Sequential, input_shape: tuple[int, ...]) -> None:
     """Trace a dummy input through ``model`` so every conv knows its true input shape."""
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    x = torch.zeros(1, *input_shape, device=device)
+    param = next(model.parameters(), None)
+    x = torch.zeros(1, *input_shape) if param is None else \
+        torch.zeros(1, *input_shape, dtype=param.dtype, device=param.device)
     with torch.no_grad():
         for layer in model:
             if isinstance(layer, LipschitzConv2d):
@@ -264,22 +267,23 @@ def convert_sequential(model: nn.Sequential, input_shape: tuple[int, ...]) -> nn
         if isinstance(layer, (LipschitzModule, Normalize) + ONE_LIPSCHITZ):
             new = layer
         elif type(layer) is nn.Linear:
-            new = LipschitzLinear(layer.in_features, layer.out_features, layer.bias is not None)
+            new = LipschitzLinear(layer.in_features, layer.out_features, layer.bias is not None,
+                                  dtype=layer.weight.dtype, device=layer.weight.device)
         elif type(layer) is nn.Conv2d:
             if isinstance(layer.padding, str):
                 raise UnsupportedLayerError("convert_sequential: use integer conv padding")
-            new = LipschitzConv2d(
-                layer.in_channels, layer.out_channels, layer.kernel_size[0],
-                stride=layer.stride[0], padding=layer.padding[0], bias=layer.bias is not None,
-                dilation=layer.dilation, groups=layer.groups, padding_mode=layer.padding_mode)
             if layer.kernel_size[0] != layer.kernel_size[1]:
                 raise UnsupportedLayerError("convert_sequential: square kernels only")
+            new = LipschitzConv2d(
+                layer.in_channels, layer.out_channels, layer.kernel_size[0],
+                stride=layer.stride, padding=layer.padding, bias=layer.bias is not None,
+                dilation=layer.dilation, groups=layer.groups, padding_mode=layer.padding_mode,
+                dtype=layer.weight.dtype, device=layer.weight.device)
         else:
             raise UnsupportedLayerError(
                 f"no known Lipschitz bound for layer {type(layer).__name__}")
         if new is not layer:
             new.load_state_dict(layer.state_dict(), strict=False)
-            new.to(layer.weight.device)
         layers.append(new)
     converted = nn.Sequential(*layers)
     record_input_shapes(converted, input_shape)

@@ -1,0 +1,13 @@
+import pytest
+
+from certnet.data import load_dataset
+from certnet.errors import DataError
+
+
+@pytest.fixture(scope="session")
+def mnist_available() -> bool:
+    try:
+        load_dataset("mnist", "test")
+    except DataError:
+        pytest.skip("MNIST is not available on this machine")
+    return True

@@ -1,0 +1,153 @@
+"""Trainer, checkpoint round trip, resume determinism, config handling."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import certnet
+from certnet.checkpoint import atomic_write, load, read_config, save_model
+from certnet.errors import CheckpointError, ConfigError
+from certnet.schedules import Ramp
+from certnet.train import TrainConfig, Trainer, crop_flip
+
+SMALL = dict(epochs=2, train_limit=1024, eval_limit=256, batch_size=128, eps=0.3,
+             eps_train_factor=1.5)
+
+
+def _train(out: Path, **kw) -> Trainer:
+    trainer = Trainer(TrainConfig(**{**SMALL, **kw}), out, progress=False)
+    trainer.fit()
+    return trainer
+
+
+def test_train_writes_checkpoint_metrics_and_loads(tmp_path, mnist_available):
+    trainer = _train(tmp_path / "run")
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+    assert {"test_clean", "test_vra", "train_loss"} <= set(json.loads(lines[-1]))
+    model = certnet.load(tmp_path / "run")
+    x = trainer.test_data.x[:64]
+    a = trainer.model.eval().certify(x, 0.3)
+    b = model.certify(x, 0.3)
+    assert torch.equal(a.pred, b.pred) and torch.equal(a.certified, b.certified)
+    assert torch.allclose(a.radius, b.radius)
+    config = read_config(tmp_path / "run")
+    assert config["method"] == "gloro" and config["eps"] == 0.3 and config["epoch"] == 2
+    assert config["data_checksum"] and config["certnet_version"] == certnet.__version__
+
+
+def test_resume_is_bitwise_identical(tmp_path, mnist_available):
+    full = _train(tmp_path / "full", epochs=3)
+    interrupted = tmp_path / "interrupted"
+    cfg = TrainConfig(**{**SMALL, "epochs": 3})
+    Trainer(cfg, interrupted, progress=False).fit(stop_after=2)
+    states = sorted((interrupted / "state").glob("epoch-*"))
+    assert [p.name for p in states] == ["epoch-0001"]  # only the newest state is kept
+    resumed = Trainer(cfg, interrupted, resume=True, progress=False)
+    assert resumed.start_epoch == 2
+    assert read_config(interrupted)["epoch"] == 2
+    resumed.fit()
+    for (k, a), (_, b) in zip(full.model.state_dict().items(),
+                              resumed.model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+
+
+def test_refuses_to_overwrite_a_run_without_resume(tmp_path, mnist_available):
+    _train(tmp_path / "run", epochs=1)
+    with pytest.raises(ConfigError, match="--resume"):
+        Trainer(TrainConfig(**{**SMALL, "epochs": 1}), tmp_path / "run", progress=False)
+
+
+def test_resume_with_a_different_config_is_refused(tmp_path, mnist_available):
+    _train(tmp_path / "run", epochs=1)
+    with pytest.raises(ConfigError, match="differs"):
+        Trainer(TrainConfig(**{**SMALL, "epochs": 1, "lr": 0.5}), tmp_path / "run",
+                resume=True, progress=False)
+
+
+def _saved(tmp_path):
+    from certnet.archs import build_arch
+    from certnet.methods.gloro import GloroNet
+
+    model = GloroNet(build_arch("2c2f", (1, 28, 28), 10, seed=0), (1, 28, 28), 10)
+    save_model(tmp_path / "m", model, eps=0.3, dataset="mnist")
+    return model, tmp_path / "m"
+
+
+def test_checkpoint_round_trip_is_exact(tmp_path):
+    model, path = _saved(tmp_path)
+    loaded = load(path)
+    for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(),
+                              strict=True):
+        assert torch.equal(a, b), k
+    x = torch.rand(8, 1, 28, 28)
+    assert torch.equal(model.eval()(x), loaded(x))
+
+
+def test_checkpoint_detects_tampered_weights(tmp_path):
+    _, path = _saved(tmp_path)
+    blob = bytearray((path / "model.safetensors").read_bytes())
+    blob[-5] ^= 0xFF
+    (path / "model.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(CheckpointError, match="does not match"):
+        load(path)
+
+
+def test_checkpoint_from_newer_version_is_refused(tmp_path):
+    _, path = _saved(tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    config["certnet_version"] = "99.0.0"
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="newer"):
+        load(path)
+
+
+def test_atomic_write_failure_keeps_previous_file(tmp_path, monkeypatch):
+    target = tmp_path / "file.json"
+    atomic_write(target, "old")
+
+    def boom(*_):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("os.replace", boom)
+    with pytest.raises(OSError):
+        atomic_write(target, "new")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["file.json"]
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(ConfigError):
+        TrainConfig.from_dict({"nope": 1})
+    with pytest.raises(ConfigError):
+        TrainConfig(augment="mixup")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("eps: [unclosed")
+    with pytest.raises(ConfigError, match="YAML"):
+        TrainConfig.from_yaml(bad)
+    with pytest.raises(ConfigError):
+        Ramp.parse({"shape": "zigzag"})
+
+
+def test_presets_parse():
+    for preset in (Path(certnet.__file__).parent / "configs").glob("*.yaml"):
+        TrainConfig.from_yaml(preset)
+
+
+def test_ramp_shapes():
+    assert Ramp(1, 0.001, 0.5, 1.0, "exp")(0.25) == 1
+    assert Ramp(1, 0.001, 0.5, 1.0, "exp")(1.0) == pytest.approx(0.001)
+    assert Ramp(1, 0.001, 0.5, 1.0, "exp")(0.75) == pytest.approx(0.001 ** 0.5)
+    assert Ramp(0.0, 1.0, 0, 1, "linear")(0.3) == pytest.approx(0.3)
+    log = Ramp(0.01, 1.0, 0, 0.5, "log")
+    assert log(0) == pytest.approx(0.01) and log(0.5) == pytest.approx(1.0)
+    assert log(0.1) > 0.01 + (1 - 0.01) * 0.2  # log ramp rises faster than linear early
+
+
+def test_crop_flip_keeps_shape_and_content():
+    x = torch.rand(16, 3, 8, 8)
+    out = crop_flip(x, torch.Generator().manual_seed(0), pad=0)
+    assert all(torch.equal(o, a) or torch.equal(o, a.flip(2)) for o, a in zip(out, x, strict=True))
+    assert crop_flip(x, torch.Generator().manual_seed(0)).shape == x.shape
