@@ -245,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        hint = " (continue with --resume)" if args.command == "train" else ""
+        print(f"error: interrupted; the last complete checkpoint is kept{hint}", file=sys.stderr)
         return 130
 
 

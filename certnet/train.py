@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,10 +184,29 @@ class Trainer:
             {"state": optim_state, "param_groups": meta["param_groups"]})
         torch.set_rng_state(tensors["rng.torch"])
         self.start_epoch = meta["epoch"] + 1
+        # metrics.jsonl may lack the checkpointed epoch or hold epochs after it: rebuild it
+        path = self.out_dir / "metrics.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        kept = [line for line in lines if json.loads(line)["epoch"] < self.start_epoch]
+        atomic_write(path, "".join(f"{line}\n" for line in
+                                   [*kept, json.dumps(meta["metrics"])]))
 
     # -- loop ----------------------------------------------------------------------------------
     def fit(self, stop_after: int | None = None) -> dict[str, Any]:
-        """Train to the configured epoch count (or only up to epoch ``stop_after``)."""
+        """Train to the configured epoch count (or only up to epoch ``stop_after``).
+
+        SIGTERM is turned into KeyboardInterrupt while training, so both it and Ctrl-C stop
+        the run with the last per-epoch checkpoint intact (every write is atomic)."""
+        restore = None
+        if threading.current_thread() is threading.main_thread():
+            restore = signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            return self._fit(stop_after)
+        finally:
+            if restore is not None:
+                signal.signal(signal.SIGTERM, restore)
+
+    def _fit(self, stop_after: int | None) -> dict[str, Any]:
         cfg = self.config
         x_all, y_all = self.train_data.x, self.train_data.y
         steps = (len(y_all) + cfg.batch_size - 1) // cfg.batch_size
@@ -251,6 +272,10 @@ class Trainer:
         groups = self.optimizer.state_dict()["param_groups"]
         save_train_state(self.out_dir, epoch, self._state_tensors(),
                          {"param_groups": groups, "metrics": record})
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _head(data: Dataset, n: int) -> Dataset:
