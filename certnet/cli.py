@@ -76,10 +76,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     trainer.fit()
     report = trainer.report or evaluate(trainer.model, trainer.test_data, config.eps)
     report.plot_curve(Path(args.out) / "certified_accuracy.png")
+    lipschitz = trainer.model.lipschitz_report()
     write_json(Path(args.out) / "results.json",
                {**report.to_dict(), "dataset": config.dataset, "epochs": config.epochs,
-                "lipschitz": trainer.model.lipschitz_report()})
+                "lipschitz": lipschitz})
     print(report.summary())
+    print(_lipschitz_line(lipschitz))
     print(f"model, results.json and certified_accuracy.png written to {args.out}")
     return 0
 
@@ -114,15 +116,25 @@ def cmd_certify(args: argparse.Namespace) -> int:
 
     model, data, eps, dataset = _load_eval(args)
     report = evaluate(model, data, eps, certifier=args.certifier, batch_size=args.batch_size)
+    lipschitz = model.lipschitz_report()
     print(report.summary())
+    print(_lipschitz_line(lipschitz))
     if args.json:
         write_json(args.json, {**report.to_dict(), "dataset": dataset, "model": str(args.model),
-                               "lipschitz": model.lipschitz_report()})
+                               "lipschitz": lipschitz})
     if args.per_point:
         report.write_per_point(args.per_point)
     if args.curve:
         report.plot_curve(args.curve)
     return 0
+
+
+def _lipschitz_line(report: dict[str, float]) -> str:
+    if "body_bound" not in report:
+        return ""
+    return (f"Lipschitz constant (all layers but the last): power-iteration estimate "
+            f"{report['body_estimate']:.5g}, sound bound {report['body_bound']:.5g} "
+            f"(bound/estimate {report['bound_over_estimate']:.4f})")
 
 
 # -- attack -------------------------------------------------------------------------------------
@@ -243,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except CertnetError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # e.g. disk full: atomic writes keep the previous files intact
+        print(f"error: {err} (files written before this error are intact)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         hint = " (continue with --resume)" if args.command == "train" else ""

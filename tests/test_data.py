@@ -1,4 +1,4 @@
-"""certnet.data: IDX / CIFAR-10 parsing, checksums, sources and their failures.
+"""certnet.data: IDX / CIFAR-10 / Tiny-ImageNet parsing, checksums, sources and their failures.
 
 Fast and offline: every test uses its own cache ($CERTNET_CACHE) and the network sources are
 replaced by fakes (or by fake ``npm`` / ``apt-get`` programs and a loopback HTTP server)."""
@@ -24,10 +24,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+import certnet
 import certnet.data as data
 from certnet.data import IdxFiles, load_dataset
 from certnet.errors import ConfigError, DataError
+from certnet.train import TrainConfig
 
 REAL_CACHE = data.cache_dir()  # before any test points $CERTNET_CACHE elsewhere
 REAL_SOURCES = {name: getattr(data, name) for name in ("_from_npm", "_from_debian",
@@ -196,7 +199,7 @@ def test_unknown_dataset_or_split_is_a_config_error(tmp_path):
 def test_data_dir_not_a_directory(tmp_path):
     f = tmp_path / "file"
     f.write_bytes(b"x")
-    for name in ("mnist", "cifar10"):
+    for name in ("mnist", "cifar10", "tiny-imagenet"):
         for bad in (f, tmp_path / "missing"):
             with pytest.raises(DataError, match="not a directory"):
                 load_dataset(name, "test", bad)
@@ -510,3 +513,266 @@ def test_cifar10_needs_a_directory_with_batches(tmp_path):
         load_dataset("cifar10", "test")
     with pytest.raises(DataError, match="no CIFAR-10 batches"):
         load_dataset("cifar10", "train", tmp_path)
+
+
+# ---------------------------------------------------------------- Tiny-ImageNet
+
+WNIDS = ("n0300", "n0100", "n0200")  # wnids.txt is not sorted; class = index in sorted order
+VAL = {"val_0.JPEG": "n0200", "val_1.JPEG": "n0100", "val_2.JPEG": "n0300"}
+
+
+def write_jpeg(path: Path, color, mode: str = "RGB", size: int = 64) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, (size, size), color).save(path, "JPEG", quality=95)
+
+
+def tiny_tree(base: Path) -> tuple[Path, dict[str, tuple[int, int, int]]]:
+    """An official-layout tiny-imagenet-200 with 2 train images per wnid (one grayscale) and
+    3 val images; returns the root and each image's solid RGB colour by file name."""
+    root = base / "tiny-imagenet-200"
+    root.mkdir(parents=True)
+    (root / "wnids.txt").write_text("\n".join(WNIDS) + "\n")
+    colors = {}
+    for k, name in enumerate([f"{w}_{i}.JPEG" for w in WNIDS for i in range(2)] + list(VAL)):
+        colors[name] = (40 * k % 256, 200 - 15 * k, 60)
+        gray = name == "n0100_1.JPEG"
+        if gray:
+            colors[name] = (77, 77, 77)
+        where = root / "val" / "images" if name in VAL else root / "train" / name[:5] / "images"
+        write_jpeg(where / name, 77 if gray else colors[name], "L" if gray else "RGB")
+    for w in WNIDS:  # as in the official archive; not an image
+        (root / "train" / w / f"{w}_boxes.txt").write_text("")
+    (root / "val" / "val_annotations.txt").write_text(
+        "".join(f"{name}\t{w}\t0\t0\t63\t63\n" for name, w in VAL.items()))
+    return root, colors
+
+
+@pytest.fixture
+def three_classes(monkeypatch):
+    monkeypatch.setattr(data, "TINY_IMAGENET_CLASSES", 3)
+
+
+def check_tiny(ds, names: list[str], labels: list[int], colors) -> None:
+    assert ds.x.shape == (len(names), 3, 64, 64) and ds.x.dtype == torch.float32
+    assert ds.x.is_contiguous() and ds.input_shape == (3, 64, 64)
+    assert float(ds.x.min()) >= 0.0 and float(ds.x.max()) <= 1.0
+    assert ds.y.tolist() == labels and ds.num_classes == 3 and ds.name == "tiny-imagenet"
+    expected = torch.tensor([colors[n] for n in names], dtype=torch.float32) / 255
+    torch.testing.assert_close(ds.x.mean(dim=(2, 3)), expected, atol=3 / 255, rtol=0)
+
+
+@pytest.mark.usefixtures("three_classes")
+def test_tiny_imagenet_official_layout(tmp_path):
+    root, colors = tiny_tree(tmp_path / "d")
+    train_names = [f"{w}_{i}.JPEG" for w in sorted(WNIDS) for i in range(2)]
+    for d in (tmp_path / "d", root):  # the parent of tiny-imagenet-200, or the directory itself
+        train = load_dataset("tiny-imagenet", "train", d)
+        check_tiny(train, train_names, [0, 0, 1, 1, 2, 2], colors)
+        test = load_dataset("tiny-imagenet", "test", d)  # the official val set
+        check_tiny(test, sorted(VAL), [1, 0, 2], colors)
+        gray = train.x[1]  # n0100_1: a grayscale JPEG, converted to RGB
+        assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
+    assert train.checksum != test.checksum
+
+
+@pytest.mark.usefixtures("three_classes")
+def test_tiny_imagenet_decoded_once_then_cached(monkeypatch, tmp_path):
+    root, colors = tiny_tree(tmp_path / "d")
+    first = load_dataset("tiny-imagenet", "train", root)
+    cached = sorted((tmp_path / "cache" / "tiny-imagenet").iterdir())
+    assert [p.name for p in cached] == [f"train-{first.checksum}.npy"]  # no temp files left
+    stored = np.load(cached[0], allow_pickle=False)
+    assert stored.dtype == np.uint8 and stored.shape == (6, 64, 64, 3)
+
+    def no_decoding(paths):
+        raise AssertionError("decoded again")
+
+    real_decode = data._decode_jpegs
+    monkeypatch.setattr(data, "_decode_jpegs", no_decoding)
+    again = load_dataset("tiny-imagenet", "train", root)
+    assert torch.equal(again.x, first.x) and torch.equal(again.y, first.y)
+    assert again.checksum == first.checksum
+
+    decoded = []
+    monkeypatch.setattr(data, "_decode_jpegs", lambda paths: decoded.append(len(paths))
+                        or real_decode(paths))
+    cached[0].write_bytes(cached[0].read_bytes()[:200])  # a damaged cache is decoded again
+    load_dataset("tiny-imagenet", "train", root)
+    assert decoded == [6] and np.array_equal(np.load(cached[0], allow_pickle=False), stored)
+
+    write_jpeg(root / "train" / "n0200" / "images" / "n0200_9.JPEG", (1, 2, 3))  # new file list
+    grown = load_dataset("tiny-imagenet", "train", root)
+    assert decoded == [6, 7] and len(grown) == 7 and grown.checksum != first.checksum
+    assert len(list((tmp_path / "cache" / "tiny-imagenet").iterdir())) == 2
+
+
+@pytest.mark.usefixtures("three_classes")
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_tiny_imagenet_corrupt_jpeg_names_the_file(tmp_path, damage):
+    root, _ = tiny_tree(tmp_path / "d")
+    bad = root / "val" / "images" / "val_1.JPEG"
+    blob = bad.read_bytes()
+    bad.write_bytes({"truncated": blob[: len(blob) // 2], "garbage": b"not a jpeg" * 50,
+                     "empty": b""}[damage])
+    with pytest.raises(DataError, match="corrupt or unreadable") as err:
+        load_dataset("tiny-imagenet", "test", root)
+    assert str(bad) in str(err.value)
+    assert not list((tmp_path / "cache").rglob("test-*"))  # nothing cached for a failed split
+    load_dataset("tiny-imagenet", "train", root)  # the other split is fine
+
+
+@pytest.mark.usefixtures("three_classes")
+def test_tiny_imagenet_wrong_image_size(tmp_path):
+    root, _ = tiny_tree(tmp_path / "d")
+    bad = root / "train" / "n0300" / "images" / "n0300_0.JPEG"
+    write_jpeg(bad, (1, 2, 3), size=32)
+    with pytest.raises(DataError, match="32x32, expected 64x64") as err:
+        load_dataset("tiny-imagenet", "train", root)
+    assert str(bad) in str(err.value)
+
+
+BAD_TREES = {  # change -> the DataError it causes
+    "drop-image": r"names 3 images but .* holds 2 \(missing: \['val_2.JPEG'\]",
+    "extra-image": r"holds 4 \(missing: \[\], not annotated: \['extra.JPEG'\]",
+    "unknown-wnid": "line 2: expected",
+    "duplicate": "line 4: expected",
+    "no-annotations": "cannot read Tiny-ImageNet file .*val_annotations.txt",
+    "empty-class": r"n0200.images holds no JPEG images",
+}
+
+
+@pytest.mark.usefixtures("three_classes")
+@pytest.mark.parametrize("change", BAD_TREES)
+def test_tiny_imagenet_inconsistent_tree(tmp_path, change):
+    message = BAD_TREES[change]
+    root, _ = tiny_tree(tmp_path / "d")
+    ann = root / "val" / "val_annotations.txt"
+    split = "train" if change == "empty-class" else "test"
+    if change == "drop-image":
+        (root / "val" / "images" / "val_2.JPEG").unlink()
+    elif change == "extra-image":
+        write_jpeg(root / "val" / "images" / "extra.JPEG", (0, 0, 0))
+    elif change == "unknown-wnid":
+        ann.write_text(ann.read_text().replace("\tn0100\t", "\tn9999\t"))
+    elif change == "duplicate":
+        ann.write_text(ann.read_text() + "val_0.JPEG\tn0100\t0\t0\t1\t1\n")
+    elif change == "no-annotations":
+        ann.unlink()
+    else:
+        for p in (root / "train" / "n0200" / "images").iterdir():
+            p.unlink()
+    with pytest.raises(DataError, match=message):
+        load_dataset("tiny-imagenet", split, root)
+
+
+def test_tiny_imagenet_needs_all_200_wnids(tmp_path):
+    root, _ = tiny_tree(tmp_path / "d")
+    with pytest.raises(DataError, match="expected 200 distinct wnids, found 3"):
+        load_dataset("tiny-imagenet", "train", root)
+
+
+def test_tiny_imagenet_needs_a_directory(tmp_path):
+    with pytest.raises(DataError, match="no download source here: pass --data-dir DIR") as err:
+        load_dataset("tiny-imagenet", "train")
+    assert "tiny-imagenet-200" in str(err.value) and "train_x.npy" in str(err.value)
+    (tmp_path / "e" / "tiny-imagenet-200").mkdir(parents=True)
+    with pytest.raises(DataError, match="no Tiny-ImageNet test split found under .*--data-dir"):
+        load_dataset("tiny-imagenet", "test", tmp_path / "e")
+    (tmp_path / "e" / "train_x.npy").write_bytes(b"")  # half a pair is not a dataset
+    with pytest.raises(DataError, match="no Tiny-ImageNet train split found"):
+        load_dataset("tiny-imagenet", "train", tmp_path / "e")
+
+
+def tiny_arrays(n: int, dtype, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (n, 64, 64, 3), dtype=np.uint8)
+    images = pixels if dtype == np.uint8 else (pixels / 255).astype(dtype)
+    return images, rng.integers(0, 200, n)
+
+
+def save_pair(directory: Path, stem: str, images, labels, prefix: str = "") -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    np.save(directory / f"{prefix}{stem}_x.npy", images)
+    np.save(directory / f"{prefix}{stem}_y.npy", labels)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32, np.float64])
+@pytest.mark.parametrize("prefix,test_stem", [("", "test"), ("", "val"),
+                                              ("TinyImagenet_", "test")])
+def test_tiny_imagenet_npy(tmp_path, dtype, prefix, test_stem):
+    d = tmp_path / "npy"
+    for split, stem, n in (("train", "train", 5), ("test", test_stem, 3)):
+        images, labels = tiny_arrays(n, dtype, seed=n)
+        save_pair(d, stem, images, labels, prefix)
+        ds = load_dataset("tiny-imagenet", split, d)
+        assert ds.x.shape == (n, 3, 64, 64) and ds.x.is_contiguous() and ds.num_classes == 200
+        expected = images.astype(np.float64) / (255 if dtype == np.uint8 else 1)
+        torch.testing.assert_close(ds.x, torch.from_numpy(expected.transpose(0, 3, 1, 2)).float())
+        assert ds.y.dtype == torch.int64 and ds.y.tolist() == labels.tolist()
+    assert not (tmp_path / "cache").exists()  # arrays are used in place
+
+
+def test_tiny_imagenet_object_npy_is_refused_not_unpickled(tmp_path):
+    marker = tmp_path / "pwned"
+    images, labels = tiny_arrays(2, np.uint8)
+    evil = np.array([_Evil(os.system, f"touch {marker}"), 1], dtype=object)
+    save_pair(tmp_path, "test", images, labels)
+    np.save(tmp_path / "test_y.npy", evil, allow_pickle=True)
+    with pytest.raises(DataError, match="test_y.npy as a plain numpy array"):
+        load_dataset("tiny-imagenet", "test", tmp_path)
+    (tmp_path / "test_x.npy").write_bytes(pickle.dumps(images))  # a pickle named .npy
+    with pytest.raises(DataError, match="test_x.npy as a plain numpy array"):
+        load_dataset("tiny-imagenet", "test", tmp_path)
+    assert not marker.exists()
+
+
+BAD_ARRAYS = {  # change -> the DataError it causes
+    "nchw": r"train_x.npy: expected \(N, 64, 64, 3\) uint8 or float images, got \(4, 3, 64",
+    "int16": "train_x.npy: expected .* got .* int16",
+    "float-range": r"float pixels must lie in \[0, 1\]",
+    "nan": r"float pixels must lie in \[0, 1\]",
+    "float-labels": r"train_y.npy: expected \(N,\) integer labels",
+    "one-hot": r"train_y.npy: expected \(N,\) integer labels, got \(4, 200\)",
+    "label-range": r"labels outside \[0, 200\)",
+    "count": "4 images but 3 labels",
+    "truncated": "train_x.npy as a plain numpy array",
+}
+
+
+@pytest.mark.parametrize("change", BAD_ARRAYS)
+def test_tiny_imagenet_bad_npy(tmp_path, change):
+    message = BAD_ARRAYS[change]
+    images, labels = tiny_arrays(4, np.float32)
+    if change == "nchw":
+        images = images.transpose(0, 3, 1, 2)
+    elif change == "int16":
+        images = images.astype(np.int16)
+    elif change in ("float-range", "nan"):
+        images[1, 2, 3, 0] = np.nan if change == "nan" else 1.5
+    elif change == "float-labels":
+        labels = labels.astype(np.float32)
+    elif change == "one-hot":
+        labels = np.eye(200, dtype=np.int64)[labels]
+    elif change == "label-range":
+        labels[2] = 200
+    elif change == "count":
+        labels = labels[:3]
+    save_pair(tmp_path, "train", images, labels)
+    if change == "truncated":
+        x = tmp_path / "train_x.npy"
+        x.write_bytes(x.read_bytes()[:-100])
+    with pytest.raises(DataError, match=message):
+        load_dataset("tiny-imagenet", "train", tmp_path)
+
+
+def test_tiny_imagenet_preset_parses():
+    preset = Path(certnet.__file__).parent / "configs" / "gloro-tinyimagenet-0.141-8c2f.yaml"
+    cfg = TrainConfig.from_yaml(preset)
+    assert (cfg.method, cfg.arch, cfg.dataset, cfg.eps) == ("gloro", "8c2f", "tiny-imagenet", 0.141)
+    assert (cfg.epochs, cfg.batch_size, cfg.augment) == (800, 256, "crop-flip")
+    assert cfg.eps_train_factor == 1.1 and cfg.method_kwargs["power_iterations"] == 5
+    assert cfg.method_kwargs["loss"] == "trades" and "trades_lambda" in cfg.loss_schedules
+    assert cfg.eps_schedule(0.0) == 0.0 and cfg.eps_schedule(0.1) == 1.0  # a short warm-up
+    assert cfg.lr * cfg.lr_schedule(0.5) == pytest.approx(1e-3)
+    assert cfg.lr * cfg.lr_schedule(1.0) == pytest.approx(1e-6)
+    assert cfg.dataset in data.DATASETS

@@ -146,7 +146,8 @@ class GloroNet(CertifiedModel):
     @torch.no_grad()
     def certify_lipschitz(self, x: torch.Tensor, eps: float) -> Certificate:
         """Sound certificate: float64 forward, float64 sound K, gaps must beat eps*K + slack."""
-        params = {k: v.double() for k, v in [*self.named_parameters(), *self.named_buffers()]}
+        params = {k: v.double() if v.is_floating_point() else v
+                  for k, v in [*self.named_parameters(), *self.named_buffers()]}
         logits = functional_call(self, params, (x.double(),))
         lipschitz = self.sound_lipschitz()
         pred = logits.argmax(1)

@@ -1,0 +1,184 @@
+"""The bad-input catalogue: every case raises a typed certnet error in Python and, on the CLI,
+prints one line ``error: ...``, exits non-zero and writes no partial output.
+
+A new case is one line in ``PY_CASES`` or ``CHECKPOINT_CASES``."""
+
+import hashlib
+import json
+import math
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+import certnet
+from certnet.archs import build_arch
+from certnet.cli import main
+from certnet.errors import CheckpointError, ConfigError, DataError, InputError
+from certnet.methods.gloro import GloroNet
+
+SHAPE = (1, 28, 28)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return GloroNet(build_arch("2c2f", SHAPE, 10, seed=0), SHAPE, 10).eval()
+
+
+def _x(**kw):
+    return torch.rand(4, *SHAPE, **kw)
+
+
+def _with(value, index=(0, 0, 0, 0)):
+    x = _x()
+    x[index] = value
+    return x
+
+
+PY_CASES = {
+    "wrong shape": (InputError, lambda m: m.certify(torch.rand(4, 28, 28), 0.3)),
+    "wrong channels": (InputError, lambda m: m.certify(torch.rand(4, 3, 28, 28), 0.3)),
+    "integer dtype": (InputError, lambda m: m.certify(torch.zeros(4, *SHAPE, dtype=torch.long),
+                                                      0.3)),
+    "not a tensor": (InputError, lambda m: m.certify([[0.5]], 0.3)),
+    "NaN pixel": (InputError, lambda m: m.certify(_with(math.nan), 0.3)),
+    "Inf pixel": (InputError, lambda m: m.certify(_with(math.inf), 0.3)),
+    "pixel above 1": (InputError, lambda m: m.certify(_with(1.5), 0.3)),
+    "pixel below 0": (InputError, lambda m: m.certify(_with(-0.1), 0.3)),
+    "empty batch": (InputError, lambda m: m.certify(torch.rand(0, *SHAPE), 0.3)),
+    "negative eps": (InputError, lambda m: m.certify(_x(), -0.1)),
+    "NaN eps": (InputError, lambda m: m.certify(_x(), math.nan)),
+    "inf eps": (InputError, lambda m: m.certify(_x(), math.inf)),
+    "unknown certifier": (ConfigError, lambda m: m.certify(_x(), 0.3, "nope")),
+    "unknown arch": (ConfigError, lambda m: build_arch("9c9f", SHAPE, 10)),
+    "unknown method": (ConfigError, lambda m: certnet.methods.get_method("nope")),
+    "unknown dataset": (ConfigError, lambda m: certnet.data.load_dataset("nope")),
+    "unknown split": (ConfigError, lambda m: certnet.data.load_dataset("mnist", "dev")),
+    "missing data dir": (DataError, lambda m: certnet.data.load_dataset(
+        "mnist", data_dir="/nonexistent/dir")),
+    "missing checkpoint": (CheckpointError, lambda m: certnet.load("/nonexistent/ckpt")),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PY_CASES))
+def test_python_case(name, model):
+    error, call = PY_CASES[name]
+    with pytest.raises(error):
+        call(model)
+
+
+def _resign(path: Path) -> None:
+    """Make config.json vouch for whatever model.safetensors now holds (an attacker can)."""
+    config = json.loads((path / "config.json").read_text())
+    config["model_sha256"] = hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def _edit_config(path: Path, **changes) -> None:
+    config = json.loads((path / "config.json").read_text())
+    config.update(changes)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {MARKER}",))
+
+
+MARKER = Path(os.environ.get("TMPDIR", "/tmp")) / "certnet-pickle-executed"
+
+
+def _pickle_renamed(path: Path) -> None:
+    (path / "model.safetensors").write_bytes(pickle.dumps({"weights": Evil()}))
+    _resign(path)
+
+
+def _truncate(path: Path) -> None:
+    blob = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(blob[: len(blob) // 2])
+
+
+def _garble_weights(path: Path) -> None:
+    blob = bytearray((path / "model.safetensors").read_bytes())
+    blob[:8] = b"\xff" * 8  # header length field
+    (path / "model.safetensors").write_bytes(bytes(blob))
+    _resign(path)
+
+
+def _other_arch(path: Path) -> None:
+    config = json.loads((path / "config.json").read_text())
+    config["layers"][-1]["in_features"] = 50
+    config["layers"][-3]["out_features"] = 50
+    (path / "config.json").write_text(json.dumps(config))
+
+
+CHECKPOINT_CASES = {
+    "truncated weights": _truncate,
+    "truncated weights, re-signed": lambda p: (_truncate(p), _resign(p)),
+    "garbled weights": _garble_weights,
+    "missing weights": lambda p: (p / "model.safetensors").unlink(),
+    "missing config": lambda p: (p / "config.json").unlink(),
+    "garbled config": lambda p: (p / "config.json").write_text("{not json"),
+    "config not an object": lambda p: (p / "config.json").write_text("[1, 2]"),
+    "foreign config": lambda p: (p / "config.json").write_text('{"model_type": "bert"}'),
+    "config lacks layers": lambda p: _drop(p, "layers"),
+    "newer certnet": lambda p: _edit_config(p, certnet_version="99.0.0"),
+    "newer format": lambda p: _edit_config(p, format_version=99),
+    "different architecture": _other_arch,
+    "unknown method in config": lambda p: _edit_config(p, method="nope"),
+    "pickle renamed to .safetensors": _pickle_renamed,
+}
+
+
+def _drop(path: Path, key: str) -> None:
+    config = json.loads((path / "config.json").read_text())
+    del config[key]
+    (path / "config.json").write_text(json.dumps(config))
+
+
+@pytest.fixture
+def checkpoint(tmp_path, model):
+    path = tmp_path / "ckpt"
+    certnet.save_model(path, model, eps=0.3, dataset="mnist")
+    return path
+
+
+@pytest.mark.parametrize("name", sorted(CHECKPOINT_CASES))
+def test_checkpoint_case(name, checkpoint, tmp_path, capsys):
+    MARKER.unlink(missing_ok=True)
+    CHECKPOINT_CASES[name](checkpoint)
+    with pytest.raises((CheckpointError, ConfigError)):
+        certnet.load(checkpoint)
+    out = tmp_path / "out.json"
+    assert main(["certify", str(checkpoint), "--json", str(out), "--limit", "5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    assert not out.exists()
+    assert not MARKER.exists(), "a pickle payload was executed"
+
+
+def test_dataset_labels_out_of_range(tmp_path):
+    import numpy as np
+
+    from certnet.data import _to_dataset
+
+    with pytest.raises(DataError, match="labels"):
+        _to_dataset("x", np.zeros((2, 1, 2, 2), np.uint8), np.array([0, 10]), 10, "sum")
+
+
+def test_failing_write_keeps_previous_output_and_says_so(checkpoint, tmp_path, monkeypatch,
+                                                         capsys):
+    out = tmp_path / "info.json"
+    out.write_text("previous")
+
+    def disk_full(*_):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("certnet.checkpoint.os.replace", disk_full)
+    assert main(["certify", str(checkpoint), "--json", str(out), "--limit", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "intact" in err
+    assert out.read_text() == "previous"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
