@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from certnet.errors import ConfigError, InputError
-from certnet.methods.base import CertifiedModel, check_eps
+from certnet.methods.base import CertifiedModel, check_eps, check_inputs
 
 NORMS = ("l2", "linf")
 #: Relative tolerance on the perturbation norm when counting certificate violations.
@@ -96,15 +96,9 @@ class PGD:
 
     # -- internals -----------------------------------------------------------------------------
     def _check(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2:
-            raise InputError("x must be a floating-point batch tensor of shape (B, ...)")
-        if x.shape[0] == 0:
-            raise InputError("empty batch")
-        if not torch.isfinite(x).all():
-            raise InputError("input contains NaN or Inf")
-        if x.min() < 0 or x.max() > 1:
-            raise InputError(f"pixels must lie in [0, 1]; got range [{float(x.min()):.4g}, "
-                             f"{float(x.max()):.4g}]")
+        if not isinstance(x, torch.Tensor) or x.dim() < 2:
+            raise InputError("x must be a batch tensor of shape (B, ...)")
+        check_inputs(x, tuple(x.shape[1:]))
         if not isinstance(y, torch.Tensor) or y.dtype != torch.long or \
                 tuple(y.shape) != (x.shape[0],):
             raise InputError(f"labels must be an int64 tensor of shape ({x.shape[0]},)")

@@ -15,15 +15,6 @@ from certnet.methods.gloro import GloroNet
 from certnet.nn.lipschitz import convert_sequential
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Small models on busy cores: one thread is an order of magnitude faster than several.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def small_cnn(seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),

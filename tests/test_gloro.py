@@ -17,17 +17,6 @@ from certnet.methods.gloro import GAP_SLACK, GloroNet, bottom_logit, pairwise_li
 from certnet.nn.activations import MinMax
 from certnet.nn.lipschitz import LipschitzLinear, record_input_shapes
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread: LAPACK's SVD with 2 threads next to a busy training process was
-    seen to take seconds instead of milliseconds (thread oversubscription)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 SHAPE = (1, 16, 16)
 
 

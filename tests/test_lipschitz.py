@@ -33,17 +33,6 @@ from certnet.nn.lipschitz import (
 )
 from certnet.nn.spec import build_layers, describe_layers
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread: LAPACK's SVD with 2 threads next to a busy training process was
-    seen to take seconds instead of milliseconds (thread oversubscription)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 HYPOTHESIS = settings(max_examples=200, deadline=None, derandomize=True,
                       suppress_health_check=[HealthCheck.too_slow])
 
