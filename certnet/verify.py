@@ -26,8 +26,10 @@ Methods:
   region. Regions meeting the ball are enumerated by branching on the neurons whose sign changes
   inside (region ∩ ball); on each region the linear margin is minimised over polyhedron ∩ ball
   exactly, by enumerating active-constraint sets (see :func:`_min_over_polytope_ball`). Exact
-  up to float64 rounding (feasibility tolerance 1e-9 on normalised constraints). The cost is
-  combinatorial in the input dimension, so inputs above ``max_dim`` (default 4) are refused.
+  up to float64 rounding (feasibility tolerance 1e-9 on normalised constraints; vertices of
+  nearly parallel hyperplanes, angle < ~1e-6, are skipped: a region that thin can only hide a
+  minimum below its neighbours' by Lip * eps * 1e-6). The cost is combinatorial in the input
+  dimension, so inputs above ``max_dim`` (default 4) are refused.
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ MAX_DIM = 4
 IBP_SLACK = 1e-10
 #: Feasibility tolerance of the enumeration oracle (constraints are normalised to unit rows).
 FEAS_TOL = 1e-9
+#: Active sets whose (unit) constraint normals have a Gram eigenvalue below this count as
+#: dependent: a vertex of two hyperplanes at an angle below ~1.4e-6 rad is not enumerated.
+GRAM_TOL = 1e-12
 
 _Op = tuple  # ("affine", W, b) | ("relu",) | ("minmax",)
 
@@ -66,7 +71,7 @@ class OracleResult:
     ``margin``: min_{j != label} f(point)_label - f(point)_j in float64 (>= the exact minimum,
     equal to it up to the solver tolerance); ``bound``: the solver's optimum (the exact minimum
     up to the same tolerance, possibly slightly below it); ``point``: the minimiser x' (shape of
-    x, inside the ball and the domain); ``runner_up``: the class j attaining ``margin``.
+    x, float64, inside the ball and the domain); ``runner_up``: the class j attaining ``margin``.
     """
 
     margin: float
@@ -80,18 +85,17 @@ class OracleResult:
 
 
 # -- the network as a list of float64 operations -----------------------------------------------
-def _network_ops(layers: nn.Module, input_size: int, shape: tuple[int, ...]) -> list[_Op]:
-    """Flatten ``layers`` into affine / relu / minmax operations on the flattened vector."""
+def _network_ops(layers: nn.Module, shape: tuple[int, ...]) -> tuple[list[_Op], tuple[int, ...]]:
+    """Flatten ``layers`` (acting on one point of ``shape``) into affine / relu / minmax
+    operations on the flattened vector; returns them and the output shape."""
     ops: list[_Op] = []
-    modules = layers if isinstance(layers, nn.Sequential) else [layers]
-    for layer in modules:
+    for layer in layers if isinstance(layers, nn.Sequential) else [layers]:
         if isinstance(layer, nn.Sequential):
-            ops += _network_ops(layer, input_size, shape)
-            input_size = int(np.prod(shape))
+            sub, shape = _network_ops(layer, shape)
+            ops += sub
+        elif isinstance(layer, nn.Identity):
             continue
-        if isinstance(layer, nn.Identity):
-            continue
-        if isinstance(layer, nn.Flatten):
+        elif isinstance(layer, nn.Flatten):
             if layer.start_dim != 1 or layer.end_dim != -1:
                 raise UnsupportedLayerError("verify: only Flatten(start_dim=1, end_dim=-1)")
             shape = (int(np.prod(shape)),)
@@ -116,17 +120,7 @@ def _network_ops(layers: nn.Module, input_size: int, shape: tuple[int, ...]) -> 
             raise UnsupportedLayerError(
                 f"verify: no exact encoding for layer {type(layer).__name__} (supported: "
                 "Flatten, Linear, ReLU, MinMax)")
-    return ops
-
-
-def _output_size(ops: list[_Op], input_size: int) -> int:
-    size = input_size
-    for op in ops:
-        if op[0] == "affine":
-            if op[1].shape[1] != size:
-                raise UnsupportedLayerError("verify: layer sizes do not chain")
-            size = op[1].shape[0]
-    return size
+    return ops, shape
 
 
 def _margins(layers: nn.Module, points: torch.Tensor, label: int) -> torch.Tensor:
@@ -162,8 +156,7 @@ def _interval(coef: np.ndarray, const: np.ndarray, lb: np.ndarray, ub: np.ndarra
     pos, neg = np.clip(coef, 0, None), np.clip(coef, None, 0)
     lower = pos @ lb + neg @ ub + const
     upper = pos @ ub + neg @ lb + const
-    slack = IBP_SLACK * (np.abs(coef) @ np.maximum(np.abs(lb), np.abs(ub)) + np.abs(const)) \
-        + 1e-300
+    slack = IBP_SLACK * (np.abs(coef) @ np.maximum(np.abs(lb), np.abs(ub)) + np.abs(const))
     return lower - slack, upper + slack
 
 
@@ -284,14 +277,15 @@ def _min_over_polytope_ball(g: np.ndarray, h: np.ndarray, a: np.ndarray, b: np.n
     a, b = a[keep], b[keep]
     m = a.shape[0]
     for k in range(min(d, m) + 1):
-        subsets = np.array(list(itertools.combinations(range(m), k)), dtype=int).reshape(-1, k)
+        subsets = np.array(list(itertools.combinations(range(m), k)), dtype=int)
+        subsets = subsets.reshape(len(subsets), k)
         a_s = a[subsets]  # (N, k, d)
         if k == 0:
             p = x0[None]
             proj = np.zeros((1, d, d))
         else:
             gram = a_s @ a_s.transpose(0, 2, 1)
-            ok = np.linalg.eigvalsh(gram)[:, 0] > 1e-9
+            ok = np.linalg.eigvalsh(gram)[:, 0] > GRAM_TOL
             if not ok.any():
                 continue
             a_s, gram, subsets = a_s[ok], gram[ok], subsets[ok]
@@ -338,9 +332,10 @@ def _enumerate(ops: list[_Op], x0: np.ndarray, radius: float, a0: np.ndarray, b0
             lower[unsure], upper[unsure] = vals[: unsure.size], -vals[unsure.size :]
         return lower, upper
 
-    def recurse(step: int, coef: np.ndarray, const: np.ndarray, a: np.ndarray, b: np.ndarray
-                ) -> None:
-        """coef x + const: the values after ``ops[:step]`` on the region {a x <= b}."""
+    def recurse(step: int, coef: np.ndarray, const: np.ndarray, a: np.ndarray, b: np.ndarray,
+                signs: np.ndarray | None = None) -> None:
+        """coef x + const: the values after ``ops[:step]`` on the region {a x <= b}; ``signs``:
+        the signs (+1 / -1, 0 = not yet decided) of this nonlinearity's switch variables."""
         while step < len(ops) and ops[step][0] == "affine":
             coef, const = ops[step][1] @ coef, ops[step][1] @ const + ops[step][2]
             step += 1
@@ -352,24 +347,30 @@ def _enumerate(ops: list[_Op], x0: np.ndarray, radius: float, a0: np.ndarray, b0
                 best[0] = min(best[0], float(vals.min()))
                 points.extend(pts[np.isfinite(vals)])
             return
-        # the sign pattern to decide: z (relu) or a - b (minmax)
+        # the switch variables: z (relu) or a - b (minmax)
+        half = coef.shape[0] // 2
         if ops[step][0] == "relu":
             z_coef, z_const = coef, const
         else:
-            half = coef.shape[0] // 2
             z_coef, z_const = coef[:half] - coef[half:], const[:half] - const[half:]
-        lower, upper = exact_range(z_coef, z_const, a, b)
-        if not (np.isfinite(lower).all() and np.isfinite(upper).all()):
-            return  # region ∩ ball is empty
-        split = np.flatnonzero((lower < 0) & (upper > 0))
-        if split.size:  # branch on the first unstable neuron, re-examine the rest in each child
-            i = split[0]
-            for sign in (1.0, -1.0):  # z_i >= 0, then z_i <= 0
-                child_coef, child_const = z_coef.copy(), z_const.copy()
-                recurse_sign(step, coef, const, np.vstack([a, -sign * z_coef[i]]),
-                             np.append(b, sign * z_const[i]))
-            return
-        active = lower >= 0  # no neuron changes sign on this region
+        signs = np.zeros(z_coef.shape[0]) if signs is None else signs
+        todo = np.flatnonzero(signs == 0)
+        if todo.size:
+            lower, upper = exact_range(z_coef[todo], z_const[todo], a, b)
+            if not (np.isfinite(lower).all() and np.isfinite(upper).all()):
+                return  # region ∩ ball is empty
+            signs = signs.copy()
+            signs[todo[lower >= 0]], signs[todo[upper <= 0]] = 1.0, -1.0
+            split = todo[(lower < 0) & (upper > 0)]
+            if split.size:  # branch on one switch, re-examine the others in each child
+                i = split[0]
+                for sign in (1.0, -1.0):  # z_i >= 0, then z_i <= 0
+                    child = signs.copy()
+                    child[i] = sign
+                    recurse(step, coef, const, np.vstack([a, -sign * z_coef[i]]),
+                            np.append(b, sign * z_const[i]), child)
+                return
+        active = signs > 0  # no switch changes sign on this region
         if ops[step][0] == "relu":
             coef, const = coef * active[:, None], const * active
         else:
@@ -379,10 +380,6 @@ def _enumerate(ops: list[_Op], x0: np.ndarray, radius: float, a0: np.ndarray, b0
             hi_c = np.where(active, const[:half], const[half:])
             coef, const = np.concatenate([lo_part, hi_part]), np.concatenate([lo_c, hi_c])
         recurse(step + 1, coef, const, a, b)
-
-    def recurse_sign(step: int, coef: np.ndarray, const: np.ndarray, a: np.ndarray,
-                     b: np.ndarray) -> None:
-        recurse(step, coef, const, a, b)
 
     d = x0.size
     recurse(0, np.eye(d), np.zeros(d), a0, b0)
@@ -395,9 +392,9 @@ def min_margin(layers: nn.Sequential, x: torch.Tensor, label: int, eps: float, n
                max_dim: int = MAX_DIM) -> OracleResult:
     """Exact minimum margin of ``label`` over the ``norm`` ball of radius ``eps`` around one
     point ``x`` (no batch dimension) intersected with ``domain``; see the module docstring for
-    the methods and their tolerances. Raises :class:`UnsupportedLayerError` for layers other
-    than Flatten / Linear / ReLU / MinMax, and :class:`InputError` for an enumeration problem
-    above ``max_dim`` input dimensions."""
+    the methods and their tolerances (MILP: Tjeng, Xiao & Tedrake, ICLR 2019). Raises
+    :class:`UnsupportedLayerError` for layers other than Flatten / Linear / ReLU / MinMax, and
+    :class:`InputError` for an enumeration problem above ``max_dim`` input dimensions."""
     if norm not in ("l2", "linf"):
         raise ConfigError(f"verify: norm must be 'l2' or 'linf', got {norm!r}")
     method = method or ("milp" if norm == "linf" else "enumerate")
@@ -411,8 +408,10 @@ def min_margin(layers: nn.Sequential, x: torch.Tensor, label: int, eps: float, n
     if domain is not None and (x0.min() < domain[0] or x0.max() > domain[1]):
         raise InputError(f"verify: x lies outside the domain {domain}")
     d = x0.size
-    ops = _network_ops(layers, d, tuple(x.shape))
-    classes = _output_size(ops, d)
+    ops, out_shape = _network_ops(layers, tuple(x.shape))
+    if len(out_shape) != 1:
+        raise UnsupportedLayerError(f"verify: the network must output a vector, not {out_shape}")
+    classes = out_shape[0]
     if not 0 <= label < classes or classes < 2:
         raise InputError(f"verify: label {label} out of range for {classes} classes")
     eps = float(eps)
@@ -444,7 +443,7 @@ def min_margin(layers: nn.Sequential, x: torch.Tensor, label: int, eps: float, n
     per_point, runner_up = margins.min(1)
     i = int(per_point.argmin())
     return OracleResult(margin=float(per_point[i]), bound=float(bound),
-                        point=torch.from_numpy(pts[i]).reshape(x.shape).to(x.dtype),
+                        point=torch.from_numpy(pts[i]).reshape(x.shape),
                         runner_up=int(runner_up[i]))
 
 
@@ -462,7 +461,8 @@ def find_counterexample(layers: nn.Sequential, x: torch.Tensor, label: int, eps:
                         norm: Norm, domain: Domain = (0.0, 1.0), method: Method | None = None,
                         max_dim: int = MAX_DIM) -> torch.Tensor | None:
     """A point x' in the ball (∩ domain) where some class j != label scores >= ``label``
-    (checked by a float64 forward pass), or None if the oracle proves there is none."""
+    (checked by a float64 forward pass; float64, rounding it to float32 may undo the flip), or
+    None if the oracle proves there is none."""
     result = min_margin(layers, x, label, eps, norm, domain, method, max_dim)
     if result.margin > 0:
         return None
