@@ -58,6 +58,7 @@ def _print_json(payload: dict[str, Any]) -> None:
 # -- train --------------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
     from certnet.certify import evaluate
+    from certnet.checkpoint import read_config
     from certnet.train import TrainConfig, Trainer, write_json
 
     overrides = {"method": args.method, "arch": args.arch, "dataset": args.dataset,
@@ -68,6 +69,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                  "train_limit": args.train_limit}
     if args.config:
         config = TrainConfig.from_yaml(preset_path(args.config), **overrides)
+    elif args.resume and (Path(args.out) / "config.json").exists():
+        saved = read_config(args.out).get("train") or {}
+        config = TrainConfig.from_dict(
+            {**saved, **{k: v for k, v in overrides.items() if v is not None}})
     else:
         config = TrainConfig.from_dict({k: v for k, v in overrides.items() if v is not None})
     if args.loss:
@@ -208,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--train-limit", type=_positive_int, help="train on the first N points")
     train.add_argument("--device", help="cpu, cuda, cuda:1, or auto (default)")
     train.add_argument("--out", required=True, help="checkpoint directory")
-    train.add_argument("--resume", action="store_true", help="continue the run in --out")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in --out (its saved config is the default)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)
 

@@ -170,8 +170,12 @@ class Trainer:
 
     def _resume(self) -> None:
         saved = read_config(self.out_dir).get("train")
-        if saved is not None and saved != json.loads(json.dumps(self.config.to_dict())):
-            raise ConfigError(f"--resume: the config differs from the run in {self.out_dir}")
+        current = json.loads(json.dumps(self.config.to_dict()))
+        differs = sorted(k for k in current if k != "device" and saved and
+                         saved.get(k) != current[k])
+        if differs:
+            raise ConfigError(f"--resume: the config differs from the run in {self.out_dir} "
+                              f"in {differs}")
         tensors, meta = load_train_state(self.out_dir)
         self.model.load_state_dict(
             {k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
