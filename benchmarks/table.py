@@ -7,14 +7,25 @@ import json
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+HEADER = ("| preset | epochs run | eps | clean % | VRA % | train s/epoch (run log / timed) "
+          "| certify s/10k (sound) | sound ÷ unsound certify time | bound ÷ estimate "
+          "| peak RSS MB | command |\n|---|---|---|---|---|---|---|---|---|---|---|")
 
-print("| preset | epochs | eps | clean % | VRA % | train s/epoch | certify s/10k (sound) "
-      "| sound/estimate certify time | bound/estimate | peak RSS MB | command |")
-print("|---|---|---|---|---|---|---|---|---|---|---|")
-for path in sorted(RESULTS.glob("*.json")):
-    r = json.loads(path.read_text())
-    print(f"| {r['preset']} | {r['epochs']} | {r['eps']:g} | {100 * r['clean_accuracy']:.2f} | "
-          f"{100 * r['vra']:.2f} | {r['train_seconds_per_epoch_median']:.2f} | "
-          f"{r['certify_seconds_per_10k_sound']:.2f} | {r['sound_over_estimate_time']:.2f}x | "
-          f"{r['lipschitz_bound_over_estimate']:.4f} | {r['peak_rss_mb']:.0f} | "
-          f"`{r['command']}` |")
+
+def row(r: dict) -> str:
+    return (f"| {r['preset']} | {r['epochs']} of {r['preset_epochs']} | {r['eps']:g} | "
+            f"{100 * r['clean_accuracy']:.2f} | {100 * r['vra']:.2f} | "
+            f"{r['train_seconds_per_epoch_median']:.1f} / {r['train_seconds_per_epoch_bench']:.1f}"
+            f" | {r['certify_seconds_per_10k_sound']:.2f} | {r['sound_over_estimate_time']:.2f}x"
+            f" | {r['lipschitz_bound_over_estimate']:.4f} | {r['peak_rss_mb']:.0f} | "
+            f"`{r['command']}` |")
+
+
+def main() -> None:
+    print(HEADER)
+    for path in sorted(RESULTS.glob("*.json")):
+        print(row(json.loads(path.read_text())))
+
+
+if __name__ == "__main__":
+    main()
