@@ -103,11 +103,12 @@ def evaluate(model: CertifiedModel, data: Dataset, eps: float, certifier: str | 
     model.eval()
     preds, certs, radii = [], [], []
     start = time.perf_counter()
-    for i in range(0, len(data), batch_size):
-        cert = model.certify(data.x[i:i + batch_size].to(device), eps, name)
-        preds.append(cert.pred.cpu())
-        certs.append(cert.certified.cpu())
-        radii.append(cert.radius.cpu())
+    with model.frozen_weights():
+        for i in range(0, len(data), batch_size):
+            cert = model.certify(data.x[i:i + batch_size].to(device), eps, name)
+            preds.append(cert.pred.cpu())
+            certs.append(cert.certified.cpu())
+            radii.append(cert.radius.cpu())
     seconds = time.perf_counter() - start
     model.train(was_training)
     pred, certified, radius = torch.cat(preds), torch.cat(certs), torch.cat(radii)

@@ -461,3 +461,13 @@ def test_radius_is_margin_over_k_and_tight_for_a_linear_model(seed):
             net.float()
         assert net.certify(x[n:n + 1], got * (1 - 1e-4)).certified.item()
         assert not net.certify(x[n:n + 1], r * (1 + 1e-4)).certified.item()
+
+
+def test_frozen_weights_computes_the_sound_constant_once():
+    net = small_net("ce")
+    with net.frozen_weights():
+        first = net.sound_lipschitz()
+        assert net.sound_lipschitz() is first
+    with torch.no_grad():
+        net.layers[0].weight.mul_(2.0)
+    assert net.sound_lipschitz().max() > first.max()  # outside the block: recomputed

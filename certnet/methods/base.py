@@ -7,6 +7,8 @@ checkpoint format and the CLI then serve it unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -59,6 +61,12 @@ class CertifiedModel(nn.Module):
         check_inputs(x, self.input_shape)
         check_eps(eps)
         return getattr(self, self.certifiers[name])(x, eps)
+
+    @contextmanager
+    def frozen_weights(self) -> Iterator[None]:
+        """A block of certify calls during which the weights do not change, so a method may
+        compute its weight-dependent bounds once (GloRo: the sound Lipschitz constants)."""
+        yield
 
     def method_config(self) -> dict[str, Any]:
         """JSON-serialisable constructor arguments besides the layers (saved in config.json)."""

@@ -12,6 +12,8 @@ against a rounding slack, and treats ties as not certified.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
@@ -69,6 +71,7 @@ class GloroNet(CertifiedModel):
         for layer in layers[:-1]:
             layer_bound(layer)  # raises UnsupportedLayerError for layers without a bound
         self.layers = layers
+        self._frozen_lipschitz: torch.Tensor | None = None
         self.power_iterations = power_iterations
         self.loss_name = loss
 
@@ -107,8 +110,21 @@ class GloroNet(CertifiedModel):
 
     @torch.no_grad()
     def sound_lipschitz(self) -> torch.Tensor:
-        """Pairwise K in float64 from guaranteed upper bounds only."""
+        """Pairwise K in float64 from guaranteed upper bounds only (computed once per
+        :meth:`frozen_weights` block, else on every call)."""
+        if self._frozen_lipschitz is not None:
+            return self._frozen_lipschitz
         return pairwise_lipschitz(self.head.weight.double(), self.body_bound())
+
+    @contextmanager
+    def frozen_weights(self) -> Iterator[None]:
+        """Compute the sound K once for a block of certify calls on unchanged weights."""
+        self._frozen_lipschitz = None
+        self._frozen_lipschitz = self.sound_lipschitz()
+        try:
+            yield
+        finally:
+            self._frozen_lipschitz = None
 
     # -- training ------------------------------------------------------------------------------
     def loss(self, x: torch.Tensor, y: torch.Tensor, eps: float, trades_lambda: float = 1.0,
