@@ -151,3 +151,13 @@ def test_crop_flip_keeps_shape_and_content():
     out = crop_flip(x, torch.Generator().manual_seed(0), pad=0)
     assert all(torch.equal(o, a) or torch.equal(o, a.flip(2)) for o, a in zip(out, x, strict=True))
     assert crop_flip(x, torch.Generator().manual_seed(0)).shape == x.shape
+
+
+def test_same_seed_same_metrics(tmp_path, mnist_available):
+    def metrics(out):
+        _train(out, epochs=1)
+        record = json.loads((out / "metrics.jsonl").read_text())
+        record.pop("train_seconds")
+        return record
+
+    assert metrics(tmp_path / "a") == metrics(tmp_path / "b")
