@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import resource
 import statistics
@@ -120,7 +121,8 @@ def main() -> None:
         "sound_over_estimate_time": sound / estimate,
         "lipschitz_bound_over_estimate": lip["bound_over_estimate"],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "device": "cuda" if torch.cuda.is_available() else f"cpu ({platform.processor()})",
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else
+        f"cpu ({platform.machine()}, {os.cpu_count()} cores)",
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "command": "python " + " ".join(sys.argv),
     }

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from certnet.errors import ConfigError, InputError
 from certnet.methods.base import CertifiedModel, check_eps, check_inputs
@@ -224,7 +225,8 @@ class PGD:
 
 def attack_report(model: CertifiedModel, x: torch.Tensor, y: torch.Tensor, eps: float,
                   steps: int = 100, restarts: int = 10, batch_size: int = 256,
-                  certifier: str | None = None, seed: int = 0) -> dict[str, Any]:
+                  certifier: str | None = None, seed: int = 0, progress: bool = False
+                  ) -> dict[str, Any]:
     """Certify ``x`` at ``eps`` and attack it with :class:`PGD` in ``model.norm``.
 
     The attack targets the certificate's prediction, so every point (correct or not) tests the
@@ -248,22 +250,24 @@ def attack_report(model: CertifiedModel, x: torch.Tensor, y: torch.Tensor, eps: 
     preds, certs, radii, clean_preds, adv_preds, dists = [], [], [], [], [], []
     certify_s = attack_s = 0.0
     try:
-        for i in range(0, len(x), batch_size):
-            xb = x[i:i + batch_size].to(device)
-            start = time.perf_counter()
-            cert = model.certify(xb, eps, name)
-            certify_s += time.perf_counter() - start
-            start = time.perf_counter()
-            attack = PGD(model, eps, model.norm, steps, restarts, seed=seed + i)
-            x_adv = attack(xb, cert.pred)
-            with torch.no_grad():
-                clean_preds.append(model(xb).argmax(1).cpu())
-                adv_preds.append(model(x_adv).argmax(1).cpu())
-            attack_s += time.perf_counter() - start
-            dists.append(perturbation_norm(x_adv - xb, model.norm).cpu())
-            preds.append(cert.pred.cpu())
-            certs.append(cert.certified.cpu())
-            radii.append(cert.radius.cpu())
+        with model.frozen_weights():
+            for i in tqdm(range(0, len(x), batch_size), desc=f"PGD {model.norm} eps={eps:g}",
+                          unit="batch", disable=not progress):
+                xb = x[i:i + batch_size].to(device)
+                start = time.perf_counter()
+                cert = model.certify(xb, eps, name)
+                certify_s += time.perf_counter() - start
+                start = time.perf_counter()
+                attack = PGD(model, eps, model.norm, steps, restarts, seed=seed + i)
+                x_adv = attack(xb, cert.pred)
+                with torch.no_grad():
+                    clean_preds.append(model(xb).argmax(1).cpu())
+                    adv_preds.append(model(x_adv).argmax(1).cpu())
+                attack_s += time.perf_counter() - start
+                dists.append(perturbation_norm(x_adv - xb, model.norm).cpu())
+                preds.append(cert.pred.cpu())
+                certs.append(cert.certified.cpu())
+                radii.append(cert.radius.cpu())
     finally:
         for m, mode in modes:
             m.training = mode

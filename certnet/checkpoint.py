@@ -34,6 +34,10 @@ MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -50,6 +54,7 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
     raw = data.encode() if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the usual file mode
         with os.fdopen(fd, "wb") as f:
             f.write(raw)
             f.flush()

@@ -149,7 +149,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
     model, data, eps, dataset = _load_eval(args)
     result = attack_report(model, data.x, data.y, eps, steps=args.steps, restarts=args.restarts,
-                           batch_size=args.batch_size)
+                           batch_size=args.batch_size, progress=True)
     print(f"{model.method} {model.norm} eps={eps:g} n={result['n']}: clean accuracy "
           f"{100 * result['clean_accuracy']:.2f}%  PGD robust accuracy "
           f"{100 * result['robust_accuracy']:.2f}%  VRA {100 * result['vra']:.2f}%  "
