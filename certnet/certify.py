@@ -77,7 +77,7 @@ class Report:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        top = max_eps or max(2 * self.eps, 1e-3)
+        top = max_eps or max(2 * self.eps, self.radius_quantiles["p90"], 1e-3)
         grid = torch.linspace(0, top, 200)
         fig, ax = plt.subplots(figsize=(5, 3.5))
         ax.plot(grid.numpy(), 100 * self.curve(grid).numpy(), label=self.certifier)
