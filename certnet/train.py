@@ -261,6 +261,7 @@ class Trainer:
                 record.update(test_clean=report.clean_accuracy, test_vra=report.vra,
                               test_bottom=report.bottom_rate)
             self._checkpoint(epoch, record)
+            self.start_epoch = epoch + 1
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             if self.progress:

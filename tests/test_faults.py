@@ -52,3 +52,42 @@ def test_killed_run_resumes_bitwise_identical(tmp_path, sig, mnist_available):
         assert torch.equal(ref[key], got[key]), key
     lines = (victim / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3, 4]
+
+
+def test_sigint_stops_training_with_a_consistent_checkpoint(tmp_path, mnist_available):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "certnet.cli", *ARGS, "--out", str(out)],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not list((out / "state").glob("epoch-0000")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "--resume" in err
+    import certnet
+
+    certnet.load(out)  # the checkpoint on disk is complete and consistent
+
+
+def test_failing_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch,
+                                                         mnist_available):
+    from certnet import checkpoint
+    from certnet.train import TrainConfig, Trainer
+
+    config = TrainConfig(epochs=2, train_limit=512, eval_limit=64, batch_size=128)
+    trainer = Trainer(config, tmp_path / "run", progress=False)
+    trainer.fit(stop_after=1)
+    before = (tmp_path / "run" / "model.safetensors").read_bytes()
+    real_replace = os.replace
+
+    def disk_full(src, dst):
+        if str(dst).endswith("model.safetensors"):
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        trainer.fit()
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() == before
+    assert checkpoint.read_config(tmp_path / "run")["epoch"] == 1
+    checkpoint.load(tmp_path / "run")
