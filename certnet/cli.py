@@ -31,24 +31,21 @@ def preset_path(name_or_path: str) -> Path:
     return preset
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from err
-    if not (0 <= value < float("inf")):
-        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number >= 0")
-    return value
+def _number(kind: type, minimum: float):
+    """argparse type: a finite ``kind`` (int or float) >= ``minimum``."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from err
+        if not (minimum <= value < float("inf")):
+            raise argparse.ArgumentTypeError(f"{text!r} must be a finite number >= {minimum}")
+        return value
+    return parse
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from err
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
-    return value
+_positive_float = _number(float, 0)
+_positive_int = _number(int, 1)
 
 
 def _print_json(payload: dict[str, Any]) -> None:

@@ -13,6 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from certnet import checkpoint
+from certnet.train import TrainConfig, Trainer
+
 ARGS = ["train", "--arch", "2c2f", "--dataset", "mnist", "--eps", "0.3", "--epochs", "4",
         "--train-limit", "3072", "--eval-limit", "100", "--batch-size", "64", "--quiet"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -21,6 +24,18 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "certnet.cli", *ARGS, "--out", str(out),
                            *extra], env=ENV, capture_output=True, text=True, timeout=600)
+
+
+def _interrupt(out: Path, sig: int, state: str) -> tuple[int, str]:
+    """Start a training run and send ``sig`` once the checkpoint ``state`` exists."""
+    proc = subprocess.Popen([sys.executable, "-m", "certnet.cli", *ARGS, "--out", str(out)],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out / "state" / state).exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err
 
 
 def _weights(out: Path) -> dict[str, torch.Tensor]:
@@ -32,15 +47,10 @@ def test_killed_run_resumes_bitwise_identical(tmp_path, sig, mnist_available):
     reference = tmp_path / "reference"
     assert _run(reference).returncode == 0
     victim = tmp_path / "victim"
-    proc = subprocess.Popen([sys.executable, "-m", "certnet.cli", *ARGS, "--out", str(victim)],
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not list((victim / "state").glob("epoch-0001")) and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(sig)  # somewhere in epoch 3 (or while writing its checkpoint)
-    _, err = proc.communicate(timeout=120)
+    # somewhere in epoch 3 (or while writing its checkpoint)
+    returncode, err = _interrupt(victim, sig, "epoch-0001")
     if sig == signal.SIGTERM:
-        assert proc.returncode == 130 and "--resume" in err
+        assert returncode == 130 and "--resume" in err
     assert not list(victim.glob(".*.tmp")), "interrupted writes left temp files"
     resumed = subprocess.run([sys.executable, "-m", "certnet.cli", "train", "--resume", "--out",
                               str(victim), "--quiet"], env=ENV, capture_output=True, text=True,
@@ -56,24 +66,13 @@ def test_killed_run_resumes_bitwise_identical(tmp_path, sig, mnist_available):
 
 def test_sigint_stops_training_with_a_consistent_checkpoint(tmp_path, mnist_available):
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "certnet.cli", *ARGS, "--out", str(out)],
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not list((out / "state").glob("epoch-0000")) and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "--resume" in err
-    import certnet
-
-    certnet.load(out)  # the checkpoint on disk is complete and consistent
+    returncode, err = _interrupt(out, signal.SIGINT, "epoch-0000")
+    assert returncode == 130 and "--resume" in err
+    checkpoint.load(out)  # the checkpoint on disk is complete and consistent
 
 
 def test_failing_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch,
                                                          mnist_available):
-    from certnet import checkpoint
-    from certnet.train import TrainConfig, Trainer
-
     config = TrainConfig(epochs=2, train_limit=512, eval_limit=64, batch_size=128)
     trainer = Trainer(config, tmp_path / "run", progress=False)
     trainer.fit(stop_after=1)
