@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import signal
 import threading
@@ -149,6 +150,11 @@ class Trainer:
             self.test_data = _head(self.test_data, config.eval_limit)
         self.model = build_model(config, self.train_data.input_shape,
                                  self.train_data.num_classes).to(self.device)
+        try:  # every scheduled loss weight must be an argument of the method's loss
+            inspect.signature(self.model.loss).bind(None, None, 0.0, **config.loss_schedules)
+        except TypeError as err:
+            raise ConfigError(f"loss_schedules {sorted(config.loss_schedules)} do not fit "
+                              f"the {config.method} loss: {err}") from err
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr,
                                           weight_decay=config.weight_decay)
         self.start_epoch = 0

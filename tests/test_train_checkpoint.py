@@ -161,3 +161,9 @@ def test_same_seed_same_metrics(tmp_path, mnist_available):
         return record
 
     assert metrics(tmp_path / "a") == metrics(tmp_path / "b")
+
+
+def test_unknown_loss_schedule_is_refused(tmp_path, mnist_available):
+    with pytest.raises(ConfigError, match="trades_lamda"):
+        Trainer(TrainConfig(**{**SMALL, "loss_schedules": {"trades_lamda": 1.0}}),
+                tmp_path / "run", progress=False)

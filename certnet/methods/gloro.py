@@ -127,8 +127,8 @@ class GloroNet(CertifiedModel):
             self._frozen_lipschitz = None
 
     # -- training ------------------------------------------------------------------------------
-    def loss(self, x: torch.Tensor, y: torch.Tensor, eps: float, trades_lambda: float = 1.0,
-             **_: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, x: torch.Tensor, y: torch.Tensor, eps: float, trades_lambda: float = 1.0
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """GloRo losses on [y, y_bot]: ``ce`` (paper §4), ``trades`` (CE(clean) + lambda *
         KL(softmax([y, 0]) || softmax([y, y_bot])), paper §5), ``emma`` (Hu et al. 2023:
         each non-label logit shifted by its own eps_i = eps * clip(gap_i / (eps K_yi), .01, 1),
