@@ -593,3 +593,14 @@ def test_spec_round_trip_other_layers():
     assert layers(torch.rand(2, 2, 6, 6)).shape == (2, 3)
     with pytest.raises(UnsupportedLayerError):
         describe_layers(nn.Sequential(nn.Tanh()))
+
+
+def test_subclass_of_a_one_lipschitz_layer_is_not_trusted():
+    class ScaledReLU(nn.ReLU):
+        def forward(self, x):
+            return 5 * super().forward(x)
+
+    with pytest.raises(UnsupportedLayerError):
+        layer_bound(ScaledReLU())
+    with pytest.raises(UnsupportedLayerError):
+        convert_sequential(nn.Sequential(nn.Flatten(), ScaledReLU(), nn.Linear(4, 2)), (4,))

@@ -232,7 +232,7 @@ def layer_estimate(module: nn.Module, iterations: int) -> torch.Tensor | float:
     """Power-iteration estimate of one layer's l2 Lipschitz constant (1.0 for 1-Lipschitz ops)."""
     if isinstance(module, (LipschitzModule, Normalize)):
         return module.lipschitz_estimate(iterations)
-    if isinstance(module, ONE_LIPSCHITZ):
+    if type(module) in ONE_LIPSCHITZ:  # exact type: a subclass may change forward
         return 1.0
     raise UnsupportedLayerError(f"no known Lipschitz bound for layer {type(module).__name__}")
 
@@ -241,7 +241,7 @@ def layer_bound(module: nn.Module) -> torch.Tensor:
     """Sound float64 upper bound on one layer's l2 Lipschitz constant."""
     if isinstance(module, (LipschitzModule, Normalize)):
         return module.lipschitz_bound()
-    if isinstance(module, ONE_LIPSCHITZ):
+    if type(module) in ONE_LIPSCHITZ:  # exact type: a subclass may change forward
         return torch.ones((), dtype=torch.float64)
     raise UnsupportedLayerError(f"no known Lipschitz bound for layer {type(module).__name__}")
 
@@ -264,7 +264,7 @@ def convert_sequential(model: nn.Sequential, input_shape: tuple[int, ...]) -> nn
     raise :class:`UnsupportedLayerError`."""
     layers: list[nn.Module] = []
     for layer in model:
-        if isinstance(layer, (LipschitzModule, Normalize) + ONE_LIPSCHITZ):
+        if isinstance(layer, (LipschitzModule, Normalize)) or type(layer) in ONE_LIPSCHITZ:
             new = layer
         elif type(layer) is nn.Linear:
             new = LipschitzLinear(layer.in_features, layer.out_features, layer.bias is not None,
