@@ -187,7 +187,9 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 # -- parser -------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="certnet", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="certnet", description="certnet: train, certify and attack certifiably robust "
+        "neural networks (GloRo; more methods plug in).")
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
 
