@@ -471,3 +471,20 @@ def test_frozen_weights_computes_the_sound_constant_once():
     with torch.no_grad():
         net.layers[0].weight.mul_(2.0)
     assert net.sound_lipschitz().max() > first.max()  # outside the block: recomputed
+
+
+def test_from_sequential_round_trips_through_a_checkpoint(tmp_path):
+    import certnet
+
+    seq = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, stride=2, padding=1), torch.nn.ReLU(),
+                              torch.nn.Flatten(), torch.nn.Linear(4 * 14 * 14, 3))
+    shape = (1, 28, 28)
+    net = GloroNet.from_sequential(seq, shape).eval()
+    x = torch.rand(5, *shape)
+    assert torch.allclose(net(x), seq(x), atol=1e-6) and net.num_classes == 3
+    certnet.save_model(tmp_path / "m", net)
+    loaded = certnet.load(tmp_path / "m")
+    assert torch.equal(loaded.certify(x, 0.1).certified, net.certify(x, 0.1).certified)
+    with pytest.raises(UnsupportedLayerError):
+        GloroNet.from_sequential(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Tanh(),
+                                                     torch.nn.Linear(784, 3)), shape)

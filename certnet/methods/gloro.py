@@ -23,7 +23,13 @@ from torch.func import functional_call
 
 from certnet.errors import ConfigError
 from certnet.methods.base import Certificate, CertifiedModel, register_method
-from certnet.nn.lipschitz import LipschitzLinear, layer_bound, layer_estimate, product
+from certnet.nn.lipschitz import (
+    LipschitzLinear,
+    convert_sequential,
+    layer_bound,
+    layer_estimate,
+    product,
+)
 
 LossName = Literal["ce", "trades", "emma"]
 LOSSES = ("ce", "trades", "emma")
@@ -74,6 +80,14 @@ class GloroNet(CertifiedModel):
         self._frozen_lipschitz: torch.Tensor | None = None
         self.power_iterations = power_iterations
         self.loss_name = loss
+
+    @classmethod
+    def from_sequential(cls, model: nn.Sequential, input_shape: tuple[int, ...],
+                        **kwargs: Any) -> GloroNet:
+        """A GloRo net from any plain ``nn.Sequential`` of supported layers (weights copied);
+        the number of classes is the last linear layer's output size."""
+        layers = convert_sequential(model, input_shape)
+        return cls(layers, input_shape, layers[-1].out_features, **kwargs)
 
     @property
     def head(self) -> LipschitzLinear:
