@@ -604,3 +604,26 @@ def test_subclass_of_a_one_lipschitz_layer_is_not_trusted():
         layer_bound(ScaledReLU())
     with pytest.raises(UnsupportedLayerError):
         convert_sequential(nn.Sequential(nn.Flatten(), ScaledReLU(), nn.Linear(4, 2)), (4,))
+
+
+def test_spec_errors_and_registered_layer_types(monkeypatch):
+    from certnet.errors import ConfigError
+    from certnet.nn import spec
+
+    with pytest.raises(ConfigError, match="unknown layer"):
+        build_layers([{"type": "lstm"}], (4,))
+    with pytest.raises(ConfigError, match="bad layer spec"):
+        build_layers([{"type": "linear", "in_features": 4}], (4,))
+    with pytest.raises(ConfigError, match="bad layer spec"):
+        build_layers([{"type": "flatten", "start_dim": "x", "bogus": 1}], (4,))
+    with pytest.raises(ConfigError):
+        build_layers([], (4,))
+
+    class Halve(nn.Module):  # a method's own layer plugs in with one call
+        def forward(self, x):
+            return x / 2
+
+    monkeypatch.setitem(spec.LAYER_TYPES, "halve", (Halve, lambda m: {}))
+    layers = build_layers([{"type": "halve"}, {"type": "linear", "in_features": 4,
+                                                "out_features": 2, "bias": True}], (4,))
+    assert describe_layers(layers)[0] == {"type": "halve"}

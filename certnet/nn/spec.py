@@ -1,11 +1,13 @@
 """Architectures as plain JSON layer lists, so a checkpoint describes its network without code.
 
 Each entry is ``{"type": ..., **hyperparameters}``; :func:`build_layers` turns a list into an
-``nn.Sequential`` of Lipschitz layers, :func:`describe_layers` does the reverse.
+``nn.Sequential`` of Lipschitz layers, :func:`describe_layers` does the reverse. A method that
+brings its own layer (e.g. an l_inf-dist neuron) calls :func:`register_layer` once.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
@@ -21,61 +23,61 @@ from certnet.nn.lipschitz import (
 )
 
 LayerSpec = dict[str, Any]
+#: spec type -> (module class, hyperparameters of a module)
+LAYER_TYPES: dict[str, tuple[type[nn.Module], Callable[[Any], dict[str, Any]]]] = {}
+
+
+def register_layer(name: str, cls: type[nn.Module],
+                   describe: Callable[[Any], dict[str, Any]] = lambda m: {}) -> None:
+    """Make ``cls`` storable in checkpoints as ``{"type": name, **describe(module)}``; it is
+    rebuilt as ``cls(**hyperparameters)``."""
+    LAYER_TYPES[name] = (cls, describe)
+
+
+register_layer("conv", LipschitzConv2d, lambda m: {
+    "in_channels": m.in_channels, "out_channels": m.out_channels,
+    "kernel_size": m.kernel_size[0], "stride": m.stride[0], "padding": m.padding[0],
+    "bias": m.bias is not None})
+register_layer("residual_conv", ResidualConv2d, lambda m: {
+    "channels": m.in_channels, "kernel_size": m.kernel_size[0], "alpha": m.alpha,
+    "bias": m.bias is not None})
+register_layer("linear", LipschitzLinear, lambda m: {
+    "in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None})
+register_layer("normalize", Normalize, lambda m: {
+    "mean": m.mean.flatten().tolist(), "std": m.std.flatten().tolist()})
+register_layer("relu", nn.ReLU)
+register_layer("minmax", MinMax)
+register_layer("flatten", nn.Flatten)
+register_layer("identity", nn.Identity)
 
 
 def _make(spec: LayerSpec) -> nn.Module:
-    kind = spec.get("type")
-    args = {k: v for k, v in spec.items() if k != "type"}
+    if not isinstance(spec, dict) or spec.get("type") not in LAYER_TYPES:
+        raise ConfigError(f"unknown layer spec {spec!r}; known types: {sorted(LAYER_TYPES)}")
+    cls, _ = LAYER_TYPES[spec["type"]]
     try:
-        if kind == "conv":
-            return LipschitzConv2d(args["in_channels"], args["out_channels"], args["kernel_size"],
-                                   stride=args.get("stride", 1), padding=args.get("padding", 0),
-                                   bias=args.get("bias", True))
-        if kind == "residual_conv":
-            return ResidualConv2d(args["channels"], args.get("kernel_size", 3),
-                                  alpha=args.get("alpha", 1.0), bias=args.get("bias", True))
-        if kind == "linear":
-            return LipschitzLinear(args["in_features"], args["out_features"],
-                                   bias=args.get("bias", True))
-        if kind == "normalize":
-            return Normalize(args["mean"], args["std"])
-    except (KeyError, TypeError) as err:
+        return cls(**{k: v for k, v in spec.items() if k != "type"})
+    except (TypeError, ValueError, RuntimeError) as err:
         raise ConfigError(f"bad layer spec {spec!r}: {err}") from err
-    simple = {"relu": nn.ReLU, "minmax": MinMax, "flatten": nn.Flatten, "identity": nn.Identity}
-    if kind in simple:
-        return simple[kind]()
-    raise ConfigError(f"unknown layer type {kind!r} in spec {spec!r}")
 
 
 def build_layers(specs: list[LayerSpec], input_shape: tuple[int, ...]) -> nn.Sequential:
     """Build the layers and record every conv's true input shape."""
+    if not isinstance(specs, list) or not specs:
+        raise ConfigError("a layer spec must be a non-empty list")
     layers = nn.Sequential(*[_make(s) for s in specs])
     record_input_shapes(layers, input_shape)
     return layers
 
 
 def describe_layers(layers: nn.Sequential) -> list[LayerSpec]:
-    """The JSON spec of a Sequential of supported layers (inverse of :func:`build_layers`)."""
+    """The JSON spec of a Sequential of registered layers (inverse of :func:`build_layers`).
+    Matching is by exact class, so a subclass is never stored as its parent."""
+    by_class = {cls: (name, describe) for name, (cls, describe) in LAYER_TYPES.items()}
     specs: list[LayerSpec] = []
     for m in layers:
-        if isinstance(m, ResidualConv2d):
-            specs.append({"type": "residual_conv", "channels": m.in_channels,
-                          "kernel_size": m.kernel_size[0], "alpha": m.alpha,
-                          "bias": m.bias is not None})
-        elif isinstance(m, LipschitzConv2d):
-            specs.append({"type": "conv", "in_channels": m.in_channels,
-                          "out_channels": m.out_channels, "kernel_size": m.kernel_size[0],
-                          "stride": m.stride[0], "padding": m.padding[0],
-                          "bias": m.bias is not None})
-        elif isinstance(m, LipschitzLinear):
-            specs.append({"type": "linear", "in_features": m.in_features,
-                          "out_features": m.out_features, "bias": m.bias is not None})
-        elif isinstance(m, Normalize):
-            specs.append({"type": "normalize", "mean": m.mean.flatten().tolist(),
-                          "std": m.std.flatten().tolist()})
-        elif type(m) in (nn.ReLU, MinMax, nn.Flatten, nn.Identity):
-            specs.append({"type": {nn.ReLU: "relu", MinMax: "minmax", nn.Flatten: "flatten",
-                                   nn.Identity: "identity"}[type(m)]})
-        else:
+        if type(m) not in by_class:
             raise UnsupportedLayerError(f"cannot describe layer {type(m).__name__}")
+        name, describe = by_class[type(m)]
+        specs.append({"type": name, **describe(m)})
     return specs
