@@ -329,22 +329,29 @@ def test_ce_loss_at_eps_zero_is_ce_on_logits_and_runner_up():
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("eps", [0.1, 0.5])
-def test_ce_loss_matches_loop(eps):
-    net = small_net("ce")
-    torch.manual_seed(9)
+def _loss_and_rows(loss_name: str, seed: int, eps: float):
+    """The loss of a small net on 8 random points, with its logits (as lists), labels and K."""
+    net = small_net(loss_name)
+    torch.manual_seed(seed)
     x, y = torch.rand(8, *SHAPE), torch.randint(0, 10, (8,))
     loss, _ = net.loss(x, y, eps)
-    logits = net(x).detach()
-    k = _reference_k(net)
+    rows = net(x).detach().tolist()
+    return loss.item(), rows, y.tolist(), _reference_k(net)
+
+
+def _cross_entropy(row: list[float], label: int) -> float:
+    return -row[label] + math.log(sum(math.exp(v) for v in row))
+
+
+@pytest.mark.parametrize("eps", [0.1, 0.5])
+def test_ce_loss_matches_loop(eps):
+    loss, rows, labels, k = _loss_and_rows("ce", 9, eps)
     total = 0.0
-    for b in range(8):
-        row = logits[b].tolist()
+    for row, label in zip(rows, labels, strict=True):
         j = row.index(max(row))
         bot = max(row[i] + eps * float(k[j, i]) for i in range(10) if i != j)
-        aug = row + [bot]
-        total += -aug[int(y[b])] + math.log(sum(math.exp(v) for v in aug))
-    assert loss.item() == pytest.approx(total / 8, rel=1e-5)
+        total += _cross_entropy(row + [bot], label)
+    assert loss == pytest.approx(total / 8, rel=1e-5)
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.3])
@@ -376,16 +383,9 @@ def test_emma_loss_at_eps_zero_is_plain_ce():
 
 @pytest.mark.parametrize("eps", [0.05, 0.5])
 def test_emma_loss_matches_loop(eps):
-    net = small_net("emma")
-    torch.manual_seed(12)
-    x, y = torch.rand(8, *SHAPE), torch.randint(0, 10, (8,))
-    loss, _ = net.loss(x, y, eps)
-    logits = net(x).detach()
-    k = _reference_k(net)
+    loss, rows, labels, k = _loss_and_rows("emma", 12, eps)
     total = 0.0
-    for b in range(8):
-        row = logits[b].tolist()
-        t = int(y[b])
+    for row, t in zip(rows, labels, strict=True):
         shifted = []
         for i in range(10):
             if i == t:
@@ -393,8 +393,8 @@ def test_emma_loss_matches_loop(eps):
                 continue
             scale = min(max((row[t] - row[i]) / (eps * float(k[t, i])), 0.01), 1.0)
             shifted.append(row[i] + eps * scale * float(k[t, i]))
-        total += -shifted[t] + math.log(sum(math.exp(v) for v in shifted))
-    assert loss.item() == pytest.approx(total / 8, rel=1e-5)
+        total += _cross_entropy(shifted, t)
+    assert loss == pytest.approx(total / 8, rel=1e-5)
 
 
 def test_unknown_loss_name_raises():
