@@ -29,7 +29,7 @@ import torch
 from table import HEADER, RESULTS, row  # benchmarks/table.py, beside this script
 
 from certnet.certify import evaluate
-from certnet.checkpoint import atomic_write, load
+from certnet.checkpoint import load, write_json
 from certnet.cli import preset_path
 from certnet.data import load_dataset
 from certnet.methods.gloro import GloroNet, bottom_logit, pairwise_lipschitz
@@ -127,7 +127,7 @@ def main() -> None:
         "command": "python " + " ".join(sys.argv),
     }
     RESULTS.mkdir(exist_ok=True)
-    atomic_write(RESULTS / f"{args.preset}-{epochs_done}ep.json", json.dumps(result, indent=2))
+    write_json(RESULTS / f"{args.preset}-{epochs_done}ep.json", result)
     print(HEADER)
     print(row(result))
 

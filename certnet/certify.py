@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from certnet.checkpoint import atomic_write
 from certnet.data import Dataset
 from certnet.methods.base import CertifiedModel
 
@@ -55,8 +56,6 @@ class Report:
                 f"{self.points_per_second:.0f} points/s")
 
     def write_per_point(self, path: str | Path) -> None:
-        from certnet.checkpoint import atomic_write
-
         rows = [["index", "label", "pred", "certified", "radius"]]
         for i, (lab, p, c, r) in enumerate(zip(self.labels.tolist(), self.pred.tolist(),
                                                self.certified.tolist(), self.radius.tolist(),

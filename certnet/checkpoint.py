@@ -66,6 +66,17 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
     _fsync_dir(path.parent)
 
 
+def write_json(path: str | Path, payload: Any) -> None:
+    """Atomically write ``payload`` as indented JSON."""
+    atomic_write(path, json.dumps(payload, indent=2))
+
+
+def _tensor_blob(tensors: dict[str, torch.Tensor]) -> tuple[bytes, str]:
+    """safetensors bytes of CPU copies of ``tensors`` and their sha256."""
+    blob = st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+    return blob, hashlib.sha256(blob).hexdigest()
+
+
 def _version_tuple(version: str) -> tuple[int, ...]:
     try:
         return tuple(int(p) for p in version.split(".")[:3])
@@ -92,11 +103,9 @@ def model_config(model: CertifiedModel, **extra: Any) -> dict[str, Any]:
 def save_model(directory: str | Path, model: CertifiedModel, **extra: Any) -> None:
     """Write ``model.safetensors`` then ``config.json`` (which names the weights' sha256)."""
     directory = Path(directory)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    blob = st_save(state)
+    blob, sha256 = _tensor_blob(model.state_dict())
     atomic_write(directory / MODEL_FILE, blob)
-    config = model_config(model, model_sha256=hashlib.sha256(blob).hexdigest(), **extra)
-    atomic_write(directory / CONFIG_FILE, json.dumps(config, indent=2))
+    write_json(directory / CONFIG_FILE, model_config(model, model_sha256=sha256, **extra))
 
 
 def read_config(directory: str | Path) -> dict[str, Any]:
@@ -160,10 +169,9 @@ def save_train_state(directory: str | Path, epoch: int, tensors: dict[str, torch
     final = root / f"epoch-{epoch:04d}"
     tmp = Path(tempfile.mkdtemp(prefix=".epoch-", dir=root))
     try:
-        blob = st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+        blob, sha256 = _tensor_blob(tensors)
         atomic_write(tmp / "state.safetensors", blob)
-        meta = {**meta, "epoch": epoch, "sha256": hashlib.sha256(blob).hexdigest()}
-        atomic_write(tmp / "state.json", json.dumps(meta, indent=2))
+        write_json(tmp / "state.json", {**meta, "epoch": epoch, "sha256": sha256})
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

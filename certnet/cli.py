@@ -55,8 +55,8 @@ def _print_json(payload: dict[str, Any]) -> None:
 # -- train --------------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
     from certnet.certify import evaluate
-    from certnet.checkpoint import read_config
-    from certnet.train import TrainConfig, Trainer, write_json
+    from certnet.checkpoint import read_config, write_json
+    from certnet.train import TrainConfig, Trainer
 
     overrides = {"method": args.method, "arch": args.arch, "dataset": args.dataset,
                  "eps": args.eps, "epochs": args.epochs, "batch_size": args.batch_size,
@@ -114,7 +114,7 @@ def _load_eval(args: argparse.Namespace):
 
 def cmd_certify(args: argparse.Namespace) -> int:
     from certnet.certify import evaluate
-    from certnet.train import write_json
+    from certnet.checkpoint import write_json
 
     model, data, eps, dataset = _load_eval(args)
     report = evaluate(model, data, eps, certifier=args.certifier, batch_size=args.batch_size)
@@ -142,7 +142,7 @@ def _lipschitz_line(report: dict[str, float]) -> str:
 # -- attack -------------------------------------------------------------------------------------
 def cmd_attack(args: argparse.Namespace) -> int:
     from certnet.attacks import attack_report
-    from certnet.train import write_json
+    from certnet.checkpoint import write_json
 
     model, data, eps, dataset = _load_eval(args)
     result = attack_report(model, data.x, data.y, eps, steps=args.steps, restarts=args.restarts,

@@ -300,6 +300,3 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False,
     trainer.fit()
     return trainer.model
 
-
-def write_json(path: str | Path, payload: dict[str, Any]) -> None:
-    atomic_write(path, json.dumps(payload, indent=2))
