@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup-env.sh dev
-.venv/bin/ruff check certnet tests benchmarks
+.venv/bin/ruff check src tests benchmarks
 .venv/bin/python -m pytest -q "$@"
