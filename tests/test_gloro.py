@@ -15,7 +15,7 @@ from certnet.archs import build_arch
 from certnet.errors import ConfigError, InputError, UnsupportedLayerError
 from certnet.methods.gloro import GAP_SLACK, GloroNet, bottom_logit, pairwise_lipschitz
 from certnet.nn.activations import MinMax
-from certnet.nn.lipschitz import LipschitzLinear, record_input_shapes
+from certnet.nn.lipschitz import LipschitzLinear, trace_shapes
 
 SHAPE = (1, 16, 16)
 
@@ -37,7 +37,7 @@ def linear_net(weight: torch.Tensor, bias: torch.Tensor, input_shape: tuple[int,
         head.weight.copy_(weight)
         head.bias.copy_(bias)
     layers = nn.Sequential(nn.Flatten(), head)
-    record_input_shapes(layers, input_shape)
+    trace_shapes(layers, input_shape)
     return GloroNet(layers, input_shape, weight.shape[0]).eval()
 
 
@@ -112,7 +112,7 @@ def _tied_net() -> GloroNet:
         head.bias.zero_()
         head.bias[1] = head.bias[3] = 5.0
     layers = nn.Sequential(nn.Flatten(), hidden, MinMax(), head)
-    record_input_shapes(layers, (8,))
+    trace_shapes(layers, (8,))
     return GloroNet(layers, (8,), 5).eval()
 
 
@@ -463,14 +463,35 @@ def test_radius_is_margin_over_k_and_tight_for_a_linear_model(seed):
         assert not net.certify(x[n:n + 1], r * (1 + 1e-4)).certified.item()
 
 
-def test_frozen_weights_computes_the_sound_constant_once():
+def test_sound_constants_are_cached_until_any_weight_or_attribute_changes():
     net = small_net("ce")
-    with net.frozen_weights():
-        first = net.sound_lipschitz()
-        assert net.sound_lipschitz() is first
+    first = net.sound_lipschitz()
+    assert net.sound_lipschitz() is first  # unchanged weights: computed once
+    net.layers[0].weight.data.mul_(2.0)  # .data: no autograd version bump, still detected
+    second = net.sound_lipschitz()
+    assert second.max() > first.max()
+    net.layers[0].stride = (1, 1)  # an attribute the bound depends on
+    with pytest.raises(InputError):  # ... and the traced shape no longer fits the forward
+        net.certify(torch.rand(2, *SHAPE), 0.1)
+    net.layers[0].stride = (2, 2)
+    assert torch.equal(net.sound_lipschitz(), second)
+    net.layers[0].power_iterate.mul_(-1)  # estimate-only state does not invalidate the cache
+    assert net.sound_lipschitz() is net.sound_lipschitz()
+
+
+def test_weights_changed_between_certify_calls_are_never_certified_with_stale_bounds():
+    net = small_net("ce", seed=2)
+    x = torch.rand(64, *SHAPE)
+    eps = float(net.certify(x, 0.0).radius.double().median())
+    before = net.certify(x, eps)
     with torch.no_grad():
-        net.layers[0].weight.mul_(2.0)
-    assert net.sound_lipschitz().max() > first.max()  # outside the block: recomputed
+        net.layers[0].weight.mul_(50.0)  # a far larger Lipschitz constant
+    fresh = copy.deepcopy(net)
+    fresh._twin = None
+    after, expected = net.certify(x, eps), fresh.certify(x, eps)
+    assert torch.equal(after.certified, expected.certified)
+    assert torch.equal(after.radius, expected.radius)
+    assert after.certified.sum() < before.certified.sum()
 
 
 def test_from_sequential_round_trips_through_a_checkpoint(tmp_path):

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-import certnet.nn.lipschitz as lip
+import certnet.nn.spectral as spectral
 from certnet.archs import ARCHS, arch_specs, build_arch
 from certnet.errors import InputError, UnsupportedLayerError
 from certnet.nn.activations import MinMax
@@ -23,15 +23,13 @@ from certnet.nn.lipschitz import (
     LipschitzLinear,
     Normalize,
     ResidualConv2d,
-    conv_spectral_bound,
     convert_sequential,
-    dense_spectral_bound,
-    gram_spectral_bound,
     layer_bound,
     layer_estimate,
     product,
 )
 from certnet.nn.spec import build_layers, describe_layers
+from certnet.nn.spectral import conv_spectral_bound, dense_spectral_bound, gram_spectral_bound
 
 HYPOTHESIS = settings(max_examples=200, deadline=None, derandomize=True,
                       suppress_health_check=[HealthCheck.too_slow])
@@ -190,7 +188,7 @@ def test_dense_bounds_are_sound(rows, cols, kind, seed, dtype):
 def test_dense_bound_through_gram_path_is_sound(rows, cols, kind, seed):
     weight = make_matrix(kind, rows, cols, seed)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(lip, "EXACT_SVD_MAX_DIM", 0)
+        mp.setattr(spectral, "EXACT_SVD_MAX_DIM", 0)
         bound = float(dense_spectral_bound(weight))
     exact = exact_norm(weight)
     assert bound >= exact
@@ -200,9 +198,9 @@ def test_dense_bound_through_gram_path_is_sound(rows, cols, kind, seed):
 
 def test_gram_path_is_taken_above_the_threshold(monkeypatch):
     weight = make_matrix("flat", 20, 20, 0)
-    monkeypatch.setattr(lip, "EXACT_SVD_MAX_DIM", 0)
+    monkeypatch.setattr(spectral, "EXACT_SVD_MAX_DIM", 0)
     gram = float(dense_spectral_bound(weight))
-    monkeypatch.setattr(lip, "EXACT_SVD_MAX_DIM", 4096)
+    monkeypatch.setattr(spectral, "EXACT_SVD_MAX_DIM", 4096)
     svd = float(dense_spectral_bound(weight))
     # an orthogonal matrix: SVD gives 1, 8 Gram steps give ||I||_F**(1/2**8) = 20**(1/512)
     assert svd == pytest.approx(1.0, rel=1e-8)

@@ -23,7 +23,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from certnet import __version__
-from certnet.errors import CheckpointError
+from certnet.errors import CertnetError, CheckpointError
 from certnet.methods import get_method
 from certnet.methods.base import CertifiedModel
 from certnet.nn.spec import build_layers, describe_layers
@@ -153,9 +153,12 @@ def load(directory: str | Path, device: str | torch.device = "cpu") -> Certified
         model = get_method(config["method"])(layers, shape, config["num_classes"],
                                              **config.get("method_config", {}))
         model.load_state_dict(state, strict=True)
-    except (RuntimeError, TypeError, KeyError) as err:
+    except (CertnetError, RuntimeError, TypeError, KeyError) as err:
         raise CheckpointError(f"{directory}: weights do not fit the architecture in "
                               f"config.json: {str(err).splitlines()[0]}") from err
+    if config.get("norm", model.norm) != model.norm:
+        raise CheckpointError(f"{directory}: config.json says norm {config['norm']!r}, but a "
+                              f"{model.method} model is certified in {model.norm}")
     model.checkpoint_config = config
     return model.to(device).eval()
 

@@ -46,6 +46,7 @@ from torch.func import functional_call
 
 from certnet.errors import ConfigError, InputError, UnsupportedLayerError
 from certnet.nn.activations import MinMax
+from certnet.nn.lipschitz import LipschitzLinear
 
 Norm = Literal["l2", "linf"]
 Method = Literal["milp", "enumerate"]
@@ -90,16 +91,16 @@ def _network_ops(layers: nn.Module, shape: tuple[int, ...]) -> tuple[list[_Op], 
     operations on the flattened vector; returns them and the output shape."""
     ops: list[_Op] = []
     for layer in layers if isinstance(layers, nn.Sequential) else [layers]:
-        if isinstance(layer, nn.Sequential):
+        if type(layer) is nn.Sequential:
             sub, shape = _network_ops(layer, shape)
             ops += sub
-        elif isinstance(layer, nn.Identity):
+        elif type(layer) is nn.Identity:
             continue
-        elif isinstance(layer, nn.Flatten):
+        elif type(layer) is nn.Flatten:
             if layer.start_dim != 1 or layer.end_dim != -1:
                 raise UnsupportedLayerError("verify: only Flatten(start_dim=1, end_dim=-1)")
             shape = (int(np.prod(shape)),)
-        elif isinstance(layer, nn.Linear):
+        elif type(layer) in (nn.Linear, LipschitzLinear):
             if len(shape) != 1 or shape[0] != layer.in_features:
                 raise UnsupportedLayerError(
                     f"verify: Linear({layer.in_features}, ...) applied to shape {shape}; "
@@ -109,9 +110,9 @@ def _network_ops(layers: nn.Module, shape: tuple[int, ...]) -> tuple[list[_Op], 
                 layer.bias.detach().to(torch.float64).cpu().numpy()
             ops.append(("affine", w, b))
             shape = (layer.out_features,)
-        elif isinstance(layer, nn.ReLU):
+        elif type(layer) is nn.ReLU:
             ops.append(("relu",))
-        elif isinstance(layer, MinMax):
+        elif type(layer) is MinMax:
             # channels c and c + C/2 (dim 0 of one point) are i and i + N/2 once flattened.
             if shape[0] % 2:
                 raise UnsupportedLayerError(f"verify: MinMax on {shape[0]} (odd) channels")

@@ -7,8 +7,6 @@ checkpoint format and the CLI then serve it unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -25,7 +23,8 @@ class Certificate:
     """Per-point outcome of a certifier on one batch.
 
     ``certified[i]`` is True only if no x' with ||x' - x_i|| <= eps changes ``pred[i]``;
-    ``radius[i]`` is the largest radius this certifier proves (0 where none).
+    ``radius[i]`` is a radius this certifier proves (0 where none), rounded down:
+    ``certified[i]`` is ``radius[i] > eps`` for certifiers that compute radii.
     """
 
     pred: torch.Tensor
@@ -49,7 +48,11 @@ class CertifiedModel(nn.Module):
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, eps: float, **schedule: float
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Robust training loss and per-batch stats (e.g. ``clean``/``robust`` correctness)."""
+        """Robust training loss at radius ``eps`` and per-point stats, as ``(loss, stats)``:
+        ``loss`` is a scalar to minimise, ``stats`` maps ``"clean"`` and ``"robust"`` to bool
+        tensors of shape (B,) (correct on x; correct and certified by the training bound) that
+        the Trainer averages for its logs. ``schedule`` holds scheduled loss weights (e.g.
+        GloRo's ``trades_lambda``)."""
         raise NotImplementedError
 
     def certify(self, x: torch.Tensor, eps: float, certifier: str | None = None) -> Certificate:
@@ -62,12 +65,6 @@ class CertifiedModel(nn.Module):
         check_eps(eps)
         return getattr(self, self.certifiers[name])(x, eps)
 
-    @contextmanager
-    def frozen_weights(self) -> Iterator[None]:
-        """A block of certify calls during which the weights do not change, so a method may
-        compute its weight-dependent bounds once (GloRo: the sound Lipschitz constants)."""
-        yield
-
     def method_config(self) -> dict[str, Any]:
         """JSON-serialisable constructor arguments besides the layers (saved in config.json)."""
         return {}
@@ -78,7 +75,8 @@ class CertifiedModel(nn.Module):
 
 
 def check_eps(eps: float) -> None:
-    if not isinstance(eps, (int, float)) or not (eps >= 0) or eps == float("inf"):
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps >= 0) or \
+            eps == float("inf"):
         raise InputError(f"epsilon must be a finite number >= 0, got {eps!r}")
 
 

@@ -6,42 +6,74 @@ The network f = head o body gets an extra logit (Eq. 5 of the paper)
 
 so ``argmax [y, y_bot] == j`` proves that no x' with ||x' - x||_2 <= eps changes the prediction.
 Training uses power-iteration estimates of Lip(body); :meth:`certify_lipschitz` uses only the
-sound float64 bounds of :mod:`certnet.nn.lipschitz`, a float64 forward pass, strict comparison
-against a rounding slack, and treats ties as not certified.
+sound float64 bounds of :mod:`certnet.nn.spectral`, a float64 forward pass whose rounding is
+bounded (:mod:`certnet.nn.rounding`), and treats ties as not certified.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 from certnet.errors import ConfigError
 from certnet.methods.base import Certificate, CertifiedModel, register_method
+from certnet.nn.integrity import Float64Twin, check_plain
 from certnet.nn.lipschitz import (
     LipschitzLinear,
+    check_bounded,
     convert_sequential,
     layer_bound,
     layer_estimate,
     product,
+    trace_shapes,
 )
+from certnet.nn.rounding import float64_forward
+from certnet.nn.spectral import BOUND_SLACK
 
 LossName = Literal["ce", "trades", "emma"]
 LOSSES = ("ce", "trades", "emma")
-#: Relative slack on logit gaps at certification time: covers float rounding in the forward
-#: pass (float64 here, float32 in attacks) with a wide margin.
+#: Relative slack on logit gaps at certification time, on top of the rigorous bound on the
+#: float64 forward pass's rounding: covers the final subtractions, and float32 evaluation of
+#: ordinary networks, with a wide margin.
 GAP_SLACK = 1e-5
+#: Power iterations (from the stored iterates) behind the estimate in ``lipschitz_report``.
+REPORT_ITERATIONS = 20
 
 
 def pairwise_lipschitz(head_weight: torch.Tensor, body_lipschitz: torch.Tensor) -> torch.Tensor:
-    """K_ij = ||w_i - w_j||_2 * Lip(body): the Lipschitz constant of y_i - y_j (paper Eq. 4)."""
-    diff = head_weight.unsqueeze(0) - head_weight.unsqueeze(1)
-    return diff.norm(dim=-1) * body_lipschitz
+    """K_ij = ||w_i - w_j||_2 * Lip(body): the Lipschitz constant of y_i - y_j (paper Eq. 4).
+    The norms are taken of rows rescaled by the largest weight, so they do not underflow."""
+    scale = head_weight.detach().abs().max().clamp_min(torch.finfo(head_weight.dtype).tiny)
+    diff = (head_weight.unsqueeze(0) - head_weight.unsqueeze(1)) / scale
+    return diff.norm(dim=-1) * scale * body_lipschitz
+
+
+@dataclass
+class SoundConstants:
+    """Sound float64 Lipschitz bounds of a GloRo net: per layer, of the body, pairwise K."""
+
+    layers: list[torch.Tensor]
+    body: torch.Tensor
+    pairwise: torch.Tensor
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, layers: nn.Sequential) -> SoundConstants:
+        bounds = [layer_bound(m) for m in layers]
+        body = product(bounds[:-1])
+        pairwise = pairwise_lipschitz(layers[-1].weight.double(), body) * (1 + BOUND_SLACK)
+        return cls(bounds, body, pairwise)
+
+
+def _round_down_float32(value: torch.Tensor) -> torch.Tensor:
+    """float64 -> float32 rounding toward zero (values >= 0), so a radius never grows."""
+    down = value.float()
+    return torch.where(down.double() > value, torch.nextafter(down, torch.zeros_like(down)),
+                       down)
 
 
 def shifted_logits(logits: torch.Tensor, lipschitz: torch.Tensor, eps: torch.Tensor | float,
@@ -70,14 +102,17 @@ class GloroNet(CertifiedModel):
     def __init__(self, layers: nn.Sequential, input_shape: tuple[int, ...], num_classes: int,
                  power_iterations: int = 10, loss: LossName = "ce") -> None:
         super().__init__(input_shape, num_classes)
-        if not isinstance(layers[-1], LipschitzLinear) or layers[-1].out_features != num_classes:
+        if type(layers[-1]) is not LipschitzLinear or layers[-1].out_features != num_classes:
             raise ConfigError(f"a GloRo net must end in a linear layer with {num_classes} outputs")
         if loss not in LOSSES:
             raise ConfigError(f"unknown GloRo loss {loss!r}; choose from {LOSSES}")
         for layer in layers[:-1]:
-            layer_bound(layer)  # raises UnsupportedLayerError for layers without a bound
+            check_bounded(layer)
+        if trace_shapes(layers, input_shape) != (num_classes,):
+            raise ConfigError(f"a GloRo net must map inputs {tuple(input_shape)} to "
+                              f"{num_classes} logits (flatten before the linear layers)")
         self.layers = layers
-        self._frozen_lipschitz: torch.Tensor | None = None
+        self._twin: Float64Twin | None = None
         self.power_iterations = power_iterations
         self.loss_name = loss
 
@@ -107,9 +142,9 @@ class GloroNet(CertifiedModel):
     def body_estimate(self, iterations: int) -> torch.Tensor:
         return product([layer_estimate(m, iterations) for m in self.body])
 
-    @torch.no_grad()
     def body_bound(self) -> torch.Tensor:
-        return product([layer_bound(m) for m in self.body])
+        """Sound float64 bound of Lip(body)."""
+        return self.sound_constants().body
 
     @torch.no_grad()
     def converge(self) -> None:
@@ -122,23 +157,17 @@ class GloroNet(CertifiedModel):
         """Pairwise K from power iteration (``power_iterations`` steps, persistent iterates)."""
         return pairwise_lipschitz(self.head.weight, self.body_estimate(self.power_iterations))
 
-    @torch.no_grad()
-    def sound_lipschitz(self) -> torch.Tensor:
-        """Pairwise K in float64 from guaranteed upper bounds only (computed once per
-        :meth:`frozen_weights` block, else on every call)."""
-        if self._frozen_lipschitz is not None:
-            return self._frozen_lipschitz
-        return pairwise_lipschitz(self.head.weight.double(), self.body_bound())
+    def sound_constants(self) -> SoundConstants:
+        """Sound float64 bounds, computed on a float64 copy of the layers and recomputed
+        whenever any weight or attribute has changed since (checked on every call)."""
+        check_plain(self)
+        if self._twin is None or not self._twin.matches(self.layers):
+            self._twin = Float64Twin(self.layers, SoundConstants.of)
+        return self._twin.derived
 
-    @contextmanager
-    def frozen_weights(self) -> Iterator[None]:
-        """Compute the sound K once for a block of certify calls on unchanged weights."""
-        self._frozen_lipschitz = None
-        self._frozen_lipschitz = self.sound_lipschitz()
-        try:
-            yield
-        finally:
-            self._frozen_lipschitz = None
+    def sound_lipschitz(self) -> torch.Tensor:
+        """Pairwise K in float64 from guaranteed upper bounds only."""
+        return self.sound_constants().pairwise
 
     # -- training ------------------------------------------------------------------------------
     def loss(self, x: torch.Tensor, y: torch.Tensor, eps: float, trades_lambda: float = 1.0
@@ -175,35 +204,38 @@ class GloroNet(CertifiedModel):
     # -- certification -------------------------------------------------------------------------
     @torch.no_grad()
     def certify_lipschitz(self, x: torch.Tensor, eps: float) -> Certificate:
-        """Sound certificate: float64 forward, float64 sound K, gaps must beat eps*K + slack."""
-        params = {k: v.double() if v.is_floating_point() else v
-                  for k, v in [*self.named_parameters(), *self.named_buffers()]}
-        logits = functional_call(self, params, (x.double(),))
-        lipschitz = self.sound_lipschitz()
+        """Sound certificate of the exact-arithmetic network: a float64 forward pass whose
+        rounding is bounded rigorously (:mod:`certnet.nn.rounding`), sound float64 K, and
+        radius = min_i (lower bound on the gap y_j - y_i) / K_ji, rounded down. A pair whose
+        K or gap is zero, NaN or infinite proves nothing (radius 0)."""
+        sound = self.sound_constants()
+        logits, error = float64_forward(self._twin.layers, x, sound.layers)
         pred = logits.argmax(1)
         top = logits.gather(1, pred.unsqueeze(1))
-        gap = top - logits - GAP_SLACK * (1 + top.abs() + logits.abs())
-        k = lipschitz[pred]
+        # |error of y_j - y_i| <= |d_j| + |d_i| <= 2 ||d||_2 <= 2 E
+        gap = top - logits - GAP_SLACK * (1 + top.abs() + logits.abs()) - 2 * error[:, None]
+        k = sound.pairwise[pred]
         others = torch.ones_like(gap, dtype=torch.bool).scatter(1, pred.unsqueeze(1), False)
-        pair_radius = torch.where(
-            k > 0, gap / k.clamp_min(1e-300), torch.where(gap > 0, float("inf"), 0.0))
-        pair_radius = torch.where(others, pair_radius.clamp_min(0), float("inf"))
-        radius = pair_radius.min(1).values
-        certified = ((gap - eps * k > 0) | ~others).all(1)
-        return Certificate(pred=pred, certified=certified, radius=radius.float())
+        valid = torch.isfinite(gap) & torch.isfinite(k) & (k > 0)
+        pair_radius = torch.where(valid, gap / torch.where(valid, k, 1.0), 0.0).clamp_min(0)
+        radius = torch.where(others, pair_radius, float("inf")).min(1).values
+        radius = torch.nextafter(radius, torch.zeros_like(radius))  # the division rounds
+        return Certificate(pred=pred, certified=radius > eps,
+                           radius=_round_down_float32(radius))
 
     def lipschitz_report(self) -> dict[str, float]:
-        self.converge()
+        """Power-iteration estimate (``REPORT_ITERATIONS`` steps from the stored iterates)
+        against the sound bound of Lip(body) and of the largest pairwise K."""
         with torch.no_grad():
-            estimate = float(self.body_estimate(0))
-            bound = float(self.body_bound())
-            k_est = pairwise_lipschitz(self.head.weight.double(), torch.tensor(estimate,
-                                       dtype=torch.float64))
-            k_bound = self.sound_lipschitz()
+            estimate = float(self.body_estimate(REPORT_ITERATIONS))
+        sound = self.sound_constants()
+        bound = float(sound.body)
+        k_est = pairwise_lipschitz(self.head.weight.detach().double(),
+                                   torch.tensor(estimate, dtype=torch.float64))
         return {
             "body_estimate": estimate,
             "body_bound": bound,
             "bound_over_estimate": bound / estimate if estimate > 0 else float("inf"),
             "max_pairwise_estimate": float(k_est.max()),
-            "max_pairwise_bound": float(k_bound.max()),
+            "max_pairwise_bound": float(sound.pairwise.max()),
         }

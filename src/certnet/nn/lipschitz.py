@@ -3,10 +3,12 @@
 * ``lipschitz_estimate(iterations)``: power iteration with a persistent iterate (Miyato et al.
   2018; GloRo, Leino et al. 2021 §4). Differentiable in the weights, cheap, and a *lower* bound
   of the true spectral norm: fine for training, never for certificates.
-* ``lipschitz_bound()``: a guaranteed *upper* bound in float64, used by every certificate
-  (shared/DESIGN.md §2). Dense layers: exact SVD (Gram iteration, Delattre et al. 2023, for
-  huge matrices). Convolutions: the circular-FFT bound (Sedghi et al. 2019) on the polyphase
-  (space-to-depth) form of the layer, which covers any stride and zero padding.
+* ``lipschitz_bound()``: a guaranteed *upper* bound in float64 (:mod:`certnet.nn.spectral`),
+  used by every certificate (shared/DESIGN.md §2).
+
+Only layers of exactly these types are trusted (a subclass may change ``forward``); a
+convolution's bound is computed for the input shape traced through the architecture, and
+every layer refuses inputs of another shape, so a bound always holds for what the layer sees.
 """
 
 from __future__ import annotations
@@ -17,74 +19,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from certnet.errors import InputError, UnsupportedLayerError
+from certnet.errors import ConfigError, InputError, UnsupportedLayerError
 from certnet.nn.activations import MinMax
+from certnet.nn.spectral import (
+    FLOAT64_UNIT_ROUNDOFF,
+    conv_spectral_bound,
+    dense_spectral_bound,
+    magnitude_bound,
+)
 
-#: Relative slack added to every float64 bound to cover the rounding of the SVD / FFT itself.
-BOUND_SLACK = 1e-9
-#: Dense matrices with min(shape) above this use the Gram-iteration bound instead of an SVD.
-EXACT_SVD_MAX_DIM = 4096
-
+#: Exact types that are 1-Lipschitz in every l_p norm and computed without rounding.
 ONE_LIPSCHITZ = (nn.ReLU, MinMax, nn.Flatten, nn.Identity)
+#: Buffers that only feed the power-iteration estimate, never a forward pass or a bound.
+ESTIMATE_ONLY_BUFFERS = frozenset({"power_iterate"})
 
 
 def _normalize(v: torch.Tensor) -> torch.Tensor:
     return v / v.norm().clamp_min(torch.finfo(v.dtype).tiny)
-
-
-def gram_spectral_bound(matrix: torch.Tensor, iterations: int = 8) -> torch.Tensor:
-    """Upper bound on sigma_max(matrix) by Gram iteration (Delattre et al. 2023, Thm. 1).
-
-    sigma_1(W) <= prod_t r_t^(2^-t) with r_0 = ||W||_F, H_{t+1} = H_t^T H_t / r_{t+1}, because
-    sigma_1(H_t^T H_t) = sigma_1(H_t)^2 and sigma_1(H_T) <= ||H_T||_F = 1.
-    """
-    h = matrix.detach().to(torch.float64)
-    if h.shape[0] < h.shape[1]:
-        h = h.T
-    log_bound = torch.zeros((), dtype=torch.float64, device=h.device)
-    for t in range(iterations + 1):
-        r = torch.linalg.matrix_norm(h, "fro")
-        if r == 0:
-            return torch.zeros((), dtype=torch.float64, device=h.device)
-        log_bound = log_bound + r.log() / 2**t
-        h = h / r
-        if t < iterations:
-            h = h.T @ h
-    return log_bound.exp() * (1 + BOUND_SLACK)
-
-
-def dense_spectral_bound(matrix: torch.Tensor) -> torch.Tensor:
-    """Sound upper bound on the spectral norm of a dense matrix, in float64."""
-    w = matrix.detach().to(torch.float64)
-    if min(w.shape) > EXACT_SVD_MAX_DIM:
-        return gram_spectral_bound(w)
-    return torch.linalg.matrix_norm(w, ord=2) * (1 + BOUND_SLACK)
-
-
-def conv_spectral_bound(
-    weight: torch.Tensor, stride: int, padding: int, input_hw: tuple[int, int]
-) -> torch.Tensor:
-    """Sound upper bound on the l2 operator norm of ``F.conv2d(x, weight, stride, padding)`` on
-    inputs of spatial size ``input_hw`` (zero padding).
-
-    The zero-padded input is an isometric embedding of x; splitting it into its s*s polyphase
-    components turns the stride-s correlation into a stride-1 correlation with c_in*s^2 channels
-    and ceil(k/s) taps; every valid output of that is an output of the circular correlation on
-    the polyphase grid, whose norm is max_f sigma_max(FFT(kernel)[f]) (Sedghi et al. 2019).
-    """
-    w = weight.detach().to(torch.float64)
-    c_out, c_in, kh, kw = w.shape
-    s = stride
-    kh2, kw2 = -(-kh // s), -(-kw // s)
-    w = F.pad(w, (0, kw2 * s - kw, 0, kh2 * s - kh))
-    # w[o, c, p*s + a, q*s + b] -> w_poly[o, (c, a, b), p, q]
-    w = w.reshape(c_out, c_in, kh2, s, kw2, s).permute(0, 1, 3, 5, 2, 4)
-    w = w.reshape(c_out, c_in * s * s, kh2, kw2)
-    n_h = -(-(input_hw[0] + 2 * padding) // s) + kh2
-    n_w = -(-(input_hw[1] + 2 * padding) // s) + kw2
-    spectrum = torch.fft.fft2(w, s=(n_h, n_w))  # (c_out, c_in s^2, n_h, n_w)
-    spectrum = spectrum.permute(2, 3, 0, 1).reshape(n_h * n_w, c_out, c_in * s * s)
-    return torch.linalg.matrix_norm(spectrum, ord=2).max() * (1 + BOUND_SLACK)
 
 
 class LipschitzModule(nn.Module):
@@ -131,7 +82,9 @@ class LipschitzLinear(nn.Linear, LipschitzModule):
 
 class LipschitzConv2d(nn.Conv2d, LipschitzModule):
     """nn.Conv2d (zero padding, any stride, no dilation/groups) whose Lipschitz constant is
-    computed on its true input shape, recorded by :meth:`set_input_shape`."""
+    computed on its true input shape ``input_shape`` (C, H, W). The shape is traced through
+    the architecture (:func:`trace_shapes`), never read from a checkpoint, and the layer
+    refuses inputs of any other shape."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
                  padding: int = 0, bias: bool = True, **kwargs) -> None:
@@ -144,30 +97,44 @@ class LipschitzConv2d(nn.Conv2d, LipschitzModule):
                 len(set(self.padding)) != 1:
             raise UnsupportedLayerError(
                 "LipschitzConv2d needs an integer padding and a square stride")
-        self.register_buffer("input_shape", torch.zeros(3, dtype=torch.long))
+        self.input_shape: tuple[int, int, int] | None = None
         self.register_buffer("power_iterate", torch.zeros(0))
 
     def set_input_shape(self, shape: tuple[int, int, int]) -> None:
         """Record the (C, H, W) input shape and allocate the power-iteration iterate."""
-        if shape[0] != self.in_channels:
-            raise InputError(f"conv expects {self.in_channels} input channels, got {shape[0]}")
-        self.input_shape = torch.tensor(shape, dtype=torch.long, device=self.weight.device)
+        shape = tuple(int(d) for d in shape)
+        if len(shape) != 3 or shape[0] != self.in_channels:
+            raise InputError(f"conv expects input (C={self.in_channels}, H, W), got {shape}")
+        if shape == self.input_shape:
+            return
+        self.input_shape = shape
         self.power_iterate = _normalize(
             torch.randn(1, *shape, dtype=self.weight.dtype, device=self.weight.device))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # certnet 0.1.0 stored the input shape as a buffer: accept it only if it agrees with
+        # the traced shape (a checkpoint must not choose the map size its bound is computed on).
+        stored = state_dict.pop(prefix + "input_shape", None)
+        if stored is not None and tuple(int(d) for d in stored) != self.input_shape:
+            raise InputError(f"{prefix}input_shape {tuple(stored.tolist())} in the weights "
+                             f"disagrees with the architecture's {self.input_shape}")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def effective_weight(self) -> torch.Tensor:
         return self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_shape is not None and tuple(x.shape[1:]) != self.input_shape:
+            raise InputError(f"conv layer traced for inputs {self.input_shape}, got "
+                             f"{tuple(x.shape[1:])}")
         return F.conv2d(x, self.effective_weight(), self.bias, self.stride, self.padding)
 
     def _check_shape(self) -> tuple[int, int, int]:
-        shape = tuple(int(d) for d in self.input_shape)
-        if shape[0] == 0:
+        if self.input_shape is None:
             raise UnsupportedLayerError(
                 "conv layer has no recorded input shape; build it through certnet.archs or "
                 "convert_sequential(model, input_shape)")
-        return shape
+        return self.input_shape
 
     def lipschitz_estimate(self, iterations: int = 1) -> torch.Tensor:
         self._check_shape()
@@ -183,8 +150,7 @@ class LipschitzConv2d(nn.Conv2d, LipschitzModule):
 
     def lipschitz_bound(self) -> torch.Tensor:
         shape = self._check_shape()
-        return conv_spectral_bound(
-            self.effective_weight(), self.stride[0], self.padding[0], shape[1:])
+        return conv_spectral_bound(self.weight, self.stride[0], self.padding[0], shape[1:])
 
 
 class ResidualConv2d(LipschitzConv2d):
@@ -206,67 +172,129 @@ class ResidualConv2d(LipschitzConv2d):
     def effective_weight(self) -> torch.Tensor:
         return self.alpha * self.weight + self.identity_kernel
 
+    def kernel_majorant(self) -> torch.Tensor:
+        """|alpha| |W| + I in float64: dominates the exact kernel and its float64 rounding."""
+        return abs(self.alpha) * self.weight.detach().double().abs() + \
+            self.identity_kernel.double()
+
+    def lipschitz_bound(self) -> torch.Tensor:
+        """Bound of the exact kernel alpha * W + I: the FFT bound of its float64 rounding plus
+        the norm of the rounding error, at most 2u (|alpha| |W| + I) per entry."""
+        shape = self._check_shape()
+        kernel = self.alpha * self.weight.detach().double() + self.identity_kernel.double()
+        rounding = 2.0001 * FLOAT64_UNIT_ROUNDOFF * magnitude_bound(self.kernel_majorant())
+        return conv_spectral_bound(kernel, 1, self.padding[0], shape[1:]) + rounding
+
 
 class Normalize(nn.Module):
     """Per-channel (x - mean) / std inside the model, so epsilon stays in pixel space.
-    Its l2 Lipschitz constant, max_c 1/|std_c|, enters the network bound."""
+    Its l2 Lipschitz constant, max_c 1/|std_c|, enters the network bound; mean and std have
+    one entry per input channel (or a single shared entry), checked on every input."""
 
     def __init__(self, mean: list[float], std: list[float]) -> None:
         super().__init__()
-        if min(abs(s) for s in std) == 0:
-            raise InputError("Normalize: std must be non-zero")
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+        mean_t, std_t = torch.tensor(mean).flatten(), torch.tensor(std).flatten()
+        if mean_t.numel() != std_t.numel() or mean_t.numel() == 0:
+            raise InputError(f"Normalize: mean and std need the same non-zero length, got "
+                             f"{mean_t.numel()} and {std_t.numel()}")
+        if not (torch.isfinite(mean_t).all() and torch.isfinite(std_t).all()) or \
+                (std_t == 0).any():
+            raise InputError("Normalize: mean and std must be finite and std non-zero")
+        self.register_buffer("mean", mean_t.view(1, -1, 1, 1))
+        self.register_buffer("std", std_t.view(1, -1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        channels = self.std.shape[1]
+        if x.dim() != 4 or channels not in (1, x.shape[1]):
+            raise InputError(f"Normalize with {channels} channels applied to input of shape "
+                             f"{tuple(x.shape)} (it needs (B, {channels}, H, W))")
         return (x - self.mean) / self.std
 
     def lipschitz_estimate(self, iterations: int = 1) -> torch.Tensor:
         return 1 / self.std.abs().min()
 
     def lipschitz_bound(self) -> torch.Tensor:
-        return (1 / self.std.detach().to(torch.float64).abs().min()) * (1 + BOUND_SLACK)
+        bound = 1 / self.std.detach().to(torch.float64).abs().min()
+        return bound * (1 + 4 * FLOAT64_UNIT_ROUNDOFF)
+
+
+#: Exact types whose ``lipschitz_bound()`` is trusted (a subclass may change ``forward``).
+LIPSCHITZ_LAYERS: set[type[nn.Module]] = {LipschitzLinear, LipschitzConv2d, ResidualConv2d,
+                                          Normalize}
+
+
+def register_lipschitz_layer(cls: type[nn.Module]) -> type[nn.Module]:
+    """Trust ``cls`` (exactly this type) to give a sound ``lipschitz_bound()`` and a
+    ``lipschitz_estimate(iterations)``; usable as a class decorator."""
+    LIPSCHITZ_LAYERS.add(cls)
+    return cls
+
+
+def check_bounded(module: nn.Module) -> None:
+    """Raise :class:`UnsupportedLayerError` unless the layer's exact type has a known bound."""
+    if type(module) not in LIPSCHITZ_LAYERS and type(module) not in ONE_LIPSCHITZ:
+        raise UnsupportedLayerError(
+            f"no known Lipschitz bound for layer {type(module).__name__}")
 
 
 def layer_estimate(module: nn.Module, iterations: int) -> torch.Tensor | float:
     """Power-iteration estimate of one layer's l2 Lipschitz constant (1.0 for 1-Lipschitz ops)."""
-    if isinstance(module, (LipschitzModule, Normalize)):
-        return module.lipschitz_estimate(iterations)
-    if type(module) in ONE_LIPSCHITZ:  # exact type: a subclass may change forward
-        return 1.0
-    raise UnsupportedLayerError(f"no known Lipschitz bound for layer {type(module).__name__}")
+    check_bounded(module)
+    return module.lipschitz_estimate(iterations) if type(module) in LIPSCHITZ_LAYERS else 1.0
 
 
 def layer_bound(module: nn.Module) -> torch.Tensor:
     """Sound float64 upper bound on one layer's l2 Lipschitz constant."""
-    if isinstance(module, (LipschitzModule, Normalize)):
+    check_bounded(module)
+    if type(module) in LIPSCHITZ_LAYERS:
         return module.lipschitz_bound()
-    if type(module) in ONE_LIPSCHITZ:  # exact type: a subclass may change forward
-        return torch.ones((), dtype=torch.float64)
-    raise UnsupportedLayerError(f"no known Lipschitz bound for layer {type(module).__name__}")
+    return torch.ones((), dtype=torch.float64)
 
 
-def record_input_shapes(model: nn.Sequential, input_shape: tuple[int, ...]) -> None:
-    """Trace a dummy input through ``model`` so every conv knows its true input shape."""
+def trace_shapes(model: nn.Sequential, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Run a dummy input through ``model``: every conv records its true input shape and every
+    layer must accept what the previous one produces (else :class:`ConfigError`). Returns
+    the shape of one output."""
     param = next(model.parameters(), None)
     x = torch.zeros(1, *input_shape) if param is None else \
         torch.zeros(1, *input_shape, dtype=param.dtype, device=param.device)
     with torch.no_grad():
-        for layer in model:
-            if isinstance(layer, LipschitzConv2d):
-                layer.set_input_shape(tuple(x.shape[1:]))
-            x = layer(x)
+        for i, layer in enumerate(model):
+            try:
+                if isinstance(layer, LipschitzConv2d):
+                    layer.set_input_shape(tuple(x.shape[1:]))
+                x = layer(x)
+            except (InputError, RuntimeError) as err:
+                raise ConfigError(f"layer {i} ({type(layer).__name__}) cannot take inputs of "
+                                  f"shape {tuple(x.shape[1:])}: {err}") from err
+    return tuple(x.shape[1:])
+
+
+def _same_function(original: nn.Module, converted: nn.Module,
+                   input_shape: tuple[int, ...]) -> bool:
+    """Do both networks give the same outputs on a few random inputs in [0, 1]?"""
+    param = next(converted.parameters(), None)
+    dtype = param.dtype if param is not None else torch.float32
+    device = param.device if param is not None else torch.device("cpu")
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(4, *input_shape, generator=generator, dtype=dtype).to(device)
+    with torch.no_grad():
+        a, b = original(x), converted(x)
+    scale = a.abs().max().clamp_min(1e-30)
+    return a.shape == b.shape and bool(((a - b).abs() <= 1e-6 * scale).all())
 
 
 def convert_sequential(model: nn.Sequential, input_shape: tuple[int, ...]) -> nn.Sequential:
     """Turn a plain ``nn.Sequential`` of Linear / Conv2d / ReLU / MinMax / Flatten layers into
-    one whose layers know their Lipschitz constants (weights are copied). Unsupported layers
-    raise :class:`UnsupportedLayerError`."""
+    one whose layers know their Lipschitz constants (weights are copied). Unsupported layers,
+    hooks (e.g. the hook-based ``weight_norm`` / ``spectral_norm``) and parametrizations raise
+    :class:`UnsupportedLayerError`; the result must compute the same outputs as ``model``."""
+    from certnet.nn.integrity import check_plain
+
+    check_plain(model)
     layers: list[nn.Module] = []
     for layer in model:
-        if isinstance(layer, (LipschitzModule, Normalize)) or type(layer) in ONE_LIPSCHITZ:
-            new = layer
-        elif type(layer) is nn.Linear:
+        if type(layer) is nn.Linear:
             new = LipschitzLinear(layer.in_features, layer.out_features, layer.bias is not None,
                                   dtype=layer.weight.dtype, device=layer.weight.device)
         elif type(layer) is nn.Conv2d:
@@ -280,13 +308,25 @@ def convert_sequential(model: nn.Sequential, input_shape: tuple[int, ...]) -> nn
                 dilation=layer.dilation, groups=layer.groups, padding_mode=layer.padding_mode,
                 dtype=layer.weight.dtype, device=layer.weight.device)
         else:
+            if hasattr(layer, "parametrizations"):
+                raise UnsupportedLayerError(
+                    f"{type(layer).__name__} is parametrized: remove its parametrizations "
+                    "(torch.nn.utils.parametrize.remove_parametrizations) first")
+            check_bounded(layer)
+            layers.append(layer)
+            continue
+        params = dict(layer.named_parameters())
+        if set(params) != {"weight", "bias"} - ({"bias"} if layer.bias is None else set()):
             raise UnsupportedLayerError(
-                f"no known Lipschitz bound for layer {type(layer).__name__}")
-        if new is not layer:
-            new.load_state_dict(layer.state_dict(), strict=False)
+                f"{type(layer).__name__} has parameters {sorted(params)}; expected weight "
+                "(and bias)")
+        new.load_state_dict({k: v.detach() for k, v in params.items()}, strict=False)
         layers.append(new)
     converted = nn.Sequential(*layers)
-    record_input_shapes(converted, input_shape)
+    trace_shapes(converted, input_shape)
+    if not _same_function(model, converted, input_shape):
+        raise UnsupportedLayerError("convert_sequential: the converted network computes a "
+                                    "different function than the given one")
     return converted
 
 

@@ -19,7 +19,7 @@ from certnet.nn.lipschitz import (
     LipschitzLinear,
     Normalize,
     ResidualConv2d,
-    record_input_shapes,
+    trace_shapes,
 )
 
 LayerSpec = dict[str, Any]
@@ -66,7 +66,7 @@ def build_layers(specs: list[LayerSpec], input_shape: tuple[int, ...]) -> nn.Seq
     if not isinstance(specs, list) or not specs:
         raise ConfigError("a layer spec must be a non-empty list")
     layers = nn.Sequential(*[_make(s) for s in specs])
-    record_input_shapes(layers, input_shape)
+    trace_shapes(layers, input_shape)
     return layers
 
 
