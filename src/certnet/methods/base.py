@@ -1,4 +1,4 @@
-"""The contract every certification method honours (shared/DESIGN.md §1).
+"""The contract every certification method honours (docs/architecture.md §2).
 
 A method is one file under ``certnet/methods/`` that subclasses :class:`CertifiedModel` and
 registers itself with :func:`register_method`; the Trainer, the certification engine, the

@@ -4,7 +4,7 @@
   2018; GloRo, Leino et al. 2021 §4). Differentiable in the weights, cheap, and a *lower* bound
   of the true spectral norm: fine for training, never for certificates.
 * ``lipschitz_bound()``: a guaranteed *upper* bound in float64 (:mod:`certnet.nn.spectral`),
-  used by every certificate (shared/DESIGN.md §2).
+  used by every certificate (docs/architecture.md §3).
 
 Only layers of exactly these types are trusted (a subclass may change ``forward``); a
 convolution's bound is computed for the input shape traced through the architecture, and

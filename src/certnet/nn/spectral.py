@@ -1,4 +1,4 @@
-"""Guaranteed upper bounds on operator norms, in float64 (shared/DESIGN.md §2).
+"""Guaranteed upper bounds on operator norms, in float64 (docs/architecture.md §3).
 
 * :func:`dense_spectral_bound`: exact SVD (Gram iteration, Delattre et al. 2023, for huge
   matrices).
