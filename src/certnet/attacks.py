@@ -250,24 +250,23 @@ def attack_report(model: CertifiedModel, x: torch.Tensor, y: torch.Tensor, eps: 
     preds, certs, radii, clean_preds, adv_preds, dists = [], [], [], [], [], []
     certify_s = attack_s = 0.0
     try:
-        with model.frozen_weights():
-            for i in tqdm(range(0, len(x), batch_size), desc=f"PGD {model.norm} eps={eps:g}",
-                          unit="batch", disable=not progress):
-                xb = x[i:i + batch_size].to(device)
-                start = time.perf_counter()
-                cert = model.certify(xb, eps, name)
-                certify_s += time.perf_counter() - start
-                start = time.perf_counter()
-                attack = PGD(model, eps, model.norm, steps, restarts, seed=seed + i)
-                x_adv = attack(xb, cert.pred)
-                with torch.no_grad():
-                    clean_preds.append(model(xb).argmax(1).cpu())
-                    adv_preds.append(model(x_adv).argmax(1).cpu())
-                attack_s += time.perf_counter() - start
-                dists.append(perturbation_norm(x_adv - xb, model.norm).cpu())
-                preds.append(cert.pred.cpu())
-                certs.append(cert.certified.cpu())
-                radii.append(cert.radius.cpu())
+        for i in tqdm(range(0, len(x), batch_size), desc=f"PGD {model.norm} eps={eps:g}",
+                      unit="batch", disable=None if progress else True):
+            xb = x[i:i + batch_size].to(device)
+            start = time.perf_counter()
+            cert = model.certify(xb, eps, name)
+            certify_s += time.perf_counter() - start
+            start = time.perf_counter()
+            attack = PGD(model, eps, model.norm, steps, restarts, seed=seed + i)
+            x_adv = attack(xb, cert.pred)
+            with torch.no_grad():
+                clean_preds.append(model(xb).argmax(1).cpu())
+                adv_preds.append(model(x_adv).argmax(1).cpu())
+            attack_s += time.perf_counter() - start
+            dists.append(perturbation_norm(x_adv - xb, model.norm).cpu())
+            preds.append(cert.pred.cpu())
+            certs.append(cert.certified.cpu())
+            radii.append(cert.radius.cpu())
     finally:
         for m, mode in modes:
             m.training = mode

@@ -6,15 +6,17 @@ from __future__ import annotations
 import csv
 import io
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import torch
 
 from certnet.checkpoint import atomic_write
 from certnet.data import Dataset
-from certnet.methods.base import CertifiedModel
+from certnet.errors import InputError
+from certnet.methods.base import CertifiedModel, check_eps
 
 
 @dataclass
@@ -93,31 +95,84 @@ class Report:
         tmp.replace(path)
 
 
+@overload
 def evaluate(model: CertifiedModel, data: Dataset, eps: float, certifier: str | None = None,
-             batch_size: int = 2000) -> Report:
-    """Certify every point of ``data`` at radius ``eps`` (one certify call per batch)."""
+             batch_size: int = 2000) -> Report: ...
+
+
+@overload
+def evaluate(model: CertifiedModel, data: Dataset, eps: Sequence[float],
+             certifier: str | None = None, batch_size: int = 2000) -> list[Report]: ...
+
+
+def evaluate(model: CertifiedModel, data: Dataset, eps: float | Sequence[float],
+             certifier: str | None = None, batch_size: int = 2000) -> Report | list[Report]:
+    """Certify every point of ``data`` at radius ``eps`` (a :class:`Report`), or at each radius
+    of a sequence in one pass over the data (a list of Reports in the same order). Each batch is
+    certified once per radius; a report's ``seconds`` counts its own certify calls."""
+    single = isinstance(eps, (int, float))
+    radii = [eps] if single else list(eps)
+    if not radii:
+        raise InputError("no epsilon to certify at")
+    for e in radii:
+        check_eps(e)
     device = next(model.parameters()).device
     name = certifier or next(iter(model.certifiers))
     was_training = model.training
     model.eval()
-    preds, certs, radii = [], [], []
-    start = time.perf_counter()
-    with model.frozen_weights():
-        for i in range(0, len(data), batch_size):
-            cert = model.certify(data.x[i:i + batch_size].to(device), eps, name)
-            preds.append(cert.pred.cpu())
-            certs.append(cert.certified.cpu())
-            radii.append(cert.radius.cpu())
-    seconds = time.perf_counter() - start
+    outcomes = [{"pred": [], "certified": [], "radius": [], "seconds": 0.0} for _ in radii]
+    for i in range(0, len(data), batch_size):
+        x = data.x[i:i + batch_size].to(device)
+        for e, out in zip(radii, outcomes, strict=True):
+            start = time.perf_counter()
+            cert = model.certify(x, e, name)
+            out["pred"].append(cert.pred.cpu())
+            out["certified"].append(cert.certified.cpu())
+            out["radius"].append(cert.radius.cpu())
+            out["seconds"] += time.perf_counter() - start
     model.train(was_training)
-    pred, certified, radius = torch.cat(preds), torch.cat(certs), torch.cat(radii)
-    correct = pred == data.y
+    reports = [_report(model, name, e, data.y, out) for e, out in zip(radii, outcomes,
+                                                                       strict=True)]
+    return reports[0] if single else reports
+
+
+def _report(model: CertifiedModel, certifier: str, eps: float, labels: torch.Tensor,
+            outcome: dict[str, Any]) -> Report:
+    pred, certified = torch.cat(outcome["pred"]), torch.cat(outcome["certified"])
+    radius = torch.cat(outcome["radius"])
+    correct = pred == labels
     finite = radius.clamp_max(torch.finfo(radius.dtype).max)
     q = torch.quantile(finite.double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))
     return Report(
-        method=model.method, certifier=name, norm=model.norm, eps=float(eps), n=len(data),
-        clean_accuracy=float(correct.float().mean()),
+        method=model.method, certifier=certifier, norm=model.norm, eps=float(eps),
+        n=len(labels), clean_accuracy=float(correct.float().mean()),
         vra=float((correct & certified).float().mean()),
-        bottom_rate=float((~certified).float().mean()), seconds=seconds,
+        bottom_rate=float((~certified).float().mean()), seconds=outcome["seconds"],
         radius_quantiles={"p10": float(q[0]), "p50": float(q[1]), "p90": float(q[2])},
-        labels=data.y.clone(), pred=pred, certified=certified, radius=radius)
+        labels=labels.clone(), pred=pred, certified=certified, radius=radius)
+
+
+#: Fields that several radii share in :func:`reports_to_dict`.
+SHARED_FIELDS = ("method", "certifier", "norm", "n")
+
+
+def reports_to_dict(reports: Sequence[Report]) -> dict[str, Any]:
+    """The JSON payload of several radii: the shared fields once, total ``seconds``, and one
+    entry per radius under ``results``."""
+    first = reports[0].to_dict()
+    return {**{k: first[k] for k in SHARED_FIELDS},
+            "seconds": sum(r.seconds for r in reports),
+            "results": [{k: v for k, v in r.to_dict().items() if k not in SHARED_FIELDS}
+                        for r in reports]}
+
+
+def summary_table(reports: Sequence[Report]) -> str:
+    """One row per radius: eps, clean accuracy, VRA, abstain rate (percent)."""
+    first = reports[0]
+    seconds = sum(r.seconds for r in reports)
+    lines = [f"{first.method}/{first.certifier} {first.norm} n={first.n}, "
+             f"{len(reports)} radii in {seconds:.2f} s",
+             f"{'eps':>8}  {'clean %':>8}  {'VRA %':>8}  {'abstain %':>9}"]
+    lines += [f"{r.eps:>8g}  {100 * r.clean_accuracy:>8.2f}  {100 * r.vra:>8.2f}  "
+              f"{100 * r.bottom_rate:>9.2f}" for r in reports]
+    return "\n".join(lines)
