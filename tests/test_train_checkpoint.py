@@ -131,6 +131,32 @@ def test_config_errors(tmp_path):
         Ramp.parse({"shape": "zigzag"})
 
 
+@pytest.mark.parametrize("name, value, ok", [
+    ("epochs", 3, True), ("epochs", 3.0, False), ("epochs", True, False), ("epochs", "3", False),
+    ("eps", 1, True), ("eps", 0.5, True), ("eps", "0.3", False), ("eps", False, False),
+    ("eval_limit", None, True), ("eval_limit", 5, True), ("eval_limit", 2.5, False),
+    ("data_dir", None, True), ("data_dir", 3, False), ("method", None, False),
+    ("method_kwargs", {"loss": "ce"}, True), ("method_kwargs", ["ce"], False),
+    ("eps_schedule", {"start": 0.5}, True),
+])
+def test_config_field_types(name, value, ok):
+    if ok:
+        TrainConfig(**{name: value})
+    else:
+        with pytest.raises(ConfigError, match=f"^{name} must be "):
+            TrainConfig(**{name: value})
+
+
+def test_config_kwargs_are_checked_against_the_method_and_arch():
+    with pytest.raises(ConfigError, match=r"\['power_iteration'\]; accepted: \[.*"
+                                          r"'power_iterations'"):
+        TrainConfig(method_kwargs={"power_iteration": 10})
+    with pytest.raises(ConfigError, match="arch_kwargs"):
+        TrainConfig(arch_kwargs={"num_classes": 5})  # certnet passes that one itself
+    TrainConfig(method_kwargs={"power_iterations": 3, "loss": "trades"},
+                arch_kwargs={"activation": "relu"})
+
+
 def test_presets_parse():
     for preset in (Path(certnet.__file__).parent / "configs").glob("*.yaml"):
         TrainConfig.from_yaml(preset)

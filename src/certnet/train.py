@@ -9,12 +9,10 @@ import json
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from tqdm import tqdm
 
 from certnet.archs import build_arch
@@ -26,13 +24,11 @@ from certnet.checkpoint import (
     save_model,
     save_train_state,
 )
+from certnet.config import TrainConfig
 from certnet.data import Dataset, load_dataset
 from certnet.errors import ConfigError
 from certnet.methods import get_method
-from certnet.methods.base import CertifiedModel, check_eps
-from certnet.schedules import Ramp
-
-AUGMENTATIONS = ("none", "crop-flip")
+from certnet.methods.base import CertifiedModel
 
 
 def crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
@@ -50,80 +46,31 @@ def crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torc
     return torch.where(flip.view(n, 1, 1, 1), out.flip(3), out)
 
 
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run (YAML presets under ``certnet/configs``).
-
-    ``eps`` is the certification radius; training uses ``eps * eps_train_factor`` scaled by
-    ``eps_schedule``. ``lr_schedule`` multiplies ``lr``; ``loss_schedules`` gives extra
-    keyword arguments of the method's loss (e.g. ``trades_lambda``) as schedules.
-    """
-
-    method: str = "gloro"
-    arch: str = "2c2f"
-    arch_kwargs: dict[str, Any] = field(default_factory=dict)
-    method_kwargs: dict[str, Any] = field(default_factory=dict)
-    dataset: str = "mnist"
-    data_dir: str | None = None
-    eps: float = 0.3
-    eps_train_factor: float = 1.0
-    eps_schedule: Any = 1.0
-    epochs: int = 10
-    batch_size: int = 256
-    lr: float = 1e-3
-    lr_schedule: Any = 1.0
-    weight_decay: float = 0.0
-    loss_schedules: dict[str, Any] = field(default_factory=dict)
-    seed: int = 0
-    eval_every: int = 1
-    eval_limit: int | None = None
-    train_limit: int | None = None
-    augment: str = "none"
-    device: str = "auto"
-
-    def __post_init__(self) -> None:
-        check_eps(self.eps)
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ConfigError("epochs and batch_size must be positive")
-        if self.augment not in AUGMENTATIONS:
-            raise ConfigError(f"unknown augmentation {self.augment!r}; choose {AUGMENTATIONS}")
-        self.eps_schedule = Ramp.parse(self.eps_schedule)
-        self.lr_schedule = Ramp.parse(self.lr_schedule)
-        self.loss_schedules = {k: Ramp.parse(v) for k, v in self.loss_schedules.items()}
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - names
-        if unknown:
-            raise ConfigError(f"unknown config keys {sorted(unknown)}; known: {sorted(names)}")
-        return cls(**values)
-
-    @classmethod
-    def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainConfig:
-        try:
-            values = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError as err:
-            raise ConfigError(f"config file {path} not found") from err
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
-        if not isinstance(values, dict):
-            raise ConfigError(f"config file {path} must hold a mapping")
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.from_dict(values)
-
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["eps_schedule"] = self.eps_schedule.to_dict()
-        out["lr_schedule"] = self.lr_schedule.to_dict()
-        out["loss_schedules"] = {k: v.to_dict() for k, v in self.loss_schedules.items()}
-        return out
+DEVICES = "auto, cpu, cuda or cuda:N"
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA if available, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``; anything
+    else, or a CUDA device this machine lacks, is a ConfigError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ConfigError(f"unknown device {name!r}; use {DEVICES}") from err
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"unsupported device {name!r} (certnet's sound bounds need float64); "
+                          f"use {DEVICES}")
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0:
+            build = "a CPU-only build" if torch.version.cuda is None else "no GPU is visible"
+            raise ConfigError(f"device {name!r}: CUDA is not available (torch "
+                              f"{torch.__version__}, {build}); use --device cpu or auto")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"device {name!r}: this machine has {count} CUDA device(s), "
+                              f"cuda:0 to cuda:{count - 1}")
+    return device
 
 
 def build_model(config: TrainConfig, input_shape: tuple[int, ...],
@@ -134,7 +81,10 @@ def build_model(config: TrainConfig, input_shape: tuple[int, ...],
 
 
 class Trainer:
-    """Trains ``config`` into ``out_dir``; ``resume=True`` continues from the last epoch."""
+    """Trains ``config`` into ``out_dir``; ``resume=True`` continues from the last epoch.
+
+    ``progress`` prints one line per epoch (:func:`epoch_line`) and, on a terminal only, a
+    progress bar."""
 
     def __init__(self, config: TrainConfig, out_dir: str | Path, resume: bool = False,
                  progress: bool = True) -> None:
@@ -161,7 +111,7 @@ class Trainer:
         self.report: Report | None = None
         if resume:
             self._resume()
-        elif (self.out_dir / "state").exists():
+        elif has_resumable_state(self.out_dir):
             raise ConfigError(f"{self.out_dir} already holds a training run; pass --resume "
                               "to continue it or choose another --out")
 
@@ -230,8 +180,8 @@ class Trainer:
             self.model.train()
             start = time.perf_counter()
             totals = {"loss": 0.0, "clean": 0.0, "robust": 0.0, "n": 0}
-            bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                       disable=not self.progress, leave=False)
+            bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                       disable=None if self.progress else True)  # None: only on a terminal
             for step in bar:
                 progress = (epoch + step / steps) / cfg.epochs
                 eps = eps_train * cfg.eps_schedule(progress)
@@ -271,8 +221,7 @@ class Trainer:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             if self.progress:
-                tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                    for k, v in record.items()))
+                print(epoch_line(record, cfg.epochs), flush=True)
         return record
 
     def _checkpoint(self, epoch: int, record: dict[str, Any]) -> None:
@@ -283,6 +232,21 @@ class Trainer:
         groups = self.optimizer.state_dict()["param_groups"]
         save_train_state(self.out_dir, epoch, self._state_tensors(),
                          {"param_groups": groups, "metrics": record})
+
+
+def epoch_line(record: dict[str, Any], epochs: int) -> str:
+    """One readable log line for a ``metrics.jsonl`` record."""
+    line = (f"epoch {record['epoch']}/{epochs}  eps {record['eps_train']:.3f}  "
+            f"loss {record['train_loss']:.4f}  train acc {100 * record['train_clean']:.2f}%")
+    if "test_clean" in record:
+        line += (f"  test clean {100 * record['test_clean']:.2f}%  "
+                 f"VRA {100 * record['test_vra']:.2f}%")
+    return f"{line}  {record['train_seconds']:.1f} s"
+
+
+def has_resumable_state(out_dir: str | Path) -> bool:
+    """Whether ``out_dir`` holds a training state that ``resume`` can continue."""
+    return any((Path(out_dir) / "state").glob("epoch-*"))
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
