@@ -1,7 +1,7 @@
 """The bad-input catalogue: every case raises a typed certnet error in Python and, on the CLI,
 prints one line ``error: ...``, exits non-zero and writes no partial output.
 
-A new case is one line in ``PY_CASES`` or ``CHECKPOINT_CASES``."""
+A new case is one line in ``PY_CASES``, ``CHECKPOINT_CASES`` or ``CLI_CASES``."""
 
 import hashlib
 import json
@@ -18,6 +18,7 @@ from certnet.archs import build_arch
 from certnet.cli import main
 from certnet.errors import CheckpointError, ConfigError, DataError, InputError
 from certnet.methods.gloro import GloroNet
+from certnet.train import TrainConfig, resolve_device
 
 SHAPE = (1, 28, 28)
 
@@ -59,6 +60,13 @@ PY_CASES = {
     "missing data dir": (DataError, lambda m: certnet.data.load_dataset(
         "mnist", data_dir="/nonexistent/dir")),
     "missing checkpoint": (CheckpointError, lambda m: certnet.load("/nonexistent/ckpt")),
+    "unknown device": (ConfigError, lambda m: resolve_device("foo")),
+    "missing CUDA device": (ConfigError, lambda m: resolve_device("cuda:99")),
+    "misspelled method kwarg": (ConfigError, lambda m: TrainConfig(
+        method_kwargs={"power_iteration": 10})),
+    "misspelled arch kwarg": (ConfigError, lambda m: TrainConfig(arch_kwargs={"activations": 1})),
+    "boolean epochs": (ConfigError, lambda m: TrainConfig(epochs=True)),
+    "text eps": (ConfigError, lambda m: TrainConfig(eps="0.3")),
 }
 
 
@@ -182,3 +190,59 @@ def test_failing_write_keeps_previous_output_and_says_so(checkpoint, tmp_path, m
     assert "No space left on device" in err and "intact" in err
     assert out.read_text() == "previous"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+TRAIN = ["train", "--out", "{tmp}/out"]
+#: name -> (argv, text the one-line error must contain). "{tmp}" is a scratch directory,
+#: "{ckpt}" a checkpoint trained on mnist, "yaml:TEXT" a config file holding TEXT.
+CLI_CASES = {
+    "missing checkpoint": (["certify", "/nonexistent/run"], "not a checkpoint directory"),
+    "info of a missing checkpoint": (["info", "/nonexistent/run"], "not a checkpoint directory"),
+    "unknown preset": (["train", "--config", "no-such-preset", "--out", "x"], "unknown preset"),
+    "unknown arch": ([*TRAIN, "--arch", "nope"], "unknown architecture"),
+    "unknown method": ([*TRAIN, "--method", "nope"], "unknown method"),
+    "unknown dataset": ([*TRAIN, "--dataset", "nope"], "unknown dataset"),
+    "train on an unknown device": ([*TRAIN, "--device", "foo"], "unknown device 'foo'"),
+    "train on a missing GPU": ([*TRAIN, "--device", "cuda:99"], "'cuda:99'"),
+    "certify on an unknown device": (["certify", "{ckpt}", "--device", "foo"], "unknown device"),
+    "attack on a missing GPU": (["attack", "{ckpt}", "--device", "cuda:99"], "'cuda:99'"),
+    "misspelled method_kwargs key": ([*TRAIN, "--config", "yaml:method_kwargs: "
+                                      "{power_iteration: 10}"], "'power_iterations'"),
+    "misspelled arch_kwargs key": ([*TRAIN, "--config", "yaml:arch_kwargs: {activations: relu}"],
+                                   "['activations']; accepted: ['activation']"),
+    "unknown method in YAML": ([*TRAIN, "--config", "yaml:method: glorot"], "unknown method"),
+    "epochs as a word": ([*TRAIN, "--config", "yaml:epochs: one"], "epochs must be an integer"),
+    "quoted eps": ([*TRAIN, "--config", 'yaml:eps: "0.3"'], "eps must be a number"),
+    "fractional batch size": ([*TRAIN, "--config", "yaml:batch_size: 2.5"],
+                              "batch_size must be an integer"),
+    "boolean epochs": ([*TRAIN, "--config", "yaml:epochs: true"], "epochs must be an integer"),
+    "kwargs not a mapping": ([*TRAIN, "--config", "yaml:method_kwargs: [1]"], "a mapping"),
+    "certify another dataset": (["certify", "{ckpt}", "--dataset", "fashion-mnist"],
+                                "--allow-dataset-mismatch"),
+    "attack another dataset": (["attack", "{ckpt}", "--dataset", "fashion-mnist"],
+                               "trained on mnist, not fashion-mnist"),
+}
+
+
+def _argv(argv: list[str], tmp: Path, ckpt: Path) -> list[str]:
+    out = []
+    for arg in argv:
+        if arg.startswith("yaml:"):
+            path = tmp / f"config-{len(out)}.yaml"
+            path.write_text(arg[5:] + "\n")
+            arg = str(path)
+        out.append(arg.replace("{tmp}", str(tmp)).replace("{ckpt}", str(ckpt)))
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(CLI_CASES))
+def test_cli_case(name, checkpoint, tmp_path, capsys):
+    argv, message = CLI_CASES[name]
+    argv = _argv(argv, tmp_path, checkpoint)
+    before = sorted(tmp_path.rglob("*"))
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.startswith("error: ") and "\n" not in err and message in err, err
+    assert captured.out == ""
+    assert sorted(tmp_path.rglob("*")) == before, "partial output was written"

@@ -1,12 +1,18 @@
 """CLI smoke tests: every subcommand, and one-line errors with non-zero exits."""
 
+import argparse
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
-from certnet.cli import main
+import certnet
+from certnet.archs import build_arch
+from certnet.cli import PRESET_DIR, build_parser, main, preset_description
+from certnet.config import TrainConfig
+from certnet.methods.gloro import GloroNet
 
 TRAIN = ["train", "--method", "gloro", "--arch", "2c2f", "--dataset", "mnist", "--eps", "0.3",
          "--epochs", "1", "--train-limit", "512", "--eval-limit", "200", "--quiet"]
@@ -52,27 +58,72 @@ def test_info_reports_estimate_and_bound(trained, capsys):
     assert info["method"] == "gloro" and info["lipschitz"]["bound_over_estimate"] >= 1.0
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["certify", "/nonexistent/run"], "not a checkpoint directory"),
-    (["info", "/nonexistent/run"], "not a checkpoint directory"),
-    (["train", "--config", "no-such-preset", "--out", "x"], "unknown preset"),
-    (["train", "--arch", "nope", "--epochs", "1", "--out", "{tmp}/o"], "unknown architecture"),
-    (["train", "--method", "nope", "--epochs", "1", "--out", "{tmp}/o"], "unknown method"),
-    (["train", "--dataset", "nope", "--epochs", "1", "--out", "{tmp}/o"], "unknown dataset"),
-])
-def test_errors_are_one_line(argv, message, tmp_path, capsys):
-    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and message in err and "\n" not in err
-    assert not (tmp_path / "o").exists()
+def test_certify_several_radii_in_one_pass(trained, tmp_path, capsys):
+    assert main(["certify", str(trained), "--limit", "300", "--eps", "0.1,0.3",
+                 "--json", str(tmp_path / "several.json")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["eps", "clean", "%", "VRA", "%", "abstain", "%"]
+    assert [line.split()[0] for line in lines[2:4]] == ["0.1", "0.3"]
+    several = json.loads((tmp_path / "several.json").read_text())
+    assert several["n"] == 300 and several["method"] == "gloro" and "lipschitz" in several
+    assert [r["eps"] for r in several["results"]] == [0.1, 0.3]
+    assert main(["certify", str(trained), "--limit", "300", "--eps", "0.3",
+                 "--json", str(tmp_path / "one.json")]) == 0
+    one = json.loads((tmp_path / "one.json").read_text())
+    assert "results" not in one and one["vra"] == several["results"][1]["vra"]
+    assert several["results"][0]["vra"] >= one["vra"]
 
 
-@pytest.mark.parametrize("value", ["-1", "nan", "inf", "abc"])
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", "abc", "", "0.1,,0.3", "0.1,-1",
+                                   "0.3,nan"])
 def test_bad_eps_is_rejected_by_the_parser(value, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["certify", "somewhere", "--eps", value])
     assert exit_info.value.code == 2
+
+
+def test_dataset_mismatch_only_on_request(tmp_path, capsys, mnist_available):
+    model = GloroNet(build_arch("2c2f", (1, 28, 28), 10, seed=0), (1, 28, 28), 10)
+    certnet.save_model(tmp_path / "m", model, eps=0.3, dataset="fashion-mnist")
+    argv = ["certify", str(tmp_path / "m"), "--dataset", "mnist", "--limit", "20"]
+    assert main(argv) == 2
+    assert "trained on fashion-mnist, not mnist" in capsys.readouterr().err
+    assert main([*argv, "--allow-dataset-mismatch"]) == 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("warning: ") and "\n" not in err
+
+
+def test_every_option_has_help_and_shows_its_default():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, command in [("certnet", parser), *sub.choices.items()]:
+        for action in command._actions:
+            if action is not sub:
+                assert action.help and action.help.strip(), (name, action.dest)
+    assert f"(default: {TrainConfig().epochs})" in sub.choices["train"].format_help()
+    assert "(default: 2000)" in sub.choices["certify"].format_help()
+
+
+def test_presets_print_whole_descriptions(capsys):
+    assert main(["presets"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for path in PRESET_DIR.glob("*.yaml"):
+        assert f"{path.stem} {preset_description(path)}" in out
+
+
+def test_thread_default_yields_to_the_environment(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    main(["presets"])
+    assert os.environ["OMP_NUM_THREADS"] == "3"
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    main(["presets"])
+    assert os.environ["OMP_NUM_THREADS"] == "1"
+
+
+def test_cli_import_does_not_load_torch():
+    """The thread defaults only work if main() runs before torch is imported."""
+    subprocess.run([sys.executable, "-c", "import sys, certnet.cli; "
+                    "assert 'torch' not in sys.modules"], check=True)
 
 
 def test_console_script_runs():

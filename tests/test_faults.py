@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from certnet import checkpoint
-from certnet.train import TrainConfig, Trainer
+from certnet.train import TrainConfig, Trainer, has_resumable_state
 
 ARGS = ["train", "--arch", "2c2f", "--dataset", "mnist", "--eps", "0.3", "--epochs", "4",
         "--train-limit", "3072", "--eval-limit", "100", "--batch-size", "64", "--quiet"]
@@ -26,12 +26,13 @@ def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
                            *extra], env=ENV, capture_output=True, text=True, timeout=600)
 
 
-def _interrupt(out: Path, sig: int, state: str) -> tuple[int, str]:
-    """Start a training run and send ``sig`` once the checkpoint ``state`` exists."""
+def _interrupt(out: Path, sig: int, ready: Path) -> tuple[int, str]:
+    """Start a training run and send ``sig`` once ``ready`` exists (the run directory is
+    created when training starts, ``state/epoch-NNNN`` with each checkpoint)."""
     proc = subprocess.Popen([sys.executable, "-m", "certnet.cli", *ARGS, "--out", str(out)],
                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
-    while not (out / "state" / state).exists() and time.time() < deadline:
+    while not ready.exists() and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
@@ -48,9 +49,9 @@ def test_killed_run_resumes_bitwise_identical(tmp_path, sig, mnist_available):
     assert _run(reference).returncode == 0
     victim = tmp_path / "victim"
     # somewhere in epoch 3 (or while writing its checkpoint)
-    returncode, err = _interrupt(victim, sig, "epoch-0001")
+    returncode, err = _interrupt(victim, sig, victim / "state" / "epoch-0001")
     if sig == signal.SIGTERM:
-        assert returncode == 130 and "--resume" in err
+        assert returncode == 130 and "continue with --resume" in err
     assert not list(victim.glob(".*.tmp")), "interrupted writes left temp files"
     resumed = subprocess.run([sys.executable, "-m", "certnet.cli", "train", "--resume", "--out",
                               str(victim), "--quiet"], env=ENV, capture_output=True, text=True,
@@ -66,9 +67,19 @@ def test_killed_run_resumes_bitwise_identical(tmp_path, sig, mnist_available):
 
 def test_sigint_stops_training_with_a_consistent_checkpoint(tmp_path, mnist_available):
     out = tmp_path / "run"
-    returncode, err = _interrupt(out, signal.SIGINT, "epoch-0000")
-    assert returncode == 130 and "--resume" in err
+    returncode, err = _interrupt(out, signal.SIGINT, out / "state" / "epoch-0000")
+    assert returncode == 130 and "continue with --resume" in err
     checkpoint.load(out)  # the checkpoint on disk is complete and consistent
+
+
+def test_interrupt_before_the_first_checkpoint_says_nothing_was_saved(tmp_path,
+                                                                      mnist_available):
+    out = tmp_path / "run"
+    returncode, err = _interrupt(out, signal.SIGTERM, out)
+    assert returncode == 130 and not has_resumable_state(out)
+    assert err.strip() == ("error: interrupted before the first checkpoint; nothing was saved: "
+                           "run the same command again, without --resume")
+    Trainer(TrainConfig(train_limit=64, eval_limit=64), out, progress=False)  # not refused
 
 
 def test_failing_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch,

@@ -7,14 +7,22 @@ partial is written (all outputs go through atomic writes).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
+from certnet.config import TrainConfig
 from certnet.errors import CertnetError, ConfigError
 
 PRESET_DIR = Path(__file__).parent / "configs"
+#: Environment defaults set before torch loads; the user's own variables win. One intra-op
+#: thread: on the 2-core reference machine it is as fast as two when idle for certify and info
+#: and much faster when another process is busy (benchmarks/threads.py).
+THREAD_DEFAULTS = {"OMP_NUM_THREADS": "1"}
 
 
 def preset_path(name_or_path: str) -> Path:
@@ -46,17 +54,22 @@ def _number(kind: type, minimum: float):
 
 _positive_float = _number(float, 0)
 _positive_int = _number(int, 1)
+_natural = _number(int, 0)
 
 
-def _print_json(payload: dict[str, Any]) -> None:
-    print(json.dumps(payload, indent=2))
+def _eps_list(text: str) -> list[float]:
+    """argparse type: one radius or a comma-separated list of them (finite, >= 0)."""
+    items = [item.strip() for item in text.split(",")]
+    if not all(items):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers")
+    return [_positive_float(item) for item in items]
 
 
 # -- train --------------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
     from certnet.certify import evaluate
     from certnet.checkpoint import read_config, write_json
-    from certnet.train import TrainConfig, Trainer
+    from certnet.train import Trainer
 
     overrides = {"method": args.method, "arch": args.arch, "dataset": args.dataset,
                  "eps": args.eps, "epochs": args.epochs, "batch_size": args.batch_size,
@@ -73,61 +86,70 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         config = TrainConfig.from_dict({k: v for k, v in overrides.items() if v is not None})
     if args.loss:
-        config.method_kwargs = {**config.method_kwargs, "loss": args.loss}
+        config = dataclasses.replace(config,
+                                     method_kwargs={**config.method_kwargs, "loss": args.loss})
     trainer = Trainer(config, args.out, resume=args.resume, progress=not args.quiet)
     trainer.fit()
     report = trainer.report or evaluate(trainer.model, trainer.test_data, config.eps)
     report.plot_curve(Path(args.out) / "certified_accuracy.png")
-    lipschitz = trainer.model.lipschitz_report()
     write_json(Path(args.out) / "results.json",
                {**report.to_dict(), "dataset": config.dataset, "epochs": config.epochs,
-                "lipschitz": lipschitz})
+                "lipschitz": trainer.model.lipschitz_report()})
     print(report.summary())
-    print(_lipschitz_line(lipschitz))
-    print(f"model, results.json and certified_accuracy.png written to {args.out}")
+    print(f"model, metrics.jsonl, results.json and certified_accuracy.png are in {args.out}")
     return 0
 
 
 # -- certify ------------------------------------------------------------------------------------
 def _load_eval(args: argparse.Namespace):
+    """The model, its test set (checked against the model), the radius or radii, the dataset."""
     from certnet.checkpoint import load
     from certnet.data import load_dataset
     from certnet.train import resolve_device
 
     model = load(args.model, device=resolve_device(args.device))
     config = model.checkpoint_config
-    dataset = args.dataset or config.get("dataset")
+    eps = args.eps if args.eps is not None else config.get("eps")
+    if eps is None:
+        raise ConfigError("the checkpoint names no epsilon; pass --eps")
+    trained_on = config.get("dataset")
+    dataset = args.dataset or trained_on
     if dataset is None:
         raise ConfigError("the checkpoint names no dataset; pass --dataset")
+    mismatch = f"the model was trained on {trained_on}, not {dataset}"
+    if trained_on not in (None, dataset) and not args.allow_dataset_mismatch:
+        raise ConfigError(f"{mismatch}; pass --allow-dataset-mismatch to evaluate it anyway")
     data = load_dataset(dataset, "test", args.data_dir)
     if data.input_shape != model.input_shape or data.num_classes != model.num_classes:
         raise ConfigError(f"dataset {dataset} has inputs {data.input_shape} and "
                           f"{data.num_classes} classes; the model expects {model.input_shape} "
                           f"and {model.num_classes}")
+    if trained_on not in (None, dataset):
+        print(f"warning: {mismatch} (--allow-dataset-mismatch)", file=sys.stderr)
     if args.limit:
         data.x, data.y = data.x[:args.limit], data.y[:args.limit]
-    eps = args.eps if args.eps is not None else config.get("eps")
-    if eps is None:
-        raise ConfigError("the checkpoint names no epsilon; pass --eps")
-    return model, data, float(eps), dataset
+    return model, data, eps, dataset
 
 
 def cmd_certify(args: argparse.Namespace) -> int:
-    from certnet.certify import evaluate
+    from certnet.certify import evaluate, reports_to_dict, summary_table
     from certnet.checkpoint import write_json
 
     model, data, eps, dataset = _load_eval(args)
-    report = evaluate(model, data, eps, certifier=args.certifier, batch_size=args.batch_size)
+    radii = eps if isinstance(eps, list) else [float(eps)]
+    reports = evaluate(model, data, radii, certifier=args.certifier,
+                       batch_size=args.batch_size)
+    print(reports[0].summary() if len(reports) == 1 else summary_table(reports), flush=True)
     lipschitz = model.lipschitz_report()
-    print(report.summary())
     print(_lipschitz_line(lipschitz))
     if args.json:
-        write_json(args.json, {**report.to_dict(), "dataset": dataset, "model": str(args.model),
+        payload = reports[0].to_dict() if len(reports) == 1 else reports_to_dict(reports)
+        write_json(args.json, {**payload, "dataset": dataset, "model": str(args.model),
                                "lipschitz": lipschitz})
     if args.per_point:
-        report.write_per_point(args.per_point)
+        reports[0].write_per_point(args.per_point)
     if args.curve:
-        report.plot_curve(args.curve)
+        reports[0].plot_curve(args.curve)
     return 0
 
 
@@ -145,6 +167,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from certnet.checkpoint import write_json
 
     model, data, eps, dataset = _load_eval(args)
+    eps = float(eps)
     result = attack_report(model, data.x, data.y, eps, steps=args.steps, restarts=args.restarts,
                            batch_size=args.batch_size, progress=True)
     print(f"{model.method} {model.norm} eps={eps:g} n={result['n']}: clean accuracy "
@@ -168,82 +191,152 @@ def cmd_info(args: argparse.Namespace) -> int:
     config = model.checkpoint_config
     info = {key: config.get(key) for key in ("method", "norm", "eps", "dataset", "input_shape",
                                              "num_classes", "epoch", "certnet_version",
-                                             "data_checksum", "method_config")}
+                                             "data_checksum", "method_config", "last_metrics")}
     info["parameters"] = sum(p.numel() for p in model.parameters())
     info["layers"] = [spec["type"] for spec in config["layers"]]
-    info["lipschitz"] = model.lipschitz_report()
-    info["last_metrics"] = config.get("last_metrics")
-    _print_json(info)
+    info["lipschitz"] = model.lipschitz_report()  # the costly part, last
+    print(json.dumps(info, indent=2))
     return 0
+
+
+def preset_description(path: Path) -> str:
+    """The comment block at the top of a preset file, as one paragraph."""
+    lines = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    return " ".join(line for line in lines if line)
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
     for path in sorted(PRESET_DIR.glob("*.yaml")):
-        first = next((line[2:].strip() for line in path.read_text().splitlines()
-                      if line.startswith("# ")), "")
-        print(f"{path.stem:32s} {first}")
+        print(path.stem)
+        print(textwrap.fill(preset_description(path), width=96, initial_indent="    ",
+                            subsequent_indent="    ", break_on_hyphens=False))
     return 0
 
 
 # -- parser -------------------------------------------------------------------------------------
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: ...)" to an option's help unless it has no default (None or an
+    off switch) or the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False) or "default:" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The ``certnet`` argument parser (every option has a help text)."""
     parser = argparse.ArgumentParser(
-        prog="certnet", description="certnet: train, certify and attack certifiably robust "
-        "neural networks (GloRo; more methods plug in).")
-    parser.add_argument("--version", action="version", version=_version())
+        prog="certnet", formatter_class=_HelpFormatter,
+        description="certnet: train, certify and attack certifiably robust neural networks "
+        "(GloRo; more methods plug in). Runs on one CPU thread unless OMP_NUM_THREADS is set.")
+    parser.add_argument("--version", action="version", version=_version(),
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="train a certifiably robust model")
-    train.add_argument("--config", help="a preset name (see `certnet presets`) or a YAML file")
-    train.add_argument("--method")
-    train.add_argument("--arch")
-    train.add_argument("--dataset")
-    train.add_argument("--data-dir")
-    train.add_argument("--eps", type=_positive_float, help="certification radius")
-    train.add_argument("--eps-train-factor", type=_positive_float)
-    train.add_argument("--epochs", type=_positive_int)
-    train.add_argument("--batch-size", type=_positive_int)
-    train.add_argument("--lr", type=_positive_float)
-    train.add_argument("--loss", help="method loss (GloRo: ce, trades, emma)")
-    train.add_argument("--seed", type=int)
-    train.add_argument("--eval-every", type=int)
-    train.add_argument("--eval-limit", type=_positive_int,
-                       help="evaluate on the first N test points")
-    train.add_argument("--train-limit", type=_positive_int, help="train on the first N points")
-    train.add_argument("--device", help="cpu, cuda, cuda:1, or auto (default)")
-    train.add_argument("--out", required=True, help="checkpoint directory")
+    train = sub.add_parser(
+        "train", help="train a certifiably robust model", formatter_class=_HelpFormatter,
+        description="Train a model into --out: a checkpoint, metrics.jsonl and a sound test "
+        "evaluation every --eval-every epochs, one log line per epoch (and a progress bar on a "
+        "terminal). The flags override the values of --config (or, with --resume, of the "
+        "run's saved config); the defaults shown apply without either. One CPU thread unless "
+        "OMP_NUM_THREADS is set (e.g. OMP_NUM_THREADS=8 on an idle 8-core machine).")
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+    def override(flag: str, text: str, **kwargs: Any) -> None:
+        default = defaults[flag[2:].replace("-", "_")]
+        shown = f" (default: {default})" if default is not None else ""
+        train.add_argument(flag, help=text + shown, **kwargs)
+
+    train.add_argument("--config", metavar="PRESET|FILE", help="a preset name (see `certnet "
+                       "presets`) or a YAML file with any TrainConfig fields")
+    train.add_argument("--out", required=True, metavar="DIR",
+                       help="run directory (checkpoint, metrics, results)")
     train.add_argument("--resume", action="store_true",
                        help="continue the run in --out (its saved config is the default)")
-    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    override("--method", "certification method", metavar="NAME")
+    override("--arch", "architecture: 2c2f, 4c3f, 6c2f or 8c2f", metavar="NAME")
+    override("--dataset", "mnist, fashion-mnist, cifar10 or tiny-imagenet", metavar="NAME")
+    override("--data-dir", "read the dataset from this directory (default: cache or download)",
+             metavar="DIR")
+    override("--eps", "certification radius", type=_positive_float, metavar="E")
+    override("--eps-train-factor", "train at eps times this factor", type=_positive_float,
+             metavar="F")
+    override("--epochs", "training epochs", type=_positive_int, metavar="N")
+    override("--batch-size", "training batch size", type=_positive_int, metavar="B")
+    override("--lr", "Adam learning rate (times the config's lr_schedule)",
+             type=_positive_float, metavar="LR")
+    train.add_argument("--loss", metavar="NAME", help="method loss (GloRo: ce, trades, emma; "
+                       "default: the config's method_kwargs, else ce)")
+    override("--seed", "random seed (initialisation, data order)", type=int, metavar="S")
+    override("--eval-every", "sound test evaluation every K epochs (0: after the last only)",
+             type=_natural, metavar="K")
+    override("--eval-limit", "evaluate on the first N test points (default: all)",
+             type=_positive_int, metavar="N")
+    override("--train-limit", "train on the first N training points (default: all)",
+             type=_positive_int, metavar="N")
+    override("--device", "auto (CUDA if available), cpu, cuda or cuda:N", metavar="D")
+    train.add_argument("--quiet", action="store_true",
+                       help="no per-epoch lines and no progress bar; only the final summary")
     train.set_defaults(func=cmd_train)
 
     for name, func, text in (("certify", cmd_certify, "certify a test set"),
-                             ("attack", cmd_attack, "PGD-attack a model; fails if a certified "
+                             ("attack", cmd_attack, "PGD-attack a model; exits 3 if a certified "
                                                     "point flips")):
-        p = sub.add_parser(name, help=text)
+        p = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".",
+                           formatter_class=_HelpFormatter)
         p.add_argument("model", help="checkpoint directory")
-        p.add_argument("--dataset")
-        p.add_argument("--data-dir")
-        p.add_argument("--eps", type=_positive_float)
-        p.add_argument("--limit", type=_positive_int, help="first N test points")
-        p.add_argument("--device", default="auto")
-        p.add_argument("--json", help="write results JSON here")
+        p.add_argument("--dataset", metavar="NAME",
+                       help="test set (default: the checkpoint's dataset)")
+        p.add_argument("--allow-dataset-mismatch", action="store_true",
+                       help="evaluate on a --dataset other than the model's (with a warning)")
+        p.add_argument("--data-dir", metavar="DIR", help="read the dataset from this directory "
+                       "(default: cache or download)")
+        p.add_argument("--limit", type=_positive_int, metavar="N",
+                       help="use the first N test points (default: all)")
+        p.add_argument("--device", default="auto", metavar="D",
+                       help="auto (CUDA if available), cpu, cuda or cuda:N")
+        p.add_argument("--json", metavar="FILE", help="write the results as JSON to this file")
         p.set_defaults(func=func)
         if name == "certify":
-            p.add_argument("--certifier", help="certificate to use (GloRo: lipschitz)")
-            p.add_argument("--per-point", help="write per-point CSV here")
-            p.add_argument("--curve", help="write certified-accuracy-vs-radius PNG here")
-            p.add_argument("--batch-size", type=_positive_int, default=2000)
+            p.add_argument("--eps", type=_eps_list, metavar="E[,E...]",
+                           help="radius, or comma-separated radii certified in one pass "
+                           "(e.g. 0.1,0.3,0.5: a table, and --json lists them under "
+                           "'results') (default: the checkpoint's eps)")
+            p.add_argument("--certifier", metavar="NAME", help="certificate to use (default: "
+                           "the method's first; GloRo: lipschitz)")
+            p.add_argument("--per-point", metavar="FILE.csv", help="write a per-point CSV "
+                           "(label, prediction, certified, radius) here; with several --eps, at "
+                           "the first")
+            p.add_argument("--curve", metavar="FILE.png", help="write a certified-accuracy-vs-"
+                           "radius PNG here; with several --eps, marked at the first")
+            p.add_argument("--batch-size", type=_positive_int, default=2000, metavar="B",
+                           help="points per certify call")
         else:
-            p.add_argument("--steps", type=_positive_int, default=100)
-            p.add_argument("--restarts", type=_positive_int, default=10)
-            p.add_argument("--batch-size", type=_positive_int, default=500)
+            p.add_argument("--eps", type=_positive_float, metavar="E",
+                           help="attack radius (default: the checkpoint's eps)")
+            p.add_argument("--steps", type=_positive_int, default=100, metavar="N",
+                           help="PGD steps")
+            p.add_argument("--restarts", type=_positive_int, default=10, metavar="N",
+                           help="PGD restarts (random and boundary starts)")
+            p.add_argument("--batch-size", type=_positive_int, default=500, metavar="B",
+                           help="points attacked together")
 
-    info = sub.add_parser("info", help="describe a checkpoint and its Lipschitz bounds")
-    info.add_argument("model")
+    info = sub.add_parser("info", help="describe a checkpoint and its Lipschitz bounds",
+                          formatter_class=_HelpFormatter,
+                          description="Print a checkpoint's config, parameter count, last "
+                          "metrics and Lipschitz estimate vs sound bound as JSON.")
+    info.add_argument("model", help="checkpoint directory")
     info.set_defaults(func=cmd_info)
 
-    presets = sub.add_parser("presets", help="list the bundled YAML presets")
+    presets = sub.add_parser("presets", help="list the bundled YAML presets",
+                             description="List the bundled YAML presets with their "
+                             "descriptions.")
     presets.set_defaults(func=cmd_presets)
     return parser
 
@@ -254,7 +347,21 @@ def _version() -> str:
     return f"certnet {__version__}"
 
 
+def _interrupted(args: argparse.Namespace) -> str:
+    if args.command != "train":
+        return "interrupted"
+    from certnet.train import has_resumable_state
+
+    if has_resumable_state(args.out):
+        return "interrupted; the last complete checkpoint is kept (continue with --resume)"
+    return ("interrupted before the first checkpoint; nothing was saved: run the same command "
+            "again, without --resume")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``certnet`` command line; returns the exit status."""
+    for key, value in THREAD_DEFAULTS.items():  # before anything imports torch
+        os.environ.setdefault(key, value)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
@@ -265,8 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err} (files written before this error are intact)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        hint = " (continue with --resume)" if args.command == "train" else ""
-        print(f"error: interrupted; the last complete checkpoint is kept{hint}", file=sys.stderr)
+        print(f"error: {_interrupted(args)}", file=sys.stderr)
         return 130
 
 
