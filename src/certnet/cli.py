@@ -19,10 +19,10 @@ from certnet.config import TrainConfig
 from certnet.errors import CertnetError, ConfigError
 
 PRESET_DIR = Path(__file__).parent / "configs"
-#: Environment defaults set before torch loads; the user's own variables win. One intra-op
-#: thread: on the 2-core reference machine it is as fast as two when idle for certify and info
-#: and much faster when another process is busy (benchmarks/threads.py).
-THREAD_DEFAULTS = {"OMP_NUM_THREADS": "1"}
+#: Environment defaults set before torch loads; the user's own variables win. Idle OpenMP
+#: threads sleep instead of spinning: within 16% of the fastest setting measured for every
+#: command, on an idle CPU and beside a busy process (benchmarks/threads.py).
+THREAD_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def preset_path(name_or_path: str) -> Path:
@@ -234,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="certnet", formatter_class=_HelpFormatter,
         description="certnet: train, certify and attack certifiably robust neural networks "
-        "(GloRo; more methods plug in). Runs on one CPU thread unless OMP_NUM_THREADS is set.")
+        "(GloRo; more methods plug in). Idle CPU threads sleep rather than spin "
+        "(OMP_WAIT_POLICY=PASSIVE) unless the environment sets OMP_WAIT_POLICY.")
     parser.add_argument("--version", action="version", version=_version(),
                         help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -244,8 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a model into --out: a checkpoint, metrics.jsonl and a sound test "
         "evaluation every --eval-every epochs, one log line per epoch (and a progress bar on a "
         "terminal). The flags override the values of --config (or, with --resume, of the "
-        "run's saved config); the defaults shown apply without either. One CPU thread unless "
-        "OMP_NUM_THREADS is set (e.g. OMP_NUM_THREADS=8 on an idle 8-core machine).")
+        "run's saved config); the defaults shown apply without either.")
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
     def override(flag: str, text: str, **kwargs: Any) -> None:
