@@ -10,7 +10,7 @@ import pytest
 
 import certnet
 from certnet.archs import build_arch
-from certnet.cli import PRESET_DIR, build_parser, main, preset_description
+from certnet.cli import PRESET_DIR, build_parser, default_threads, main, preset_description
 from certnet.config import TrainConfig
 from certnet.methods.gloro import GloroNet
 
@@ -112,12 +112,16 @@ def test_presets_print_whole_descriptions(capsys):
 
 
 def test_thread_default_yields_to_the_environment(monkeypatch):
-    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
     main(["presets"])
-    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
-    monkeypatch.delenv("OMP_WAIT_POLICY")
+    assert os.environ["OMP_NUM_THREADS"] == "3"
+    monkeypatch.delenv("OMP_NUM_THREADS")
     main(["presets"])
-    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert os.environ["OMP_NUM_THREADS"] == str(default_threads())
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert default_threads() == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert default_threads() == 1
 
 
 def test_cli_import_does_not_load_torch():

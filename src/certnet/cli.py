@@ -19,10 +19,17 @@ from certnet.config import TrainConfig
 from certnet.errors import CertnetError, ConfigError
 
 PRESET_DIR = Path(__file__).parent / "configs"
-#: Environment defaults set before torch loads; the user's own variables win. Idle OpenMP
-#: threads sleep instead of spinning: within 16% of the fastest setting measured for every
-#: command, on an idle CPU and beside a busy process (benchmarks/threads.py).
-THREAD_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def default_threads() -> int:
+    """Intra-op threads when OMP_NUM_THREADS is unset: one core fewer than this process may use.
+
+    More threads than free cores make torch's OpenMP threads spin in barriers; on the 2-core
+    reference machine one thread is never more than 1.6x slower than the fastest setting, idle
+    or beside a busy process, where the other settings lose up to 2.5x (benchmarks/threads.py).
+    """
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cpus or 1) - 1)
 
 
 def preset_path(name_or_path: str) -> Path:
@@ -234,8 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="certnet", formatter_class=_HelpFormatter,
         description="certnet: train, certify and attack certifiably robust neural networks "
-        "(GloRo; more methods plug in). Idle CPU threads sleep rather than spin "
-        "(OMP_WAIT_POLICY=PASSIVE) unless the environment sets OMP_WAIT_POLICY.")
+        "(GloRo; more methods plug in). CPU threads: OMP_NUM_THREADS if set, else one fewer "
+        f"than the cores available ({default_threads()} here).")
     parser.add_argument("--version", action="version", version=_version(),
                         help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -360,8 +367,7 @@ def _interrupted(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the ``certnet`` command line; returns the exit status."""
-    for key, value in THREAD_DEFAULTS.items():  # before anything imports torch
-        os.environ.setdefault(key, value)
+    os.environ.setdefault("OMP_NUM_THREADS", str(default_threads()))  # before torch loads
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
