@@ -149,7 +149,8 @@ def test_conv_power_iteration_and_bound_vs_explicit_matrix(c_in, c_out, k, s, p,
 
 def test_conv_bound_on_gloro_arch_shapes_is_close_to_power_iteration():
     """Real 2C2F / 4C3F conv shapes on 28x28 (too big for an explicit SVD in a fast test):
-    the sound bound sits above the converged estimate, and not far above (docs/architecture.md §3)."""
+    the sound bound sits above the converged estimate, and not far above
+    (docs/architecture.md §3)."""
     torch.manual_seed(0)
     for layers in (build_arch("2c2f", (1, 28, 28), 10),):
         for m in layers:
