@@ -52,6 +52,7 @@ PY_CASES = {
     "negative eps": (InputError, lambda m: m.certify(_x(), -0.1)),
     "NaN eps": (InputError, lambda m: m.certify(_x(), math.nan)),
     "inf eps": (InputError, lambda m: m.certify(_x(), math.inf)),
+    "boolean eps": (InputError, lambda m: m.certify(_x(), True)),
     "unknown certifier": (ConfigError, lambda m: m.certify(_x(), 0.3, "nope")),
     "unknown arch": (ConfigError, lambda m: build_arch("9c9f", SHAPE, 10)),
     "unknown method": (ConfigError, lambda m: certnet.methods.get_method("nope")),
@@ -136,6 +137,7 @@ CHECKPOINT_CASES = {
     "newer format": lambda p: _edit_config(p, format_version=99),
     "different architecture": _other_arch,
     "unknown method in config": lambda p: _edit_config(p, method="nope"),
+    "norm in config disagrees with the model": lambda p: _edit_config(p, norm="linf"),
     "pickle renamed to .safetensors": _pickle_renamed,
 }
 
