@@ -10,7 +10,8 @@ from torch import nn
 from certnet.archs import build_arch
 from certnet.attacks import PGD, attack_report, margin_loss, perturbation_norm
 from certnet.errors import CertnetError, ConfigError, DataError, InputError
-from certnet.methods.base import Certificate, CertifiedModel
+from certnet.certifiers import CERTIFIERS, Certificate, Certifier, register_certifier
+from certnet.methods.base import CertifiedModel
 from certnet.methods.gloro import GloroNet
 from certnet.nn.lipschitz import convert_sequential
 
@@ -122,11 +123,11 @@ def test_pgd_matches_exact_linear_boundary(norm, num_classes):
 
 
 class _Overclaiming(CertifiedModel):
-    """A deliberately unsound 'method': certifies every point at every radius."""
+    """A model with a deliberately unsound certifier that certifies everything."""
 
     method = "overclaiming"
     norm = "l2"
-    certifiers = {"all": "certify_all"}
+    default_certifier = "overclaim"
 
     def __init__(self, model: nn.Module, dim: int, num_classes: int) -> None:
         super().__init__((dim,), num_classes)
@@ -135,14 +136,28 @@ class _Overclaiming(CertifiedModel):
     def forward(self, x):
         return self.model(x)
 
+
+class _OverclaimCertifier(Certifier):
+    name = "overclaim"
+
+    def applies(self, model, norm):
+        return None if isinstance(model, _Overclaiming) else "not an overclaiming model"
+
     @torch.no_grad()
-    def certify_all(self, x, eps):
-        pred = self(x).argmax(1)
+    def certify(self, model, x, threat):
+        pred = model(x).argmax(1)
         return Certificate(pred, torch.ones_like(pred, dtype=torch.bool),
                            torch.full(pred.shape, float("inf")))
 
 
-def test_attack_report_catches_an_unsound_certifier():
+@pytest.fixture
+def overclaim_certifier():
+    register_certifier(_OverclaimCertifier())
+    yield
+    CERTIFIERS.pop("overclaim")
+
+
+def test_attack_report_catches_an_unsound_certifier(overclaim_certifier):
     model, x, pred, dist = linear_problem(3, "l2")
     eps = float(dist.median())
     fake = _Overclaiming(model, x.shape[1], 3)

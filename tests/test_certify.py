@@ -26,11 +26,11 @@ def test_several_radii_match_one_at_a_time(setup):
     radii = [0.0, 0.05, 0.2]
     reports = evaluate(model, data, radii, batch_size=16)
     assert [r.eps for r in reports] == radii
-    assert reports[0].bottom_rate < reports[1].bottom_rate < reports[2].bottom_rate
+    assert reports[0].abstain_rate < reports[1].abstain_rate < reports[2].abstain_rate
     for eps, report in zip(radii, reports, strict=True):
         one = evaluate(model, data, eps, batch_size=16)
         assert torch.equal(one.certified, report.certified) and torch.equal(one.pred, report.pred)
-        assert one.vra == report.vra and one.bottom_rate == report.bottom_rate
+        assert one.vra == report.vra and one.abstain_rate == report.abstain_rate
     payload = reports_to_dict(reports)
     assert payload["n"] == 50 and [r["eps"] for r in payload["results"]] == radii
     assert "n" not in payload["results"][0]

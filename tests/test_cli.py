@@ -42,7 +42,7 @@ def test_certify_outputs(trained, tmp_path, capsys):
     assert report["n"] == 300 and 0 <= report["vra"] <= report["clean_accuracy"] <= 1
     assert report["lipschitz"]["body_bound"] >= report["lipschitz"]["body_estimate"]
     rows = (tmp_path / "p.csv").read_text().splitlines()
-    assert rows[0] == "index,label,pred,certified,radius" and len(rows) == 301
+    assert rows[0] == "index,label,pred,certified,radius,certifier" and len(rows) == 301
     assert (tmp_path / "c.png").stat().st_size > 1000
 
 

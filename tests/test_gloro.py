@@ -275,8 +275,8 @@ def test_certify_accepts_edge_inputs():
 
 
 def test_unknown_certifier_raises_config_error():
-    with pytest.raises(ConfigError):
-        small_net().certify(torch.rand(2, *SHAPE), 0.1, certifier="crown")
+    with pytest.raises(ConfigError, match="unknown certifier"):
+        small_net().certify(torch.rand(2, *SHAPE), 0.1, certifier="no-such-certifier")
 
 
 # -- construction ------------------------------------------------------------------------------

@@ -357,7 +357,8 @@ def test_unsupported_conv_options_raise(kwargs):
         LipschitzConv2d(2, 2, 3, **kwargs)
 
 
-@pytest.mark.parametrize("module", [nn.Tanh(), nn.BatchNorm2d(3), nn.Linear(3, 2),
+@pytest.mark.parametrize("module", [nn.Tanh(), nn.BatchNorm2d(3, track_running_stats=False),
+                                    nn.Linear(3, 2),
                                     nn.Conv2d(1, 1, 3), nn.MaxPool2d(2), nn.Sigmoid(),
                                     nn.Sequential(nn.ReLU()), nn.LeakyReLU()])
 def test_layer_bound_refuses_unknown_layers(module):
@@ -626,3 +627,23 @@ def test_spec_errors_and_registered_layer_types(monkeypatch):
     layers = build_layers([{"type": "halve"}, {"type": "linear", "in_features": 4,
                                                 "out_features": 2, "bias": True}], (4,))
     assert describe_layers(layers)[0] == {"type": "halve"}
+
+
+def test_batchnorm_bound_covers_its_eval_function_and_gloro_refuses_it():
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(3)
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.1, 3)
+    with torch.no_grad():
+        bn.weight.uniform_(-2, 2)
+        bn.bias.uniform_(-1, 1)
+    bn.eval()
+    x, z = torch.randn(64, 3, 4, 4, dtype=torch.float64), torch.randn(64, 3, 4, 4,
+                                                                      dtype=torch.float64)
+    ratio = (bn.double()(x) - bn(z)).flatten(1).norm(dim=1) / (x - z).flatten(1).norm(dim=1)
+    assert float(ratio.max()) <= float(layer_bound(bn))
+    scale = bn.weight.abs() / torch.sqrt(bn.running_var + bn.eps)
+    assert float(layer_bound(bn)) == pytest.approx(float(scale.max()), rel=1e-12)
+    with pytest.raises(UnsupportedLayerError, match="GloRo"):
+        convert_sequential(nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.Flatten()),
+                           (3, 4, 4))

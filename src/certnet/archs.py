@@ -1,11 +1,16 @@
-"""Registry of named architectures (timm style): ``build_layers(ARCHS[name](...))``.
+"""Registry of named architectures (timm style): ``build_layers(ARCHS[name](...))``, and of
+initialisations (``INITS``), chosen by the method (or the config).
 
 GloRo architectures (Leino et al. 2021, App. B; klasleino/gloro ``tools/training``): "same"
 zero padding, an activation after every conv and hidden dense layer, orthogonal init.
+Bound-propagation architectures (Gowal et al. 2018 DM-small/medium/large as used by CROWN-IBP,
+Zhang et al. 2020; CNN7 of Shi et al. 2021): ReLU, BatchNorm in CNN7.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -21,26 +26,33 @@ ARCHS: dict[str, ArchFn] = {}
 
 def register_arch(name: str) -> Callable[[ArchFn], ArchFn]:
     def decorator(fn: ArchFn) -> ArchFn:
+        if name in ARCHS:
+            warnings.warn(f"architecture {name!r} registered twice; the later one wins",
+                          stacklevel=2)
         ARCHS[name] = fn
         return fn
     return decorator
 
 
-def conv_mlp(input_shape: tuple[int, ...], num_classes: int, convs: list[tuple[int, int, int]],
-             dense: list[int], activation: str = "minmax") -> list[LayerSpec]:
-    """Conv stack (filters, kernel, stride) with "same" padding, then dense layers, then the
-    logit layer; ``activation`` after every layer but the last."""
+def conv_mlp(input_shape: tuple[int, ...], num_classes: int, convs: list[tuple[int, ...]],
+             dense: list[int], activation: str = "minmax", batchnorm: bool = False
+             ) -> list[LayerSpec]:
+    """Conv stack (filters, kernel, stride[, padding]; padding defaults to TF "same"), then
+    dense layers, then the logit layer; ``activation`` after every layer but the last, with
+    BatchNorm before it if ``batchnorm``."""
     if activation not in ("minmax", "relu"):
         raise ConfigError(f"unknown activation {activation!r}; choose minmax or relu")
     channels, height, width = input_shape
     specs: list[LayerSpec] = []
-    for filters, kernel, stride in convs:
+    for filters, kernel, stride, *pad in convs:
         # TF "same": output = ceil(n / stride); symmetric padding (k - 1) // 2 gives it for
-        # the kernels and even sizes used here, and we check it.
-        padding = (kernel - 1) // 2 if stride == 1 else (kernel - stride + 1) // 2
+        # the kernels and even sizes used here.
+        padding = pad[0] if pad else (kernel - 1) // 2 if stride == 1 else \
+            (kernel - stride + 1) // 2
         specs += [{"type": "conv", "in_channels": channels, "out_channels": filters,
                    "kernel_size": kernel, "stride": stride, "padding": padding,
                    "bias": True},
+                  *([{"type": "batchnorm2d", "num_features": filters}] if batchnorm else []),
                   {"type": activation}]
         height = (height + 2 * padding - kernel) // stride + 1
         width = (width + 2 * padding - kernel) // stride + 1
@@ -50,6 +62,7 @@ def conv_mlp(input_shape: tuple[int, ...], num_classes: int, convs: list[tuple[i
     for units in dense:
         specs += [{"type": "linear", "in_features": features, "out_features": units,
                    "bias": True},
+                  *([{"type": "batchnorm1d", "num_features": units}] if batchnorm else []),
                   {"type": activation}]
         features = units
     specs.append({"type": "linear", "in_features": features, "out_features": num_classes,
@@ -82,6 +95,42 @@ def arch_8c2f(input_shape, num_classes, activation="minmax"):
                      (256, 3, 1), (256, 4, 2)], [256], activation)
 
 
+@register_arch("dm-small")
+def arch_dm_small(input_shape, num_classes, activation="relu", batchnorm=False):
+    """DM-small (Gowal et al. 2018; CROWN-IBP): conv16 4/2, conv32 4/1, FC100, no padding;
+    ``batchnorm`` adds BatchNorm before every activation (Shi et al. 2021)."""
+    return conv_mlp(input_shape, num_classes, [(16, 4, 2, 0), (32, 4, 1, 0)], [100],
+                    activation, batchnorm)
+
+
+@register_arch("dm-medium")
+def arch_dm_medium(input_shape, num_classes, activation="relu", batchnorm=False):
+    """DM-medium: conv32 3/1, conv32 4/2, conv64 3/1, conv64 4/2, FC512, FC512, no padding."""
+    return conv_mlp(input_shape, num_classes,
+                    [(32, 3, 1, 0), (32, 4, 2, 0), (64, 3, 1, 0), (64, 4, 2, 0)], [512, 512],
+                    activation, batchnorm)
+
+
+@register_arch("dm-large")
+def arch_dm_large(input_shape, num_classes, activation="relu", batchnorm=False):
+    """DM-large: conv64 3/1, conv64 3/1, conv128 3/2, conv128 3/1, conv128 3/1, FC512
+    (padding 1)."""
+    return conv_mlp(input_shape, num_classes,
+                    [(64, 3, 1, 1), (64, 3, 1, 1), (128, 3, 2, 1), (128, 3, 1, 1),
+                     (128, 3, 1, 1)], [512], activation, batchnorm)
+
+
+@register_arch("cnn7")
+def arch_cnn7(input_shape, num_classes, activation="relu", width: int = 64,
+              linear_size: int = 512):
+    """CNN7 (Shi et al. 2021, used by SABR, TAPS, MTL-IBP, CTRAIN): conv w, w, 2w/2, 2w, 2w
+    (3x3, padding 1), FC ``linear_size``, BatchNorm before every ReLU."""
+    return conv_mlp(input_shape, num_classes,
+                    [(width, 3, 1, 1), (width, 3, 1, 1), (2 * width, 3, 2, 1),
+                     (2 * width, 3, 1, 1), (2 * width, 3, 1, 1)], [linear_size], activation,
+                    batchnorm=True)
+
+
 def arch_specs(name: str, input_shape: tuple[int, ...], num_classes: int,
                **kwargs) -> list[LayerSpec]:
     if name not in ARCHS:
@@ -89,20 +138,40 @@ def arch_specs(name: str, input_shape: tuple[int, ...], num_classes: int,
     return ARCHS[name](tuple(input_shape), num_classes, **kwargs)
 
 
+def _affine(layers: nn.Sequential) -> list[nn.Module]:
+    return [m for m in layers if isinstance(m, (LipschitzConv2d, LipschitzLinear))]
+
+
 def orthogonal_init(layers: nn.Sequential) -> None:
     """Orthogonal weights (conv kernels as (out, in*k*k) matrices), zero biases."""
-    for m in layers:
-        if isinstance(m, (LipschitzConv2d, LipschitzLinear)):
-            nn.init.orthogonal_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+    for m in _affine(layers):
+        nn.init.orthogonal_(m.weight)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+def ibp_init(layers: nn.Sequential) -> None:
+    """IBP initialisation (Shi et al. 2021, §3.1): weights N(0, 2 pi / fan_in^2) for every
+    affine layer but the last, so interval widths neither explode nor vanish at the start;
+    the last layer and biases keep PyTorch's defaults."""
+    for m in _affine(layers)[:-1]:
+        fan_in = m.weight[0].numel()
+        nn.init.normal_(m.weight, 0.0, math.sqrt(2 * math.pi) / fan_in)
+
+
+#: name -> function initialising freshly built layers in place ("default": PyTorch's own).
+INITS: dict[str, Callable[[nn.Sequential], None]] = {
+    "orthogonal": orthogonal_init, "ibp": ibp_init, "default": lambda layers: None}
 
 
 def build_arch(name: str, input_shape: tuple[int, ...], num_classes: int,
-               seed: int | None = None, **kwargs) -> nn.Sequential:
-    """Freshly initialised layers of a named architecture."""
+               seed: int | None = None, init: str = "orthogonal", **kwargs) -> nn.Sequential:
+    """Freshly initialised layers of a named architecture (``init`` names an ``INITS``
+    entry)."""
+    if init not in INITS:
+        raise ConfigError(f"unknown init {init!r}; choose from {sorted(INITS)}")
     if seed is not None:
         torch.manual_seed(seed)
     layers = build_layers(arch_specs(name, input_shape, num_classes, **kwargs), input_shape)
-    orthogonal_init(layers)
+    INITS[init](layers)
     return layers

@@ -17,10 +17,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from certnet.certifiers.base import check_inputs, resolve
 from certnet.errors import ConfigError, InputError
-from certnet.methods.base import CertifiedModel, check_eps, check_inputs
+from certnet.methods.base import CertifiedModel
+from certnet.threat import NORMS, check_eps, norm_of, project
 
-NORMS = ("l2", "linf")
 #: Relative tolerance on the perturbation norm when counting certificate violations.
 NORM_TOLERANCE = 1e-6
 
@@ -33,8 +34,7 @@ def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def perturbation_norm(delta: torch.Tensor, norm: str) -> torch.Tensor:
     """Per-point l2 or l_inf norm of a batch of perturbations, in float64."""
-    flat = delta.detach().flatten(1).double()
-    return flat.norm(dim=1) if norm == "l2" else flat.abs().amax(dim=1)
+    return norm_of(delta.detach().double(), norm)
 
 
 def _per_point(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -118,14 +118,7 @@ class PGD:
     def _project(self, adv: torch.Tensor, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """Onto the eps-ball around x, then the pixel box (clipping never leaves the ball,
         since x itself lies in the box)."""
-        delta = adv - x
-        if self.norm == "l2":
-            n = delta.flatten(1).norm(dim=1)
-            delta = delta * _per_point((eps / n.clamp_min(1e-30)).clamp(max=1.0), delta)
-        else:
-            e = _per_point(eps, delta)
-            delta = torch.maximum(torch.minimum(delta, e), -e)
-        return (x + delta).clamp(0.0, 1.0)
+        return (x + project(adv - x, self.norm, eps)).clamp(0.0, 1.0)
 
     def _exact_fit(self, adv: torch.Tensor, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """Undo float rounding of x + delta: the returned perturbations have norm <= eps when
@@ -225,9 +218,10 @@ class PGD:
 
 def attack_report(model: CertifiedModel, x: torch.Tensor, y: torch.Tensor, eps: float,
                   steps: int = 100, restarts: int = 10, batch_size: int = 256,
-                  certifier: str | None = None, seed: int = 0, progress: bool = False
-                  ) -> dict[str, Any]:
-    """Certify ``x`` at ``eps`` and attack it with :class:`PGD` in ``model.norm``.
+                  certifier: str | None = None, seed: int = 0, progress: bool = False,
+                  norm: str | None = None) -> dict[str, Any]:
+    """Certify ``x`` at ``eps`` with ``certifier`` and attack it with :class:`PGD`, both in
+    ``norm`` (defaults: the model's).
 
     The attack targets the certificate's prediction, so every point (correct or not) tests the
     certificate. Returns a JSON-serialisable dict: ``n``, ``clean_accuracy``,
@@ -243,27 +237,28 @@ def attack_report(model: CertifiedModel, x: torch.Tensor, y: torch.Tensor, eps: 
         raise InputError("labels must be a 1-D tensor with one entry per input")
     if len(x) == 0:
         raise InputError("empty dataset")
-    name = certifier or next(iter(model.certifiers))
+    chosen, norm = resolve(model, certifier, norm)
+    name = chosen.name
     device = next(model.parameters()).device
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     preds, certs, radii, clean_preds, adv_preds, dists = [], [], [], [], [], []
     certify_s = attack_s = 0.0
     try:
-        for i in tqdm(range(0, len(x), batch_size), desc=f"PGD {model.norm} eps={eps:g}",
+        for i in tqdm(range(0, len(x), batch_size), desc=f"PGD {norm} eps={eps:g}",
                       unit="batch", disable=None if progress else True):
             xb = x[i:i + batch_size].to(device)
             start = time.perf_counter()
-            cert = model.certify(xb, eps, name)
+            cert = model.certify(xb, eps, name, norm)
             certify_s += time.perf_counter() - start
             start = time.perf_counter()
-            attack = PGD(model, eps, model.norm, steps, restarts, seed=seed + i)
+            attack = PGD(model, eps, norm, steps, restarts, seed=seed + i)
             x_adv = attack(xb, cert.pred)
             with torch.no_grad():
                 clean_preds.append(model(xb).argmax(1).cpu())
                 adv_preds.append(model(x_adv).argmax(1).cpu())
             attack_s += time.perf_counter() - start
-            dists.append(perturbation_norm(x_adv - xb, model.norm).cpu())
+            dists.append(perturbation_norm(x_adv - xb, norm).cpu())
             preds.append(cert.pred.cpu())
             certs.append(cert.certified.cpu())
             radii.append(cert.radius.cpu())
@@ -284,7 +279,7 @@ def attack_report(model: CertifiedModel, x: torch.Tensor, y: torch.Tensor, eps: 
                 "clean_pred": int(clean_pred[j]), "adv_pred": int(adv_pred[j]),
                 "radius": float(radius[j]), "distance": float(dist[j])} for j in indices]
     return {
-        "method": model.method, "certifier": name, "norm": model.norm, "eps": float(eps),
+        "method": model.method, "certifier": name, "norm": norm, "eps": float(eps),
         "steps": steps, "restarts": restarts, "n": len(labels),
         "clean_accuracy": float(correct.float().mean()),
         "robust_accuracy": float((correct & (clean_pred == labels) & (adv_pred == labels))

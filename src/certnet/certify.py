@@ -13,6 +13,7 @@ from typing import Any, overload
 
 import torch
 
+from certnet.certifiers.base import resolve
 from certnet.checkpoint import atomic_write
 from certnet.data import Dataset
 from certnet.errors import InputError
@@ -30,13 +31,16 @@ class Report:
     n: int
     clean_accuracy: float
     vra: float
-    bottom_rate: float
+    abstain_rate: float
     seconds: float
     radius_quantiles: dict[str, float]
+    gives_radius: bool
+    certified_by: dict[str, int]
     labels: torch.Tensor = field(repr=False)
     pred: torch.Tensor = field(repr=False)
     certified: torch.Tensor = field(repr=False)
     radius: torch.Tensor = field(repr=False)
+    by: list[str] = field(repr=False)
 
     @property
     def points_per_second(self) -> float:
@@ -45,24 +49,29 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "certifier": self.certifier, "norm": self.norm,
                 "eps": self.eps, "n": self.n, "clean_accuracy": self.clean_accuracy,
-                "vra": self.vra, "bottom_rate": self.bottom_rate, "seconds": self.seconds,
-                "points_per_second": self.points_per_second,
-                "radius_quantiles": self.radius_quantiles}
+                "vra": self.vra, "abstain_rate": self.abstain_rate, "seconds": self.seconds,
+                "points_per_second": self.points_per_second, "gives_radius": self.gives_radius,
+                "certified_by": self.certified_by,
+                "radius_quantiles": self.radius_quantiles if self.gives_radius else None}
 
     def summary(self) -> str:
         q = self.radius_quantiles
+        radii = (f"radius p10/p50/p90 {q['p10']:.3f}/{q['p50']:.3f}/{q['p90']:.3f}"
+                 if self.gives_radius else "radius: eps or nothing")
+        by = ""
+        if len(self.certified_by) > 1:
+            by = "  certified by " + ", ".join(f"{k} {v}" for k, v in self.certified_by.items())
         return (f"{self.method}/{self.certifier} {self.norm} eps={self.eps:g} n={self.n}: "
                 f"clean accuracy {100 * self.clean_accuracy:.2f}%  VRA {100 * self.vra:.2f}%  "
-                f"abstain (bot) {100 * self.bottom_rate:.2f}%  radius p10/p50/p90 "
-                f"{q['p10']:.3f}/{q['p50']:.3f}/{q['p90']:.3f}  "
+                f"abstain {100 * self.abstain_rate:.2f}%  {radii}{by}  "
                 f"{self.points_per_second:.0f} points/s")
 
     def write_per_point(self, path: str | Path) -> None:
-        rows = [["index", "label", "pred", "certified", "radius"]]
-        for i, (lab, p, c, r) in enumerate(zip(self.labels.tolist(), self.pred.tolist(),
-                                               self.certified.tolist(), self.radius.tolist(),
-                                               strict=True)):
-            rows.append([i, lab, p, int(c), f"{r:.6g}"])
+        rows = [["index", "label", "pred", "certified", "radius", "certifier"]]
+        for i, (lab, p, c, r, b) in enumerate(zip(self.labels.tolist(), self.pred.tolist(),
+                                                  self.certified.tolist(),
+                                                  self.radius.tolist(), self.by, strict=True)):
+            rows.append([i, lab, p, int(c), f"{r:.6g}", b])
         buffer = io.StringIO()
         csv.writer(buffer).writerows(rows)
         atomic_write(path, buffer.getvalue())
@@ -72,7 +81,11 @@ class Report:
         correct = self.pred == self.labels
         return torch.stack([((self.radius > e) & correct).float().mean() for e in eps_grid])
 
-    def plot_curve(self, path: str | Path, max_eps: float | None = None) -> None:
+    def plot_curve(self, path: str | Path, max_eps: float | None = None) -> bool:
+        """Certified accuracy against radius as a PNG; only for certifiers that compute radii
+        (returns False, writing nothing, for "eps or nothing" certificates)."""
+        if not self.gives_radius:
+            return False
         import matplotlib
 
         matplotlib.use("Agg")
@@ -93,23 +106,27 @@ class Report:
         fig.savefig(tmp, dpi=120)
         plt.close(fig)
         tmp.replace(path)
+        return True
 
 
 @overload
 def evaluate(model: CertifiedModel, data: Dataset, eps: float, certifier: str | None = None,
-             batch_size: int = 2000) -> Report: ...
+             batch_size: int = 2000, norm: str | None = None) -> Report: ...
 
 
 @overload
 def evaluate(model: CertifiedModel, data: Dataset, eps: Sequence[float],
-             certifier: str | None = None, batch_size: int = 2000) -> list[Report]: ...
+             certifier: str | None = None, batch_size: int = 2000, norm: str | None = None
+             ) -> list[Report]: ...
 
 
 def evaluate(model: CertifiedModel, data: Dataset, eps: float | Sequence[float],
-             certifier: str | None = None, batch_size: int = 2000) -> Report | list[Report]:
+             certifier: str | None = None, batch_size: int = 2000, norm: str | None = None
+             ) -> Report | list[Report]:
     """Certify every point of ``data`` at radius ``eps`` (a :class:`Report`), or at each radius
-    of a sequence in one pass over the data (a list of Reports in the same order). Each batch is
-    certified once per radius; a report's ``seconds`` counts its own certify calls."""
+    of a sequence in one pass over the data (a list of Reports in the same order), by
+    ``certifier`` in ``norm`` (defaults: the model's). Each batch is certified once per radius;
+    a report's ``seconds`` counts its own certify calls."""
     single = isinstance(eps, (int, float))
     radii = [eps] if single else list(eps)
     if not radii:
@@ -117,39 +134,48 @@ def evaluate(model: CertifiedModel, data: Dataset, eps: float | Sequence[float],
     for e in radii:
         check_eps(e)
     device = next(model.parameters()).device
-    name = certifier or next(iter(model.certifiers))
+    chosen, norm = resolve(model, certifier, norm)
     was_training = model.training
     model.eval()
-    outcomes = [{"pred": [], "certified": [], "radius": [], "seconds": 0.0} for _ in radii]
+    outcomes = [{"pred": [], "certified": [], "radius": [], "by": [], "seconds": 0.0,
+                 "gives_radius": chosen.gives_radius} for _ in radii]
     for i in range(0, len(data), batch_size):
         x = data.x[i:i + batch_size].to(device)
         for e, out in zip(radii, outcomes, strict=True):
             start = time.perf_counter()
-            cert = model.certify(x, e, name)
+            cert = model.certify(x, e, chosen.name, norm)
+            out["gives_radius"] &= cert.gives_radius
+            out["by"] += cert.by
             out["pred"].append(cert.pred.cpu())
             out["certified"].append(cert.certified.cpu())
             out["radius"].append(cert.radius.cpu())
             out["seconds"] += time.perf_counter() - start
     model.train(was_training)
-    reports = [_report(model, name, e, data.y, out) for e, out in zip(radii, outcomes,
-                                                                       strict=True)]
+    reports = [_report(model, chosen.name, norm, e, data.y, out)
+               for e, out in zip(radii, outcomes, strict=True)]
     return reports[0] if single else reports
 
 
-def _report(model: CertifiedModel, certifier: str, eps: float, labels: torch.Tensor,
-            outcome: dict[str, Any]) -> Report:
+def _report(model: CertifiedModel, certifier: str, norm: str, eps: float,
+            labels: torch.Tensor, outcome: dict[str, Any]) -> Report:
     pred, certified = torch.cat(outcome["pred"]), torch.cat(outcome["certified"])
     radius = torch.cat(outcome["radius"])
     correct = pred == labels
     finite = radius.clamp_max(torch.finfo(radius.dtype).max)
     q = torch.quantile(finite.double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))
+    by = outcome["by"]
+    counts: dict[str, int] = {}
+    for name in by:
+        if name:
+            counts[name] = counts.get(name, 0) + 1
     return Report(
-        method=model.method, certifier=certifier, norm=model.norm, eps=float(eps),
+        method=model.method, certifier=certifier, norm=norm, eps=float(eps),
         n=len(labels), clean_accuracy=float(correct.float().mean()),
         vra=float((correct & certified).float().mean()),
-        bottom_rate=float((~certified).float().mean()), seconds=outcome["seconds"],
+        abstain_rate=float((~certified).float().mean()), seconds=outcome["seconds"],
         radius_quantiles={"p10": float(q[0]), "p50": float(q[1]), "p90": float(q[2])},
-        labels=labels.clone(), pred=pred, certified=certified, radius=radius)
+        gives_radius=outcome["gives_radius"], certified_by=counts,
+        labels=labels.clone(), pred=pred, certified=certified, radius=radius, by=by)
 
 
 #: Fields that several radii share in :func:`reports_to_dict`.
@@ -174,5 +200,5 @@ def summary_table(reports: Sequence[Report]) -> str:
              f"{len(reports)} radii in {seconds:.2f} s",
              f"{'eps':>8}  {'clean %':>8}  {'VRA %':>8}  {'abstain %':>9}"]
     lines += [f"{r.eps:>8g}  {100 * r.clean_accuracy:>8.2f}  {100 * r.vra:>8.2f}  "
-              f"{100 * r.bottom_rate:>9.2f}" for r in reports]
+              f"{100 * r.abstain_rate:>9.2f}" for r in reports]
     return "\n".join(lines)

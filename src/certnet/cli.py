@@ -19,6 +19,9 @@ from certnet.config import TrainConfig
 from certnet.errors import CertnetError, ConfigError
 
 PRESET_DIR = Path(__file__).parent / "configs"
+#: The built-in certifiers (certnet.certifiers), named here so --help needs no torch;
+#: `certnet methods` lists the registry itself.
+CERTIFIER_NAMES = ("best", "crown", "crown-ibp", "ibp", "lipschitz")
 
 
 def default_threads() -> int:
@@ -64,6 +67,19 @@ _positive_int = _number(int, 1)
 _natural = _number(int, 0)
 
 
+def _method_arg(text: str) -> tuple[str, Any]:
+    """argparse type: KEY=VALUE, the value read as YAML (``loss=trades``, ``slope=zero``)."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        raise argparse.ArgumentTypeError(f"{text!r}: the value is not valid YAML") from err
+
+
 def _eps_list(text: str) -> list[float]:
     """argparse type: one radius or a comma-separated list of them (finite, >= 0)."""
     items = [item.strip() for item in text.split(",")]
@@ -92,18 +108,20 @@ def cmd_train(args: argparse.Namespace) -> int:
             {**saved, **{k: v for k, v in overrides.items() if v is not None}})
     else:
         config = TrainConfig.from_dict({k: v for k, v in overrides.items() if v is not None})
-    if args.loss:
-        config = dataclasses.replace(config,
-                                     method_kwargs={**config.method_kwargs, "loss": args.loss})
+    if args.method_arg:
+        config = TrainConfig.from_dict({**config.to_dict(), "method_kwargs": {
+            **config.method_kwargs, **dict(args.method_arg)}})
     trainer = Trainer(config, args.out, resume=args.resume, progress=not args.quiet)
     trainer.fit()
     report = trainer.report or evaluate(trainer.model, trainer.test_data, config.eps)
-    report.plot_curve(Path(args.out) / "certified_accuracy.png")
+    files = ["model", "metrics.jsonl", "results.json"]
+    if report.plot_curve(Path(args.out) / "certified_accuracy.png"):
+        files.append("certified_accuracy.png")
     write_json(Path(args.out) / "results.json",
                {**report.to_dict(), "dataset": config.dataset, "epochs": config.epochs,
                 "lipschitz": trainer.model.lipschitz_report()})
     print(report.summary())
-    print(f"model, metrics.jsonl, results.json and certified_accuracy.png are in {args.out}")
+    print(f"{', '.join(files[:-1])} and {files[-1]} are in {args.out}")
     return 0
 
 
@@ -145,7 +163,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
     model, data, eps, dataset = _load_eval(args)
     radii = eps if isinstance(eps, list) else [float(eps)]
     reports = evaluate(model, data, radii, certifier=args.certifier,
-                       batch_size=args.batch_size)
+                       batch_size=args.batch_size, norm=args.norm)
     print(reports[0].summary() if len(reports) == 1 else summary_table(reports), flush=True)
     lipschitz = model.lipschitz_report()
     print(_lipschitz_line(lipschitz))
@@ -155,8 +173,10 @@ def cmd_certify(args: argparse.Namespace) -> int:
                                "lipschitz": lipschitz})
     if args.per_point:
         reports[0].write_per_point(args.per_point)
-    if args.curve:
-        reports[0].plot_curve(args.curve)
+    if args.curve and not reports[0].plot_curve(args.curve):
+        print(f"note: no curve written: the {reports[0].certifier} certificate proves eps or "
+              "nothing, not a radius per point (use --certifier lipschitz for radii)",
+              file=sys.stderr)
     return 0
 
 
@@ -176,8 +196,10 @@ def cmd_attack(args: argparse.Namespace) -> int:
     model, data, eps, dataset = _load_eval(args)
     eps = float(eps)
     result = attack_report(model, data.x, data.y, eps, steps=args.steps, restarts=args.restarts,
-                           batch_size=args.batch_size, progress=True)
-    print(f"{model.method} {model.norm} eps={eps:g} n={result['n']}: clean accuracy "
+                           batch_size=args.batch_size, progress=True,
+                           certifier=args.certifier, norm=args.norm)
+    print(f"{model.method}/{result['certifier']} {result['norm']} eps={eps:g} n={result['n']}: "
+          f"clean accuracy "
           f"{100 * result['clean_accuracy']:.2f}%  PGD robust accuracy "
           f"{100 * result['robust_accuracy']:.2f}%  VRA {100 * result['vra']:.2f}%  "
           f"certified points flipped: {result['flipped_certified']}")
@@ -203,6 +225,29 @@ def cmd_info(args: argparse.Namespace) -> int:
     info["layers"] = [spec["type"] for spec in config["layers"]]
     info["lipschitz"] = model.lipschitz_report()  # the costly part, last
     print(json.dumps(info, indent=2))
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    """Methods with their options (--method-arg), scheduled loss weights and default
+    certifier; then the certifiers."""
+    import inspect
+
+    from certnet.certifiers import CERTIFIERS
+    from certnet.methods import METHODS
+
+    def options(fn, skip):
+        return ", ".join(f"{p.name}={p.default!r}" for p in
+                         inspect.signature(fn).parameters.values() if p.name not in skip) or "-"
+    for name, cls in sorted(METHODS.items()):
+        print(f"{name}  (norm {cls.norm}, default certifier {cls.default_certifier}, "
+              f"init {cls.init})")
+        skip = ("self", "layers", "input_shape", "num_classes")
+        print(f"    --method-arg: {options(cls.__init__, skip)}")
+        print(f"    loss_schedules: {options(cls.loss, ('self', 'x', 'y', 'eps'))}")
+    kinds = {True: "radius", False: "eps or nothing"}
+    print("certifiers:", ", ".join(f"{c.name} ({kinds[c.gives_radius]})" for c in
+                                   sorted(CERTIFIERS.values(), key=lambda c: c.cost)))
     return 0
 
 
@@ -278,8 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     override("--batch-size", "training batch size", type=_positive_int, metavar="B")
     override("--lr", "Adam learning rate (times the config's lr_schedule)",
              type=_positive_float, metavar="LR")
-    train.add_argument("--loss", metavar="NAME", help="method loss (GloRo: ce, trades, emma; "
-                       "default: the config's method_kwargs, else ce)")
+    train.add_argument("--method-arg", metavar="KEY=VALUE", type=_method_arg, action="append",
+                       help="a keyword argument of the method (repeatable; e.g. loss=trades "
+                       "for GloRo, slope=zero for IBP); `certnet methods` lists them")
     override("--seed", "random seed (initialisation, data order)", type=int, metavar="S")
     override("--eval-every", "sound test evaluation every K epochs (0: after the last only)",
              type=_natural, metavar="K")
@@ -309,14 +355,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="auto", metavar="D",
                        help="auto (CUDA if available), cpu, cuda or cuda:N")
         p.add_argument("--json", metavar="FILE", help="write the results as JSON to this file")
+        p.add_argument("--certifier", metavar="NAME",
+                       help="certificate to use: " + ", ".join(CERTIFIER_NAMES) +
+                       " (best: every one that applies, per point) (default: the model's; "
+                       "GloRo: lipschitz, IBP/CROWN-IBP: ibp)")
+        p.add_argument("--norm", choices=("l2", "linf"), help="threat model (default: the "
+                       "model's training norm)")
         p.set_defaults(func=func)
         if name == "certify":
             p.add_argument("--eps", type=_eps_list, metavar="E[,E...]",
                            help="radius, or comma-separated radii certified in one pass "
                            "(e.g. 0.1,0.3,0.5: a table, and --json lists them under "
                            "'results') (default: the checkpoint's eps)")
-            p.add_argument("--certifier", metavar="NAME", help="certificate to use (default: "
-                           "the method's first; GloRo: lipschitz)")
             p.add_argument("--per-point", metavar="FILE.csv", help="write a per-point CSV "
                            "(label, prediction, certified, radius) here; with several --eps, at "
                            "the first")
@@ -340,6 +390,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "metrics and Lipschitz estimate vs sound bound as JSON.")
     info.add_argument("model", help="checkpoint directory")
     info.set_defaults(func=cmd_info)
+
+    methods = sub.add_parser("methods", help="list the methods, their options and the "
+                             "certifiers", description="List the registered methods (their "
+                             "--method-arg options, scheduled loss weights and default "
+                             "certifier) and the certifiers.")
+    methods.set_defaults(func=cmd_methods)
 
     presets = sub.add_parser("presets", help="list the bundled YAML presets",
                              description="List the bundled YAML presets with their "

@@ -20,6 +20,7 @@ from certnet.errors import ConfigError
 from certnet.schedules import Ramp
 
 AUGMENTATIONS = ("none", "crop-flip")
+OPTIMIZERS = ("adam", "sgd")
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", dict: "a mapping",
                type(None): "null"}
 
@@ -32,7 +33,9 @@ class TrainConfig:
     ``eps_schedule``. ``lr_schedule`` multiplies ``lr``; ``loss_schedules`` gives extra
     keyword arguments of the method's loss (e.g. ``trades_lambda``) as schedules.
     ``method_kwargs`` and ``arch_kwargs`` are keyword arguments of the method class and of the
-    architecture function.
+    architecture function. ``init`` overrides the method's initialisation (``archs.INITS``);
+    ``optimizer_kwargs`` go to the optimizer (Adam: betas, eps; SGD: momentum, nesterov);
+    ``grad_clip`` clips the gradient's global l2 norm.
     """
 
     method: str = "gloro"
@@ -49,6 +52,10 @@ class TrainConfig:
     lr: float = 1e-3
     lr_schedule: Any = 1.0
     weight_decay: float = 0.0
+    optimizer: str = "adam"
+    optimizer_kwargs: dict[str, Any] = field(default_factory=dict)
+    grad_clip: float | None = None
+    init: str | None = None
     loss_schedules: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     eval_every: int = 1
@@ -58,7 +65,9 @@ class TrainConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        from certnet.archs import ARCHS  # these import torch: only once a config is built
+        import torch
+
+        from certnet.archs import ARCHS, INITS  # these import torch: only once a config is built
         from certnet.methods import get_method
         from certnet.methods.base import check_eps
 
@@ -70,6 +79,15 @@ class TrainConfig:
             raise ConfigError(f"unknown augmentation {self.augment!r}; choose {AUGMENTATIONS}")
         if self.arch not in ARCHS:
             raise ConfigError(f"unknown architecture {self.arch!r}; choose from {sorted(ARCHS)}")
+        if self.init is not None and self.init not in INITS:
+            raise ConfigError(f"unknown init {self.init!r}; choose from {sorted(INITS)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose {OPTIMIZERS}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ConfigError(f"grad_clip must be positive, got {self.grad_clip!r}")
+        optimizer_class = torch.optim.Adam if self.optimizer == "adam" else torch.optim.SGD
+        check_kwargs("optimizer_kwargs", optimizer_class.__init__, self.optimizer_kwargs,
+                     ("self", "params", "lr", "weight_decay"))
         check_kwargs("method_kwargs", get_method(self.method).__init__, self.method_kwargs,
                      ("self", "layers", "input_shape", "num_classes"))
         check_kwargs("arch_kwargs", ARCHS[self.arch], self.arch_kwargs,

@@ -3,7 +3,9 @@
 A :class:`Ramp` holds ``start`` until progress ``begin``, moves to ``end`` by ``finish`` along
 ``shape`` and holds ``end`` after. Progress is (epoch + step / steps) / epochs in [0, 1].
 Shapes: ``linear``; ``log`` (GloRo's log ramp, v = log(e^a + (e^b - e^a) t)); ``exp``
-(geometric, GloRo's "decay_to"); ``cosine``; ``constant``.
+(geometric, GloRo's "decay_to"); ``cosine``; ``smooth`` (the "smoothed" eps ramp of CROWN-IBP /
+Shi et al. 2021: polynomial t^4 growth over the first quarter, then linear, joined with a
+continuous slope); ``constant``.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from typing import Any
 
 from certnet.errors import ConfigError
 
-SHAPES = ("constant", "linear", "log", "exp", "cosine")
+SHAPES = ("constant", "linear", "log", "exp", "cosine", "smooth")
+#: The smooth ramp's polynomial phase: exponent and the fraction of the ramp it lasts.
+SMOOTH_POWER, SMOOTH_PHASE = 4, 0.25
 
 
 @dataclass(frozen=True)
@@ -63,4 +67,16 @@ class Ramp:
             return math.log(math.exp(a) + (math.exp(b) - math.exp(a)) * t)
         if self.shape == "exp":
             return a * (b / a) ** t
+        if self.shape == "smooth":
+            return a + (b - a) * smooth_ramp(t)
         return b + (a - b) * (1 + math.cos(math.pi * t)) / 2
+
+
+def smooth_ramp(t: float) -> float:
+    """0 -> 1 on [0, 1]: c (t / m)^k for t <= m, then the line to (1, 1); c = m / (k (1 - m) + m)
+    makes value and slope continuous at m (m = SMOOTH_PHASE, k = SMOOTH_POWER)."""
+    k, m = SMOOTH_POWER, SMOOTH_PHASE
+    c = m / (k * (1 - m) + m)
+    if t <= m:
+        return c * (t / m) ** k
+    return c + (1 - c) * (t - m) / (1 - m)

@@ -75,9 +75,17 @@ def resolve_device(name: str) -> torch.device:
 
 def build_model(config: TrainConfig, input_shape: tuple[int, ...],
                 num_classes: int) -> CertifiedModel:
+    method = get_method(config.method)
     layers = build_arch(config.arch, input_shape, num_classes, seed=config.seed,
-                        **config.arch_kwargs)
-    return get_method(config.method)(layers, input_shape, num_classes, **config.method_kwargs)
+                        init=config.init or method.init, **config.arch_kwargs)
+    return method(layers, input_shape, num_classes, **config.method_kwargs)
+
+
+def build_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """Adam or SGD over the model's parameters with the config's settings."""
+    kind = torch.optim.Adam if config.optimizer == "adam" else torch.optim.SGD
+    return kind(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                **config.optimizer_kwargs)
 
 
 class Trainer:
@@ -105,8 +113,7 @@ class Trainer:
         except TypeError as err:
             raise ConfigError(f"loss_schedules {sorted(config.loss_schedules)} do not fit "
                               f"the {config.method} loss: {err}") from err
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr,
-                                          weight_decay=config.weight_decay)
+        self.optimizer = build_optimizer(config, self.model)
         self.start_epoch = 0
         self.report: Report | None = None
         if resume:
@@ -188,6 +195,7 @@ class Trainer:
                 for group in self.optimizer.param_groups:
                     group["lr"] = cfg.lr * cfg.lr_schedule(progress)
                 extra = {k: v(progress) for k, v in cfg.loss_schedules.items()}
+                self.model.on_progress(progress)
                 idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
                 x = x_all[idx]
                 if cfg.augment == "crop-flip":
@@ -196,6 +204,8 @@ class Trainer:
                 loss, stats = self.model.loss(x, y, eps, **extra)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if cfg.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
                 self.optimizer.step()
                 n = len(y)
                 totals["n"] += n
@@ -215,7 +225,7 @@ class Trainer:
             if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
                 report = self.report = evaluate(self.model, self.test_data, cfg.eps)
                 record.update(test_clean=report.clean_accuracy, test_vra=report.vra,
-                              test_bottom=report.bottom_rate)
+                              test_abstain=report.abstain_rate)
             self._checkpoint(epoch, record)
             self.start_epoch = epoch + 1
             with open(metrics_path, "a") as f:

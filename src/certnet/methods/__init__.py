@@ -7,7 +7,8 @@ from certnet.methods.base import (
     get_method,
     register_method,
 )
+from certnet.methods.bound_prop import CrownIBPNet, IBPNet
 from certnet.methods.gloro import GloroNet
 
-__all__ = ["METHODS", "Certificate", "CertifiedModel", "GloroNet", "get_method",
-           "register_method"]
+__all__ = ["METHODS", "Certificate", "CertifiedModel", "CrownIBPNet", "GloroNet", "IBPNet",
+           "get_method", "register_method"]

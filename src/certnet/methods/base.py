@@ -7,44 +7,40 @@ checkpoint format and the CLI then serve it unchanged.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+import warnings
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from certnet.errors import ConfigError, InputError
+from certnet.certifiers.base import Certificate, check_inputs
+from certnet.errors import ConfigError
+from certnet.nn.integrity import Float64Twin, check_plain
+from certnet.threat import Norm, check_eps
 
-Norm = Literal["l2", "linf"]
-
-
-@dataclass
-class Certificate:
-    """Per-point outcome of a certifier on one batch.
-
-    ``certified[i]`` is True only if no x' with ||x' - x_i|| <= eps changes ``pred[i]``;
-    ``radius[i]`` is a radius this certifier proves (0 where none), rounded down:
-    ``certified[i]`` is ``radius[i] > eps`` for certifiers that compute radii.
-    """
-
-    pred: torch.Tensor
-    certified: torch.Tensor
-    radius: torch.Tensor
+__all__ = ["METHODS", "Certificate", "CertifiedModel", "check_eps", "check_inputs",
+           "get_method", "register_method"]
 
 
 class CertifiedModel(nn.Module):
-    """Base class: plain logits from ``forward``, a robust training ``loss`` and a sound
-    ``certify``. Subclasses set ``method`` and ``norm`` and list their certifiers."""
+    """Base class: plain logits from ``forward`` (the network is ``self.layers``, an
+    ``nn.Sequential`` from inputs to logits), a robust training ``loss`` and ``certify``, a thin
+    front of :func:`certnet.certifiers.certify`. Subclasses set ``method``, their training
+    ``norm`` (the default threat model, not the only one), ``default_certifier`` and ``init``."""
 
     method: ClassVar[str] = ""
     norm: ClassVar[Norm] = "l2"
-    #: certifier name -> method name on the class; the first one is the default.
-    certifiers: ClassVar[dict[str, str]] = {}
+    #: Initialisation of freshly built layers (a ``certnet.archs.INITS`` name).
+    init: ClassVar[str] = "orthogonal"
+    #: Name of the certifier ``certify`` uses when none is given (certnet.certifiers).
+    default_certifier: ClassVar[str] = "best"
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int) -> None:
         super().__init__()
         self.input_shape = tuple(input_shape)
         self.num_classes = num_classes
+        self._twins: dict[str, Float64Twin] = {}
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, eps: float, **schedule: float
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -55,15 +51,27 @@ class CertifiedModel(nn.Module):
         GloRo's ``trades_lambda``)."""
         raise NotImplementedError
 
-    def certify(self, x: torch.Tensor, eps: float, certifier: str | None = None) -> Certificate:
-        """Sound certificate for every point of the batch at radius ``eps``."""
-        name = certifier or next(iter(self.certifiers))
-        if name not in self.certifiers:
-            raise ConfigError(f"unknown certifier {name!r} for method {self.method}; "
-                              f"choose from {sorted(self.certifiers)}")
-        check_inputs(x, self.input_shape)
-        check_eps(eps)
-        return getattr(self, self.certifiers[name])(x, eps)
+    def certify(self, x: torch.Tensor, eps: float, certifier: str | None = None,
+                norm: str | None = None) -> Certificate:
+        """Sound certificate for every point of the batch at radius ``eps`` in ``norm`` (default:
+        the training norm) by ``certifier`` (default: ``default_certifier``)."""
+        from certnet.certifiers import certify
+
+        return certify(self, x, eps, certifier, norm)
+
+    def float64_copy(self, key: str, derive: Callable[[nn.Sequential], Any]) -> Float64Twin:
+        """A float64 eval-mode copy of ``self.layers`` and ``derive(copy)`` for certifiers,
+        cached under ``key`` and rebuilt whenever any weight, buffer or attribute differs from
+        the copy (compared exactly on every call); hooks and patched forwards are refused."""
+        check_plain(self)
+        twin = self._twins.get(key)
+        if twin is None or not twin.matches(self.layers):
+            twin = self._twins[key] = Float64Twin(self.layers, derive)
+        return twin
+
+    def on_progress(self, progress: float) -> None:
+        """Called by the Trainer before every step with the training progress in [0, 1], for
+        schedules a model keeps itself (e.g. the p of l_p-dist neurons)."""
 
     def method_config(self) -> dict[str, Any]:
         """JSON-serialisable constructor arguments besides the layers (saved in config.json)."""
@@ -74,35 +82,15 @@ class CertifiedModel(nn.Module):
         return {}
 
 
-def check_eps(eps: float) -> None:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps >= 0) or \
-            eps == float("inf"):
-        raise InputError(f"epsilon must be a finite number >= 0, got {eps!r}")
-
-
-def check_inputs(x: torch.Tensor, input_shape: tuple[int, ...]) -> None:
-    """Refuse anything that is not a non-empty float batch of pixels in [0, 1]."""
-    if not isinstance(x, torch.Tensor):
-        raise InputError(f"expected a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise InputError(f"expected a floating-point tensor, got dtype {x.dtype}")
-    if x.dim() != len(input_shape) + 1 or tuple(x.shape[1:]) != tuple(input_shape):
-        raise InputError(f"expected input of shape (B, {', '.join(map(str, input_shape))}), "
-                         f"got {tuple(x.shape)}")
-    if x.shape[0] == 0:
-        raise InputError("empty batch")
-    if not torch.isfinite(x).all():
-        raise InputError("input contains NaN or Inf")
-    if x.min() < 0 or x.max() > 1:
-        raise InputError(f"pixels must lie in [0, 1] (epsilon is measured there); got range "
-                         f"[{float(x.min()):.4g}, {float(x.max()):.4g}]")
-
-
 METHODS: dict[str, type[CertifiedModel]] = {}
 
 
 def register_method(cls: type[CertifiedModel]) -> type[CertifiedModel]:
-    """Class decorator: make a method reachable by name from configs and the CLI."""
+    """Class decorator: make a method reachable by name from configs and the CLI (a name
+    registered twice warns; the later one wins)."""
+    if cls.method in METHODS and METHODS[cls.method] is not cls:
+        warnings.warn(f"method {cls.method!r} registered twice; the later one wins",
+                      stacklevel=2)
     METHODS[cls.method] = cls
     return cls
 

@@ -5,75 +5,38 @@ The network f = head o body gets an extra logit (Eq. 5 of the paper)
     y_bot = max_{i != j} y_i + eps * K_ij,   j = argmax y,   K_ij = ||w_j - w_i||_2 * Lip(body),
 
 so ``argmax [y, y_bot] == j`` proves that no x' with ||x' - x||_2 <= eps changes the prediction.
-Training uses power-iteration estimates of Lip(body); :meth:`certify_lipschitz` uses only the
-sound float64 bounds of :mod:`certnet.nn.spectral`, a float64 forward pass whose rounding is
-bounded (:mod:`certnet.nn.rounding`), and treats ties as not certified.
+Training uses power-iteration estimates of Lip(body); certification is the shared ``lipschitz``
+certifier (:mod:`certnet.certifiers.lipschitz`: sound float64 bounds only, rounding bounded,
+ties never certified), and any other certifier that applies (e.g. CROWN in l_inf).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from certnet.certifiers.lipschitz import GAP_SLACK, SoundConstants, pairwise_lipschitz
 from certnet.errors import ConfigError
-from certnet.methods.base import Certificate, CertifiedModel, register_method
-from certnet.nn.integrity import Float64Twin, check_plain
+from certnet.methods.base import CertifiedModel, register_method
 from certnet.nn.lipschitz import (
     LipschitzLinear,
-    check_bounded,
+    check_gloro_layer,
     convert_sequential,
-    layer_bound,
     layer_estimate,
     product,
     trace_shapes,
 )
-from certnet.nn.rounding import float64_forward
-from certnet.nn.spectral import BOUND_SLACK
+
+__all__ = ["GAP_SLACK", "GloroNet", "SoundConstants", "bottom_logit", "pairwise_lipschitz",
+           "shifted_logits"]
 
 LossName = Literal["ce", "trades", "emma"]
 LOSSES = ("ce", "trades", "emma")
-#: Relative slack on logit gaps at certification time, on top of the rigorous bound on the
-#: float64 forward pass's rounding: covers the final subtractions, and float32 evaluation of
-#: ordinary networks, with a wide margin.
-GAP_SLACK = 1e-5
 #: Power iterations (from the stored iterates) behind the estimate in ``lipschitz_report``.
 REPORT_ITERATIONS = 20
-
-
-def pairwise_lipschitz(head_weight: torch.Tensor, body_lipschitz: torch.Tensor) -> torch.Tensor:
-    """K_ij = ||w_i - w_j||_2 * Lip(body): the Lipschitz constant of y_i - y_j (paper Eq. 4).
-    The norms are taken of rows rescaled by the largest weight, so they do not underflow."""
-    scale = head_weight.detach().abs().max().clamp_min(torch.finfo(head_weight.dtype).tiny)
-    diff = (head_weight.unsqueeze(0) - head_weight.unsqueeze(1)) / scale
-    return diff.norm(dim=-1) * scale * body_lipschitz
-
-
-@dataclass
-class SoundConstants:
-    """Sound float64 Lipschitz bounds of a GloRo net: per layer, of the body, pairwise K."""
-
-    layers: list[torch.Tensor]
-    body: torch.Tensor
-    pairwise: torch.Tensor
-
-    @classmethod
-    @torch.no_grad()
-    def of(cls, layers: nn.Sequential) -> SoundConstants:
-        bounds = [layer_bound(m) for m in layers]
-        body = product(bounds[:-1])
-        pairwise = pairwise_lipschitz(layers[-1].weight.double(), body) * (1 + BOUND_SLACK)
-        return cls(bounds, body, pairwise)
-
-
-def _round_down_float32(value: torch.Tensor) -> torch.Tensor:
-    """float64 -> float32 rounding toward zero (values >= 0), so a radius never grows."""
-    down = value.float()
-    return torch.where(down.double() > value, torch.nextafter(down, torch.zeros_like(down)),
-                       down)
 
 
 def shifted_logits(logits: torch.Tensor, lipschitz: torch.Tensor, eps: torch.Tensor | float,
@@ -97,7 +60,7 @@ class GloroNet(CertifiedModel):
 
     method = "gloro"
     norm = "l2"
-    certifiers = {"lipschitz": "certify_lipschitz"}
+    default_certifier = "lipschitz"
 
     def __init__(self, layers: nn.Sequential, input_shape: tuple[int, ...], num_classes: int,
                  power_iterations: int = 10, loss: LossName = "ce") -> None:
@@ -107,12 +70,11 @@ class GloroNet(CertifiedModel):
         if loss not in LOSSES:
             raise ConfigError(f"unknown GloRo loss {loss!r}; choose from {LOSSES}")
         for layer in layers[:-1]:
-            check_bounded(layer)
+            check_gloro_layer(layer)
         if trace_shapes(layers, input_shape) != (num_classes,):
             raise ConfigError(f"a GloRo net must map inputs {tuple(input_shape)} to "
                               f"{num_classes} logits (flatten before the linear layers)")
         self.layers = layers
-        self._twin: Float64Twin | None = None
         self.power_iterations = power_iterations
         self.loss_name = loss
 
@@ -160,10 +122,7 @@ class GloroNet(CertifiedModel):
     def sound_constants(self) -> SoundConstants:
         """Sound float64 bounds, computed on a float64 copy of the layers and recomputed
         whenever any weight or attribute has changed since (checked on every call)."""
-        check_plain(self)
-        if self._twin is None or not self._twin.matches(self.layers):
-            self._twin = Float64Twin(self.layers, SoundConstants.of)
-        return self._twin.derived
+        return self.float64_copy("lipschitz", SoundConstants.of).derived
 
     def sound_lipschitz(self) -> torch.Tensor:
         """Pairwise K in float64 from guaranteed upper bounds only."""
@@ -200,28 +159,6 @@ class GloroNet(CertifiedModel):
             pred = augmented.argmax(1)
             stats = {"clean": logits.argmax(1) == y, "robust": pred == y}
         return loss, stats
-
-    # -- certification -------------------------------------------------------------------------
-    @torch.no_grad()
-    def certify_lipschitz(self, x: torch.Tensor, eps: float) -> Certificate:
-        """Sound certificate of the exact-arithmetic network: a float64 forward pass whose
-        rounding is bounded rigorously (:mod:`certnet.nn.rounding`), sound float64 K, and
-        radius = min_i (lower bound on the gap y_j - y_i) / K_ji, rounded down. A pair whose
-        K or gap is zero, NaN or infinite proves nothing (radius 0)."""
-        sound = self.sound_constants()
-        logits, error = float64_forward(self._twin.layers, x, sound.layers)
-        pred = logits.argmax(1)
-        top = logits.gather(1, pred.unsqueeze(1))
-        # |error of y_j - y_i| <= |d_j| + |d_i| <= 2 ||d||_2 <= 2 E
-        gap = top - logits - GAP_SLACK * (1 + top.abs() + logits.abs()) - 2 * error[:, None]
-        k = sound.pairwise[pred]
-        others = torch.ones_like(gap, dtype=torch.bool).scatter(1, pred.unsqueeze(1), False)
-        valid = torch.isfinite(gap) & torch.isfinite(k) & (k > 0)
-        pair_radius = torch.where(valid, gap / torch.where(valid, k, 1.0), 0.0).clamp_min(0)
-        radius = torch.where(others, pair_radius, float("inf")).min(1).values
-        radius = torch.nextafter(radius, torch.zeros_like(radius))  # the division rounds
-        return Certificate(pred=pred, certified=radius > eps,
-                           radius=_round_down_float32(radius))
 
     def lipschitz_report(self) -> dict[str, float]:
         """Power-iteration estimate (``REPORT_ITERATIONS`` steps from the stored iterates)

@@ -54,11 +54,13 @@ def _tensors(m: nn.Module) -> dict[str, torch.Tensor]:
 
 
 class Float64Twin:
-    """A float64 deep copy of ``layers`` and ``derive(copy)``, valid while ``layers`` still
-    has the same types, attributes and weights (compared exactly, on every use)."""
+    """A float64 deep copy of ``layers`` in eval mode (certificates are about the network at
+    inference: BatchNorm with its running statistics) and ``derive(copy)``, valid while
+    ``layers`` still has the same types, attributes and weights (compared exactly, on every
+    use; the train/eval mode is not compared)."""
 
     def __init__(self, layers: nn.Sequential, derive: Callable[[nn.Sequential], Any]) -> None:
-        self.layers = copy.deepcopy(layers).double()
+        self.layers = copy.deepcopy(layers).double().eval()
         self.derived = derive(self.layers)
 
     def matches(self, layers: nn.Sequential) -> bool:

@@ -230,22 +230,62 @@ def register_lipschitz_layer(cls: type[nn.Module]) -> type[nn.Module]:
     return cls
 
 
+def batchnorm_affine(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (scale, shift) in float64 of an eval-mode BatchNorm: y = x * scale + shift.
+    A BatchNorm without running statistics depends on the batch and has no such form."""
+    if not m.track_running_stats or m.running_var is None:
+        raise UnsupportedLayerError("BatchNorm without running statistics normalises by the "
+                                    "batch: it is not one function of each input")
+    var, mean = m.running_var.detach().double(), m.running_mean.detach().double()
+    scale = 1 / torch.sqrt(var + m.eps)
+    if m.weight is not None:
+        scale = scale * m.weight.detach().double()
+    shift = -mean * scale
+    if m.bias is not None:
+        shift = shift + m.bias.detach().double()
+    return scale, shift
+
+
+def _batchnorm_bound(m: nn.Module) -> torch.Tensor:
+    # a diagonal map: its norm is the largest |scale|, computed with a few roundings
+    return batchnorm_affine(m)[0].abs().max() * (1 + 8 * FLOAT64_UNIT_ROUNDOFF)
+
+
+#: Foreign exact types (not ours to give methods) and their sound bound, evaluated in eval
+#: mode (certificates always use the model in eval mode).
+BOUND_FUNCTIONS = {nn.BatchNorm1d: _batchnorm_bound, nn.BatchNorm2d: _batchnorm_bound}
+
+
 def check_bounded(module: nn.Module) -> None:
     """Raise :class:`UnsupportedLayerError` unless the layer's exact type has a known bound."""
-    if type(module) not in LIPSCHITZ_LAYERS and type(module) not in ONE_LIPSCHITZ:
+    if type(module) not in LIPSCHITZ_LAYERS and type(module) not in ONE_LIPSCHITZ and \
+            type(module) not in BOUND_FUNCTIONS:
         raise UnsupportedLayerError(
             f"no known Lipschitz bound for layer {type(module).__name__}")
+
+
+def check_gloro_layer(module: nn.Module) -> None:
+    """A layer GloRo can train: a known bound that holds in training too (BatchNorm's bound
+    holds only for its running statistics, not for the batch statistics it trains with)."""
+    check_bounded(module)
+    if type(module) in BOUND_FUNCTIONS:
+        raise UnsupportedLayerError(f"GloRo cannot train through {type(module).__name__}: its "
+                                    "training-mode function is not the one its bound covers")
 
 
 def layer_estimate(module: nn.Module, iterations: int) -> torch.Tensor | float:
     """Power-iteration estimate of one layer's l2 Lipschitz constant (1.0 for 1-Lipschitz ops)."""
     check_bounded(module)
+    if type(module) in BOUND_FUNCTIONS:
+        return BOUND_FUNCTIONS[type(module)](module).to(module.weight.dtype)
     return module.lipschitz_estimate(iterations) if type(module) in LIPSCHITZ_LAYERS else 1.0
 
 
 def layer_bound(module: nn.Module) -> torch.Tensor:
     """Sound float64 upper bound on one layer's l2 Lipschitz constant."""
     check_bounded(module)
+    if type(module) in BOUND_FUNCTIONS:
+        return BOUND_FUNCTIONS[type(module)](module)
     if type(module) in LIPSCHITZ_LAYERS:
         return module.lipschitz_bound()
     return torch.ones((), dtype=torch.float64)
@@ -254,10 +294,12 @@ def layer_bound(module: nn.Module) -> torch.Tensor:
 def trace_shapes(model: nn.Sequential, input_shape: tuple[int, ...]) -> tuple[int, ...]:
     """Run a dummy input through ``model``: every conv records its true input shape and every
     layer must accept what the previous one produces (else :class:`ConfigError`). Returns
-    the shape of one output."""
+    the shape of one output. Runs in eval mode, so BatchNorm statistics stay untouched."""
     param = next(model.parameters(), None)
     x = torch.zeros(1, *input_shape) if param is None else \
         torch.zeros(1, *input_shape, dtype=param.dtype, device=param.device)
+    was_training = model.training
+    model.eval()
     with torch.no_grad():
         for i, layer in enumerate(model):
             try:
@@ -265,8 +307,10 @@ def trace_shapes(model: nn.Sequential, input_shape: tuple[int, ...]) -> tuple[in
                     layer.set_input_shape(tuple(x.shape[1:]))
                 x = layer(x)
             except (InputError, RuntimeError) as err:
+                model.train(was_training)
                 raise ConfigError(f"layer {i} ({type(layer).__name__}) cannot take inputs of "
                                   f"shape {tuple(x.shape[1:])}: {err}") from err
+    model.train(was_training)
     return tuple(x.shape[1:])
 
 
@@ -312,7 +356,7 @@ def convert_sequential(model: nn.Sequential, input_shape: tuple[int, ...]) -> nn
                 raise UnsupportedLayerError(
                     f"{type(layer).__name__} is parametrized: remove its parametrizations "
                     "(torch.nn.utils.parametrize.remove_parametrizations) first")
-            check_bounded(layer)
+            check_gloro_layer(layer)
             layers.append(layer)
             continue
         params = dict(layer.named_parameters())

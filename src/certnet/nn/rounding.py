@@ -29,6 +29,7 @@ from certnet.nn.lipschitz import (
     LipschitzLinear,
     Normalize,
     ResidualConv2d,
+    batchnorm_affine,
 )
 from certnet.nn.spectral import FLOAT64_UNIT_ROUNDOFF, magnitude_bound
 
@@ -87,12 +88,30 @@ def _normalize(layer: Normalize, x: torch.Tensor, y: torch.Tensor) -> torch.Tens
     return 3 * FLOAT64_UNIT_ROUNDOFF * _norms(y)
 
 
+@register_rounding_rule(nn.BatchNorm1d)
+@register_rounding_rule(nn.BatchNorm2d)
+def _batchnorm(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    # y = x * a + c with a, c computed in a few float64 steps from the running statistics:
+    # each entry is off by at most 8u (|x a| + |m a| + |beta|) (generous for any order)
+    scale, shift = batchnorm_affine(layer)
+    mean_part = (layer.running_mean.double() * scale).abs()
+    beta = layer.bias.detach().double().abs() if layer.bias is not None else 0.0
+    positions = y[0, 0].numel() if y.dim() > 2 else 1
+    constant = (mean_part + beta).norm() * positions**0.5
+    return 8 * FLOAT64_UNIT_ROUNDOFF * (scale.abs().max() * _norms(x) + constant)
+
+
+def check_rounding(layer: nn.Module) -> None:
+    """UnsupportedLayerError unless the layer's exact type has a rounding rule."""
+    if type(layer) not in ONE_LIPSCHITZ and type(layer) not in ROUNDING_RULES:
+        raise UnsupportedLayerError(f"no rounding rule for layer {type(layer).__name__}")
+
+
 def rounding_error(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-point bound on the l2 rounding error of ``y = layer(x)`` computed in float64."""
+    check_rounding(layer)
     if type(layer) in ONE_LIPSCHITZ:
         return torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
-    if type(layer) not in ROUNDING_RULES:
-        raise UnsupportedLayerError(f"no rounding rule for layer {type(layer).__name__}")
     return ROUNDING_RULES[type(layer)](layer, x, y)
 
 

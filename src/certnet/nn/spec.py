@@ -45,6 +45,10 @@ register_layer("linear", LipschitzLinear, lambda m: {
     "in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None})
 register_layer("normalize", Normalize, lambda m: {
     "mean": m.mean.flatten().tolist(), "std": m.std.flatten().tolist()})
+register_layer("batchnorm2d", nn.BatchNorm2d, lambda m: {"num_features": m.num_features})
+register_layer("batchnorm1d", nn.BatchNorm1d, lambda m: {"num_features": m.num_features})
+register_layer("avgpool", nn.AvgPool2d, lambda m: {
+    "kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding})
 register_layer("relu", nn.ReLU)
 register_layer("minmax", MinMax)
 register_layer("flatten", nn.Flatten)

@@ -1,0 +1,350 @@
+"""One bound rule per layer type, dispatched by exact type (auto_LiRPA's ``operators/`` idea).
+
+A rule knows two things about its layer h -> z:
+
+* ``interval(m, inp)``: an interval containing z for every h in [inp.lo, inp.hi] (IBP, Gowal et
+  al. 2018, Eq. 6: centre/radius form for affine maps, endpoints for monotone activations);
+* ``backward(m, lam, inp, slope)``: given coefficients ``lam`` (B, S, *z.shape) of a linear lower
+  bound lam . z, coefficients on h and a constant (B, S) with lam . z >= lam_h . h + const
+  for every h in the interval (CROWN, Zhang et al. 2018, Thm 3.2; CROWN-IBP, Zhang et al. 2020).
+
+Affine layers use their *effective* weight (e.g. the folded residual conv). Convolutions go
+backward as transposed convolutions on the coefficient tensors, never as dense matrices.
+Adding a layer type is one :func:`register_bound_rule` call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from certnet.errors import UnsupportedLayerError
+from certnet.nn.activations import MinMax
+from certnet.nn.lipschitz import LipschitzConv2d, LipschitzLinear, Normalize, ResidualConv2d
+
+Slope = Literal["adaptive", "zero", "one", "same"]
+SLOPES = ("adaptive", "zero", "one", "same")
+
+
+@dataclass
+class LayerInput:
+    """What a layer sees: an interval [lo, hi] of its inputs and the unperturbed input."""
+
+    lo: torch.Tensor
+    hi: torch.Tensor
+    clean: torch.Tensor
+
+
+def _flat(lam: torch.Tensor, batch: int) -> torch.Tensor:
+    """(B, S, *shape) -> (B * S, *shape)."""
+    return lam.reshape(-1, *lam.shape[2:]) if lam.shape[0] == batch else lam.flatten(0, 1)
+
+
+class BoundRule:
+    """Interface of a layer's bound rules. Activation rules (``activation = True``) relax
+    using their input interval and say which neurons are ``unstable`` on it (where tighter
+    intermediate bounds would help)."""
+
+    activation: bool = False
+
+    def unstable(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(lo, dtype=torch.bool)
+
+    def interval(self, m: nn.Module, inp: LayerInput) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def backward(self, m: nn.Module, lam: torch.Tensor, inp: LayerInput, slope: Slope
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+class AffineRule(BoundRule):
+    """z = A h + b. Subclasses give A h (``linear``), |A| r (``linear_abs``), A^T lam
+    (``transpose``) and the bias (``bias``, broadcastable to z)."""
+
+    def linear(self, m: nn.Module, h: torch.Tensor, inp: LayerInput) -> torch.Tensor:
+        raise NotImplementedError
+
+    def linear_abs(self, m: nn.Module, r: torch.Tensor, inp: LayerInput) -> torch.Tensor:
+        raise NotImplementedError
+
+    def transpose(self, m: nn.Module, lam: torch.Tensor, inp: LayerInput) -> torch.Tensor:
+        raise NotImplementedError
+
+    def bias(self, m: nn.Module, inp: LayerInput) -> torch.Tensor | None:
+        return m.bias
+
+    def interval(self, m, inp):
+        center, radius = (inp.hi + inp.lo) / 2, (inp.hi - inp.lo) / 2
+        z = self.linear(m, center, inp)
+        bias = self.bias(m, inp)
+        if bias is not None:
+            z = z + bias
+        r = self.linear_abs(m, radius, inp)
+        return z - r, z + r
+
+    def backward(self, m, lam, inp, slope):
+        bias = self.bias(m, inp)
+        const = (lam * bias).flatten(2).sum(-1) if bias is not None else \
+            lam.new_zeros(lam.shape[:2])
+        return self.transpose(m, lam, inp), const
+
+
+class LinearRule(AffineRule):
+    def linear(self, m, h, inp):
+        return F.linear(h, m.weight)
+
+    def linear_abs(self, m, r, inp):
+        return F.linear(r, m.weight.abs())
+
+    def transpose(self, m, lam, inp):
+        return lam @ m.weight
+
+
+class ConvRule(AffineRule):
+    """Zero-padded convolution, any stride; the transpose is ``conv_transpose2d`` with the
+    output padding that restores the input size."""
+
+    @staticmethod
+    def weight(m: nn.Module) -> torch.Tensor:
+        return m.effective_weight() if hasattr(m, "effective_weight") else m.weight
+
+    def linear(self, m, h, inp):
+        return F.conv2d(h, self.weight(m), None, m.stride, m.padding)
+
+    def linear_abs(self, m, r, inp):
+        return F.conv2d(r, self.weight(m).abs(), None, m.stride, m.padding)
+
+    def bias(self, m, inp):
+        return None if m.bias is None else m.bias.view(-1, 1, 1)
+
+    def transpose(self, m, lam, inp):
+        weight = self.weight(m)
+        out_h, out_w = lam.shape[-2:]
+        in_h, in_w = inp.lo.shape[-2:]
+        pad = (out_h - 1) * m.stride[0] - 2 * m.padding[0] + weight.shape[-2]
+        pad_w = (out_w - 1) * m.stride[1] - 2 * m.padding[1] + weight.shape[-1]
+        flat = lam.reshape(-1, *lam.shape[2:])
+        back = F.conv_transpose2d(flat, weight, None, m.stride, m.padding,
+                                  output_padding=(in_h - pad, in_w - pad_w))
+        return back.view(*lam.shape[:2], *back.shape[1:])
+
+
+class ChannelAffineRule(AffineRule):
+    """z = h * scale + shift per channel (Normalize; BatchNorm)."""
+
+    def scale_shift(self, m: nn.Module, inp: LayerInput) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    @staticmethod
+    def _view(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return v.reshape(1, -1, *([1] * (like.dim() - 2)))
+
+    def linear(self, m, h, inp):
+        return h * self._view(self.scale_shift(m, inp)[0], h)
+
+    def linear_abs(self, m, r, inp):
+        return r * self._view(self.scale_shift(m, inp)[0].abs(), r)
+
+    def bias(self, m, inp):
+        return self._view(self.scale_shift(m, inp)[1], inp.lo)
+
+    def transpose(self, m, lam, inp):
+        return lam * self._view(self.scale_shift(m, inp)[0], inp.lo).unsqueeze(0)
+
+
+class NormalizeRule(ChannelAffineRule):
+    def scale_shift(self, m, inp):
+        scale = (1 / m.std).flatten()
+        shift = (-m.mean / m.std).flatten()
+        channels = inp.lo.shape[1]
+        return scale.expand(channels), shift.expand(channels)
+
+
+class BatchNormRule(ChannelAffineRule):
+    """BatchNorm as the affine map it applies: running statistics in eval mode; in training
+    mode the statistics of the clean batch (Shi et al. 2021, §3.3), so the bounds hold for the
+    map the network computes on that batch."""
+
+    def scale_shift(self, m, inp):
+        if m.training or not m.track_running_stats:
+            dims = [0, *range(2, inp.clean.dim())]
+            mean = inp.clean.mean(dims)
+            var = inp.clean.var(dims, unbiased=False)
+        else:
+            mean, var = m.running_mean, m.running_var
+        scale = torch.rsqrt(var + m.eps)
+        if m.weight is not None:
+            scale = scale * m.weight
+        shift = -mean * scale
+        if m.bias is not None:
+            shift = shift + m.bias
+        return scale, shift
+
+
+class AvgPoolRule(AffineRule):
+    """Average pooling (zero padding counted, no ceil mode): a depthwise conv with weights
+    1/k^2, transposed as such."""
+
+    @staticmethod
+    def kernel(m: nn.Module, channels: int, like: torch.Tensor) -> torch.Tensor:
+        k = m.kernel_size if isinstance(m.kernel_size, tuple) else (m.kernel_size,) * 2
+        return like.new_full((channels, 1, *k), 1.0 / (k[0] * k[1]))
+
+    @staticmethod
+    def _check(m: nn.Module) -> None:
+        if m.ceil_mode or not m.count_include_pad or m.divisor_override:
+            raise UnsupportedLayerError("AvgPool2d bounds need ceil_mode=False, "
+                                        "count_include_pad=True and no divisor_override")
+
+    def linear(self, m, h, inp):
+        self._check(m)
+        return F.avg_pool2d(h, m.kernel_size, m.stride, m.padding)
+
+    linear_abs = linear
+
+    def bias(self, m, inp):
+        return None
+
+    def transpose(self, m, lam, inp):
+        channels = inp.lo.shape[1]
+        weight = self.kernel(m, channels, lam)
+        stride = m.stride if isinstance(m.stride, tuple) else (m.stride,) * 2
+        padding = m.padding if isinstance(m.padding, tuple) else (m.padding,) * 2
+        out_h, out_w = lam.shape[-2:]
+        in_h, in_w = inp.lo.shape[-2:]
+        extra = (in_h - ((out_h - 1) * stride[0] - 2 * padding[0] + weight.shape[-2]),
+                 in_w - ((out_w - 1) * stride[1] - 2 * padding[1] + weight.shape[-1]))
+        flat = lam.reshape(-1, *lam.shape[2:])
+        back = F.conv_transpose2d(flat, weight, None, stride, padding, output_padding=extra,
+                                  groups=channels)
+        return back.view(*lam.shape[:2], *back.shape[1:])
+
+
+class FlattenRule(BoundRule):
+    def interval(self, m, inp):
+        return m(inp.lo), m(inp.hi)
+
+    def backward(self, m, lam, inp, slope):
+        return lam.reshape(*lam.shape[:2], *inp.lo.shape[1:]), lam.new_zeros(lam.shape[:2])
+
+
+def relu_relaxation(lo: torch.Tensor, hi: torch.Tensor, slope: Slope
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Linear bounds a_l h <= relu(h) <= a_u h + b_u on [lo, hi] (CROWN, Zhang et al. 2018,
+    §3.2): the upper line through (lo, 0) and (hi, hi); the lower slope in [0, 1] for unstable
+    neurons is chosen by ``slope`` (adaptive: 1 if hi > -lo else 0)."""
+    unstable = (lo < 0) & (hi > 0)
+    width = torch.where(unstable, hi - lo, torch.ones_like(hi))
+    upper = torch.where(unstable, hi / width, (lo >= 0).to(hi.dtype))
+    upper_bias = torch.where(unstable, -upper * lo, torch.zeros_like(lo))
+    if slope == "adaptive":
+        unstable_lower = (hi > -lo).to(hi.dtype)
+    elif slope == "zero":
+        unstable_lower = torch.zeros_like(hi)
+    elif slope == "one":
+        unstable_lower = torch.ones_like(hi)
+    else:
+        unstable_lower = upper
+    lower = torch.where(unstable, unstable_lower, (lo >= 0).to(hi.dtype))
+    return lower, upper, upper_bias
+
+
+def relu_backward(lam: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, slope: Slope
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coefficients on h and constant of a lower bound of lam . relu(h), h in [lo, hi]."""
+    lower, upper, upper_bias = relu_relaxation(lo, hi, slope)
+    pos, neg = lam.clamp(min=0), lam.clamp(max=0)
+    const = (neg * upper_bias.unsqueeze(1)).flatten(2).sum(-1)
+    return pos * lower.unsqueeze(1) + neg * upper.unsqueeze(1), const
+
+
+class ReLURule(BoundRule):
+    activation = True
+
+    def unstable(self, lo, hi):
+        return (lo < 0) & (hi > 0)
+
+    def interval(self, m, inp):
+        return inp.lo.clamp(min=0), inp.hi.clamp(min=0)
+
+    def backward(self, m, lam, inp, slope):
+        return relu_backward(lam, inp.lo, inp.hi, slope)
+
+
+class MinMaxRule(BoundRule):
+    """MinMax on channel pairs (a, b): min = a - relu(a - b), max = b + relu(a - b), with
+    relu(a - b) relaxed on the interval [lo_a - hi_b, hi_a - lo_b]. Both outputs are
+    monotone in both inputs, so the interval is the map applied to the endpoints."""
+
+    activation = True
+
+    def unstable(self, lo, hi):
+        half = lo.shape[1] // 2
+        pair = (lo[:, :half] - hi[:, half:] < 0) & (hi[:, :half] - lo[:, half:] > 0)
+        return torch.cat([pair, pair], dim=1)
+
+    def interval(self, m, inp):
+        return m(inp.lo), m(inp.hi)
+
+    def backward(self, m, lam, inp, slope):
+        half = inp.lo.shape[1] // 2
+        lam_min, lam_max = lam[:, :, :half], lam[:, :, half:]
+        lo_d = inp.lo[:, :half] - inp.hi[:, half:]
+        hi_d = inp.hi[:, :half] - inp.lo[:, half:]
+        lam_d, const = relu_backward(lam_max - lam_min, lo_d, hi_d, slope)
+        return torch.cat([lam_min + lam_d, lam_max - lam_d], dim=2), const
+
+
+class IdentityRule(BoundRule):
+    def interval(self, m, inp):
+        return inp.lo, inp.hi
+
+    def backward(self, m, lam, inp, slope):
+        return lam, lam.new_zeros(lam.shape[:2])
+
+
+BOUND_RULES: dict[type[nn.Module], BoundRule] = {}
+
+
+def register_bound_rule(cls: type[nn.Module], rule: BoundRule) -> None:
+    """Bound layers of exactly type ``cls`` (never subclasses) with ``rule``."""
+    BOUND_RULES[cls] = rule
+
+
+def rule_for(m: nn.Module) -> BoundRule:
+    rule = BOUND_RULES.get(type(m))
+    if rule is None:
+        raise UnsupportedLayerError(
+            f"no bound rule for layer {type(m).__name__}; supported: "
+            f"{sorted(c.__name__ for c in BOUND_RULES)} (certnet.bounds.register_bound_rule)")
+    return rule
+
+
+def check_supported(layers: nn.Sequential) -> None:
+    """UnsupportedLayerError naming the first layer without a bound rule."""
+    for m in layers:
+        rule_for(m)
+        if type(m) in (nn.Conv2d, LipschitzConv2d, ResidualConv2d) and (
+                m.padding_mode != "zeros" or m.dilation != (1, 1) or m.groups != 1
+                or isinstance(m.padding, str)):
+            raise UnsupportedLayerError("bounds support convolutions with integer zero "
+                                        "padding, dilation 1 and groups 1")
+
+
+for _cls in (nn.Linear, LipschitzLinear):
+    register_bound_rule(_cls, LinearRule())
+for _cls in (nn.Conv2d, LipschitzConv2d, ResidualConv2d):
+    register_bound_rule(_cls, ConvRule())
+for _cls in (nn.BatchNorm1d, nn.BatchNorm2d):
+    register_bound_rule(_cls, BatchNormRule())
+register_bound_rule(Normalize, NormalizeRule())
+register_bound_rule(nn.AvgPool2d, AvgPoolRule())
+register_bound_rule(nn.Flatten, FlattenRule())
+register_bound_rule(nn.ReLU, ReLURule())
+register_bound_rule(MinMax, MinMaxRule())
+register_bound_rule(nn.Identity, IdentityRule())

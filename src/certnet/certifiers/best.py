@@ -1,0 +1,66 @@
+"""``best``: every sound certificate that applies, combined per point (any certifies ->
+certified; the radius is the largest proved; ``by`` names the certifier that proved it).
+
+The certifiers run cheapest first, each only on the points the earlier ones left uncertified:
+a later one could only add an "eps or nothing" radius, never larger than a radius > eps that
+an earlier one proved, so nothing is lost and full CROWN runs on the few hard points only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from certnet.certifiers.base import (
+    CERTIFIERS,
+    Certificate,
+    Certifier,
+    applicable,
+    register_certifier,
+)
+
+
+class BestCertifier(Certifier):
+    name = "best"
+    gives_radius = False
+    cost = 100
+
+    def applies(self, model, norm):
+        return None if applicable(model, norm) else "no certifier applies"
+
+    def certify(self, model, x, threat):
+        names = applicable(model, threat.norm)
+        pred = certified = radius = margin = None
+        by = ["" for _ in range(len(x))]
+        gives_radius = True
+        for name in names:
+            todo = torch.arange(len(x), device=x.device) if certified is None else \
+                (~certified).nonzero().squeeze(1)
+            if len(todo) == 0:
+                break
+            cert = CERTIFIERS[name].certify(model, x[todo], threat)
+            gives_radius &= cert.gives_radius
+            if pred is None:
+                pred, certified, radius = cert.pred, cert.certified, cert.radius
+                margin = torch.full((len(x),), -torch.inf, dtype=torch.float64,
+                                    device=x.device)
+                if cert.margin is not None:
+                    margin = cert.margin
+                proved = cert.certified
+            else:
+                # every certifier predicts by the same float64 forward pass; should one ever
+                # differ, its certificate is about another class and is not used
+                proved = cert.certified & (cert.pred == pred[todo])
+                certified[todo] |= proved
+                radius[todo] = torch.where(proved, torch.maximum(radius[todo], cert.radius),
+                                           radius[todo])
+                if cert.margin is not None:
+                    margin[todo] = torch.where(cert.pred == pred[todo],
+                                               torch.maximum(margin[todo], cert.margin),
+                                               margin[todo])
+            for i in todo[proved].tolist():
+                by[i] = name
+        return Certificate(pred=pred, certified=certified, radius=radius,
+                           gives_radius=gives_radius and len(names) == 1, margin=margin, by=by)
+
+
+register_certifier(BestCertifier())

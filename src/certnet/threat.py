@@ -1,0 +1,118 @@
+"""The threat model as a value: a norm ball of radius eps intersected with the pixel box.
+
+Every part of certnet that reasons about perturbations (the bounds engine, the Lipschitz
+certificate, PGD, the exact oracle, reports) takes its norm, dual norm, projection and box from
+here, so a model's training norm is only its default.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from certnet.errors import ConfigError, InputError
+
+Norm = Literal["l2", "linf"]
+NORMS: tuple[Norm, ...] = ("l2", "linf")
+
+
+def check_norm(norm: str) -> Norm:
+    if norm not in NORMS:
+        raise ConfigError(f"unknown norm {norm!r}; choose from {NORMS}")
+    return norm  # type: ignore[return-value]
+
+
+def check_eps(eps: float) -> None:
+    """Refuse anything that is not a finite number >= 0 (booleans included)."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps >= 0) or \
+            eps == float("inf"):
+        raise InputError(f"epsilon must be a finite number >= 0, got {eps!r}")
+
+
+def norm_of(v: torch.Tensor, norm: str) -> torch.Tensor:
+    """Per-row ``norm`` (l1, l2 or linf) of a (B, ...) tensor, over all but the first dim."""
+    flat = v.flatten(1)
+    if norm == "l2":
+        return flat.norm(dim=1)
+    if norm == "linf":
+        return flat.abs().amax(dim=1)
+    if norm == "l1":
+        return flat.abs().sum(dim=1)
+    raise ConfigError(f"unknown norm {norm!r}")
+
+
+def dual(norm: str) -> str:
+    """The dual norm: sup_{||d|| <= 1} <a, d> = ||a||_dual (l2 -> l2, linf -> l1)."""
+    return {"l2": "l2", "linf": "l1"}[check_norm(norm)]
+
+
+def to_l2_radius(eps: float | torch.Tensor, norm: str, dim: int) -> float | torch.Tensor:
+    """Radius of the smallest l2 ball containing the ``norm`` ball of radius eps in ``dim``
+    dimensions (||d||_2 <= sqrt(dim) ||d||_inf)."""
+    return eps if check_norm(norm) == "l2" else eps * math.sqrt(dim)
+
+
+def from_l2_radius(radius: torch.Tensor, norm: str, dim: int) -> torch.Tensor:
+    """Largest ``norm`` radius whose ball lies inside the l2 ball of ``radius`` (rounded down)."""
+    if check_norm(norm) == "l2":
+        return radius
+    scaled = radius / math.sqrt(dim)
+    return torch.nextafter(scaled, torch.zeros_like(scaled))
+
+
+def project(delta: torch.Tensor, norm: str, eps: torch.Tensor) -> torch.Tensor:
+    """The perturbations ``delta`` (B, ...) projected onto the ``norm`` balls of per-point
+    radii ``eps`` (B,)."""
+    shape = (-1, *([1] * (delta.dim() - 1)))
+    if check_norm(norm) == "l2":
+        n = delta.flatten(1).norm(dim=1)
+        return delta * (eps / n.clamp_min(1e-30)).clamp(max=1.0).view(shape)
+    e = eps.view(shape)
+    return torch.maximum(torch.minimum(delta, e), -e)
+
+
+@dataclass(frozen=True)
+class ThreatModel:
+    """{x' : ||x' - x||_norm <= eps, lower <= x' <= upper} around each point of a batch."""
+
+    norm: Norm
+    eps: float
+    lower: float = 0.0
+    upper: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_norm(self.norm)
+        check_eps(self.eps)
+
+    @property
+    def dual(self) -> str:
+        return dual(self.norm)
+
+    def box(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x +- eps clipped to [lower, upper]: the set itself for l_inf, the smallest box that
+        contains it for l2."""
+        return ((x - self.eps).clamp(self.lower, self.upper),
+                (x + self.eps).clamp(self.lower, self.upper))
+
+    def concretize(self, x: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        """A lower bound of lam . x' over the set around each point, lam of shape
+        (B, S, *x.shape[1:]) -> (B, S). l_inf: the exact minimum over the clipped box,
+        lam . c - |lam| . r; l2: lam . x - eps ||lam||_2 (the dual norm; the pixel box only
+        shrinks the set, so ignoring it stays sound)."""
+        flat = lam.flatten(2)
+        if self.norm == "linf":
+            lo, hi = self.box(x)
+            return box_minimum(flat, lo, hi)
+        return (flat @ x.flatten(1).unsqueeze(2)).squeeze(2) - \
+            self.eps * flat.norm(dim=2)
+
+
+def box_minimum(lam: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Exact minimum of lam . h over the box [lo, hi]: lam (B, S, ...) -> (B, S)."""
+    flat = lam.flatten(2)
+    center = ((hi + lo) / 2).flatten(1).unsqueeze(2)
+    radius = ((hi - lo) / 2).flatten(1).unsqueeze(2)
+    return (flat @ center).squeeze(2) - (flat.abs() @ radius).squeeze(2)
