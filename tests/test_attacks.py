@@ -9,8 +9,8 @@ from torch import nn
 
 from certnet.archs import build_arch
 from certnet.attacks import PGD, attack_report, margin_loss, perturbation_norm
-from certnet.errors import CertnetError, ConfigError, DataError, InputError
 from certnet.certifiers import CERTIFIERS, Certificate, Certifier, register_certifier
+from certnet.errors import CertnetError, ConfigError, DataError, InputError
 from certnet.methods.base import CertifiedModel
 from certnet.methods.gloro import GloroNet
 from certnet.nn.lipschitz import convert_sequential

@@ -54,6 +54,8 @@ PY_CASES = {
     "inf eps": (InputError, lambda m: m.certify(_x(), math.inf)),
     "boolean eps": (InputError, lambda m: m.certify(_x(), True)),
     "unknown certifier": (ConfigError, lambda m: m.certify(_x(), 0.3, "nope")),
+    "unknown norm": (ConfigError, lambda m: m.certify(_x(), 0.3, norm="l3")),
+    "norm as certifier": (ConfigError, lambda m: m.certify(_x(), 0.3, "linf")),
     "unknown arch": (ConfigError, lambda m: build_arch("9c9f", SHAPE, 10)),
     "unknown method": (ConfigError, lambda m: certnet.methods.get_method("nope")),
     "unknown dataset": (ConfigError, lambda m: certnet.data.load_dataset("nope")),
@@ -223,6 +225,13 @@ CLI_CASES = {
                                 "--allow-dataset-mismatch"),
     "attack another dataset": (["attack", "{ckpt}", "--dataset", "fashion-mnist"],
                                "trained on mnist, not fashion-mnist"),
+    "unknown certifier": (["certify", "{ckpt}", "--certifier", "crown-ibpp"],
+                          "unknown certifier 'crown-ibpp'"),
+    "attack with an unknown certifier": (["attack", "{ckpt}", "--certifier", "nope"],
+                                         "unknown certifier"),
+    "misspelled method arg": ([*TRAIN, "--method-arg", "los=trades"], "'loss'"),
+    "method arg of another method": ([*TRAIN, "--method", "ibp", "--arch", "dm-small",
+                                      "--method-arg", "loss=trades"], "loss"),
 }
 
 

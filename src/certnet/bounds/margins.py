@@ -10,7 +10,7 @@ from torch import nn
 
 from certnet.bounds.crown import affine_tail, backward_bound, crown_walk
 from certnet.bounds.ibp import interval_walk
-from certnet.bounds.rules import Slope
+from certnet.bounds.rules import LayerInput, Slope
 from certnet.threat import ThreatModel
 
 BoundMethod = Literal["ibp", "crown-ibp", "crown"]
@@ -29,12 +29,20 @@ def margin_bounds(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
                   ref: torch.Tensor, method: BoundMethod = "ibp", slope: Slope = "adaptive"
                   ) -> torch.Tensor:
     """Lower bounds (B, K - 1) on z_ref - z_j over the threat model around ``x``, j != ref."""
-    walk = crown_walk(layers, x, threat, slope) if method == "crown" else \
+    return margin_walk(layers, x, threat, ref, method, slope)[0]
+
+
+def margin_walk(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
+                ref: torch.Tensor | None, method: BoundMethod = "ibp",
+                slope: Slope = "adaptive") -> tuple[torch.Tensor, list[LayerInput], torch.Tensor]:
+    """:func:`margin_bounds` with the walk it used: ``(lower, seen, logits)``; ``ref=None``
+    takes the argmax of the clean logits."""
+    seen, logits = crown_walk(layers, x, threat, slope) if method == "crown" else \
         interval_walk(layers, x, threat)
-    seen, logits = walk
+    ref = logits.argmax(1) if ref is None else ref
     spec = margin_spec(ref, logits.shape[1]).to(logits.dtype)
     stop = affine_tail(layers) if method == "ibp" else 0
-    return backward_bound(layers, seen, spec, x, threat, slope, stop=stop)
+    return backward_bound(layers, seen, spec, x, threat, slope, stop=stop), seen, logits
 
 
 def training_bounds(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,

@@ -14,8 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from certnet.bounds.ibp import interval_walk
-from certnet.bounds.margins import BoundMethod, margin_bounds
+from certnet.bounds.margins import BoundMethod, margin_walk
 from certnet.bounds.rules import check_supported
 from certnet.certifiers.base import Certificate, Certifier, register_certifier
 from certnet.errors import UnsupportedLayerError
@@ -34,26 +33,38 @@ def margin_certificate(layers64: nn.Sequential, x: torch.Tensor, threat: ThreatM
     lower bound on min_j z_pred - z_j over the threat model minus the rounding slack. The
     prediction is the float64 forward pass's argmax; chunks of points bound the memory."""
     x64 = x.double()
-    seen, logits = interval_walk(layers64, x64, ThreatModel(threat.norm, 0.0))
-    pred = logits.argmax(1)
-    widest = max(s.lo[0].numel() for s in seen)
-    chunk = max(1, CHUNK_ELEMENTS // (max(1, logits.shape[1] - 1) * widest))
-    margins, magnitude = [], logits.abs().amax(1)
+    widest = max(x64[0].numel(), *(h[0].numel() for h in layer_outputs(layers64, x64[:1])))
+    chunk = max(1, CHUNK_ELEMENTS // (max(1, num_classes(layers64, x64) - 1) * widest))
+    preds, margins = [], []
     for i in range(0, len(x64), chunk):
         part = x64[i:i + chunk]
-        lower = margin_bounds(layers64, part, threat, pred[i:i + chunk], method, slope)
-        margins.append(lower.min(1).values if lower.shape[1] else
-                       torch.full((len(part),), torch.inf, dtype=torch.float64))
-        walk, _ = interval_walk(layers64, part, threat)
+        lower, seen, logits = margin_walk(layers64, part, threat, None, method, slope)
+        preds.append(logits.argmax(1))
+        # the largest magnitude of any logit or interval endpoint sizes the rounding slack
         size = torch.stack([torch.maximum(s.lo.abs(), s.hi.abs()).flatten(1).amax(1)
-                            for s in walk]).amax(0)
-        magnitude[i:i + chunk] = torch.maximum(magnitude[i:i + chunk], size)
-    margin = torch.cat(margins) - MARGIN_SLACK * (1 + magnitude)
+                            for s in seen] + [logits.abs().amax(1)]).amax(0)
+        worst = lower.min(1).values if lower.shape[1] else \
+            torch.full((len(part),), torch.inf, dtype=torch.float64, device=x.device)
+        margins.append(worst - MARGIN_SLACK * (1 + size))
+    pred, margin = torch.cat(preds), torch.cat(margins)
     margin = torch.where(torch.isnan(margin), torch.full_like(margin, -torch.inf), margin)
     certified = margin > 0
     radius = torch.where(certified, torch.tensor(float(threat.eps)), torch.tensor(0.0))
     return Certificate(pred=pred, certified=certified, radius=radius.float(),
                        gives_radius=False, margin=margin)
+
+
+def layer_outputs(layers: nn.Sequential, x: torch.Tensor) -> list[torch.Tensor]:
+    """Every layer's output on ``x``."""
+    outs = []
+    for m in layers:
+        x = m(x)
+        outs.append(x)
+    return outs
+
+
+def num_classes(layers: nn.Sequential, x: torch.Tensor) -> int:
+    return layer_outputs(layers, x[:1])[-1].shape[1]
 
 
 class BoundCertifier(Certifier):
