@@ -221,8 +221,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     info = {key: config.get(key) for key in ("method", "norm", "eps", "dataset", "input_shape",
                                              "num_classes", "epoch", "certnet_version",
                                              "data_checksum", "method_config", "last_metrics")}
+    from certnet.certifiers import applicable
+
     info["parameters"] = sum(p.numel() for p in model.parameters())
     info["layers"] = [spec["type"] for spec in config["layers"]]
+    info["default_certifier"] = model.default_certifier
+    info["certifiers"] = {norm: applicable(model, norm) for norm in ("l2", "linf")}
     info["lipschitz"] = model.lipschitz_report()  # the costly part, last
     print(json.dumps(info, indent=2))
     return 0

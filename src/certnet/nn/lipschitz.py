@@ -306,7 +306,7 @@ def trace_shapes(model: nn.Sequential, input_shape: tuple[int, ...]) -> tuple[in
                 if isinstance(layer, LipschitzConv2d):
                     layer.set_input_shape(tuple(x.shape[1:]))
                 x = layer(x)
-            except (InputError, RuntimeError) as err:
+            except (InputError, RuntimeError, ValueError) as err:
                 model.train(was_training)
                 raise ConfigError(f"layer {i} ({type(layer).__name__}) cannot take inputs of "
                                   f"shape {tuple(x.shape[1:])}: {err}") from err
