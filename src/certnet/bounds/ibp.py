@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from certnet.bounds.rules import LayerInput, rule_for
+from certnet.bounds.rules import LayerInput, check_supported, rule_for
 from certnet.threat import ThreatModel
 
 
@@ -17,6 +17,7 @@ def interval_walk(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel
     Returns what each layer sees (``LayerInput`` i is layer i's input interval and clean
     input; the list has one more entry, the output) and the clean output. The clean pass
     calls the layers themselves (so BatchNorm updates its running statistics in training)."""
+    check_supported(layers)
     lo, hi = threat.box(x)
     clean = x
     seen: list[LayerInput] = []

@@ -293,27 +293,64 @@ def _like(t: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
 def relaxed_backward(lam: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor,
                      upper_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """lam+ * lower + lam- * upper and the constant sum(lam- * upper_bias) over all but the
-    first two dims, for slopes broadcastable to lam: one fused pass per output instead of a
-    chain of lam-sized temporaries, with the gradient autograd gives the plain formula."""
+    first two dims, for slopes broadcastable to lam, with the gradient autograd gives that
+    clamp formula. Fused: on CPU a fresh lam-sized tensor costs far more (page faults) than an
+    in-place pass over it, so the forward makes one and the backward two."""
     return _RelaxedBackward.apply(lam, lower, upper, upper_bias)
+
+
+def _memory_flat(t: torch.Tensor, order: list[int]) -> torch.Tensor:
+    """(B, S, *z) -> (B, S, prod z) with z's dims taken in ``order`` (a view when that is the
+    memory order)."""
+    return t.permute(0, 1, *order).reshape(t.shape[0], t.shape[1], -1)
+
+
+def _order(t: torch.Tensor) -> list[int]:
+    """t's dims past the first two, outermost in memory first."""
+    return sorted(range(2, t.dim()), key=lambda d: -t.stride(d))
+
+
+def _per_row_dot(t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """sum over all but the first two dims of t * v, t (B, S, *z), v (B or 1, 1, *z) or any
+    shape broadcastable to t, as a matrix product where the shapes allow (no t-sized product)."""
+    if t.dim() > 2 and v.dim() == t.dim() and v.shape[1] == 1 and \
+            v.shape[0] in (1, t.shape[0]) and v.shape[2:] == t.shape[2:]:
+        order = _order(t)
+        return (_memory_flat(t, order) @ _memory_flat(v, order).transpose(1, 2)).squeeze(2)
+    return _sum_over(t * v)
 
 
 def _sum_over(t: torch.Tensor) -> torch.Tensor:
     return t.sum(list(range(2, t.dim()))) if t.dim() > 2 else t
 
 
+def _rows_weighted(w: torch.Tensor, t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """sum over S of w[:, s] * t[:, s], w (B, S), t (B, S, *z), reduced to ``shape``."""
+    if t.dim() > 2 and len(shape) == t.dim() and shape[1] == 1 and shape[2:] == t.shape[2:]:
+        order = _order(t)
+        flat = w.unsqueeze(1) @ _memory_flat(t, order)  # (B, 1, prod z)
+        dims = [t.shape[d] for d in order]
+        inverse = [0, 1, *[2 + order.index(d) for d in range(2, t.dim())]]
+        return flat.view(flat.shape[0], 1, *dims).permute(*inverse).sum_to_size(shape)
+    return (w.view(*w.shape, *([1] * (t.dim() - 2))) * t).sum_to_size(shape)
+
+
 class _RelaxedBackward(torch.autograd.Function):
-    """Forward: ``where(lam >= 0, lower, upper) * lam`` equals ``lam.clamp(min=0) * lower +
-    lam.clamp(max=0) * upper`` exactly (one of the two terms is an exact zero). Backward: the
-    gradient autograd takes through that clamp formula, kink convention included (clamp passes
-    the gradient at lam == 0 to both terms)."""
+    """Forward: lam- * (upper - lower) + lam * lower, which is lam+ * lower + lam- * upper up
+    to one rounding (upper - lower is exact for every slope choice here). Backward: the
+    gradient autograd takes through the clamp formula, kink included (at lam == 0 clamp passes
+    the gradient to both terms: slope lower + upper, and the upper bias); out of place, hence
+    differentiable again, under create_graph."""
 
     @staticmethod
     def forward(ctx, lam, lower, upper, upper_bias):
-        coef = torch.where(lam >= 0, lower, upper)
-        coef = coef.mul_(lam) if coef.shape == lam.shape else coef * lam
-        neg = lam.clamp(max=0)
-        const = _sum_over(neg.mul_(upper_bias) if neg.shape == coef.shape else neg * upper_bias)
+        coef = lam.clamp(max=0)
+        const = _per_row_dot(coef, upper_bias)
+        gap = upper - lower
+        coef = coef.mul_(gap) if torch.broadcast_shapes(coef.shape, gap.shape) == coef.shape \
+            else coef * gap
+        coef = coef.addcmul_(lam, lower) if \
+            torch.broadcast_shapes(coef.shape, lower.shape) == coef.shape else coef + lam * lower
         ctx.save_for_backward(lam, lower, upper, upper_bias)
         return coef, const
 
@@ -322,20 +359,28 @@ class _RelaxedBackward(torch.autograd.Function):
         lam, lower, upper, upper_bias = ctx.saved_tensors
         need_lam, need_lower, need_upper, need_bias = ctx.needs_input_grad
         g_lam = g_lower = g_upper = g_bias = None
+        full = torch.broadcast_shapes(lam.shape, lower.shape, upper.shape, upper_bias.shape)
         gc = g_const.view(*g_const.shape, *([1] * (lam.dim() - 2)))
         if need_lam:
-            g_lam = torch.where(lam >= 0, lower, upper).mul_(g_coef)
-            g_lam.addcmul_(torch.where(lam <= 0, upper_bias, 0.0), gc)
-            zero = lam == 0
-            if zero.any():
-                g_lam.add_(torch.where(zero, upper * g_coef, 0.0))
-            g_lam = g_lam.sum_to_size(lam.shape)
+            if full == lam.shape and not torch.is_grad_enabled():  # in place, two buffers
+                g_lam = torch.ge(lam, 0, out=torch.empty_like(lam)).mul_(lower)
+                rest = torch.le(lam, 0, out=torch.empty_like(lam))
+                g_lam.addcmul_(rest, upper).mul_(g_coef)
+                g_lam.addcmul_(rest.mul_(upper_bias), gc)
+                del rest
+            else:
+                nonneg, nonpos = (lam >= 0).to(lam.dtype), (lam <= 0).to(lam.dtype)
+                g_lam = (g_coef * (nonneg * lower + nonpos * upper) +
+                         gc * upper_bias * nonpos).sum_to_size(lam.shape)
         if need_upper or need_bias:
             neg = lam.clamp(max=0)
-            if need_upper:
-                g_upper = (g_coef * neg).sum_to_size(upper.shape)
             if need_bias:
-                g_bias = (gc * neg).sum_to_size(upper_bias.shape)
+                g_bias = _rows_weighted(g_const, neg, upper_bias.shape)
+            if need_upper:
+                g_upper = neg.mul_(g_coef).sum_to_size(upper.shape) if \
+                    torch.broadcast_shapes(neg.shape, g_coef.shape) == neg.shape and \
+                    not torch.is_grad_enabled() else (neg * g_coef).sum_to_size(upper.shape)
+            del neg
         if need_lower:
             g_lower = (g_coef * lam.clamp(min=0)).sum_to_size(lower.shape)
         return g_lam, g_lower, g_upper, g_bias
@@ -404,14 +449,22 @@ def rule_for(m: nn.Module) -> BoundRule:
 
 
 def check_supported(layers: nn.Sequential) -> None:
-    """UnsupportedLayerError naming the first layer without a bound rule."""
-    for m in layers:
+    """UnsupportedLayerError naming the first layer without a bound rule or with settings its
+    rule does not cover."""
+    for i, m in enumerate(layers):
         rule_for(m)
         if type(m) in (nn.Conv2d, LipschitzConv2d, ResidualConv2d) and (
                 m.padding_mode != "zeros" or m.dilation != (1, 1) or m.groups != 1
                 or isinstance(m.padding, str)):
-            raise UnsupportedLayerError("bounds support convolutions with integer zero "
-                                        "padding, dilation 1 and groups 1")
+            raise UnsupportedLayerError(f"layer {i} ({type(m).__name__}): bounds support "
+                                        "convolutions with integer zero padding, dilation 1 "
+                                        "and groups 1")
+        if type(m) is nn.AvgPool2d:
+            AvgPoolRule._check(m)
+        if type(m) in (nn.BatchNorm1d, nn.BatchNorm2d) and not m.track_running_stats:
+            raise UnsupportedLayerError(f"layer {i} ({type(m).__name__}) has no running "
+                                        "statistics: it normalises by the batch, so no "
+                                        "certificate of a single input can rely on it")
 
 
 for _cls in (nn.Linear, LipschitzLinear):

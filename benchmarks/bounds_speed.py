@@ -1,0 +1,259 @@
+"""Speed of the bounds engine (certnet.bounds) against auto_LiRPA, side by side in one process.
+
+For DM-small and DM-medium at MNIST shape (random weights with the IBP initialisation, a fixed
+synthetic batch in [0, 1]), l_inf eps 0.1, float32: the wall seconds (median of ``--repeats``;
+the two libraries alternate, so they share the machine's load alike) of the margin lower bounds
+z_y - z_j by IBP, CROWN-IBP and full CROWN (no grad), and of a CROWN-IBP training step (bounds,
+loss, ``loss.backward()``), with auto_LiRPA computing the same bounds (``compute_bounds`` with
+method "IBP", "CROWN-IBP", "CROWN" and the same margin specification C = e_y - e_j). Reports
+the largest |certnet - auto_LiRPA| bound difference (IBP and CROWN-IBP should agree to float32
+rounding; certnet's full CROWN tightens its intermediate intervals by IBP as well, so it should
+be at least as tight: "tighter by" is the largest amount by which it is).
+
+Writes ``benchmarks/results/bounds/bounds_speed.json`` (machine, torch, threads, commit) and
+prints a markdown table; ratio = certnet s / auto_LiRPA s (below 1: certnet faster).
+
+    OMP_NUM_THREADS=1 python benchmarks/bounds_speed.py [--batch 256] [--repeats 3]
+
+auto_LiRPA is optional (not a certnet dependency): without it the auto_LiRPA columns are empty.
+It is only on PyPI up to 0.3 (which no longer imports with numpy 2 / torch 2.13); 0.7.x
+installs from its repository (``pip install --no-deps`` plus appdirs, sortedcontainers...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import certnet
+from certnet.archs import build_arch
+from certnet.bounds import margin_bounds, margin_spec, training_bounds
+from certnet.bounds.rules import ConvRule
+from certnet.checkpoint import write_json
+from certnet.threat import ThreatModel
+
+OUT = Path(__file__).parent / "results" / "bounds" / "bounds_speed.json"
+MODELS = ("dm-small", "dm-medium")
+#: row label -> (certnet margin_bounds method, auto_LiRPA compute_bounds method)
+METHODS = {"IBP": ("ibp", "IBP"), "CROWN-IBP": ("crown-ibp", "CROWN-IBP"),
+           "CROWN": ("crown", "CROWN")}
+TRAIN = "CROWN-IBP train step"
+
+
+def certnet_commit() -> str:
+    """The git commit of the certnet source measured, with "+changes" if it differs."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=Path(certnet.__file__).parent,
+                              capture_output=True, text=True).stdout.strip()
+    return git("rev-parse", "HEAD") + ("+changes" if git("status", "--porcelain", ".") else "")
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else what platform reports."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def load_auto_lirpa():
+    """The auto_LiRPA module, or (None, why) when it cannot be imported."""
+    try:
+        import auto_LiRPA  # noqa: PLC0415
+    except Exception as err:  # not installed, or broken by its own dependencies
+        return None, f"{type(err).__name__}: {err}"
+    return auto_LiRPA, None
+
+
+def plain_copy(layers: nn.Sequential) -> nn.Sequential:
+    """The same function with stock torch layers (auto_LiRPA traces standard modules; certnet's
+    Lipschitz layers are bounded with their effective weights, copied here)."""
+    out = []
+    for m in layers:
+        if isinstance(m, nn.Conv2d):
+            w = ConvRule.weight(m).detach()
+            conv = nn.Conv2d(w.shape[1], w.shape[0], tuple(w.shape[2:]), stride=m.stride,
+                             padding=m.padding, bias=m.bias is not None)
+            with torch.no_grad():
+                conv.weight.copy_(w)
+                if m.bias is not None:
+                    conv.bias.copy_(m.bias)
+            out.append(conv)
+        elif isinstance(m, nn.Linear):
+            lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+            with torch.no_grad():
+                lin.weight.copy_(m.weight)
+                if m.bias is not None:
+                    lin.bias.copy_(m.bias)
+            out.append(lin)
+        elif type(m) in (nn.ReLU, nn.Flatten):
+            out.append(type(m)())
+        else:
+            raise SystemExit(f"no plain copy for {type(m).__name__}")
+    return nn.Sequential(*out)
+
+
+def crown_ibp_loss(lower: torch.Tensor) -> torch.Tensor:
+    """CROWN-IBP's robust loss (Zhang et al. 2020): cross-entropy of the logits [0, -lower]."""
+    logits = torch.cat([lower.new_zeros(len(lower), 1), -lower], dim=1)
+    return F.cross_entropy(logits, lower.new_zeros(len(lower), dtype=torch.long))
+
+
+def median_seconds(fn, repeats: int) -> tuple[float, list[float], object]:
+    runs, result = [], None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        result = fn()
+        runs.append(time.perf_counter() - t)
+    return statistics.median(runs), runs, result
+
+
+def bench_model(name: str, batch: int, eps: float, repeats: int, crown_repeats: int,
+                methods: list[str], lirpa) -> list[dict]:
+    torch.manual_seed(0)
+    layers = build_arch(name, (1, 28, 28), 10, seed=0, init="ibp")
+    x = torch.rand(batch, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 10, (batch,), generator=torch.Generator().manual_seed(2))
+    threat = ThreatModel("linf", eps)
+    spec = margin_spec(y, 10)
+    bounded = bx = None
+    if lirpa is not None:
+        plain = plain_copy(layers)
+        with torch.no_grad():
+            assert torch.allclose(plain(x), layers(x), atol=1e-5), "plain copy differs"
+        bounded = lirpa.BoundedModule(plain, torch.zeros(1, 1, 28, 28), device="cpu")
+        ptb = lirpa.PerturbationLpNorm(norm=float("inf"), eps=eps,
+                                       x_L=(x - eps).clamp(0, 1), x_U=(x + eps).clamp(0, 1))
+        bx = lirpa.BoundedTensor(x, ptb)
+
+    def lirpa_bounds(method: str) -> torch.Tensor:
+        lb, _ = bounded.compute_bounds(x=(bx,), C=spec, method=method, bound_upper=False)
+        return lb
+
+    rows = []
+    for label in methods:
+        reps = crown_repeats if label == "CROWN" else repeats
+        row = {"model": name, "method": label, "batch": batch, "eps": eps, "repeats": reps}
+        if label == TRAIN:
+            def ours():
+                layers.zero_grad()
+                lower, _ = training_bounds(layers, x, threat, y, 1.0)
+                loss = crown_ibp_loss(lower)
+                loss.backward()
+                return lower.detach()
+
+            def theirs():
+                bounded.zero_grad()
+                lower = lirpa_bounds("CROWN-IBP")
+                crown_ibp_loss(lower).backward()
+                return lower.detach()
+            grad_mode = torch.enable_grad
+        else:
+            ours_method, their_method = METHODS[label]
+
+            def ours(ours_method=ours_method):
+                return margin_bounds(layers, x, threat, y, ours_method)
+
+            def theirs(their_method=their_method):
+                return lirpa_bounds(their_method)
+            grad_mode = torch.no_grad
+        with grad_mode():
+            if reps > 1:  # one untimed warm-up each
+                ours()
+                if bounded is not None:
+                    theirs()
+            times_ours, times_theirs, mine, other = [], [], None, None
+            for _ in range(reps):  # alternate, so both see the same machine load
+                _, [t], mine = median_seconds(ours, 1)
+                times_ours.append(t)
+                if bounded is not None:
+                    _, [t], other = median_seconds(theirs, 1)
+                    times_theirs.append(t)
+        row["certnet_s"] = statistics.median(times_ours)
+        row["certnet_runs"] = times_ours
+        if bounded is not None:
+            row["auto_lirpa_s"] = statistics.median(times_theirs)
+            row["auto_lirpa_runs"] = times_theirs
+            row["ratio"] = row["certnet_s"] / row["auto_lirpa_s"]
+            diff = mine.double() - other.double()
+            row["max_abs_bound_diff"] = float(diff.abs().max())
+            row["certnet_tighter_by"] = float(diff.max())
+            row["certnet_looser_by"] = float((-diff).max())
+        row["mean_certnet_bound"] = float(mine.mean())
+        rows.append(row)
+        print(f"  {name} {label}: certnet {row['certnet_s']:.3f} s" +
+              (f", auto_LiRPA {row['auto_lirpa_s']:.3f} s" if bounded is not None else ""),
+              flush=True)
+    return rows
+
+
+def fmt(v, spec: str = ".3f") -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model | method | certnet s | auto_LiRPA s | ratio (certnet / auto_LiRPA) "
+             "| max \\|bound diff\\| |",
+             "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['method']} | {fmt(r['certnet_s'])} | "
+                     f"{fmt(r.get('auto_lirpa_s'))} | {fmt(r.get('ratio'), '.2f')} | "
+                     f"{fmt(r.get('max_abs_bound_diff'), '.2e')} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--methods", nargs="+", default=[*METHODS, TRAIN],
+                        choices=[*METHODS, TRAIN])
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--eps", type=float, default=0.1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--crown-repeats", type=int, default=1,
+                        help="repeats of full CROWN (slow; no warm-up run when 1)")
+    parser.add_argument("--no-auto-lirpa", action="store_true",
+                        help="time certnet alone even if auto_LiRPA is installed")
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args()
+
+    lirpa, why = (None, "--no-auto-lirpa") if args.no_auto_lirpa else load_auto_lirpa()
+    print(f"auto_LiRPA: {getattr(lirpa, '__version__', None) or 'not used (' + why + ')'}; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    rows = []
+    for name in args.models:
+        rows.extend(bench_model(name, args.batch, args.eps, args.repeats, args.crown_repeats,
+                                args.methods, lirpa))
+    payload = {
+        "machine": f"{platform.machine()}, {cpu_model()}, {os.cpu_count()} CPU cores",
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "certnet_commit": certnet_commit(),
+        "auto_lirpa": getattr(lirpa, "__version__", None),
+        "auto_lirpa_missing": why,
+        "setup": "random weights (IBP init, seed 0), synthetic inputs torch.rand (seed 1), "
+                 "labels seed 2, l_inf eps, float32; ratio = certnet s / auto_LiRPA s",
+        "rows": rows,
+    }
+    write_json(args.out, payload)
+    print(table(rows))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
