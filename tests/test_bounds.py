@@ -9,9 +9,6 @@
   IBP's and contain the activations; batching and chunking change nothing; eps = 0 is exact;
   BatchNorm in training mode is bounded as the affine map of the clean batch's statistics;
 * unsupported layers are refused with a clear message.
-
-Tests marked ``xfail(strict=True)`` pin library bugs found while writing this file; each reason
-says what is wrong (they turn into failures once the bug is fixed: then drop the mark).
 """
 
 from __future__ import annotations
@@ -455,12 +452,11 @@ def test_margin_bounds_lie_below_margins_at_random_and_pgd_points(net, norm):
                 assert bound.shape == lowest.shape
                 assert torch.isfinite(bound).all()
                 assert (bound <= lowest + tol).all(), (method, slope, bound - lowest)
-                # batch-size invariance (full CROWN: see the xfail test below)
-                if method != "crown":
-                    for i in range(len(x)):
-                        alone = margin_bounds(layers, x[i:i + 1], threat, ref[i:i + 1],
-                                              method, slope)
-                        assert torch.allclose(alone, bound[i:i + 1], rtol=0, atol=1e-10)
+                # batch-size invariance
+                for i in range(len(x)):
+                    alone = margin_bounds(layers, x[i:i + 1], threat, ref[i:i + 1],
+                                          method, slope)
+                    assert torch.allclose(alone, bound[i:i + 1], rtol=0, atol=1e-10)
     # not vacuous: at the true prediction some bound is within reach of the sampled margin
     crown = margin_bounds(layers, x, threat, ref, "crown")
     assert (crown[0] > lowest[0] - 10 * (lowest[0].abs() + 1)).all()
@@ -694,7 +690,7 @@ def test_training_mode_batchnorm_bounds_hold_for_the_clean_batch_statistics(norm
     ref = frozen(x).argmax(1)
     lowest = true_margins(frozen, threat_points(x, threat, 300, 8), ref).amin(0)
     with torch.no_grad():
-        for method in BOUND_METHODS:
+        for method in ("ibp", "crown-ibp"):  # full CROWN refuses train-mode BatchNorm
             bound = margin_bounds(copy.deepcopy(layers), x, threat, ref, method)
             assert (bound <= lowest + 1e-9).all(), method
         for beta in (0.0, 1.0):
@@ -703,10 +699,6 @@ def test_training_mode_batchnorm_bounds_hold_for_the_clean_batch_statistics(norm
             assert torch.allclose(logits, frozen(x), rtol=0, atol=1e-10)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "library bug: crown._neuron_bounds slices seen[*].clean per chunk of points, so a "
-    "training-mode BatchNorm rule recomputes its statistics on the chunk instead of the whole "
-    "batch: the intermediate CROWN bounds are about another function and can be unsound"))
 def test_training_mode_batchnorm_crown_bounds_survive_point_chunking(monkeypatch):
     torch.manual_seed(0)
     layers = nn.Sequential(nn.Linear(3, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 6),
@@ -717,16 +709,13 @@ def test_training_mode_batchnorm_crown_bounds_survive_point_chunking(monkeypatch
     ref = torch.zeros(8, dtype=torch.long)
     lowest = true_margins(frozen, threat_points(x, threat, 2000, 9), ref).amin(0)
     monkeypatch.setattr(crown_module, "CHUNK_ELEMENTS", 2 * 6 * 6 * 2)  # 2 points per chunk
-    with torch.no_grad():
-        bound = margin_bounds(copy.deepcopy(layers), x, threat, ref, "crown")
+    with pytest.raises(UnsupportedLayerError, match="eval mode"):  # chunks would change the
+        margin_bounds(copy.deepcopy(layers), x, threat, ref, "crown")  # batch statistics
+    with torch.no_grad():  # the other methods never chunk points: still sound in train mode
+        bound = margin_bounds(copy.deepcopy(layers), x, threat, ref, "crown-ibp")
     assert (bound <= lowest + 1e-9).all(), float((bound - lowest).max())
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "library bug: crown_walk tightens, for every point of the batch, each neuron that is "
-    "unstable at ANY point (rows = unstable.any(0)); a stable neuron's tighter interval then "
-    "tightens later IBP intervals, so full-CROWN bounds (and certificates) of a point depend "
-    "on the other points of its batch"))
 def test_full_crown_bounds_do_not_depend_on_the_batch():
     with torch.random.fork_rng():
         torch.manual_seed(5)

@@ -8,9 +8,6 @@
   lies below a certificate's margin, no point flips inside its certified radius;
 * ``best``: exactly the union of the single certifiers, the largest radius; its margin never
   above the largest single margin, and equal to it where nothing certifies.
-
-Tests marked ``xfail(strict=True)`` pin library bugs found while writing this file; each reason
-says what is wrong (they turn into failures once the bug is fixed: then drop the mark).
 """
 
 from __future__ import annotations

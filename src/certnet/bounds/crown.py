@@ -24,6 +24,7 @@ from certnet.bounds.rules import (
     relu_relaxation,
     rule_for,
 )
+from certnet.errors import UnsupportedLayerError
 from certnet.threat import ThreatModel, box_minimum
 
 #: Coefficient-tensor elements one backward pass of full CROWN may hold (chunked beyond it).
@@ -69,18 +70,27 @@ def crown_walk(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
     order) by a backward pass from that layer, for the neurons IBP leaves unstable; the
     intervals after it are re-propagated from the tightened ones. Returns like
     :func:`interval_walk`."""
+    if any(type(m) in (nn.BatchNorm1d, nn.BatchNorm2d) and m.training for m in layers):
+        raise UnsupportedLayerError("full CROWN bounds chunks of points, and a training-mode "
+                                    "BatchNorm normalises by its batch: put the network in "
+                                    "eval mode (certificates always are)")
     seen, clean = interval_walk(layers, x, threat)
     for i, m in enumerate(layers):
         if not needs_bounds(m):
             continue
-        unstable = rule_for(m).unstable(seen[i].lo, seen[i].hi)
-        rows = unstable.flatten(1).any(0).nonzero().squeeze(1)
+        unstable = rule_for(m).unstable(seen[i].lo, seen[i].hi).flatten(1)
+        rows = unstable.any(0).nonzero().squeeze(1)
         if len(rows) == 0:
             continue
         lower, upper = _neuron_bounds(layers, seen, x, threat, slope, i, rows)
+        # tighten only where IBP left the neuron unstable for that point, so a point's bounds
+        # never depend on the other points of its batch
+        mine = unstable[:, rows]
         lo, hi = seen[i].lo.flatten(1).clone(), seen[i].hi.flatten(1).clone()
-        lo[:, rows] = torch.maximum(lo[:, rows], lower)
-        hi[:, rows] = torch.minimum(hi[:, rows], torch.maximum(upper, lo[:, rows]))
+        lo[:, rows] = torch.where(mine, torch.maximum(lo[:, rows], lower), lo[:, rows])
+        hi[:, rows] = torch.where(mine, torch.minimum(hi[:, rows],
+                                                      torch.maximum(upper, lo[:, rows])),
+                                  hi[:, rows])
         seen[i] = LayerInput(lo.view_as(seen[i].lo), hi.view_as(seen[i].hi), seen[i].clean)
         for j in range(i, len(layers)):  # re-propagate the intervals after the tightening
             lo_j, hi_j = rule_for(layers[j]).interval(layers[j], seen[j])
