@@ -19,6 +19,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from nets import random_mlp
 from torch import nn
 
 from certnet.archs import build_arch
@@ -28,7 +29,6 @@ from certnet.certifiers import applicable, certify
 from certnet.errors import ConfigError, UnsupportedLayerError
 from certnet.methods.bound_prop import CrownIBPNet, IBPNet
 from certnet.methods.gloro import GloroNet
-from certnet.nn.activations import MinMax
 from certnet.nn.lipschitz import convert_sequential
 from certnet.threat import ThreatModel
 from certnet.verify import exact_min_margin
@@ -60,19 +60,7 @@ def tiny_model(seed: int, d: int, widths: list[int], act: str, classes: int, gai
     """Flatten, [Linear, act] * len(widths), Linear; hidden weights times ``gain`` (kinks
     inside small balls). ``kind``: "gloro" (Lipschitz layers; every certifier applies) or
     "ibp" (plain nn.Linear in an IBPNet; the bound certifiers apply)."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        modules: list[nn.Module] = [nn.Flatten()]
-        prev = d
-        for width in widths:
-            linear = nn.Linear(prev, width)
-            with torch.no_grad():
-                linear.weight.mul_(gain)
-                linear.bias.uniform_(-0.5 * gain, 0.5 * gain)
-            modules += [linear, nn.ReLU() if act == "relu" else MinMax()]
-            prev = width
-        modules.append(nn.Linear(prev, classes))
-        layers = nn.Sequential(*modules)
+    layers = random_mlp(seed, d, widths, act, classes, gain)
     if kind == "gloro":
         return GloroNet(convert_sequential(layers, (d,)), (d,), classes).eval()
     return IBPNet(layers, (d,), classes).eval()

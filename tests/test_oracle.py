@@ -16,6 +16,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from nets import random_mlp
 from torch import nn
 
 from certnet.errors import InputError, UnsupportedLayerError
@@ -41,19 +42,7 @@ def tiny_net(seed: int, d: int, widths: list[int], act: str, classes: int,
              gain: float = 1.0) -> GloroNet:
     """Random MLP (Flatten, [Linear, act] * len(widths), Linear), hidden weights times ``gain``
     so the kinks fall inside small balls, converted and wrapped in a GloRo net."""
-    with torch.random.fork_rng():  # leave the global RNG alone
-        torch.manual_seed(seed)
-        modules: list[nn.Module] = [nn.Flatten()]
-        prev = d
-        for width in widths:
-            linear = nn.Linear(prev, width)
-            with torch.no_grad():
-                linear.weight.mul_(gain)
-                linear.bias.uniform_(-0.5 * gain, 0.5 * gain)
-            modules += [linear, nn.ReLU() if act == "relu" else MinMax()]
-            prev = width
-        modules.append(nn.Linear(prev, classes))
-        layers = convert_sequential(nn.Sequential(*modules), (d,))
+    layers = convert_sequential(random_mlp(seed, d, widths, act, classes, gain), (d,))
     return GloroNet(layers, (d,), classes).eval()
 
 
