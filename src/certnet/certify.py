@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,10 +165,7 @@ def _report(model: CertifiedModel, certifier: str, norm: str, eps: float,
     finite = radius.clamp_max(torch.finfo(radius.dtype).max)
     q = torch.quantile(finite.double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))
     by = outcome["by"]
-    counts: dict[str, int] = {}
-    for name in by:
-        if name:
-            counts[name] = counts.get(name, 0) + 1
+    counts = dict(Counter(name for name in by if name))
     return Report(
         method=model.method, certifier=certifier, norm=norm, eps=float(eps),
         n=len(labels), clean_accuracy=float(correct.float().mean()),

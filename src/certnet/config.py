@@ -65,8 +65,6 @@ class TrainConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        import torch
-
         from certnet.archs import ARCHS, INITS  # these import torch: only once a config is built
         from certnet.methods import get_method
         from certnet.methods.base import check_eps
@@ -85,8 +83,7 @@ class TrainConfig:
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose {OPTIMIZERS}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ConfigError(f"grad_clip must be positive, got {self.grad_clip!r}")
-        optimizer_class = torch.optim.Adam if self.optimizer == "adam" else torch.optim.SGD
-        check_kwargs("optimizer_kwargs", optimizer_class.__init__, self.optimizer_kwargs,
+        check_kwargs("optimizer_kwargs", self.optimizer_class().__init__, self.optimizer_kwargs,
                      ("self", "params", "lr", "weight_decay"))
         check_kwargs("method_kwargs", get_method(self.method).__init__, self.method_kwargs,
                      ("self", "layers", "input_shape", "num_classes"))
@@ -95,6 +92,12 @@ class TrainConfig:
         self.eps_schedule = Ramp.parse(self.eps_schedule)
         self.lr_schedule = Ramp.parse(self.lr_schedule)
         self.loss_schedules = {k: Ramp.parse(v) for k, v in self.loss_schedules.items()}
+
+    def optimizer_class(self) -> type:
+        """The torch optimizer ``optimizer`` names."""
+        import torch
+
+        return {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}[self.optimizer]
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:

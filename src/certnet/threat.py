@@ -49,12 +49,6 @@ def dual(norm: str) -> str:
     return {"l2": "l2", "linf": "l1"}[check_norm(norm)]
 
 
-def to_l2_radius(eps: float | torch.Tensor, norm: str, dim: int) -> float | torch.Tensor:
-    """Radius of the smallest l2 ball containing the ``norm`` ball of radius eps in ``dim``
-    dimensions (||d||_2 <= sqrt(dim) ||d||_inf)."""
-    return eps if check_norm(norm) == "l2" else eps * math.sqrt(dim)
-
-
 def from_l2_radius(radius: torch.Tensor, norm: str, dim: int) -> torch.Tensor:
     """Largest ``norm`` radius whose ball lies inside the l2 ball of ``radius`` (rounded down)."""
     if check_norm(norm) == "l2":

@@ -83,9 +83,8 @@ def build_model(config: TrainConfig, input_shape: tuple[int, ...],
 
 def build_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     """Adam or SGD over the model's parameters with the config's settings."""
-    kind = torch.optim.Adam if config.optimizer == "adam" else torch.optim.SGD
-    return kind(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
-                **config.optimizer_kwargs)
+    return config.optimizer_class()(model.parameters(), lr=config.lr,
+                                    weight_decay=config.weight_decay, **config.optimizer_kwargs)
 
 
 class Trainer:

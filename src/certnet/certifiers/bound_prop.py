@@ -33,8 +33,9 @@ def margin_certificate(layers64: nn.Sequential, x: torch.Tensor, threat: ThreatM
     lower bound on min_j z_pred - z_j over the threat model minus the rounding slack. The
     prediction is the float64 forward pass's argmax; chunks of points bound the memory."""
     x64 = x.double()
-    widest = max(x64[0].numel(), *(h[0].numel() for h in layer_outputs(layers64, x64[:1])))
-    chunk = max(1, CHUNK_ELEMENTS // (max(1, num_classes(layers64, x64) - 1) * widest))
+    outputs = layer_outputs(layers64, x64[:1])
+    widest = max(x64[0].numel(), *(h[0].numel() for h in outputs))
+    chunk = max(1, CHUNK_ELEMENTS // (max(1, outputs[-1].shape[1] - 1) * widest))
     preds, margins = [], []
     for i in range(0, len(x64), chunk):
         part = x64[i:i + chunk]
@@ -61,10 +62,6 @@ def layer_outputs(layers: nn.Sequential, x: torch.Tensor) -> list[torch.Tensor]:
         x = m(x)
         outs.append(x)
     return outs
-
-
-def num_classes(layers: nn.Sequential, x: torch.Tensor) -> int:
-    return layer_outputs(layers, x[:1])[-1].shape[1]
 
 
 class BoundCertifier(Certifier):

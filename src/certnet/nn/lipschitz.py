@@ -277,7 +277,7 @@ def layer_estimate(module: nn.Module, iterations: int) -> torch.Tensor | float:
     """Power-iteration estimate of one layer's l2 Lipschitz constant (1.0 for 1-Lipschitz ops)."""
     check_bounded(module)
     if type(module) in BOUND_FUNCTIONS:
-        return BOUND_FUNCTIONS[type(module)](module).to(module.weight.dtype)
+        return BOUND_FUNCTIONS[type(module)](module).to(module.running_var.dtype)
     return module.lipschitz_estimate(iterations) if type(module) in LIPSCHITZ_LAYERS else 1.0
 
 
@@ -300,17 +300,18 @@ def trace_shapes(model: nn.Sequential, input_shape: tuple[int, ...]) -> tuple[in
         torch.zeros(1, *input_shape, dtype=param.dtype, device=param.device)
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        for i, layer in enumerate(model):
-            try:
-                if isinstance(layer, LipschitzConv2d):
-                    layer.set_input_shape(tuple(x.shape[1:]))
-                x = layer(x)
-            except (InputError, RuntimeError, ValueError) as err:
-                model.train(was_training)
-                raise ConfigError(f"layer {i} ({type(layer).__name__}) cannot take inputs of "
-                                  f"shape {tuple(x.shape[1:])}: {err}") from err
-    model.train(was_training)
+    try:
+        with torch.no_grad():
+            for i, layer in enumerate(model):
+                try:
+                    if isinstance(layer, LipschitzConv2d):
+                        layer.set_input_shape(tuple(x.shape[1:]))
+                    x = layer(x)
+                except (InputError, RuntimeError, ValueError) as err:
+                    raise ConfigError(f"layer {i} ({type(layer).__name__}) cannot take inputs "
+                                      f"of shape {tuple(x.shape[1:])}: {err}") from err
+    finally:
+        model.train(was_training)
     return tuple(x.shape[1:])
 
 
