@@ -23,3 +23,77 @@ def random_mlp(seed: int, d: int, widths: list[int], act: str, classes: int,
             prev = width
         modules.append(nn.Linear(prev, classes))
         return nn.Sequential(*modules)
+
+
+class _Affine:
+    """z = A h + c composed lazily, flushed into an nn.Linear before each ReLU."""
+
+    def __init__(self, dim: int) -> None:
+        self.a = torch.eye(dim, dtype=torch.float64)
+        self.c = torch.zeros(dim, dtype=torch.float64)
+
+    def then(self, a: torch.Tensor, c: torch.Tensor | None = None) -> None:
+        self.a, self.c = a @ self.a, a @ self.c + (0 if c is None else c)
+
+    def flush(self) -> nn.Linear:
+        linear = nn.Linear(self.a.shape[1], self.a.shape[0]).double()
+        with torch.no_grad():
+            linear.weight.copy_(self.a)
+            linear.bias.copy_(self.c)
+        self.a = torch.eye(self.a.shape[0], dtype=torch.float64)
+        self.c = torch.zeros(self.a.shape[0], dtype=torch.float64)
+        return linear
+
+
+def linf_dist_as_relu(layers: nn.Sequential, d: int) -> nn.Sequential:
+    """An equivalent float64 Flatten / Linear / ReLU network (what the exact oracle reads) of an
+    eval-mode l_inf-dist net at p = inf over ``d`` inputs: |t| = relu(t) + relu(-t) and, for
+    a, b >= 0, max(a, b) = relu(b) + relu(a - b), pairwise down a tree."""
+    from certnet.nn.linf_dist import LinfDist, MeanShift, Negate
+
+    out: list[nn.Module] = [nn.Flatten()]
+    pending = _Affine(d)
+    dim = d
+    for m in layers:
+        if isinstance(m, nn.Flatten):
+            continue
+        if type(m) is LinfDist:
+            n, k_out = m.in_features, m.out_features
+            w = m.weight.detach().double()
+            pick = torch.eye(n, dtype=torch.float64).repeat(k_out, 1)  # row (o, i) -> x_i
+            pending.then(torch.cat([pick, -pick]), torch.cat([-w.flatten(), w.flatten()]))
+            out += [pending.flush(), nn.ReLU()]
+            eye = torch.eye(k_out * n, dtype=torch.float64)
+            pending.then(torch.cat([eye, eye], dim=1))  # |x_i - w_oi|, (o, i) order
+            k = n
+            while k > 1:
+                pairs, odd = k // 2, k % 2
+                width = 2 * pairs + odd
+                split = torch.zeros(k_out * width, k_out * k, dtype=torch.float64)
+                merge = torch.zeros(k_out * (pairs + odd), k_out * width, dtype=torch.float64)
+                for o in range(k_out):
+                    for j in range(pairs):
+                        a, b = o * k + 2 * j, o * k + 2 * j + 1
+                        split[o * width + 2 * j, b] = 1  # b
+                        split[o * width + 2 * j + 1, a] = 1  # a - b
+                        split[o * width + 2 * j + 1, b] = -1
+                        merge[o * (pairs + odd) + j, o * width + 2 * j] = 1
+                        merge[o * (pairs + odd) + j, o * width + 2 * j + 1] = 1
+                    if odd:
+                        split[o * width + 2 * pairs, o * k + k - 1] = 1
+                        merge[o * (pairs + odd) + pairs, o * width + 2 * pairs] = 1
+                pending.then(split)
+                out += [pending.flush(), nn.ReLU()]
+                pending.then(merge)
+                k = pairs + odd
+            if m.bias is not None:
+                pending.then(torch.eye(k_out, dtype=torch.float64), m.bias.detach().double())
+            dim = k_out
+        elif type(m) is MeanShift:
+            pending.then(torch.eye(dim, dtype=torch.float64), -m.running_mean.double())
+        elif type(m) is Negate:
+            pending.then(-torch.eye(dim, dtype=torch.float64))
+        else:
+            raise TypeError(f"cannot convert {type(m).__name__}")
+    out.append(pending.flush())
+    return nn.Sequential(*out)

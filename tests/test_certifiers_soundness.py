@@ -4,8 +4,9 @@
   inputs, in l_inf and l2: a certified point is robust, a certificate's margin never exceeds
   the exact minimum margin, a certified radius holds; exact on nets without hidden layers;
 * PGD with restarts on small briefly-trained networks (an IBP MLP, a CROWN-IBP DM-small with
-  BatchNorm, a GloRo 2C2F certified in l_inf too): no certified point flips, no attained margin
-  lies below a certificate's margin, no point flips inside its certified radius;
+  BatchNorm, a GloRo 2C2F certified in l_inf too, an l_inf-dist MLP): no certified point
+  flips, no attained margin lies below a certificate's margin, no point flips inside its
+  certified radius;
 * ``best``: exactly the union of the single certifiers, the largest radius; its margin never
   above the largest single margin, and equal to it where nothing certifies.
 """
@@ -29,12 +30,15 @@ from certnet.certifiers import applicable, certify
 from certnet.errors import ConfigError, UnsupportedLayerError
 from certnet.methods.bound_prop import CrownIBPNet, IBPNet
 from certnet.methods.gloro import GloroNet
+from certnet.methods.linf_dist import LinfDistNet
 from certnet.nn.lipschitz import convert_sequential
 from certnet.threat import ThreatModel
 from certnet.verify import exact_min_margin
 
 NORMS = ("linf", "l2")
-SINGLE = ("lipschitz", "ibp", "crown-ibp", "crown")
+BOUND_CERTIFIERS = ("ibp", "crown-ibp", "crown")
+RADIUS_CERTIFIERS = ("lipschitz", "linf-lipschitz")
+SINGLE = ("lipschitz", "linf-lipschitz", *BOUND_CERTIFIERS)
 
 
 def gen(seed: int) -> torch.Generator:
@@ -122,16 +126,18 @@ def test_certificates_never_contradict_the_exact_oracle(examples):
                     if margin > exact + tol:
                         problems.append(f"{name} margin {margin} > m*: {where}")
                     stats["caught_if_margin_overstated"] += 0 < margin + 0.05 and exact <= 0
-                    if depth == 0 and norm == "linf" and name != "best":
+                    if depth == 0 and norm == "linf" and name in BOUND_CERTIFIERS:
                         stats["exact_linear"] += 1
                         if abs(margin - exact) > 1e-6 * (1 + abs(exact)):
                             problems.append(f"{name} margin {margin} != m* on a linear net: "
                                             f"{where}")
-                if "lipschitz" in certs and float(certs["lipschitz"].radius[i]) > 0:
-                    r = float(certs["lipschitz"].radius[i]) * (1 - 1e-6)
-                    stats["radius_checks"] += 1
+                for name in RADIUS_CERTIFIERS:
+                    if name not in certs or float(certs[name].radius[i]) <= 0:
+                        continue
+                    r = float(certs[name].radius[i]) * (1 - 1e-6)
+                    stats[f"radius_checks_{name}"] += 1
                     if exact_min_margin(model.layers, x[i], label, r, norm, domain=None) <= 0:
-                        problems.append(f"lipschitz radius {r} is not robust: {where}")
+                        problems.append(f"{name} radius {r} is not robust: {where}")
 
     check()
     print(f"\ncertifiers vs exact oracle: {dict(sorted(stats.items()))}")
@@ -140,7 +146,8 @@ def test_certificates_never_contradict_the_exact_oracle(examples):
     assert stats["not_robust"] >= 0.1 * n, stats
     for name in (*SINGLE, "best"):
         assert stats[f"certified_{name}"] >= 0.1 * n, (name, stats)
-    assert stats["exact_linear"] >= 20 and stats["radius_checks"] >= 0.2 * n, stats
+    assert stats["exact_linear"] >= 20 and stats["radius_checks_lipschitz"] >= 0.2 * n, stats
+    assert stats["radius_checks_linf-lipschitz"] >= 0.05 * n, stats
     assert stats["caught_if_margin_overstated"] >= 0.02 * n, stats
 
 
@@ -254,10 +261,14 @@ def trained_models():
                           beta=1.0)
         gloro = train(GloroNet(build_arch("2c2f", SHAPE, CLASSES, seed=3), SHAPE, CLASSES),
                       40, 0.5, 3)
+        dist = build_arch("linf-dist-mlp", SHAPE, CLASSES, seed=4, init="linf-dist", depth=3,
+                          width=32)
+        linf_dist = train(LinfDistNet(dist, SHAPE, CLASSES), 40, 0.15, 4, lam=0.05)
     # radii at which some points are certified and PGD flips some others
     return [("ibp-mlp", ibp, {"linf": 0.06, "l2": 0.6}),
             ("crown-ibp-dm-small-bn", crown_ibp, {"linf": 0.06, "l2": 0.3}),
-            ("gloro-2c2f", gloro, {"linf": 0.03, "l2": 0.3})]
+            ("gloro-2c2f", gloro, {"linf": 0.03, "l2": 0.3}),
+            ("linf-dist-mlp", linf_dist, {"linf": 0.1, "l2": 0.2})]
 
 
 @pytest.fixture(scope="module")
@@ -272,8 +283,10 @@ def attacked():
             pred = certs["best"].pred
             adv = PGD(model, eps[norm], norm, steps=30, restarts=3, seed=0)(x, pred)
             at_radius = None
-            if "lipschitz" in certs:
-                radius = certs["lipschitz"].radius * (1 - 1e-6)
+            radius_certifier = next((c for c in ("lipschitz", "linf-lipschitz") if c in certs),
+                                    None)
+            if radius_certifier is not None:
+                radius = certs[radius_certifier].radius * (1 - 1e-6)
                 at_radius = (radius, PGD(model, radius, norm, steps=30, restarts=3,
                                          seed=1)(x, pred))
             out.append((f"{name}-{norm}", model, x, eps[norm], norm, certs, adv, at_radius))
@@ -350,7 +363,7 @@ def test_certifiers_that_do_not_apply_are_refused_by_name():
     """lipschitz needs Lipschitz layers: an IBPNet of plain nn.Linear gets a ConfigError that
     names the certifier and the applicable ones."""
     model = tiny_model(0, 3, [4], "relu", 2, 1.0, "ibp")
-    assert applicable(model, "l2") == ["ibp", "crown-ibp", "crown"]
+    assert applicable(model, "l2") == ["linf-lipschitz", "ibp", "crown-ibp", "crown"]
     with pytest.raises(ConfigError, match="'lipschitz' does not apply.*applicable"):
         certify(model, torch.rand(2, 3), 0.1, "lipschitz", "l2")
     assert set(applicable(tiny_model(0, 3, [4], "relu", 2, 1.0, "gloro"), "linf")) == \

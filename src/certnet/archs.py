@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from certnet.errors import ConfigError
+from certnet.nn.linf_dist import dist_layers, identity_init
 from certnet.nn.lipschitz import LipschitzConv2d, LipschitzLinear
 from certnet.nn.spec import LayerSpec, build_layers
 
@@ -131,6 +132,56 @@ def arch_cnn7(input_shape, num_classes, activation="relu", width: int = 64,
                     batchnorm=True)
 
 
+def _normalize(normalize: list[list[float]] | None) -> list[LayerSpec]:
+    return [] if normalize is None else \
+        [{"type": "normalize", "mean": list(normalize[0]), "std": list(normalize[1])}]
+
+
+def _dist_stack(features: int, depth: int, width: int) -> list[LayerSpec]:
+    specs: list[LayerSpec] = []
+    for _ in range(depth):
+        specs += [{"type": "linf_dist", "in_features": features, "out_features": width},
+                  {"type": "mean_shift", "num_features": width}]
+        features = width
+    return specs
+
+
+@register_arch("linf-dist-mlp")
+def arch_linf_dist_mlp(input_shape, num_classes, depth: int = 5, width: int = 5120,
+                       normalize: list[list[float]] | None = None):
+    """The l_inf-dist net (Zhang et al. 2021/2022): ``depth`` l_p-dist layers, a mean shift
+    after each hidden one, a bias on the last, logits = -u; ``normalize`` = [mean, std] of the
+    data (the papers normalise inputs)."""
+    if depth < 2:
+        raise ConfigError("linf-dist-mlp needs depth >= 2")
+    pixels = math.prod(input_shape)
+    return [*_normalize(normalize), {"type": "flatten"},
+            *_dist_stack(pixels, depth - 1, width),
+            {"type": "linf_dist", "in_features": width, "out_features": num_classes,
+             "bias": True},
+            {"type": "negate"}]
+
+
+@register_arch("linf-dist-hybrid")
+def arch_linf_dist_hybrid(input_shape, num_classes, depth: int = 5, width: int = 5120,
+                          hidden: int = 512, activation: str = "tanh",
+                          normalize: list[list[float]] | None = None):
+    """v2's hybrid (Zhang et al. 2022, §5): ``depth - 2`` l_p-dist layers with mean shifts, then
+    an ordinary head linear(``hidden``), ``activation`` (tanh as in the paper, or relu),
+    linear(classes), certified by bound propagation through the head."""
+    if depth < 3:
+        raise ConfigError("linf-dist-hybrid needs depth >= 3")
+    if activation not in ("tanh", "relu"):
+        raise ConfigError(f"unknown head activation {activation!r}; choose tanh or relu")
+    pixels = math.prod(input_shape)
+    return [*_normalize(normalize), {"type": "flatten"},
+            *_dist_stack(pixels, depth - 2, width),
+            {"type": "linear", "in_features": width, "out_features": hidden, "bias": True},
+            {"type": activation},
+            {"type": "linear", "in_features": hidden, "out_features": num_classes,
+             "bias": True}]
+
+
 def arch_specs(name: str, input_shape: tuple[int, ...], num_classes: int,
                **kwargs) -> list[LayerSpec]:
     if name not in ARCHS:
@@ -159,9 +210,17 @@ def ibp_init(layers: nn.Sequential) -> None:
         nn.init.normal_(m.weight, 0.0, math.sqrt(2 * math.pi) / fan_in)
 
 
+def linf_dist_init(layers: nn.Sequential) -> None:
+    """l_p-dist layers: N(0, 1) weights (their constructor) with v2's identity initialisation
+    (:func:`certnet.nn.linf_dist.identity_init`); other layers keep PyTorch's defaults."""
+    for m in dist_layers(layers):
+        identity_init(m)
+
+
 #: name -> function initialising freshly built layers in place ("default": PyTorch's own).
 INITS: dict[str, Callable[[nn.Sequential], None]] = {
-    "orthogonal": orthogonal_init, "ibp": ibp_init, "default": lambda layers: None}
+    "orthogonal": orthogonal_init, "ibp": ibp_init, "linf-dist": linf_dist_init,
+    "default": lambda layers: None}
 
 
 def build_arch(name: str, input_shape: tuple[int, ...], num_classes: int,

@@ -81,10 +81,11 @@ def build_model(config: TrainConfig, input_shape: tuple[int, ...],
     return method(layers, input_shape, num_classes, **config.method_kwargs)
 
 
-def build_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """Adam or SGD over the model's parameters with the config's settings."""
-    return config.optimizer_class()(model.parameters(), lr=config.lr,
-                                    weight_decay=config.weight_decay, **config.optimizer_kwargs)
+def build_optimizer(config: TrainConfig, model: CertifiedModel) -> torch.optim.Optimizer:
+    """Adam or SGD over the model's parameter groups with the config's settings."""
+    groups = [{"lr_scale": 1.0, **group} for group in model.param_groups()]
+    return config.optimizer_class()(groups, lr=config.lr, weight_decay=config.weight_decay,
+                                    **config.optimizer_kwargs)
 
 
 class Trainer:
@@ -192,9 +193,9 @@ class Trainer:
                 progress = (epoch + step / steps) / cfg.epochs
                 eps = eps_train * cfg.eps_schedule(progress)
                 for group in self.optimizer.param_groups:
-                    group["lr"] = cfg.lr * cfg.lr_schedule(progress)
+                    group["lr"] = cfg.lr * cfg.lr_schedule(progress) * group.get("lr_scale", 1.0)
                 extra = {k: v(progress) for k, v in cfg.loss_schedules.items()}
-                self.model.on_progress(progress)
+                kept_values = self.model.on_progress(progress) or {}
                 idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
                 x = x_all[idx]
                 if cfg.augment == "crop-flip":
@@ -219,7 +220,7 @@ class Trainer:
                       progress), "train_loss": totals["loss"] / totals["n"],
                       "train_clean": totals["clean"] / totals["n"],
                       "train_vra_estimate": totals["robust"] / totals["n"],
-                      "train_seconds": train_seconds, **extra}
+                      "train_seconds": train_seconds, **extra, **kept_values}
             last = epoch + 1 == cfg.epochs
             if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
                 report = self.report = evaluate(self.model, self.test_data, cfg.eps)

@@ -2,6 +2,7 @@
 (:mod:`.ibp`), backward linear relaxation (:mod:`.crown`) and margin bounds
 (:mod:`.margins`) over a :class:`certnet.threat.ThreatModel`."""
 
+from certnet.bounds import linf_dist_rules  # noqa: F401  (registration)
 from certnet.bounds.crown import backward_bound, crown_walk
 from certnet.bounds.ibp import interval_walk
 from certnet.bounds.margins import (

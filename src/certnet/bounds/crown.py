@@ -38,9 +38,11 @@ def backward_bound(layers: nn.Sequential, seen: list[LayerInput], spec: torch.Te
     ``layers[:upto]``.
 
     ``spec`` has shape (B, S, *z.shape[1:]). The relaxation walks back from layer ``upto - 1``
-    to layer ``stop``, using ``seen`` (each layer's input interval) for the activations, and
-    concretizes on the threat model (``stop == 0``) or on the interval of layer ``stop``'s input."""
+    to layer ``stop`` (raised to :func:`relaxation_floor`), using ``seen`` (each layer's input
+    interval) for the activations, and concretizes on the threat model (``stop == 0``) or on
+    the interval of layer ``stop``'s input."""
     upto = len(layers) if upto is None else upto
+    stop = max(stop, relaxation_floor(layers, upto))
     lam, const = spec, spec.new_zeros(spec.shape[:2])
     for i in range(upto - 1, stop - 1, -1):
         lam, c = rule_for(layers[i]).backward(layers[i], lam, seen[i], slope)
@@ -48,6 +50,13 @@ def backward_bound(layers: nn.Sequential, seen: list[LayerInput], spec: torch.Te
     base = threat.concretize(x, lam) if stop == 0 else \
         box_minimum(lam, seen[stop].lo, seen[stop].hi)
     return base + const
+
+
+def relaxation_floor(layers: nn.Sequential, upto: int) -> int:
+    """Index just past the last layer below ``upto`` without a linear relaxation (an
+    interval-only rule, e.g. l_p-dist neurons), 0 if every layer has one: backward passes
+    from ``upto`` concretize there, on that layer's output interval."""
+    return max((i + 1 for i in range(upto) if not rule_for(layers[i]).relaxable), default=0)
 
 
 def affine_tail(layers: nn.Sequential) -> int:

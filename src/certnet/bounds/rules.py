@@ -56,9 +56,11 @@ def _flat(lam: torch.Tensor, batch: int) -> torch.Tensor:
 class BoundRule:
     """Interface of a layer's bound rules. Activation rules (``activation = True``) relax
     using their input interval and say which neurons are ``unstable`` on it (where tighter
-    intermediate bounds would help)."""
+    intermediate bounds would help). A rule without a linear relaxation (``relaxable =
+    False``: interval only) ends every backward pass at its output's interval."""
 
     activation: bool = False
+    relaxable: bool = True
 
     def unstable(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(lo, dtype=torch.bool)

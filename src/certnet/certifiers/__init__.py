@@ -1,6 +1,11 @@
 """Certifiers: a registry apart from methods; importing this package registers them all."""
 
-from certnet.certifiers import best, bound_prop, lipschitz  # noqa: F401  (registration)
+from certnet.certifiers import (  # noqa: F401  (registration)
+    best,
+    bound_prop,
+    linf_lipschitz,
+    lipschitz,
+)
 from certnet.certifiers.base import (
     CERTIFIERS,
     Certificate,

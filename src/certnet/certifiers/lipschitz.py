@@ -53,7 +53,7 @@ class SoundConstants:
         return cls(bounds, body, pairwise)
 
 
-def _round_down_float32(value: torch.Tensor) -> torch.Tensor:
+def round_down_float32(value: torch.Tensor) -> torch.Tensor:
     """float64 -> float32 rounding toward zero (values >= 0), so a radius never grows."""
     down = value.float()
     return torch.where(down.double() > value, torch.nextafter(down, torch.zeros_like(down)),
@@ -96,7 +96,7 @@ class LipschitzCertifier(Certifier):
         # certified from the float64 radius; the reported float32 radius is rounded down, so
         # certifying at exactly the reported radius succeeds too
         return Certificate(pred=pred, certified=radius > threat.eps,
-                           radius=_round_down_float32(radius))
+                           radius=round_down_float32(radius))
 
 
 register_certifier(LipschitzCertifier())

@@ -9,6 +9,7 @@ from certnet.methods.base import (
 )
 from certnet.methods.bound_prop import CrownIBPNet, IBPNet
 from certnet.methods.gloro import GloroNet
+from certnet.methods.linf_dist import LinfDistNet
 
 __all__ = ["METHODS", "Certificate", "CertifiedModel", "CrownIBPNet", "GloroNet", "IBPNet",
-           "get_method", "register_method"]
+           "LinfDistNet", "get_method", "register_method"]

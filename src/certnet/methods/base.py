@@ -69,9 +69,16 @@ class CertifiedModel(nn.Module):
             twin = self._twins[key] = Float64Twin(self.layers, derive)
         return twin
 
-    def on_progress(self, progress: float) -> None:
+    def on_progress(self, progress: float) -> dict[str, Any]:
         """Called by the Trainer before every step with the training progress in [0, 1], for
-        schedules a model keeps itself (e.g. the p of l_p-dist neurons)."""
+        schedules a model keeps itself (e.g. the p of l_p-dist neurons); returns the values to
+        log with the epoch's metrics."""
+        return {}
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Optimizer parameter groups; a group's ``lr_scale`` multiplies the scheduled learning
+        rate for it (default: one group of every parameter)."""
+        return [{"params": list(self.parameters())}]
 
     def method_config(self) -> dict[str, Any]:
         """JSON-serialisable constructor arguments besides the layers (saved in config.json)."""

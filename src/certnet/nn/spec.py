@@ -14,6 +14,7 @@ from torch import nn
 
 from certnet.errors import ConfigError, UnsupportedLayerError
 from certnet.nn.activations import MinMax
+from certnet.nn.linf_dist import LinfDist, LinfDistConv2d, MeanShift, Negate, p_to_json
 from certnet.nn.lipschitz import (
     LipschitzConv2d,
     LipschitzLinear,
@@ -49,6 +50,17 @@ register_layer("batchnorm2d", nn.BatchNorm2d, lambda m: {"num_features": m.num_f
 register_layer("batchnorm1d", nn.BatchNorm1d, lambda m: {"num_features": m.num_features})
 register_layer("avgpool", nn.AvgPool2d, lambda m: {
     "kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding})
+register_layer("linf_dist", LinfDist, lambda m: {
+    "in_features": m.in_features, "out_features": m.out_features, "p": p_to_json(m.p),
+    "bias": m.bias is not None})
+register_layer("linf_dist_conv", LinfDistConv2d, lambda m: {
+    "in_channels": m.in_channels, "out_channels": m.out_channels,
+    "kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding,
+    "p": p_to_json(m.p), "bias": m.bias is not None})
+register_layer("mean_shift", MeanShift, lambda m: {
+    "num_features": m.num_features, "momentum": m.momentum})
+register_layer("negate", Negate)
+register_layer("tanh", nn.Tanh)
 register_layer("relu", nn.ReLU)
 register_layer("minmax", MinMax)
 register_layer("flatten", nn.Flatten)
