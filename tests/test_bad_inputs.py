@@ -230,6 +230,8 @@ CLI_CASES = {
     "attack with an unknown certifier": (["attack", "{ckpt}", "--certifier", "nope"],
                                          "unknown certifier"),
     "misspelled method arg": ([*TRAIN, "--method-arg", "los=trades"], "'loss'"),
+    "misspelled arch arg": ([*TRAIN, "--arch-arg", "activations=relu"],
+                            "accepted: ['activation']"),
     "method arg of another method": ([*TRAIN, "--method", "ibp", "--arch", "dm-small",
                                       "--method-arg", "loss=trades"], "loss"),
 }

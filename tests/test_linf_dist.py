@@ -299,6 +299,24 @@ def test_training_margins_of_the_pure_net_are_the_lipschitz_bound():
     assert model.scale.grad is not None and set(stats) == {"clean", "robust"}
 
 
+def test_the_hinge_is_zero_when_certified_at_the_training_eps_and_one_when_misclassified():
+    """v2's clipped hinge (the reference's clamp((o_j - o_y) / 2 eps + 1, 0, 1))."""
+    model = net(5, 4, 3, 8, 5).eval()
+    x = torch.rand(16, 4, generator=gen(19))
+    with torch.no_grad():
+        logits = model(x)
+    top2 = logits.topk(2, 1)
+    margin = top2.values[:, 0] - top2.values[:, 1]
+    eps = float(margin.min()) / (2 * model.body_constant) * 0.99
+    loss, stats = model.loss(x, top2.indices[:, 0], eps)
+    assert float(loss.detach()) == 0 and stats["robust"].all()
+    loss, stats = model.loss(x, logits.argmin(1), eps)  # the worst class: margin <= 0
+    assert float(loss.detach()) == 1 and not stats["robust"].any()
+    half = float(margin[0]) / model.body_constant  # theta = 2 * clean margin
+    loss, _ = model.loss(x[:1], top2.indices[:1, 0], half)
+    torch.testing.assert_close(loss, torch.tensor(0.5))
+
+
 def test_the_output_scale_learns_at_its_own_rate():
     model = net(2, 4, 3, 8, 3)
     config = TrainConfig(method="linf-dist", arch="linf-dist-mlp", lr=0.03,
@@ -343,3 +361,16 @@ def test_train_save_load_certify(tmp_path, mnist_available):
     save_model(tmp_path / "copy", model)
     again = load(tmp_path / "copy")
     assert torch.equal(again.scale, model.scale)
+
+
+def test_from_the_cli(tmp_path, mnist_available, capsys):
+    from certnet.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["train", "--method", "linf-dist", "--arch", "linf-dist-mlp", "--arch-arg",
+                 "depth=3", "--arch-arg", "width=16", "--method-arg", "p_finish=0.5",
+                 "--epochs", "1", "--batch-size", "64", "--train-limit", "128",
+                 "--eval-limit", "32", "--out", str(out), "--quiet"]) == 0
+    assert load(out).layers[1].out_features == 16
+    assert main(["certify", str(out), "--certifier", "linf-lipschitz", "--limit", "16"]) == 0
+    assert "linf-lipschitz" in capsys.readouterr().out

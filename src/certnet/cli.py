@@ -67,7 +67,7 @@ _positive_int = _number(int, 1)
 _natural = _number(int, 0)
 
 
-def _method_arg(text: str) -> tuple[str, Any]:
+def _key_value(text: str) -> tuple[str, Any]:
     """argparse type: KEY=VALUE, the value read as YAML (``loss=trades``, ``slope=zero``)."""
     import yaml
 
@@ -108,9 +108,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             {**saved, **{k: v for k, v in overrides.items() if v is not None}})
     else:
         config = TrainConfig.from_dict({k: v for k, v in overrides.items() if v is not None})
-    if args.method_arg:
-        config = TrainConfig.from_dict({**config.to_dict(), "method_kwargs": {
-            **config.method_kwargs, **dict(args.method_arg)}})
+    for flag, field in (("method_arg", "method_kwargs"), ("arch_arg", "arch_kwargs")):
+        if getattr(args, flag):
+            config = TrainConfig.from_dict({**config.to_dict(), field: {
+                **getattr(config, field), **dict(getattr(args, flag))}})
     trainer = Trainer(config, args.out, resume=args.resume, progress=not args.quiet)
     trainer.fit()
     report = trainer.report or evaluate(trainer.model, trainer.test_data, config.eps)
@@ -234,9 +235,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_methods(args: argparse.Namespace) -> int:
     """Methods with their options (--method-arg), scheduled loss weights and default
-    certifier; then the certifiers."""
+    certifier; then the certifiers and the architectures (with their arch_kwargs)."""
     import inspect
 
+    from certnet.archs import ARCHS
     from certnet.certifiers import CERTIFIERS
     from certnet.methods import METHODS
 
@@ -252,6 +254,9 @@ def cmd_methods(args: argparse.Namespace) -> int:
     kinds = {True: "radius", False: "eps or nothing"}
     print("certifiers:", ", ".join(f"{c.name} ({kinds[c.gives_radius]})" for c in
                                    sorted(CERTIFIERS.values(), key=lambda c: c.cost)))
+    print("architectures (arch_kwargs):")
+    for name, fn in sorted(ARCHS.items()):
+        print(f"    {name}: {options(fn, ('input_shape', 'num_classes'))}")
     return 0
 
 
@@ -316,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true",
                        help="continue the run in --out (its saved config is the default)")
     override("--method", "certification method", metavar="NAME")
-    override("--arch", "architecture: 2c2f, 4c3f, 6c2f or 8c2f", metavar="NAME")
+    override("--arch", "architecture (`certnet methods` lists them with their options)",
+             metavar="NAME")
     override("--dataset", "mnist, fashion-mnist, cifar10 or tiny-imagenet", metavar="NAME")
     override("--data-dir", "read the dataset from this directory (default: cache or download)",
              metavar="DIR")
@@ -327,9 +333,12 @@ def build_parser() -> argparse.ArgumentParser:
     override("--batch-size", "training batch size", type=_positive_int, metavar="B")
     override("--lr", "Adam learning rate (times the config's lr_schedule)",
              type=_positive_float, metavar="LR")
-    train.add_argument("--method-arg", metavar="KEY=VALUE", type=_method_arg, action="append",
+    train.add_argument("--method-arg", metavar="KEY=VALUE", type=_key_value, action="append",
                        help="a keyword argument of the method (repeatable; e.g. loss=trades "
                        "for GloRo, slope=zero for IBP); `certnet methods` lists them")
+    train.add_argument("--arch-arg", metavar="KEY=VALUE", type=_key_value, action="append",
+                       help="a keyword argument of the architecture (repeatable; e.g. "
+                       "width=512 for linf-dist-mlp); `certnet methods` lists them")
     override("--seed", "random seed (initialisation, data order)", type=int, metavar="S")
     override("--eval-every", "sound test evaluation every K epochs (0: after the last only)",
              type=_natural, metavar="K")

@@ -12,8 +12,9 @@ Training bound: the l_p-dist body is treated as 1-Lipschitz in l_inf (exact at p
 papers' surrogate before), so its output h moves by at most eps * L (L: the Normalize layer's
 1/std); interval bounds through the head from that box give margin lower bounds lb_j of
 z_y - z_j (for the pure net, o_y - o_j - 2 eps L). Loss (v2, §4; ``loss="mixture"``):
-mean_b max_j clamp(1 - lb_j / theta, 0, 1) + lam * CE(s * z, y), theta = 2 eps L, s a learnable
-output scale; ``loss="hinge"`` (v1) leaves the hinge unclipped.
+mean_b max_j clamp(-lb_j / theta, 0, 1) + lam * CE(s * z, y), theta = 2 eps L, s a learnable
+output scale: zero once a point is certified at the training eps, saturated once its clean
+margin is gone; ``loss="hinge"`` (v1) leaves the hinge unclipped.
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ class LinfDistNet(CertifiedModel):
         ``lam`` * CE(scale * logits)."""
         lower, logits = self.training_margins(x, y, eps)
         theta = max(2 * float(eps) * self.body_constant, 1e-12)
-        hinge = 1 - lower / theta
+        hinge = -lower / theta
         hinge = hinge.clamp(0, 1) if self.loss_name == "mixture" else hinge.clamp_min(0)
         loss = hinge.amax(1).mean() if hinge.shape[1] else hinge.new_zeros(())
         if lam:
