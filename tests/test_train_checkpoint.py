@@ -65,6 +65,10 @@ def test_resume_with_a_different_config_is_refused(tmp_path, mnist_available):
     with pytest.raises(ConfigError, match="differs"):
         Trainer(TrainConfig(**{**SMALL, "epochs": 1, "lr": 0.5}), tmp_path / "run",
                 resume=True, progress=False)
+    # settings outside training (evaluation, device) may change
+    changed = {**SMALL, "epochs": 1, "eval_every": 0, "eval_limit": 7, "device": "cpu"}
+    assert Trainer(TrainConfig(**changed), tmp_path / "run", resume=True,
+                   progress=False).start_epoch == 1
 
 
 def _saved(tmp_path):

@@ -88,6 +88,10 @@ def build_optimizer(config: TrainConfig, model: CertifiedModel) -> torch.optim.O
                                     **config.optimizer_kwargs)
 
 
+#: Config fields that do not change the trained weights: a resumed run may change them.
+OUTSIDE_TRAINING = ("device", "eval_every", "eval_limit")
+
+
 class Trainer:
     """Trains ``config`` into ``out_dir``; ``resume=True`` continues from the last epoch.
 
@@ -134,7 +138,7 @@ class Trainer:
     def _resume(self) -> None:
         saved = read_config(self.out_dir).get("train")
         current = json.loads(json.dumps(self.config.to_dict()))
-        differs = sorted(k for k in current if k != "device" and saved and
+        differs = sorted(k for k in current if k not in OUTSIDE_TRAINING and saved and
                          saved.get(k) != current[k])
         if differs:
             raise ConfigError(f"--resume: the config differs from the run in {self.out_dir} "
