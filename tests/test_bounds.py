@@ -805,3 +805,40 @@ def test_margin_spec_rows_are_e_ref_minus_e_j():
     spec = margin_spec(torch.tensor([1, 0, 2]), 3)
     assert spec.tolist() == [[[-1, 1, 0], [0, 1, -1]], [[1, -1, 0], [1, 0, -1]],
                              [[-1, 0, 1], [0, -1, 1]]]
+
+
+# -- l2 balls in the interval walk -------------------------------------------------------------
+def test_l2_interval_walk_is_exact_at_the_first_affine_layer_and_contains_the_ball():
+    """The first affine layer's l2 interval is z +- eps ||row||_2 (the ball's exact range,
+    here through Normalize's 1/std), strictly inside the box-IBP interval; given a sound radius
+    for a deeper layer (eps times the product of the spectral norms before it), the intervals
+    still contain every sampled point of the ball."""
+    layers = mixed_convnet(3).eval()
+    x = inputs((1, 7, 7), 4, 5)
+    threat = ThreatModel("l2", 0.2)
+    seen, _ = interval_walk(layers, x, threat)
+    box_only, _ = interval_walk(layers, x, threat, radii={0: None})
+    with torch.no_grad():
+        z = layers[:2](x)
+        conv = layers[1]
+        norms = F.conv2d(torch.ones(1, 1, 7, 7, dtype=F64), conv.weight.square(), None,
+                         conv.stride, conv.padding).sqrt()
+        reach = 0.2 / 0.3 * norms
+        torch.testing.assert_close(seen[2].hi[:1], torch.minimum(z + reach, box_only[2].hi)[:1])
+        assert (seen[2].lo >= z - reach - 1e-12).all() and (seen[2].hi <= z + reach + 1e-12).all()
+    width, box_width = seen[2].hi - seen[2].lo, box_only[2].hi - box_only[2].lo
+    assert (width <= box_width + 1e-12).all() and (width < box_width - 1e-6).any()
+
+    net = mlp(7, 6, [8, 8], "relu", 3)
+    x = inputs((6,), 4, 8)
+    with torch.no_grad():  # layer 5 (the last Linear) sees ReLU(W2 ReLU(W1 x + b1) + b2)
+        norms = [torch.linalg.matrix_norm(m.weight, ord=2) for m in net[1:4:2]]
+    radius = 0.3 * float(norms[0] * norms[1]) * (1 + 1e-9)
+    deep, _ = interval_walk(net, x, ThreatModel("l2", 0.3), radii={5: radius})
+    plain, _ = interval_walk(net, x, ThreatModel("l2", 0.3), radii={0: None})
+    assert (deep[6].hi - deep[6].lo < plain[6].hi - plain[6].lo - 1e-9).any()
+    for p in threat_points(x, ThreatModel("l2", 0.3), 256, 6):
+        h = p
+        for i, m in enumerate(net):
+            assert (h >= deep[i].lo - 1e-9).all() and (h <= deep[i].hi + 1e-9).all(), i
+            h = m(h)

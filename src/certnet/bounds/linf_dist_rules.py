@@ -79,12 +79,21 @@ class MeanShiftRule(ChannelAffineRule):
     """z = h - mu: the running mean in eval mode, the clean batch's mean in training (the map
     the layer applies to that batch)."""
 
+    def l2_lipschitz(self, m, inp):
+        return 1.0
+
     def scale_shift(self, m, inp):
         shift = -m.shift(inp.clean)
         return torch.ones_like(shift), shift
 
 
 class NegateRule(AffineRule):
+    def l2_lipschitz(self, m, inp):
+        return 1.0
+
+    def row_norms(self, m, inp, dual):
+        return inp.lo.new_ones(())
+
     def linear(self, m, h, inp):
         return -h
 
@@ -102,6 +111,8 @@ class TanhRule(BoundRule):
     """tanh is increasing: the interval is its endpoints' images. No linear relaxation here."""
 
     relaxable = False
+    def l2_lipschitz(self, m, inp):
+        return 1.0
 
     def interval(self, m, inp):
         return torch.tanh(inp.lo), torch.tanh(inp.hi)

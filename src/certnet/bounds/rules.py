@@ -57,10 +57,16 @@ class BoundRule:
     """Interface of a layer's bound rules. Activation rules (``activation = True``) relax
     using their input interval and say which neurons are ``unstable`` on it (where tighter
     intermediate bounds would help). A rule without a linear relaxation (``relaxable =
-    False``: interval only) ends every backward pass at its output's interval."""
+    False``: interval only) ends every backward pass at its output's interval.
+    ``l2_lipschitz`` is a cheap l2 Lipschitz bound of the layer where one is known (else None):
+    a ball of radius r around its clean input maps into one of radius r * L around its clean
+    output."""
 
     activation: bool = False
     relaxable: bool = True
+
+    def l2_lipschitz(self, m: nn.Module, inp: LayerInput) -> torch.Tensor | float | None:
+        return None
 
     def unstable(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(lo, dtype=torch.bool)
@@ -75,7 +81,11 @@ class BoundRule:
 
 class AffineRule(BoundRule):
     """z = A h + b. Subclasses give A h (``linear``), |A| r (``linear_abs``), A^T lam
-    (``transpose``) and the bias (``bias``, broadcastable to z)."""
+    (``transpose``), the bias (``bias``, broadcastable to z) and the l2 / l1 norm of each row of A
+    (``row_norms``: the exact range of z over a ball of h, by the dual norm)."""
+
+    def row_norms(self, m: nn.Module, inp: LayerInput, dual: str) -> torch.Tensor:
+        raise NotImplementedError
 
     def linear(self, m: nn.Module, h: torch.Tensor, inp: LayerInput) -> torch.Tensor:
         raise NotImplementedError
@@ -116,6 +126,9 @@ def bias_term(lam: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
 
 
 class LinearRule(AffineRule):
+    def row_norms(self, m, inp, dual):
+        return m.weight.norm(p=2 if dual == "l2" else 1, dim=1)
+
     def linear(self, m, h, inp):
         return F.linear(h, m.weight)
 
@@ -139,6 +152,14 @@ class ConvRule(AffineRule):
 
     def linear_abs(self, m, r, inp):
         return F.conv2d(r, self.weight(m).abs(), None, m.stride, m.padding)
+
+    def row_norms(self, m, inp, dual):
+        """Each output's receptive field inside the zero-padded image: a conv of ones."""
+        weight = self.weight(m)
+        ones = inp.lo.new_ones(1, *inp.lo.shape[1:])
+        if dual == "l2":
+            return F.conv2d(ones, weight.square(), None, m.stride, m.padding).sqrt()
+        return F.conv2d(ones, weight.abs(), None, m.stride, m.padding)
 
     def bias(self, m, inp):
         return None if m.bias is None else m.bias.view(-1, 1, 1)
@@ -170,6 +191,12 @@ class ChannelAffineRule(AffineRule):
 
     def linear_abs(self, m, r, inp):
         return r * self._view(self.scale_shift(m, inp)[0].abs(), r)
+
+    def row_norms(self, m, inp, dual):
+        return self._view(self.scale_shift(m, inp)[0].abs(), inp.lo)
+
+    def l2_lipschitz(self, m, inp):
+        return self.scale_shift(m, inp)[0].abs().max()
 
     def bias(self, m, inp):
         return self._view(self.scale_shift(m, inp)[1], inp.lo)
@@ -247,6 +274,9 @@ class AvgPoolRule(AffineRule):
 
 
 class FlattenRule(BoundRule):
+    def l2_lipschitz(self, m, inp):
+        return 1.0
+
     def interval(self, m, inp):
         return m(inp.lo), m(inp.hi)
 
@@ -390,6 +420,8 @@ class _RelaxedBackward(torch.autograd.Function):
 
 class ReLURule(BoundRule):
     activation = True
+    def l2_lipschitz(self, m, inp):
+        return 1.0
 
     def unstable(self, lo, hi):
         return (lo < 0) & (hi > 0)
@@ -407,6 +439,8 @@ class MinMaxRule(BoundRule):
     monotone in both inputs, so the interval is the map applied to the endpoints."""
 
     activation = True
+    def l2_lipschitz(self, m, inp):
+        return 1.0
 
     def unstable(self, lo, hi):
         half = lo.shape[1] // 2
@@ -426,6 +460,9 @@ class MinMaxRule(BoundRule):
 
 
 class IdentityRule(BoundRule):
+    def l2_lipschitz(self, m, inp):
+        return 1.0
+
     def interval(self, m, inp):
         return inp.lo, inp.hi
 
