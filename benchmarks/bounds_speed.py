@@ -26,16 +26,15 @@ import argparse
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from machine import certnet_commit, cpu_model
 from torch import nn
 
-import certnet
 from certnet.archs import build_arch
 from certnet.bounds import margin_bounds, margin_spec, training_bounds
 from certnet.bounds.rules import ConvRule
@@ -50,23 +49,8 @@ METHODS = {"IBP": ("ibp", "IBP"), "CROWN-IBP": ("crown-ibp", "CROWN-IBP"),
 TRAIN = "CROWN-IBP train step"
 
 
-def certnet_commit() -> str:
-    """The git commit of the certnet source measured, with "+changes" if it differs."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=Path(certnet.__file__).parent,
-                              capture_output=True, text=True).stdout.strip()
-    return git("rev-parse", "HEAD") + ("+changes" if git("status", "--porcelain", ".") else "")
 
 
-def cpu_model() -> str:
-    """The CPU's model name (Linux), else what platform reports."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def load_auto_lirpa():

@@ -17,11 +17,11 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from machine import certnet_commit
 
 from certnet.attacks import attack_report
 from certnet.certify import evaluate
@@ -100,8 +100,6 @@ def main() -> None:
                            steps=100, restarts=5, certifier=names[0])
     lines = (Path(args.run) / "metrics.jsonl").read_text().splitlines()
     seconds = [json.loads(line)["train_seconds"] for line in lines]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=Path(__file__).parent).stdout.strip()
     result = {
         "run": Path(args.run).name, "method": config["method"], "arch": train.get("arch"),
         "dataset": config["dataset"], "eps": eps, "epochs": config["epoch"],
@@ -112,7 +110,7 @@ def main() -> None:
         "published": PUBLISHED.get((config["method"], config["dataset"], round(eps, 6)), "-"),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "device": f"cpu ({platform.machine()}, {os.cpu_count()} cores)",
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "commit": commit,
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "commit": certnet_commit(),
         "command": "python " + " ".join(sys.argv),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -27,15 +27,14 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from machine import certnet_commit, cpu_model
 
-import certnet
 from certnet.checkpoint import write_json
 from certnet.nn.linf_dist_kernels import linf_dist, linf_dist_reference, numba_available
 
@@ -46,23 +45,8 @@ PS = (8.0, math.inf)
 METHODS = ("naive", "torch", "numba", "matmul")
 
 
-def certnet_commit() -> str:
-    """The git commit of the certnet source measured, with "+changes" if it differs."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=Path(certnet.__file__).parent,
-                              capture_output=True, text=True).stdout.strip()
-    return git("rev-parse", "HEAD") + ("+changes" if git("status", "--porcelain", ".") else "")
 
 
-def cpu_model() -> str:
-    """The CPU's model name (Linux), else what platform reports."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def step(method: str, p: float, x: torch.Tensor, w: torch.Tensor, g: torch.Tensor,

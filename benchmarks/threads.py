@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 import torch
+from machine import certnet_commit
 
-import certnet
 from certnet.checkpoint import write_json
 
 OUT = Path(__file__).parent / "results" / "threads" / "threads.json"
@@ -64,12 +64,6 @@ def cpu_busy(seconds: float = 2.0) -> float:
     return 1 - (idle1 - idle0) / max(total1 - total0, 1)
 
 
-def certnet_commit() -> str:
-    """The git commit of the certnet source measured, with "+changes" if it differs."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=Path(certnet.__file__).parent,
-                              capture_output=True, text=True).stdout.strip()
-    return git("rev-parse", "HEAD") + ("+changes" if git("status", "--porcelain", ".") else "")
 
 
 def timed(argv: list[str], env: dict[str, str], timeout: float) -> float:
