@@ -40,7 +40,7 @@ from certnet.bounds import (
 )
 from certnet.errors import UnsupportedLayerError
 from certnet.methods.bound_prop import IBPNet
-from certnet.nn.activations import MinMax
+from certnet.nn.activations import ClippedMinMax, ClippedReLU, MinMax
 from certnet.nn.lipschitz import LipschitzConv2d, LipschitzLinear, Normalize, ResidualConv2d
 from certnet.threat import ThreatModel
 
@@ -109,8 +109,12 @@ LAYERS = {
     "minmax-2d": (lambda: MinMax(), (6,)),
     "minmax-4d": (lambda: MinMax(), (4, 3, 3)),
     "identity": (lambda: nn.Identity(), (2, 3)),
+    "clipped-relu-2d": (lambda: ClippedReLU([6]), (6,)),
+    "clipped-relu-4d": (lambda: ClippedReLU([2, 3, 3]), (2, 3, 3)),
+    "clipped-minmax-2d": (lambda: ClippedMinMax([6]), (6,)),
+    "clipped-minmax-4d": (lambda: ClippedMinMax([4, 3, 3]), (4, 3, 3)),
 }
-AFFINE = {k for k in LAYERS if not k.startswith(("relu", "minmax"))}
+AFFINE = {k for k in LAYERS if not k.startswith(("relu", "minmax", "clipped"))}
 
 
 def reference(m: nn.Module, inp: LayerInput):
@@ -333,13 +337,20 @@ def test_fused_relu_relaxation_has_the_plain_formulas_value_and_gradient(shape):
 
 
 # -- whole networks ---------------------------------------------------------------------------
+def activation(act: str, width: int) -> nn.Module:
+    """The clipped ones with thresholds that the balls of the tests cross."""
+    return {"relu": nn.ReLU, "minmax": MinMax,
+            "clipped-relu": lambda: ClippedReLU([width], 0.6),
+            "clipped-minmax": lambda: ClippedMinMax([width], -0.5, 0.5)}[act]()
+
+
 def mlp(seed: int, d: int, widths: list[int], act: str, classes: int) -> nn.Sequential:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         modules: list[nn.Module] = [nn.Flatten()]
         prev = d
         for width in widths:
-            modules += [nn.Linear(prev, width), nn.ReLU() if act == "relu" else MinMax()]
+            modules += [nn.Linear(prev, width), activation(act, width)]
             prev = width
         modules.append(nn.Linear(prev, classes))
         layers = nn.Sequential(*modules).double()
@@ -381,6 +392,8 @@ def arch(name: str, shape: tuple[int, ...], seed: int, init: str) -> nn.Sequenti
 NETS = {
     "mlp-relu": (lambda: mlp(0, 4, [8, 8, 8], "relu", 3), (4,), 0.08, 0.12),
     "mlp-minmax": (lambda: mlp(1, 3, [6, 6], "minmax", 4), (3,), 0.08, 0.12),
+    "mlp-clipped-relu": (lambda: mlp(2, 4, [8, 8], "clipped-relu", 3), (4,), 0.08, 0.12),
+    "mlp-clipped-minmax": (lambda: mlp(3, 3, [6, 6], "clipped-minmax", 4), (3,), 0.08, 0.12),
     "mixed-conv": (lambda: mixed_convnet(2).eval(), (1, 7, 7), 0.02, 0.1),
     "dm-small": (lambda: arch("dm-small", (1, 10, 10), 3, "ibp"), (1, 10, 10), 0.02, 0.1),
     "2c2f": (lambda: arch("2c2f", (1, 8, 8), 4, "orthogonal"), (1, 8, 8), 0.03, 0.2),

@@ -35,14 +35,26 @@ def register_arch(name: str) -> Callable[[ArchFn], ArchFn]:
     return decorator
 
 
+#: Activations of the conv/dense architectures (spec types; clipped ones carry thresholds per
+#: neuron, Huang et al. 2021).
+ACTIVATIONS = ("minmax", "relu", "clipped-relu", "clipped-minmax")
+
+
+def activation_spec(activation: str, shape: list[int]) -> LayerSpec:
+    """The spec of ``activation`` for inputs of one point's ``shape``."""
+    if activation.startswith("clipped-"):
+        return {"type": activation.replace("-", "_"), "shape": shape}
+    return {"type": activation}
+
+
 def conv_mlp(input_shape: tuple[int, ...], num_classes: int, convs: list[tuple[int, ...]],
              dense: list[int], activation: str = "minmax", batchnorm: bool = False
              ) -> list[LayerSpec]:
     """Conv stack (filters, kernel, stride[, padding]; padding defaults to TF "same"), then
     dense layers, then the logit layer; ``activation`` after every layer but the last, with
     BatchNorm before it if ``batchnorm``."""
-    if activation not in ("minmax", "relu"):
-        raise ConfigError(f"unknown activation {activation!r}; choose minmax or relu")
+    if activation not in ACTIVATIONS:
+        raise ConfigError(f"unknown activation {activation!r}; choose from {ACTIVATIONS}")
     channels, height, width = input_shape
     specs: list[LayerSpec] = []
     for filters, kernel, stride, *pad in convs:
@@ -50,13 +62,13 @@ def conv_mlp(input_shape: tuple[int, ...], num_classes: int, convs: list[tuple[i
         # the kernels and even sizes used here.
         padding = pad[0] if pad else (kernel - 1) // 2 if stride == 1 else \
             (kernel - stride + 1) // 2
+        height = (height + 2 * padding - kernel) // stride + 1
+        width = (width + 2 * padding - kernel) // stride + 1
         specs += [{"type": "conv", "in_channels": channels, "out_channels": filters,
                    "kernel_size": kernel, "stride": stride, "padding": padding,
                    "bias": True},
                   *([{"type": "batchnorm2d", "num_features": filters}] if batchnorm else []),
-                  {"type": activation}]
-        height = (height + 2 * padding - kernel) // stride + 1
-        width = (width + 2 * padding - kernel) // stride + 1
+                  activation_spec(activation, [filters, height, width])]
         channels = filters
     specs.append({"type": "flatten"})
     features = channels * height * width
@@ -64,7 +76,7 @@ def conv_mlp(input_shape: tuple[int, ...], num_classes: int, convs: list[tuple[i
         specs += [{"type": "linear", "in_features": features, "out_features": units,
                    "bias": True},
                   *([{"type": "batchnorm1d", "num_features": units}] if batchnorm else []),
-                  {"type": activation}]
+                  activation_spec(activation, [units])]
         features = units
     specs.append({"type": "linear", "in_features": features, "out_features": num_classes,
                   "bias": True})

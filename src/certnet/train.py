@@ -211,6 +211,7 @@ class Trainer:
                 if cfg.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
                 self.optimizer.step()
+                self.model.after_step()
                 n = len(y)
                 totals["n"] += n
                 totals["loss"] += float(loss.detach()) * n

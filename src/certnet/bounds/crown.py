@@ -87,7 +87,7 @@ def crown_walk(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
     for i, m in enumerate(layers):
         if not needs_bounds(m):
             continue
-        unstable = rule_for(m).unstable(seen[i].lo, seen[i].hi).flatten(1)
+        unstable = rule_for(m).unstable(m, seen[i].lo, seen[i].hi).flatten(1)
         rows = unstable.any(0).nonzero().squeeze(1)
         if len(rows) == 0:
             continue

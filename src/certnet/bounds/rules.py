@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from certnet.errors import UnsupportedLayerError
-from certnet.nn.activations import MinMax
+from certnet.nn.activations import ClippedMinMax, ClippedReLU, MinMax
 from certnet.nn.lipschitz import LipschitzConv2d, LipschitzLinear, Normalize, ResidualConv2d
 
 Slope = Literal["adaptive", "zero", "one", "same"]
@@ -68,7 +68,7 @@ class BoundRule:
     def l2_lipschitz(self, m: nn.Module, inp: LayerInput) -> torch.Tensor | float | None:
         return None
 
-    def unstable(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    def unstable(self, m: nn.Module, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(lo, dtype=torch.bool)
 
     def interval(self, m: nn.Module, inp: LayerInput) -> tuple[torch.Tensor, torch.Tensor]:
@@ -423,7 +423,7 @@ class ReLURule(BoundRule):
     def l2_lipschitz(self, m, inp):
         return 1.0
 
-    def unstable(self, lo, hi):
+    def unstable(self, m, lo, hi):
         return (lo < 0) & (hi > 0)
 
     def interval(self, m, inp):
@@ -442,7 +442,7 @@ class MinMaxRule(BoundRule):
     def l2_lipschitz(self, m, inp):
         return 1.0
 
-    def unstable(self, lo, hi):
+    def unstable(self, m, lo, hi):
         half = lo.shape[1] // 2
         pair = (lo[:, :half] - hi[:, half:] < 0) & (hi[:, :half] - lo[:, half:] > 0)
         return torch.cat([pair, pair], dim=1)
@@ -457,6 +457,75 @@ class MinMaxRule(BoundRule):
         hi_d = inp.hi[:, :half] - inp.lo[:, half:]
         lam_d, const = relu_backward(lam_max - lam_min, lo_d, hi_d, slope)
         return torch.cat([lam_min + lam_d, lam_max - lam_d], dim=2), const
+
+
+class ClippedReLURule(BoundRule):
+    """clamp(h, 0, t) = relu(h) - relu(h - t+) with t+ = max(t, 0) (the layer's function for
+    every t): both ReLUs relaxed on their own intervals (CROWN's ReLU bounds, summed)."""
+
+    activation = True
+
+    def unstable(self, m, lo, hi):
+        t = m.threshold.clamp(min=0)
+        return ((lo < 0) & (hi > 0)) | ((lo < t) & (hi > t))
+
+    def interval(self, m, inp):
+        return m(inp.lo), m(inp.hi)
+
+    def l2_lipschitz(self, m, inp):
+        return 1.0
+
+    def backward(self, m, lam, inp, slope):
+        t = m.threshold.clamp(min=0)
+        first, const = relu_backward(lam, inp.lo, inp.hi, slope)
+        second, const2 = relu_backward(-lam, inp.lo - t, inp.hi - t, slope)
+        return first + second, const + const2 - _per_row_dot(second, t.expand_as(inp.lo[:1])
+                                                              .unsqueeze(1))
+
+
+class ClippedMinMaxRule(BoundRule):
+    """Pairs (a, b) -> (max(min(a, b), L), min(max(a, b), U)), written with three ReLUs:
+    min(a, b) = a - r, max(a, b) = b + r, r = relu(a - b); the clipped min is
+    L + relu(min - L) and the clipped max U - relu(U - max). Each ReLU is relaxed on the interval
+    its argument provably lies in; the two uses of r are merged into one relaxation."""
+
+    activation = True
+
+    @staticmethod
+    def _parts(m: nn.Module, lo: torch.Tensor, hi: torch.Tensor):
+        half = lo.shape[1] // 2
+        lo_a, lo_b, hi_a, hi_b = lo[:, :half], lo[:, half:], hi[:, :half], hi[:, half:]
+        low_min = torch.minimum(lo_a, lo_b) - m.lower  # min(a, b) - L
+        high_min = torch.minimum(hi_a, hi_b) - m.lower
+        low_max = m.upper - torch.maximum(hi_a, hi_b)  # U - max(a, b)
+        high_max = m.upper - torch.maximum(lo_a, lo_b)
+        return (lo_a - hi_b, hi_a - lo_b), (low_min, high_min), (low_max, high_max)
+
+    def unstable(self, m, lo, hi):
+        pair = torch.zeros_like(lo[:, :lo.shape[1] // 2], dtype=torch.bool)
+        for low, high in self._parts(m, lo, hi):
+            pair = pair | ((low < 0) & (high > 0))
+        return torch.cat([pair, pair], dim=1)
+
+    def interval(self, m, inp):
+        return m(inp.lo), m(inp.hi)
+
+    def l2_lipschitz(self, m, inp):
+        return 1.0
+
+    def backward(self, m, lam, inp, slope):
+        half = inp.lo.shape[1] // 2
+        lam_min, lam_max = lam[:, :, :half], lam[:, :, half:]
+        diff, low, high = self._parts(m, inp.lo, inp.hi)
+        # lam_min (L + relu(min - L)) >= c_min (min - L) + k + lam_min L
+        c_min, const = relu_backward(lam_min, *low, slope)
+        # lam_max (U - relu(U - max)) >= lam_max U + c_max (U - max) + k
+        c_max, k = relu_backward(-lam_max, *high, slope)
+        const = const + k + _per_row_dot(lam_min - c_min, m.lower.unsqueeze(0).unsqueeze(1)) + \
+            _per_row_dot(lam_max + c_max, m.upper.unsqueeze(0).unsqueeze(1))
+        # c_min min - c_max max = c_min a - c_max b - (c_min + c_max) r
+        c_r, k = relu_backward(-(c_min + c_max), *diff, slope)
+        return torch.cat([c_min + c_r, -c_max - c_r], dim=2), const + k
 
 
 class IdentityRule(BoundRule):
@@ -517,4 +586,6 @@ register_bound_rule(nn.AvgPool2d, AvgPoolRule())
 register_bound_rule(nn.Flatten, FlattenRule())
 register_bound_rule(nn.ReLU, ReLURule())
 register_bound_rule(MinMax, MinMaxRule())
+register_bound_rule(ClippedReLU, ClippedReLURule())
+register_bound_rule(ClippedMinMax, ClippedMinMaxRule())
 register_bound_rule(nn.Identity, IdentityRule())

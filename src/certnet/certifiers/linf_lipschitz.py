@@ -21,9 +21,8 @@ from torch import nn
 
 from certnet.certifiers.base import Certificate, Certifier, register_certifier
 from certnet.certifiers.lipschitz import round_down_float32
-from certnet.nn.activations import MinMax
 from certnet.nn.linf_dist import LinfDist, LinfDistConv2d, MeanShift, Negate
-from certnet.nn.lipschitz import LipschitzLinear, Normalize
+from certnet.nn.lipschitz import ONE_LIPSCHITZ, LipschitzLinear, Normalize
 from certnet.threat import ThreatModel
 
 #: Relative slack on margins: float64 rounding of the forward pass is ~1e-16 relative per
@@ -32,12 +31,13 @@ MARGIN_SLACK = 1e-9
 #: Relative slack on the Lipschitz constant (pow and products round in float64).
 CONSTANT_SLACK = 1e-12
 
-ONE_LIPSCHITZ = (MeanShift, Negate, nn.Flatten, nn.Identity, nn.ReLU, nn.Tanh, MinMax)
+#: 1-Lipschitz in l_inf too: the exact l2 ones (elementwise or pairwise sorts) and these.
+ONE_LIPSCHITZ_LINF = (*ONE_LIPSCHITZ, MeanShift, Negate, nn.Tanh)
 
 
 def linf_layer_bound(m: nn.Module) -> float | None:
     """An upper bound of the layer's l_inf -> l_inf Lipschitz constant, None if unknown."""
-    if type(m) in ONE_LIPSCHITZ:
+    if type(m) in ONE_LIPSCHITZ_LINF:
         return 1.0
     if type(m) in (LinfDist, LinfDistConv2d):
         if m.bias is not None and not torch.isfinite(m.bias).all():

@@ -75,6 +75,14 @@ class CertifiedModel(nn.Module):
         log with the epoch's metrics."""
         return {}
 
+    def after_step(self) -> None:
+        """Called by the Trainer after every optimizer step: layers with a ``project_`` method
+        (e.g. clipped activations keeping thresholds >= 0) project their parameters back onto
+        their valid set."""
+        for m in self.modules():
+            if m is not self and callable(getattr(m, "project_", None)):
+                m.project_()
+
     def param_groups(self) -> list[dict[str, Any]]:
         """Optimizer parameter groups; a group's ``lr_scale`` multiplies the scheduled learning
         rate for it (default: one group of every parameter)."""

@@ -1,4 +1,4 @@
-"""1-Lipschitz activations."""
+"""1-Lipschitz activations, all exact in floating point (comparisons and clamps only)."""
 
 import torch
 from torch import nn
@@ -17,3 +17,53 @@ class MinMax(nn.Module):
             raise InputError(f"MinMax needs an even number of channels, got {c}")
         a, b = x[:, : c // 2], x[:, c // 2 :]
         return torch.cat([torch.minimum(a, b), torch.maximum(a, b)], dim=1)
+
+
+def _check_shape(layer: nn.Module, x: torch.Tensor) -> None:
+    if tuple(x.shape[1:]) != layer.shape:
+        raise InputError(f"{type(layer).__name__} for inputs {layer.shape} applied to "
+                         f"{tuple(x.shape[1:])}")
+
+
+class ClippedReLU(nn.Module):
+    """clamp(min(x, t), 0) with a learnable threshold t per neuron (Huang et al. 2021,
+    "Training Certifiably Robust Neural Networks with Efficient Local Lipschitz Bounds", §4):
+    constant, so locally 0-Lipschitz, wherever x <= 0 or x >= t. ``shape`` is one input's shape
+    (C, H, W) or (C,); ``project_`` keeps t >= 0 (the Trainer calls it after every step)."""
+
+    def __init__(self, shape: list[int], init: float = 1.0) -> None:
+        super().__init__()
+        self.shape = tuple(int(s) for s in shape)
+        self.threshold = nn.Parameter(torch.full(self.shape, float(init)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_shape(self, x)
+        return torch.clamp(torch.minimum(x, self.threshold), min=0)
+
+    @torch.no_grad()
+    def project_(self) -> None:
+        self.threshold.clamp_(min=0)
+
+
+class ClippedMinMax(nn.Module):
+    """MinMax with the min of each pair clipped from below at a learnable ``lower`` and the max
+    clipped from above at a learnable ``upper`` (Huang et al. 2021's clamped MaxMin): a sort
+    then a clamp per output, so 1-Lipschitz for any thresholds, and constant where the pair's
+    min stays below ``lower`` (resp. its max above ``upper``). ``shape`` is one input's shape
+    (C even); the thresholds have one entry per pair and position."""
+
+    def __init__(self, shape: list[int], lower: float = -3.0, upper: float = 3.0) -> None:
+        super().__init__()
+        self.shape = tuple(int(s) for s in shape)
+        if self.shape[0] % 2:
+            raise InputError(f"ClippedMinMax needs an even number of channels, got {shape}")
+        half = (self.shape[0] // 2, *self.shape[1:])
+        self.lower = nn.Parameter(torch.full(half, float(lower)))
+        self.upper = nn.Parameter(torch.full(half, float(upper)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_shape(self, x)
+        c = x.shape[1] // 2
+        a, b = x[:, :c], x[:, c:]
+        return torch.cat([torch.maximum(torch.minimum(a, b), self.lower),
+                          torch.minimum(torch.maximum(a, b), self.upper)], dim=1)

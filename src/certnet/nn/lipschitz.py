@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from certnet.errors import ConfigError, InputError, UnsupportedLayerError
-from certnet.nn.activations import MinMax
+from certnet.nn.activations import ClippedMinMax, ClippedReLU, MinMax
 from certnet.nn.spectral import (
     FLOAT64_UNIT_ROUNDOFF,
     conv_spectral_bound,
@@ -29,7 +29,7 @@ from certnet.nn.spectral import (
 )
 
 #: Exact types that are 1-Lipschitz in every l_p norm and computed without rounding.
-ONE_LIPSCHITZ = (nn.ReLU, MinMax, nn.Flatten, nn.Identity)
+ONE_LIPSCHITZ = (nn.ReLU, MinMax, ClippedReLU, ClippedMinMax, nn.Flatten, nn.Identity)
 #: Buffers that only feed the power-iteration estimate, never a forward pass or a bound.
 ESTIMATE_ONLY_BUFFERS = frozenset({"power_iterate"})
 

@@ -13,7 +13,7 @@ from typing import Any
 from torch import nn
 
 from certnet.errors import ConfigError, UnsupportedLayerError
-from certnet.nn.activations import MinMax
+from certnet.nn.activations import ClippedMinMax, ClippedReLU, MinMax
 from certnet.nn.linf_dist import LinfDist, LinfDistConv2d, MeanShift, Negate, p_to_json
 from certnet.nn.lipschitz import (
     LipschitzConv2d,
@@ -63,6 +63,8 @@ register_layer("negate", Negate)
 register_layer("tanh", nn.Tanh)
 register_layer("relu", nn.ReLU)
 register_layer("minmax", MinMax)
+register_layer("clipped_relu", ClippedReLU, lambda m: {"shape": list(m.shape)})
+register_layer("clipped_minmax", ClippedMinMax, lambda m: {"shape": list(m.shape)})
 register_layer("flatten", nn.Flatten)
 register_layer("identity", nn.Identity)
 
