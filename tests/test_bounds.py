@@ -755,7 +755,7 @@ class MyLinear(nn.Linear):
 
 UNSUPPORTED = {
     "MaxPool2d": (nn.MaxPool2d(2), "no bound rule for layer MaxPool2d"),
-    "Tanh": (nn.Tanh(), "no bound rule for layer Tanh"),
+    "Sigmoid": (nn.Sigmoid(), "no bound rule for layer Sigmoid"),
     "ReLU-subclass": (MyReLU(), "no bound rule for layer MyReLU"),
     "Linear-subclass": (MyLinear(4, 4), "no bound rule for layer MyLinear"),
     "nested-Sequential": (nn.Sequential(nn.ReLU()), "no bound rule for layer Sequential"),
