@@ -140,16 +140,27 @@ def test_distance_interval_contains_every_point_and_is_attained(p):
         torch.testing.assert_close(linf_dist_reference(far, w[o:o + 1], p)[:, 0], upper[:, o])
 
 
-def test_chunked_interval_equals_one_chunk(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_interval_kernel_and_the_chunked_torch_path_agree_exactly(monkeypatch, dtype):
+    """p = inf: the numba interval kernel equals the portable path bit for bit, and the
+    portable path does not depend on its chunk size."""
     import certnet.bounds.linf_dist_rules as rules
 
+    pytest.importorskip("numba")
     g = gen(6)
-    w, lo = torch.randn(9, 7, generator=g), torch.randn(5, 7, generator=g)
-    hi = lo + torch.rand(5, 7, generator=g)
+    w, lo = torch.randn(9, 7, generator=g, dtype=dtype), torch.randn(5, 7, generator=g,
+                                                                    dtype=dtype)
+    hi = lo + torch.rand(5, 7, generator=g, dtype=dtype) * (torch.rand(5, 7, generator=g) > 0.2)
+    fast = dist_interval(lo, hi, w, math.inf)
+    monkeypatch.setattr(rules, "linf_dist_interval", lambda *args: None)
     whole = dist_interval(lo, hi, w, math.inf)
     monkeypatch.setattr(rules, "CHUNK_ELEMENTS", 10)
-    for a, b in zip(whole, dist_interval(lo, hi, w, math.inf), strict=True):
-        assert torch.equal(a, b)
+    for a, b, c in zip(fast, whole, dist_interval(lo, hi, w, math.inf), strict=True):
+        assert torch.equal(a, b) and torch.equal(b, c)
+    lo[0, 3] = float("nan")  # NaN propagates, never silently skipped
+    monkeypatch.undo()
+    lower, upper = dist_interval(lo, hi, w, math.inf)
+    assert torch.isnan(lower[0]).all() and torch.isnan(upper[0]).all()
 
 
 @pytest.mark.parametrize("layer", [

@@ -14,6 +14,7 @@ from torch import nn
 
 from certnet.bounds.rules import AffineRule, BoundRule, ChannelAffineRule, register_bound_rule
 from certnet.nn.linf_dist import LinfDist, LinfDistConv2d, MeanShift, Negate
+from certnet.nn.linf_dist_kernels import linf_dist_interval
 
 #: Elements of the (rows, outputs, inputs) difference tensor one chunk may hold.
 CHUNK_ELEMENTS = 2 ** 22
@@ -31,8 +32,13 @@ def stable_pnorm(t: torch.Tensor, p: float) -> torch.Tensor:
 
 def dist_interval(lo: torch.Tensor, hi: torch.Tensor, weight: torch.Tensor, p: float
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bounds (rows, out) of ||x - w_o||_p over x in [lo, hi] (rows, in), in chunks that never
-    hold the full rows x out x in tensor."""
+    """Bounds (rows, out) of ||x - w_o||_p over x in [lo, hi] (rows, in): at p = inf by the
+    numba kernel where it applies, else in torch chunks that never hold the full
+    rows x out x in tensor."""
+    if p == float("inf"):
+        fast = linf_dist_interval(lo, hi, weight)
+        if fast is not None:
+            return fast
     rows, n_in = lo.shape
     out = weight.shape[0]
     row_chunk = max(1, min(rows, CHUNK_ELEMENTS // max(1, n_in)))

@@ -36,6 +36,7 @@ __all__ = [
     "TORCH_CHUNK_ELEMENTS",
     "linf_dist",
     "linf_dist_backend",
+    "linf_dist_interval",
     "linf_dist_reference",
     "numba_available",
 ]
@@ -108,6 +109,22 @@ def linf_dist_backend(x: torch.Tensor, p: float, backend: str = "auto") -> str:
 def numba_available() -> bool:
     """Whether numba imports (tried once, on first call)."""
     return _numba() is not None
+
+
+def linf_dist_interval(lo: torch.Tensor, hi: torch.Tensor, weight: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Exact bounds of ||x - w_o||_inf over the boxes [lo, hi] (B, in), by the numba kernel:
+    lower = max_i max(lo_i - w_i, w_i - hi_i, 0), upper = max_i max(|lo_i - w_i|, |hi_i - w_i|),
+    each term one rounded subtraction (NaN propagates). None where the kernel does not apply
+    (no numba, not on the CPU, not float32/64): the caller takes its portable path."""
+    if _numba_unsupported(lo, math.inf) is not None or not numba_available() or \
+            weight.dtype != lo.dtype or weight.device != lo.device:
+        return None
+    lower = lo.new_empty(lo.shape[0], weight.shape[0])
+    upper = torch.empty_like(lower)
+    _interval_kernel()(lo.detach().T.contiguous().numpy(), hi.detach().T.contiguous().numpy(),
+                       weight.detach().contiguous().numpy(), lower.numpy(), upper.numpy())
+    return lower, upper
 
 
 def linf_dist_reference(x: torch.Tensor, weight: torch.Tensor, p: float) -> torch.Tensor:
@@ -332,6 +349,36 @@ def _numba() -> Any:
             numba = None
         _numba_module = numba
     return _numba_module
+
+
+def _interval_kernel() -> Any:
+    """The p = inf interval kernel (the forward loop over two endpoints), compiled once."""
+    if "interval" in _kernels:
+        return _kernels["interval"]
+    numba = _numba()
+
+    @numba.njit(parallel=True, fastmath=set(NUMBA_FASTMATH), cache=True, boundscheck=False)
+    def interval(loT, hiT, w, lower, upper):  # loT, hiT: (in, B); lower, upper: (B, out)
+        n_in, n_b = loT.shape
+        for o in numba.prange(w.shape[0]):
+            low = np.zeros(n_b, loT.dtype)
+            high = np.zeros(n_b, loT.dtype)
+            for i in range(n_in):
+                wi = w[o, i]
+                lo_i, hi_i = loT[i], hiT[i]
+                for b in range(n_b):
+                    below, above = lo_i[b] - wi, wi - hi_i[b]
+                    near = below if (below > above) | (below != below) else above
+                    fb, fa = abs(below), abs(above)
+                    far = fb if (fb > fa) | (fb != fb) else fa
+                    low[b] = near if (near > low[b]) | (near != near) else low[b]
+                    high[b] = far if (far > high[b]) | (far != far) else high[b]
+            for b in range(n_b):
+                lower[b, o] = low[b]
+                upper[b, o] = high[b]
+
+    _kernels["interval"] = interval
+    return interval
 
 
 def _inf_kernels() -> tuple[Any, Any]:
