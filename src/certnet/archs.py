@@ -152,8 +152,9 @@ def _normalize(normalize: list[list[float]] | None) -> list[LayerSpec]:
 def _dist_stack(features: int, depth: int, width: int) -> list[LayerSpec]:
     specs: list[LayerSpec] = []
     for _ in range(depth):
-        specs += [{"type": "linf_dist", "in_features": features, "out_features": width},
-                  {"type": "mean_shift", "num_features": width}]
+        specs += [{"type": "linf_dist", "in_features": features, "out_features": width,
+                   "p": "inf", "bias": False},
+                  {"type": "mean_shift", "num_features": width, "momentum": 0.1}]
         features = width
     return specs
 
@@ -170,7 +171,7 @@ def arch_linf_dist_mlp(input_shape, num_classes, depth: int = 5, width: int = 51
     return [*_normalize(normalize), {"type": "flatten"},
             *_dist_stack(pixels, depth - 1, width),
             {"type": "linf_dist", "in_features": width, "out_features": num_classes,
-             "bias": True},
+             "p": "inf", "bias": True},
             {"type": "negate"}]
 
 
