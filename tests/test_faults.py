@@ -29,8 +29,11 @@ def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
 def _interrupt(out: Path, sig: int, ready: Path) -> tuple[int, str]:
     """Start a training run and send ``sig`` once ``ready`` exists (the run directory is
     created when training starts, ``state/epoch-NNNN`` with each checkpoint)."""
+    # a shell without job control starts background jobs with SIGINT ignored, and Python
+    # keeps an ignored SIGINT ignored: give the child the default disposition back
     proc = subprocess.Popen([sys.executable, "-m", "certnet.cli", *ARGS, "--out", str(out)],
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while not ready.exists() and time.time() < deadline:
         time.sleep(0.05)
