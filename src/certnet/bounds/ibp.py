@@ -60,7 +60,7 @@ def _within_ball(rule: AffineRule, m: nn.Module, inp: LayerInput, out: torch.Ten
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """[lo, hi] intersected with out +- radius * (l2 norm of each row)."""
     try:
-        norms = rule.row_norms(m, inp, "l2")
+        norms = rule.row_norms(m, inp)
     except NotImplementedError:
         return lo, hi
     r = torch.as_tensor(radius, dtype=out.dtype, device=out.device)

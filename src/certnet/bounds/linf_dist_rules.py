@@ -85,19 +85,15 @@ class MeanShiftRule(ChannelAffineRule):
     """z = h - mu: the running mean in eval mode, the clean batch's mean in training (the map
     the layer applies to that batch)."""
 
-    def l2_lipschitz(self, m, inp):
-        return 1.0
-
     def scale_shift(self, m, inp):
         shift = -m.shift(inp.clean)
         return torch.ones_like(shift), shift
 
 
 class NegateRule(AffineRule):
-    def l2_lipschitz(self, m, inp):
-        return 1.0
+    nonexpansive = True
 
-    def row_norms(self, m, inp, dual):
+    def row_norms(self, m, inp):
         return inp.lo.new_ones(())
 
     def linear(self, m, h, inp):
@@ -117,8 +113,7 @@ class TanhRule(BoundRule):
     """tanh is increasing: the interval is its endpoints' images. No linear relaxation here."""
 
     relaxable = False
-    def l2_lipschitz(self, m, inp):
-        return 1.0
+    nonexpansive = True
 
     def interval(self, m, inp):
         return torch.tanh(inp.lo), torch.tanh(inp.hi)

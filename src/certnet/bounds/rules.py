@@ -60,13 +60,14 @@ class BoundRule:
     False``: interval only) ends every backward pass at its output's interval.
     ``l2_lipschitz`` is a cheap l2 Lipschitz bound of the layer where one is known (else None):
     a ball of radius r around its clean input maps into one of radius r * L around its clean
-    output."""
+    output; it is 1 for ``nonexpansive`` layers."""
 
     activation: bool = False
     relaxable: bool = True
+    nonexpansive: bool = False
 
     def l2_lipschitz(self, m: nn.Module, inp: LayerInput) -> torch.Tensor | float | None:
-        return None
+        return 1.0 if self.nonexpansive else None
 
     def unstable(self, m: nn.Module, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(lo, dtype=torch.bool)
@@ -81,10 +82,10 @@ class BoundRule:
 
 class AffineRule(BoundRule):
     """z = A h + b. Subclasses give A h (``linear``), |A| r (``linear_abs``), A^T lam
-    (``transpose``), the bias (``bias``, broadcastable to z) and the l2 / l1 norm of each row of A
-    (``row_norms``: the exact range of z over a ball of h, by the dual norm)."""
+    (``transpose``), the bias (``bias``, broadcastable to z) and the l2 norm of each row of A
+    (``row_norms``: the exact range of z over an l2 ball of h)."""
 
-    def row_norms(self, m: nn.Module, inp: LayerInput, dual: str) -> torch.Tensor:
+    def row_norms(self, m: nn.Module, inp: LayerInput) -> torch.Tensor:
         raise NotImplementedError
 
     def linear(self, m: nn.Module, h: torch.Tensor, inp: LayerInput) -> torch.Tensor:
@@ -126,8 +127,8 @@ def bias_term(lam: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
 
 
 class LinearRule(AffineRule):
-    def row_norms(self, m, inp, dual):
-        return m.weight.norm(p=2 if dual == "l2" else 1, dim=1)
+    def row_norms(self, m, inp):
+        return m.weight.norm(dim=1)
 
     def linear(self, m, h, inp):
         return F.linear(h, m.weight)
@@ -153,13 +154,10 @@ class ConvRule(AffineRule):
     def linear_abs(self, m, r, inp):
         return F.conv2d(r, self.weight(m).abs(), None, m.stride, m.padding)
 
-    def row_norms(self, m, inp, dual):
+    def row_norms(self, m, inp):
         """Each output's receptive field inside the zero-padded image: a conv of ones."""
-        weight = self.weight(m)
         ones = inp.lo.new_ones(1, *inp.lo.shape[1:])
-        if dual == "l2":
-            return F.conv2d(ones, weight.square(), None, m.stride, m.padding).sqrt()
-        return F.conv2d(ones, weight.abs(), None, m.stride, m.padding)
+        return F.conv2d(ones, self.weight(m).square(), None, m.stride, m.padding).sqrt()
 
     def bias(self, m, inp):
         return None if m.bias is None else m.bias.view(-1, 1, 1)
@@ -192,7 +190,7 @@ class ChannelAffineRule(AffineRule):
     def linear_abs(self, m, r, inp):
         return r * self._view(self.scale_shift(m, inp)[0].abs(), r)
 
-    def row_norms(self, m, inp, dual):
+    def row_norms(self, m, inp):
         return self._view(self.scale_shift(m, inp)[0].abs(), inp.lo)
 
     def l2_lipschitz(self, m, inp):
@@ -274,8 +272,7 @@ class AvgPoolRule(AffineRule):
 
 
 class FlattenRule(BoundRule):
-    def l2_lipschitz(self, m, inp):
-        return 1.0
+    nonexpansive = True
 
     def interval(self, m, inp):
         return m(inp.lo), m(inp.hi)
@@ -420,8 +417,7 @@ class _RelaxedBackward(torch.autograd.Function):
 
 class ReLURule(BoundRule):
     activation = True
-    def l2_lipschitz(self, m, inp):
-        return 1.0
+    nonexpansive = True
 
     def unstable(self, m, lo, hi):
         return (lo < 0) & (hi > 0)
@@ -439,8 +435,7 @@ class MinMaxRule(BoundRule):
     monotone in both inputs, so the interval is the map applied to the endpoints."""
 
     activation = True
-    def l2_lipschitz(self, m, inp):
-        return 1.0
+    nonexpansive = True
 
     def unstable(self, m, lo, hi):
         half = lo.shape[1] // 2
@@ -464,6 +459,7 @@ class ClippedReLURule(BoundRule):
     every t): both ReLUs relaxed on their own intervals (CROWN's ReLU bounds, summed)."""
 
     activation = True
+    nonexpansive = True
 
     def unstable(self, m, lo, hi):
         t = m.threshold.clamp(min=0)
@@ -471,9 +467,6 @@ class ClippedReLURule(BoundRule):
 
     def interval(self, m, inp):
         return m(inp.lo), m(inp.hi)
-
-    def l2_lipschitz(self, m, inp):
-        return 1.0
 
     def backward(self, m, lam, inp, slope):
         t = m.threshold.clamp(min=0)
@@ -490,6 +483,7 @@ class ClippedMinMaxRule(BoundRule):
     its argument provably lies in; the two uses of r are merged into one relaxation."""
 
     activation = True
+    nonexpansive = True
 
     @staticmethod
     def _parts(m: nn.Module, lo: torch.Tensor, hi: torch.Tensor):
@@ -510,9 +504,6 @@ class ClippedMinMaxRule(BoundRule):
     def interval(self, m, inp):
         return m(inp.lo), m(inp.hi)
 
-    def l2_lipschitz(self, m, inp):
-        return 1.0
-
     def backward(self, m, lam, inp, slope):
         half = inp.lo.shape[1] // 2
         lam_min, lam_max = lam[:, :, :half], lam[:, :, half:]
@@ -529,8 +520,7 @@ class ClippedMinMaxRule(BoundRule):
 
 
 class IdentityRule(BoundRule):
-    def l2_lipschitz(self, m, inp):
-        return 1.0
+    nonexpansive = True
 
     def interval(self, m, inp):
         return inp.lo, inp.hi
