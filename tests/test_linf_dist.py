@@ -318,12 +318,12 @@ def test_the_hinge_is_zero_when_certified_at_the_training_eps_and_one_when_miscl
         logits = model(x)
     top2 = logits.topk(2, 1)
     margin = top2.values[:, 0] - top2.values[:, 1]
-    eps = float(margin.min()) / (2 * model.body_constant) * 0.99
+    eps = float(margin.min()) / (2 * model.body_lipschitz()) * 0.99
     loss, stats = model.loss(x, top2.indices[:, 0], eps)
     assert float(loss.detach()) == 0 and stats["robust"].all()
     loss, stats = model.loss(x, logits.argmin(1), eps)  # the worst class: margin <= 0
     assert float(loss.detach()) == 1 and not stats["robust"].any()
-    half = float(margin[0]) / model.body_constant  # theta = 2 * clean margin
+    half = float(margin[0]) / model.body_lipschitz()  # theta = 2 * clean margin
     loss, _ = model.loss(x[:1], top2.indices[:1, 0], half)
     torch.testing.assert_close(loss, torch.tensor(0.5))
 

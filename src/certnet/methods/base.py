@@ -17,6 +17,7 @@ from torch import nn
 from certnet.certifiers.base import Certificate, check_inputs
 from certnet.errors import ConfigError
 from certnet.nn.integrity import Float64Twin, check_plain
+from certnet.nn.lipschitz import trace_shapes
 from certnet.threat import Norm, check_eps
 
 __all__ = ["METHODS", "Certificate", "CertifiedModel", "check_eps", "check_inputs",
@@ -41,6 +42,12 @@ class CertifiedModel(nn.Module):
         self.input_shape = tuple(input_shape)
         self.num_classes = num_classes
         self._twins: dict[str, Float64Twin] = {}
+
+    def check_logits(self, layers: nn.Sequential) -> None:
+        """ConfigError unless ``layers`` maps this model's inputs to one logit per class."""
+        if trace_shapes(layers, self.input_shape) != (self.num_classes,):
+            raise ConfigError(f"the network must map inputs {self.input_shape} to "
+                              f"{self.num_classes} logits (flatten before the dense layers)")
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, eps: float, **schedule: float
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -19,7 +19,6 @@ from torch import nn
 from certnet.bounds import SLOPES, check_supported, training_bounds
 from certnet.errors import ConfigError
 from certnet.methods.base import CertifiedModel, register_method
-from certnet.nn.lipschitz import trace_shapes
 from certnet.threat import ThreatModel
 
 
@@ -48,9 +47,7 @@ class IBPNet(CertifiedModel):
         check_supported(layers)
         if slope not in SLOPES:
             raise ConfigError(f"unknown ReLU lower slope {slope!r}; choose from {SLOPES}")
-        if trace_shapes(layers, input_shape) != (num_classes,):
-            raise ConfigError(f"the network must map inputs {tuple(input_shape)} to "
-                              f"{num_classes} logits")
+        self.check_logits(layers)
         self.layers = layers
         self.slope = slope
 

@@ -27,7 +27,6 @@ from certnet.nn.lipschitz import (
     convert_sequential,
     layer_estimate,
     product,
-    trace_shapes,
 )
 
 __all__ = ["GAP_SLACK", "GloroNet", "SoundConstants", "bottom_logit", "pairwise_lipschitz",
@@ -71,9 +70,7 @@ class GloroNet(CertifiedModel):
             raise ConfigError(f"unknown GloRo loss {loss!r}; choose from {LOSSES}")
         for layer in layers[:-1]:
             check_gloro_layer(layer)
-        if trace_shapes(layers, input_shape) != (num_classes,):
-            raise ConfigError(f"a GloRo net must map inputs {tuple(input_shape)} to "
-                              f"{num_classes} logits (flatten before the linear layers)")
+        self.check_logits(layers)
         self.layers = layers
         self.power_iterations = power_iterations
         self.loss_name = loss

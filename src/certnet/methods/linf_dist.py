@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from certnet.bounds import margin_bounds
-from certnet.certifiers.linf_lipschitz import linf_layer_bound
+from certnet.certifiers.linf_lipschitz import linf_lipschitz
 from certnet.errors import ConfigError
 from certnet.methods.base import CertifiedModel, register_method
 from certnet.nn.linf_dist import (
@@ -38,7 +38,6 @@ from certnet.nn.linf_dist import (
     dist_layers,
     p_to_json,
 )
-from certnet.nn.lipschitz import trace_shapes
 from certnet.schedules import Ramp
 from certnet.threat import ThreatModel
 
@@ -53,18 +52,6 @@ def body_end(layers: nn.Sequential) -> int:
         raise ConfigError("an l_inf-dist net needs at least one LinfDist layer")
     return last + 2 if last + 1 < len(layers) and type(layers[last + 1]) is MeanShift \
         else last + 1
-
-
-def body_lipschitz(body: nn.Sequential) -> float:
-    """The body's l_inf Lipschitz constant with every l_p-dist layer counted as at p = inf."""
-    total = 1.0
-    for i, m in enumerate(body):
-        bound = 1.0 if type(m) in (LinfDist, LinfDistConv2d) else linf_layer_bound(m)
-        if bound is None:
-            raise ConfigError(f"layer {i} ({type(m).__name__}) of the l_inf-dist body has no "
-                              "l_inf Lipschitz bound")
-        total *= bound
-    return total
 
 
 @register_method
@@ -84,12 +71,13 @@ class LinfDistNet(CertifiedModel):
         super().__init__(input_shape, num_classes)
         if loss not in LOSSES:
             raise ConfigError(f"unknown l_inf-dist loss {loss!r}; choose from {LOSSES}")
-        if trace_shapes(layers, input_shape) != (num_classes,):
-            raise ConfigError(f"the network must map inputs {tuple(input_shape)} to "
-                              f"{num_classes} logits")
+        self.check_logits(layers)
         self.layers = layers
         self.split = body_end(layers)
-        self.body_constant = body_lipschitz(layers[:self.split])
+        try:
+            self.body_lipschitz()
+        except ValueError as err:
+            raise ConfigError(f"the l_inf-dist body: {err}") from err
         check_p(p_start), check_p(p_end)
         self.p_ramp = Ramp(float(p_start), float(p_end), p_begin, p_finish, "exp")
         self.loss_name, self.p_pow2, self.scale_lr = loss, bool(p_pow2), float(scale_lr)
@@ -122,22 +110,33 @@ class LinfDistNet(CertifiedModel):
             m.p = p
         return {"p": p_to_json(p)}
 
+    def body_lipschitz(self) -> float:
+        """The body's l_inf Lipschitz constant from its current layers, every l_p-dist layer
+        counted as at p = inf (L in the module docstring)."""
+        return linf_lipschitz(self.layers[:self.split], dist_at_inf=True)
+
     def training_margins(self, x: torch.Tensor, y: torch.Tensor, eps: float
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """Lower bounds (B, K - 1) of z_y - z_j with the body treated as 1-Lipschitz (see the
         module docstring), and the clean logits."""
+        return self._margins(x, y, float(eps) * self.body_lipschitz())
+
+    def _margins(self, x: torch.Tensor, y: torch.Tensor, reach: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`training_margins` with the body's output moving by at most ``reach``."""
         h = self.layers[:self.split](x)
         head = self.layers[self.split:]
-        box = ThreatModel("linf", float(eps) * self.body_constant, -math.inf, math.inf)
-        lower = margin_bounds(head, h, box, y, "ibp")
+        lower = margin_bounds(head, h, ThreatModel("linf", reach, -math.inf, math.inf), y,
+                              "ibp")
         return lower, head(h)
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, eps: float, lam: float = 0.0
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Clipped (``mixture``, v2) or plain (``hinge``, v1) hinge on the margin bounds plus
         ``lam`` * CE(scale * logits)."""
-        lower, logits = self.training_margins(x, y, eps)
-        theta = max(2 * float(eps) * self.body_constant, 1e-12)
+        reach = float(eps) * self.body_lipschitz()
+        lower, logits = self._margins(x, y, reach)
+        theta = max(2 * reach, 1e-12)
         hinge = -lower / theta
         hinge = hinge.clamp(0, 1) if self.loss_name == "mixture" else hinge.clamp_min(0)
         loss = hinge.amax(1).mean() if hinge.shape[1] else hinge.new_zeros(())
