@@ -4,9 +4,10 @@
   inputs, in l_inf and l2: a certified point is robust, a certificate's margin never exceeds
   the exact minimum margin, a certified radius holds; exact on nets without hidden layers;
 * PGD with restarts on small briefly-trained networks (an IBP MLP, a CROWN-IBP DM-small with
-  BatchNorm, a GloRo 2C2F certified in l_inf too, an l_inf-dist MLP): no certified point
-  flips, no attained margin lies below a certificate's margin, no point flips inside its
-  certified radius;
+  BatchNorm, a GloRo 2C2F certified in l_inf too, GloRo nets with clipped activations, an
+  l_inf-dist MLP, a conv l_inf-dist net with a tanh head): no certified point flips, no
+  attained margin lies below a certificate's margin, no point flips inside its certified
+  radius;
 * ``best``: exactly the union of the single certifiers, the largest radius; its margin never
   above the largest single margin, and equal to it where nothing certifies.
 """
@@ -23,7 +24,7 @@ from hypothesis import strategies as st
 from nets import random_mlp
 from torch import nn
 
-from certnet.archs import build_arch
+from certnet.archs import INITS, build_arch
 from certnet.attacks import PGD, margin_loss
 from certnet.bounds import margin_bounds
 from certnet.certifiers import applicable, certify
@@ -31,6 +32,7 @@ from certnet.errors import ConfigError, UnsupportedLayerError
 from certnet.methods.bound_prop import CrownIBPNet, IBPNet
 from certnet.methods.gloro import GloroNet
 from certnet.methods.linf_dist import LinfDistNet
+from certnet.nn.linf_dist import LinfDist, LinfDistConv2d, MeanShift
 from certnet.nn.lipschitz import convert_sequential
 from certnet.threat import ThreatModel
 from certnet.verify import exact_min_margin
@@ -264,11 +266,24 @@ def trained_models():
         dist = build_arch("linf-dist-mlp", SHAPE, CLASSES, seed=4, init="linf-dist", depth=3,
                           width=32)
         linf_dist = train(LinfDistNet(dist, SHAPE, CLASSES), 40, 0.15, 4, lam=0.05)
+        # the other layer types with bound rules: clipped activations, the conv l_p-dist layer,
+        # a tanh head (v2's hybrid)
+        clipped = {act: train(GloroNet(build_arch("2c2f", SHAPE, CLASSES, seed=5,
+                                                  activation=act), SHAPE, CLASSES), 40, 0.5, 5)
+                   for act in ("clipped-relu", "clipped-minmax")}
+        hybrid = nn.Sequential(LinfDistConv2d(1, 8, 3, stride=2, padding=1), MeanShift(8),
+                               nn.Flatten(), LinfDist(8 * 5 * 5, 16), MeanShift(16),
+                               nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, CLASSES))
+        INITS["linf-dist"](hybrid)
+        conv_dist = train(LinfDistNet(hybrid, SHAPE, CLASSES), 40, 0.15, 6, lam=0.05)
     # radii at which some points are certified and PGD flips some others
     return [("ibp-mlp", ibp, {"linf": 0.06, "l2": 0.6}),
             ("crown-ibp-dm-small-bn", crown_ibp, {"linf": 0.06, "l2": 0.3}),
             ("gloro-2c2f", gloro, {"linf": 0.03, "l2": 0.3}),
-            ("linf-dist-mlp", linf_dist, {"linf": 0.1, "l2": 0.2})]
+            ("linf-dist-mlp", linf_dist, {"linf": 0.1, "l2": 0.2}),
+            ("gloro-clipped-relu", clipped["clipped-relu"], {"linf": 0.03, "l2": 0.3}),
+            ("gloro-clipped-minmax", clipped["clipped-minmax"], {"linf": 0.03, "l2": 0.3}),
+            ("linf-dist-conv-tanh-head", conv_dist, {"linf": 0.05, "l2": 0.1})]
 
 
 @pytest.fixture(scope="module")
