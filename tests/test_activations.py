@@ -3,6 +3,8 @@ Trainer, specs, and GloRo certification through them."""
 
 from __future__ import annotations
 
+from itertools import product
+
 import pytest
 import torch
 
@@ -13,6 +15,7 @@ from certnet.errors import ConfigError, InputError
 from certnet.methods.bound_prop import IBPNet
 from certnet.methods.gloro import GloroNet
 from certnet.nn.activations import ClippedMinMax, ClippedReLU, MinMax
+from certnet.nn.lipschitz import convert_sequential
 from certnet.nn.spec import build_layers, describe_layers
 from certnet.train import Trainer
 from certnet.verify import exact_min_margin
@@ -72,6 +75,7 @@ def test_certificates_through_clipped_relus_never_contradict_the_exact_oracle():
     the balls cross, rewritten exactly as ReLU networks for the oracle; every certifier that
     applies, in l_inf and l2: certified => robust, margins never above the exact minimum."""
     cases = certified = 0
+    names = set()
     for seed in range(12):
         g = torch.Generator().manual_seed(seed)
         d, width, classes = 2 + seed % 2, 3, 2 + seed % 2
@@ -81,8 +85,9 @@ def test_certificates_through_clipped_relus_never_contradict_the_exact_oracle():
             for p in (*first.parameters(), *last.parameters()):
                 p.copy_(torch.randn(p.shape, generator=g) * 2)
             clip.threshold.uniform_(0.0, 0.6, generator=g)
-        model = IBPNet(torch.nn.Sequential(torch.nn.Flatten(), first, clip, last), (d,),
-                       classes).eval()
+        plain = torch.nn.Sequential(torch.nn.Flatten(), first, clip, last)
+        models = [IBPNet(plain, (d,), classes).eval(),  # the bound certifiers
+                  GloroNet(convert_sequential(plain, (d,)), (d,), classes).eval()]  # all
         t = clip.threshold.detach().double()
         relu_net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(d, 2 * width),
                                        torch.nn.ReLU(), torch.nn.Linear(2 * width, classes))
@@ -94,11 +99,12 @@ def test_certificates_through_clipped_relus_never_contradict_the_exact_oracle():
             relu_net[3].weight.copy_(torch.cat([last.weight, -last.weight], 1).double())
             relu_net[3].bias.copy_(last.bias.double())
         x = torch.rand(3, d, generator=g)
-        torch.testing.assert_close(relu_net(x.double()), model.layers.double()(x.double()))
-        model.float()
-        for norm in ("linf", "l2") if d == 2 else ("linf",):
+        torch.testing.assert_close(relu_net(x.double()), plain.double()(x.double()))
+        plain.float()
+        for model, norm in product(models, ("linf", "l2") if d == 2 else ("linf",)):
             for name in (*applicable(model, norm), "best"):
                 cert = certify(model, x, 0.1, name, norm)
+                names.add(name)
                 for i in range(len(x)):
                     exact = exact_min_margin(relu_net, x[i], int(cert.pred[i]), 0.1, norm)
                     cases += 1
@@ -107,3 +113,4 @@ def test_certificates_through_clipped_relus_never_contradict_the_exact_oracle():
                     if cert.margin is not None:
                         assert float(cert.margin[i]) <= exact + 1e-9 * (1 + abs(exact))
     assert certified >= 0.1 * cases and certified < cases, (certified, cases)
+    assert {"lipschitz", "local-lipschitz", "crown"} <= names, names

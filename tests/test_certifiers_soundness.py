@@ -40,7 +40,7 @@ from certnet.verify import exact_min_margin
 NORMS = ("linf", "l2")
 BOUND_CERTIFIERS = ("ibp", "crown-ibp", "crown")
 RADIUS_CERTIFIERS = ("lipschitz", "linf-lipschitz")
-SINGLE = ("lipschitz", "linf-lipschitz", *BOUND_CERTIFIERS)
+SINGLE = ("lipschitz", "linf-lipschitz", "local-lipschitz", *BOUND_CERTIFIERS)
 
 
 def gen(seed: int) -> torch.Generator:

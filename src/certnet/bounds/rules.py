@@ -72,6 +72,20 @@ class BoundRule:
     def unstable(self, m: nn.Module, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(lo, dtype=torch.bool)
 
+    def jacobian_masks(self, m: nn.Module, lo: torch.Tensor, hi: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Keep masks (of the input, of the output) such that the layer's Jacobian anywhere
+        in the box [lo, hi] is diag(keep_out) A diag(keep_in) with ||A||_2 <= 1: outputs that
+        are constant on the box, and inputs that only feed them, drop out of the local
+        Lipschitz bound (Huang et al. 2021, §3). None where no such form is known."""
+        return None
+
+    def constancy_gap(self, m: nn.Module, lo: torch.Tensor, hi: torch.Tensor
+                      ) -> torch.Tensor | None:
+        """A differentiable distance of each output from being constant on the box [lo, hi]
+        (0 where it is): the sparsity penalty of local-Lipschitz training. None if unknown."""
+        return None
+
     def interval(self, m: nn.Module, inp: LayerInput) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
@@ -422,6 +436,13 @@ class ReLURule(BoundRule):
     def unstable(self, m, lo, hi):
         return (lo < 0) & (hi > 0)
 
+    def jacobian_masks(self, m, lo, hi):
+        keep = hi > 0  # off on the whole box: constant 0
+        return keep, keep
+
+    def constancy_gap(self, m, lo, hi):
+        return hi.clamp(min=0) * (lo < 0)  # pushes unstable neurons off; active ones stay
+
     def interval(self, m, inp):
         return inp.lo.clamp(min=0), inp.hi.clamp(min=0)
 
@@ -465,6 +486,13 @@ class ClippedReLURule(BoundRule):
         t = m.threshold.clamp(min=0)
         return ((lo < 0) & (hi > 0)) | ((lo < t) & (hi > t))
 
+    def jacobian_masks(self, m, lo, hi):
+        keep = (hi > 0) & (lo < m.threshold.clamp(min=0))  # else constant 0 or t
+        return keep, keep
+
+    def constancy_gap(self, m, lo, hi):
+        return torch.minimum(hi.clamp(min=0), (m.threshold - lo).clamp(min=0))
+
     def interval(self, m, inp):
         return m(inp.lo), m(inp.hi)
 
@@ -500,6 +528,19 @@ class ClippedMinMaxRule(BoundRule):
         for low, high in self._parts(m, lo, hi):
             pair = pair | ((low < 0) & (high > 0))
         return torch.cat([pair, pair], dim=1)
+
+    def jacobian_masks(self, m, lo, hi):
+        # the clipped min is constant where min(a, b) <= L on the whole box, the clipped max
+        # where max(a, b) >= U; each output copies one input of its pair, so a pair's inputs
+        # drop out only when both of its outputs are constant
+        _, (_, high_min), (_, high_max) = self._parts(m, lo, hi)
+        keep_min, keep_max = high_min > 0, high_max > 0
+        pair = keep_min | keep_max
+        return torch.cat([pair, pair], dim=1), torch.cat([keep_min, keep_max], dim=1)
+
+    def constancy_gap(self, m, lo, hi):
+        _, (_, high_min), (_, high_max) = self._parts(m, lo, hi)
+        return torch.cat([high_min.clamp(min=0), high_max.clamp(min=0)], dim=1)
 
     def interval(self, m, inp):
         return m(inp.lo), m(inp.hi)

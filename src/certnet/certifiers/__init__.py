@@ -5,6 +5,7 @@ from certnet.certifiers import (  # noqa: F401  (registration)
     bound_prop,
     linf_lipschitz,
     lipschitz,
+    local_lipschitz,
 )
 from certnet.certifiers.base import (
     CERTIFIERS,

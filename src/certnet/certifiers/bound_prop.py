@@ -3,9 +3,8 @@
 the threat model; a point is certified iff all of them are > 0 after the rounding slack.
 
 Sound at certification: a float64 copy of the network in eval mode, and a margin must exceed
-``MARGIN_SLACK * (1 + M)`` with M the largest magnitude of any logit or intermediate bound, which
-covers float64 rounding (~1e-16 relative per operation, accumulated over fan-ins up to ~1e5 and
-a few dozen layers) with a wide margin. These certificates prove "eps or nothing": the radius is
+``ROUNDING_SLACK * (1 + M)`` (:mod:`certnet.nn.rounding`), M the largest magnitude of any logit
+or intermediate bound. These certificates prove "eps or nothing": the radius is
 eps where certified, 0 elsewhere.
 """
 
@@ -18,10 +17,9 @@ from certnet.bounds.margins import BoundMethod, margin_walk
 from certnet.bounds.rules import check_supported
 from certnet.certifiers.base import Certificate, Certifier, register_certifier
 from certnet.errors import UnsupportedLayerError
+from certnet.nn.rounding import ROUNDING_SLACK
 from certnet.threat import ThreatModel
 
-#: Relative slack on margin lower bounds (see the module docstring).
-MARGIN_SLACK = 1e-9
 #: Coefficient-tensor elements one chunk of points may hold in a backward pass.
 CHUNK_ELEMENTS = 2 ** 26
 
@@ -46,7 +44,7 @@ def margin_certificate(layers64: nn.Sequential, x: torch.Tensor, threat: ThreatM
                             for s in seen] + [logits.abs().amax(1)]).amax(0)
         worst = lower.min(1).values if lower.shape[1] else \
             torch.full((len(part),), torch.inf, dtype=torch.float64, device=x.device)
-        margins.append(worst - MARGIN_SLACK * (1 + size))
+        margins.append(worst - ROUNDING_SLACK * (1 + size))
     pred, margin = torch.cat(preds), torch.cat(margins)
     margin = torch.where(torch.isnan(margin), torch.full_like(margin, -torch.inf), margin)
     certified = margin > 0

@@ -23,11 +23,9 @@ from certnet.certifiers.base import Certificate, Certifier, register_certifier
 from certnet.certifiers.lipschitz import round_down_float32
 from certnet.nn.linf_dist import LinfDist, LinfDistConv2d, MeanShift, Negate
 from certnet.nn.lipschitz import ONE_LIPSCHITZ, LipschitzLinear, Normalize
+from certnet.nn.rounding import ROUNDING_SLACK
 from certnet.threat import ThreatModel
 
-#: Relative slack on margins: float64 rounding of the forward pass is ~1e-16 relative per
-#: operation over a few dozen layers; this is seven orders of magnitude above it.
-MARGIN_SLACK = 1e-9
 #: Relative slack on the Lipschitz constant (pow and products round in float64).
 CONSTANT_SLACK = 1e-12
 
@@ -95,7 +93,7 @@ class LinfLipschitzCertifier(Certifier):
         top = logits.gather(1, pred.unsqueeze(1)).squeeze(1)
         others = logits.scatter(1, pred.unsqueeze(1), -math.inf).amax(1) if \
             logits.shape[1] > 1 else torch.full_like(top, -math.inf)
-        margin = top - others - MARGIN_SLACK * (1 + size)
+        margin = top - others - ROUNDING_SLACK * (1 + size)
         radius = (margin / (2 * twin.derived)).clamp_min(0)
         radius = torch.where(torch.isnan(radius), torch.zeros_like(radius), radius)
         radius = torch.nextafter(radius, torch.zeros_like(radius))  # the division rounds

@@ -36,6 +36,17 @@ def pairwise_lipschitz(head_weight: torch.Tensor, body_lipschitz: torch.Tensor) 
     return diff.norm(dim=-1) * scale * body_lipschitz
 
 
+def masked_pairwise(head_weight: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """||(w_i - w_j) o keep_b||_2 per point (B, C, C) for 0/1 keep masks (B, n) of the head's
+    inputs (the local head of Huang et al. 2021), rescaled like :func:`pairwise_lipschitz`;
+    differentiable, without NaN gradients on the zero diagonal."""
+    scale = head_weight.detach().abs().max().clamp_min(torch.finfo(head_weight.dtype).tiny)
+    diff = ((head_weight.unsqueeze(0) - head_weight.unsqueeze(1)) / scale).square()
+    squares = keep.flatten(1).to(diff.dtype) @ diff.flatten(0, 1).T
+    c = head_weight.shape[0]
+    return squares.clamp_min(torch.finfo(squares.dtype).tiny).sqrt().view(-1, c, c) * scale
+
+
 @dataclass
 class SoundConstants:
     """Sound float64 Lipschitz bounds of a network: per layer, of the body, pairwise K."""
@@ -82,21 +93,37 @@ class LipschitzCertifier(Certifier):
         twin = model.float64_copy("lipschitz", SoundConstants.of)
         sound = twin.derived
         logits, error = float64_forward(twin.layers, x, sound.layers)
-        pred = logits.argmax(1)
-        top = logits.gather(1, pred.unsqueeze(1))
-        # |error of y_j - y_i| <= |d_j| + |d_i| <= 2 ||d||_2 <= 2 E
-        gap = top - logits - GAP_SLACK * (1 + top.abs() + logits.abs()) - 2 * error[:, None]
-        k = sound.pairwise[pred]
-        others = torch.ones_like(gap, dtype=torch.bool).scatter(1, pred.unsqueeze(1), False)
-        valid = torch.isfinite(gap) & torch.isfinite(k) & (k > 0)
-        pair_radius = torch.where(valid, gap / torch.where(valid, k, 1.0), 0.0).clamp_min(0)
-        radius = torch.where(others, pair_radius, float("inf")).min(1).values
-        radius = torch.nextafter(radius, torch.zeros_like(radius))  # the division rounds
+        pred, gap = logit_gaps(logits, error)
+        radius = pairwise_radius(gap, sound.pairwise[pred], pred)
         radius = from_l2_radius(radius, threat.norm, x[0].numel())
         # certified from the float64 radius; the reported float32 radius is rounded down, so
         # certifying at exactly the reported radius succeeds too
         return Certificate(pred=pred, certified=radius > threat.eps,
                            radius=round_down_float32(radius))
+
+
+def logit_gaps(logits: torch.Tensor, error: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prediction and lower bounds (B, C) on the exact gaps y_pred - y_j from float64
+    logits and the bound ``error`` on their rounding."""
+    pred = logits.argmax(1)
+    top = logits.gather(1, pred.unsqueeze(1))
+    # |error of y_j - y_i| <= |d_j| + |d_i| <= 2 ||d||_2 <= 2 E
+    return pred, top - logits - GAP_SLACK * (1 + top.abs() + logits.abs()) - 2 * error[:, None]
+
+
+def others_than(pred: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(B, C) mask of the classes j != pred."""
+    mask = torch.ones(len(pred), num_classes, dtype=torch.bool, device=pred.device)
+    return mask.scatter(1, pred.unsqueeze(1), False)
+
+
+def pairwise_radius(gap: torch.Tensor, k: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+    """min_{j != pred} gap_j / K_j per point (B,), rounded down; 0 where a gap or K is not
+    usable (not finite, K <= 0)."""
+    valid = torch.isfinite(gap) & torch.isfinite(k) & (k > 0)
+    ratio = torch.where(valid, gap / torch.where(valid, k, 1.0), 0.0).clamp_min(0)
+    radius = torch.where(others_than(pred, gap.shape[1]), ratio, float("inf")).min(1).values
+    return torch.nextafter(radius, torch.zeros_like(radius))  # the division rounds
 
 
 register_certifier(LipschitzCertifier())

@@ -8,6 +8,11 @@ so ``argmax [y, y_bot] == j`` proves that no x' with ||x' - x||_2 <= eps changes
 Training uses power-iteration estimates of Lip(body); certification is the shared ``lipschitz``
 certifier (:mod:`certnet.certifiers.lipschitz`: sound float64 bounds only, rounding bounded,
 ties never certified), and any other certifier that applies (e.g. CROWN in l_inf).
+
+``lipschitz="local"`` trains with local bounds instead (Huang et al. NeurIPS 2021): per point,
+K_ij on the eps-ball from the activations that interval bounds prove constant there, plus a
+sparsity penalty on the activations' distance from constancy; such models are certified by
+``local-lipschitz`` (:mod:`certnet.certifiers.local_lipschitz`) by default.
 """
 
 from __future__ import annotations
@@ -18,7 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from certnet.certifiers.lipschitz import GAP_SLACK, SoundConstants, pairwise_lipschitz
+from certnet.bounds.local import local_training_constants
+from certnet.certifiers.lipschitz import (
+    GAP_SLACK,
+    SoundConstants,
+    masked_pairwise,
+    pairwise_lipschitz,
+)
 from certnet.errors import ConfigError
 from certnet.methods.base import CertifiedModel, register_method
 from certnet.nn.lipschitz import (
@@ -28,20 +39,30 @@ from certnet.nn.lipschitz import (
     layer_estimate,
     product,
 )
+from certnet.threat import ThreatModel
 
 __all__ = ["GAP_SLACK", "GloroNet", "SoundConstants", "bottom_logit", "pairwise_lipschitz",
            "shifted_logits"]
 
 LossName = Literal["ce", "trades", "emma"]
 LOSSES = ("ce", "trades", "emma")
+BOUNDS = ("global", "local")
 #: Power iterations (from the stored iterates) behind the estimate in ``lipschitz_report``.
 REPORT_ITERATIONS = 20
 
 
+def pairwise_rows(lipschitz: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """K_{ref, i} per point (B, C) from shared (C, C) or per-point (B, C, C) constants."""
+    if lipschitz.dim() == 2:
+        return lipschitz[ref]
+    return lipschitz[torch.arange(len(ref), device=ref.device), ref]
+
+
 def shifted_logits(logits: torch.Tensor, lipschitz: torch.Tensor, eps: torch.Tensor | float,
                    ref: torch.Tensor) -> torch.Tensor:
-    """y_i + eps_i * K_{ref,i} for i != ref and -inf at ref (eps may be per point and class)."""
-    shifted = logits + eps * lipschitz[ref]
+    """y_i + eps_i * K_{ref,i} for i != ref and -inf at ref (eps may be per point and class;
+    K shared (C, C) or per point (B, C, C))."""
+    shifted = logits + eps * pairwise_rows(lipschitz, ref)
     return shifted.scatter(1, ref.unsqueeze(1), float("-inf"))
 
 
@@ -62,8 +83,14 @@ class GloroNet(CertifiedModel):
     default_certifier = "lipschitz"
 
     def __init__(self, layers: nn.Sequential, input_shape: tuple[int, ...], num_classes: int,
-                 power_iterations: int = 10, loss: LossName = "ce") -> None:
+                 power_iterations: int = 10, loss: LossName = "ce",
+                 lipschitz: Literal["global", "local"] = "global", sparsity: float = 0.0,
+                 local_iterations: int = 2) -> None:
         super().__init__(input_shape, num_classes)
+        if lipschitz not in BOUNDS:
+            raise ConfigError(f"unknown GloRo lipschitz {lipschitz!r}; choose from {BOUNDS}")
+        if lipschitz == "global" and sparsity:
+            raise ConfigError("sparsity is a local-Lipschitz penalty: use lipschitz=local")
         if type(layers[-1]) is not LipschitzLinear or layers[-1].out_features != num_classes:
             raise ConfigError(f"a GloRo net must end in a linear layer with {num_classes} outputs")
         if loss not in LOSSES:
@@ -74,6 +101,11 @@ class GloroNet(CertifiedModel):
         self.layers = layers
         self.power_iterations = power_iterations
         self.loss_name = loss
+        self.lipschitz = lipschitz
+        self.sparsity = float(sparsity)
+        self.local_iterations = local_iterations
+        if lipschitz == "local":
+            self.default_certifier = "local-lipschitz"
 
     @classmethod
     def from_sequential(cls, model: nn.Sequential, input_shape: tuple[int, ...],
@@ -95,7 +127,9 @@ class GloroNet(CertifiedModel):
         return self.layers(x)
 
     def method_config(self) -> dict[str, Any]:
-        return {"power_iterations": self.power_iterations, "loss": self.loss_name}
+        return {"power_iterations": self.power_iterations, "loss": self.loss_name,
+                "lipschitz": self.lipschitz, "sparsity": self.sparsity,
+                "local_iterations": self.local_iterations}
 
     # -- Lipschitz constants -------------------------------------------------------------------
     def body_estimate(self, iterations: int) -> torch.Tensor:
@@ -116,6 +150,21 @@ class GloroNet(CertifiedModel):
         """Pairwise K from power iteration (``power_iterations`` steps, persistent iterates)."""
         return pairwise_lipschitz(self.head.weight, self.body_estimate(self.power_iterations))
 
+    def local_training_lipschitz(self, x: torch.Tensor, eps: float
+                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits, per-point pairwise K (B, C, C) on the eps-ball from masked power iteration
+        (warm-started from each layer's global iterate, itself advanced ``power_iterations``
+        steps) and the sparsity penalty. Estimates: training only."""
+        estimates = [layer_estimate(m, self.power_iterations) for m in self.layers]
+        logits, bounds, ins, penalty = local_training_constants(
+            self.layers, x, ThreatModel("l2", float(eps)), estimates, self.local_iterations)
+        head = self.head.weight
+        pairwise = pairwise_lipschitz(head, 1.0) if ins[-1] is None else \
+            masked_pairwise(head, ins[-1])
+        body = product(bounds[:-1])
+        body = body.view(-1, 1, 1) if isinstance(body, torch.Tensor) and body.dim() else body
+        return logits, pairwise * body, penalty
+
     def sound_constants(self) -> SoundConstants:
         """Sound float64 bounds, computed on a float64 copy of the layers and recomputed
         whenever any weight or attribute has changed since (checked on every call)."""
@@ -132,8 +181,11 @@ class GloroNet(CertifiedModel):
         KL(softmax([y, 0]) || softmax([y, y_bot])), paper §5), ``emma`` (Hu et al. 2023:
         each non-label logit shifted by its own eps_i = eps * clip(gap_i / (eps K_yi), .01, 1),
         gap detached, then CE)."""
-        logits = self(x)
-        lipschitz = self.training_lipschitz()
+        penalty = None
+        if self.lipschitz == "local":
+            logits, lipschitz, penalty = self.local_training_lipschitz(x, eps)
+        else:
+            logits, lipschitz = self(x), self.training_lipschitz()
         bot = bottom_logit(logits, lipschitz, eps)
         augmented = torch.cat([logits, bot.unsqueeze(1)], dim=1)
         if self.loss_name == "ce":
@@ -146,12 +198,14 @@ class GloroNet(CertifiedModel):
             robust = (log_p.exp() * (log_p - log_q)).sum(1).mean()
             loss = F.cross_entropy(logits, y) + trades_lambda * robust
         else:
-            k_y = lipschitz[y]
+            k_y = pairwise_rows(lipschitz, y)
             gap = (logits.gather(1, y.unsqueeze(1)) - logits).detach()
             scale = (gap / (eps * k_y).clamp_min(1e-12)).clamp(0.01, 1.0)
             emma = shifted_logits(logits, lipschitz, eps * scale, y)
             emma = emma.scatter(1, y.unsqueeze(1), logits.gather(1, y.unsqueeze(1)))
             loss = F.cross_entropy(emma, y)
+        if penalty is not None and self.sparsity:
+            loss = loss + self.sparsity * penalty
         with torch.no_grad():
             pred = augmented.argmax(1)
             stats = {"clean": logits.argmax(1) == y, "robust": pred == y}

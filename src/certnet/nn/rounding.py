@@ -37,6 +37,11 @@ Rule = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 ROUNDING_RULES: dict[type[nn.Module], Rule] = {}
 #: Relative safety factor on the computed error bound (its own float64 evaluation rounds).
 ERROR_SAFETY = 1 + 1e-6
+#: Relative slack on float64 margins and interval bounds whose rounding is not tracked
+#: rigorously: ``ROUNDING_SLACK * (1 + M)``, M the largest magnitude of any value computed for
+#: the point. Rounding is ~1e-16 relative per operation, accumulated over fan-ins up to ~1e5 and
+#: a few dozen layers; this is orders of magnitude above it.
+ROUNDING_SLACK = 1e-9
 
 
 def gamma(n: int) -> float:

@@ -43,7 +43,7 @@ def _inf_for_non_finite_weights(bound: Callable[..., torch.Tensor]
     return wrapper
 
 
-def _scale(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rescale(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``w / m`` and ``m = max |w|`` (1 for an all-zero ``w``), so norms neither under- nor
     overflow: the bound of ``w`` is ``m`` times the bound of ``w / m``."""
     m = w.abs().max()
@@ -64,7 +64,7 @@ def gram_spectral_bound(matrix: torch.Tensor, iterations: int = 8) -> torch.Tens
         h = h.T
     log_bound = torch.zeros((), dtype=torch.float64, device=h.device)
     for t in range(iterations + 1):
-        h, m = _scale(h)
+        h, m = rescale(h)
         r = torch.linalg.matrix_norm(h, "fro")
         if r == 0:  # an exactly zero matrix
             return torch.zeros((), dtype=torch.float64, device=h.device)
@@ -78,7 +78,7 @@ def gram_spectral_bound(matrix: torch.Tensor, iterations: int = 8) -> torch.Tens
 @_inf_for_non_finite_weights
 def dense_spectral_bound(matrix: torch.Tensor) -> torch.Tensor:
     """Sound upper bound on the spectral norm of a dense matrix, in float64."""
-    w, m = _scale(matrix.detach().to(torch.float64))
+    w, m = rescale(matrix.detach().to(torch.float64))
     if min(w.shape) > EXACT_SVD_MAX_DIM:
         return _finite_or_inf(m * gram_spectral_bound(w))
     return _finite_or_inf(m * torch.linalg.matrix_norm(w, ord=2) * (1 + BOUND_SLACK))
@@ -96,7 +96,7 @@ def conv_spectral_bound(
     and ceil(k/s) taps; every valid output of that is an output of the circular correlation on
     the polyphase grid, whose norm is max_f sigma_max(FFT(kernel)[f]) (Sedghi et al. 2019).
     """
-    w, m = _scale(weight.detach().to(torch.float64))
+    w, m = rescale(weight.detach().to(torch.float64))
     c_out, c_in, kh, kw = w.shape
     s = stride
     kh2, kw2 = -(-kh // s), -(-kw // s)
@@ -120,7 +120,7 @@ def magnitude_bound(weight: torch.Tensor) -> torch.Tensor:
     A row of abs(A) sums to at most the sum of one output channel's kernel; a column to at
     most the sum of one input channel's kernels over all taps (each tap reaches a given input
     at most once per output channel), for any stride and zero padding."""
-    w, m = _scale(weight.detach().to(torch.float64).abs())
+    w, m = rescale(weight.detach().to(torch.float64).abs())
     rows = w.flatten(1).sum(1).max()
     cols = w.transpose(0, 1).flatten(1).sum(1).max()
     return _finite_or_inf(m * (rows * cols).sqrt() * (1 + BOUND_SLACK))

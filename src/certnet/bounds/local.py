@@ -1,0 +1,178 @@
+"""Local Lipschitz bounds of a network on a threat set, per point (Huang et al. 2021, "Training
+Certifiably Robust Neural Networks with Efficient Local Lipschitz Bounds", §3, Eq. 6-7).
+
+Interval bounds from the engine (:func:`certnet.bounds.interval_walk`) show which activations
+are constant on the set; each activation rule's ``jacobian_masks`` turns them into keep masks,
+so that anywhere in the (convex) set the network's Jacobian is a product of factors
+diag(r_i) W_i diag(c_i) and of factors of norm <= 1. The product of sound upper bounds on
+||diag(r_i) W_i diag(c_i)||_2 (:mod:`certnet.nn.masked_spectral`), each at most the layer's
+global bound, bounds the Lipschitz constant of the network on the set.
+
+In l2, the radius of every layer's input is known from the bounds of the layers before it;
+a second pass feeds the local radii back into the interval walk, which tightens the intervals
+and so the masks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from certnet.bounds.ibp import interval_walk
+from certnet.bounds.rules import AffineRule, LayerInput, rule_for
+from certnet.nn.lipschitz import LipschitzConv2d, LipschitzLinear, ResidualConv2d
+from certnet.nn.masked_spectral import (
+    GramTail,
+    conv_frobenius,
+    conv_schur,
+    dense_frobenius,
+)
+from certnet.nn.rounding import ROUNDING_SLACK
+from certnet.threat import ThreatModel
+
+#: Layers that only reshape: a keep mask passes through them.
+PASS_THROUGH = (nn.Flatten, nn.Identity)
+#: Interval walks per certificate (the later ones use the local radii of the earlier one).
+PASSES = 2
+
+Masks = list[torch.Tensor | None]
+
+
+def keep_masks(layers: nn.Sequential, seen: list[LayerInput], slack: torch.Tensor
+               ) -> tuple[Masks, Masks]:
+    """Per layer, 0/1 keep masks of its input and of its output (None: all kept), from the
+    intervals ``seen`` of :func:`interval_walk` widened by ``slack`` (B,) for rounding. A mask
+    reaches an affine layer only through reshaping layers; elsewhere it is dropped (sound)."""
+    ins: Masks = [None] * len(layers)
+    outs: Masks = [None] * len(layers)
+    pending = None  # keep mask of the last activation's output, in the current shape
+    feeder = None  # the layer whose output reaches the next activation through reshapes only
+    for i, m in enumerate(layers):
+        if type(m) in PASS_THROUGH:
+            if pending is not None:
+                pending = pending.reshape(seen[i + 1].clean.shape)
+            continue
+        pad = slack.view(-1, *([1] * (seen[i].lo.dim() - 1)))
+        masks = rule_for(m).jacobian_masks(m, seen[i].lo - pad, seen[i].hi + pad)
+        if masks is None:
+            ins[i], pending, feeder = pending, None, i
+            continue
+        keep_in, keep_out = masks
+        if feeder is not None:
+            outs[feeder] = keep_in.reshape(seen[feeder + 1].clean.shape)
+        pending, feeder = keep_out, None
+    return ins, outs
+
+
+def masked_bound(m: nn.Module, rows: torch.Tensor, cols: torch.Tensor,
+                 tails: tuple[GramTail, GramTail] | None) -> torch.Tensor | None:
+    """The smallest sound bound on ||diag(rows) A diag(cols)||_2 per point for the linear
+    part A of layer ``m`` (masks shaped as its output and input), or None where none is
+    known (the global bound applies)."""
+    if type(m) is LipschitzLinear:
+        r, c = rows.flatten(1), cols.flatten(1)
+        bounds = [dense_frobenius(m.weight, r, c)]
+        if tails is not None:
+            bounds += [tails[0].bound(c), tails[1].bound(r)]
+        return torch.stack(bounds).amin(0)
+    if type(m) in (LipschitzConv2d, ResidualConv2d):
+        # the residual kernel alpha W + I is rounded: bound its entrywise majorant instead
+        kernel = m.kernel_majorant() if type(m) is ResidualConv2d else m.weight
+        s, p = m.stride[0], m.padding[0]
+        return torch.minimum(conv_frobenius(kernel, s, p, rows, cols),
+                             conv_schur(kernel, s, p, rows, cols))
+    return None
+
+
+def _everything(like: torch.Tensor) -> torch.Tensor:
+    return torch.ones(1, dtype=torch.bool, device=like.device).expand(like.shape)
+
+
+def local_layer_bounds(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
+                       global_bounds: list[torch.Tensor],
+                       tails: Mapping[int, tuple[GramTail, GramTail]],
+                       passes: int = PASSES) -> tuple[list[torch.Tensor], Masks]:
+    """Per layer, a (B,) float64 bound on its Lipschitz constant on the threat set around each
+    point of ``x`` (never above ``global_bounds``), and the input keep masks (the last entry is
+    what the head sees). ``tails[i]``: the Gram splits of dense layer i (optional)."""
+    bounds = [g.expand(len(x)) for g in global_bounds]
+    ins: Masks = [None] * len(layers)
+    for _ in range(passes):
+        radii = None
+        if threat.norm == "l2":  # inputs of affine layers lie within eps * prod(bounds)
+            prefix, radii = torch.full((len(x),), threat.eps, dtype=torch.float64,
+                                       device=x.device), {}
+            for i, m in enumerate(layers):
+                if i and isinstance(rule_for(m), AffineRule):
+                    radii[i] = prefix
+                prefix = prefix * bounds[i]
+        seen, _ = interval_walk(layers, x, threat, radii)
+        size = torch.stack([torch.maximum(s.lo.abs(), s.hi.abs()).flatten(1).amax(1)
+                            for s in seen]).amax(0)
+        ins, outs = keep_masks(layers, seen, ROUNDING_SLACK * (1 + size))
+        for i, m in enumerate(layers):
+            if ins[i] is None and outs[i] is None:
+                continue
+            rows = outs[i] if outs[i] is not None else _everything(seen[i + 1].clean)
+            cols = ins[i] if ins[i] is not None else _everything(seen[i].clean)
+            local = masked_bound(m, rows, cols, tails.get(i))
+            if local is not None:
+                bounds[i] = torch.minimum(bounds[i], local)
+    return bounds, ins
+
+
+# -- training: differentiable estimates on the same masks ------------------------------------
+def masked_estimate(m: nn.Module, inp: LayerInput, rows: torch.Tensor, cols: torch.Tensor,
+                    start: torch.Tensor, iterations: int) -> torch.Tensor:
+    """Power-iteration estimate of ||diag(rows) A diag(cols)||_2 per point (Huang et al. 2021,
+    Alg. 1), differentiable in the weights: an estimate from *below*, for training only.
+    Every point starts from ``start`` (the layer's global iterate), masked."""
+    rule = rule_for(m)
+
+    def forward(v: torch.Tensor) -> torch.Tensor:
+        return rule.linear(m, v, inp) * rows
+
+    with torch.no_grad():
+        v = start.expand_as(inp.clean) * cols
+        for _ in range(iterations):
+            v = v / v.flatten(1).norm(dim=1).clamp_min(1e-30).view(-1, *[1] * (v.dim() - 1))
+            v = rule.transpose(m, forward(v).unsqueeze(1), inp).squeeze(1) * cols
+        v = v / v.flatten(1).norm(dim=1).clamp_min(1e-30).view(-1, *[1] * (v.dim() - 1))
+    return (forward(v).flatten(1).square().sum(1) + 1e-30).sqrt()
+
+
+def local_training_constants(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
+                             estimates: list[torch.Tensor | float], iterations: int
+                             ) -> tuple[torch.Tensor, list[torch.Tensor | float], Masks,
+                                        torch.Tensor]:
+    """What local-Lipschitz training needs in one interval walk (l2 radii from the global
+    ``estimates``): the logits, per-layer local estimates (each at most the global one), the
+    input keep masks (the last is the head's) and the mean constancy gap of the activations
+    (the sparsity penalty, differentiable through the intervals)."""
+    radii, prefix = {}, torch.as_tensor(threat.eps, dtype=x.dtype, device=x.device)
+    for i, m in enumerate(layers):
+        if i and isinstance(rule_for(m), AffineRule):
+            radii[i] = prefix
+        prefix = prefix * torch.as_tensor(estimates[i]).detach()
+    seen, logits = interval_walk(layers, x, threat, radii)
+    lows = [s.lo.detach() for s in seen]
+    highs = [s.hi.detach() for s in seen]
+    ins, outs = keep_masks(layers, [LayerInput(lo, hi, s.clean)
+                                    for lo, hi, s in zip(lows, highs, seen, strict=True)],
+                           torch.zeros(len(x), dtype=x.dtype, device=x.device))
+    bounds = list(estimates)
+    gaps = []
+    for i, m in enumerate(layers):
+        gap = rule_for(m).constancy_gap(m, seen[i].lo, seen[i].hi)
+        if gap is not None:
+            gaps.append(gap.mean())
+        if (ins[i] is None and outs[i] is None) or not hasattr(m, "power_iterate"):
+            continue
+        rows = outs[i] if outs[i] is not None else _everything(seen[i + 1].clean)
+        cols = ins[i] if ins[i] is not None else _everything(seen[i].clean)
+        local = masked_estimate(m, seen[i], rows, cols, m.power_iterate, iterations)
+        bounds[i] = torch.minimum(local, torch.as_tensor(estimates[i]))
+    penalty = torch.stack(gaps).mean() if gaps else logits.new_zeros(())
+    return logits, bounds, ins, penalty
