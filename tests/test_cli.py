@@ -134,3 +134,22 @@ def test_console_script_runs():
     done = subprocess.run([sys.executable, "-m", "certnet.cli", "presets"], capture_output=True,
                           text=True, check=True)
     assert "gloro-mnist-0.3-2c2f" in done.stdout
+
+
+def test_local_lipschitz_trains_and_certifies_from_the_cli(trained, tmp_path, capsys):
+    """Any GloRo checkpoint certifies with --certifier local-lipschitz (never below the global
+    certificate); --method-arg lipschitz=local trains with local bounds and certifies with them
+    by default."""
+    assert main(["certify", str(trained), "--limit", "100", "--json", str(tmp_path / "g.json")]
+                ) == 0
+    assert main(["certify", str(trained), "--limit", "100", "--certifier", "local-lipschitz",
+                 "--json", str(tmp_path / "l.json")]) == 0
+    glob, local = (json.loads((tmp_path / f).read_text()) for f in ("g.json", "l.json"))
+    assert local["vra"] >= glob["vra"]
+    out = tmp_path / "local"
+    args = [*TRAIN, "--train-limit", "256", "--eval-limit", "50", "--eps", "1.58",
+            "--method-arg", "lipschitz=local", "--method-arg", "sparsity=0.01",
+            "--arch-arg", "activation=clipped-relu", "--out", str(out)]
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["certifier"] == "local-lipschitz" and results["n"] == 50

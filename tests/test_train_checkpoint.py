@@ -10,7 +10,7 @@ import certnet
 from certnet.checkpoint import atomic_write, load, read_config, save_model
 from certnet.errors import CheckpointError, ConfigError
 from certnet.schedules import Ramp
-from certnet.train import TrainConfig, Trainer, crop_flip
+from certnet.train import TrainConfig, Trainer, build_model, crop_flip
 
 SMALL = dict(epochs=2, train_limit=1024, eval_limit=256, batch_size=128, eps=0.3,
              eps_train_factor=1.5)
@@ -164,6 +164,18 @@ def test_config_kwargs_are_checked_against_the_method_and_arch():
 def test_presets_parse():
     for preset in (Path(certnet.__file__).parent / "configs").glob("*.yaml"):
         TrainConfig.from_yaml(preset)
+
+
+@pytest.mark.parametrize("preset", ["gloro-local-mnist-1.58-4c3f", "gloro-local-cifar10-0.141-6c2f",
+                                    "gloro-local-mnist-1.58-2c2f-cpu",
+                                    "gloro-mnist-1.58-2c2f-crelu-cpu"])
+def test_local_lipschitz_presets_build_their_models(preset):
+    config = TrainConfig.from_yaml(Path(certnet.__file__).parent / "configs" / f"{preset}.yaml")
+    shape = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}[config.dataset]
+    model = build_model(config, shape, 10)
+    assert model.lipschitz == config.method_kwargs["lipschitz"]
+    assert model.default_certifier == ("local-lipschitz" if model.lipschitz == "local"
+                                       else "lipschitz")
 
 
 def test_ramp_shapes():

@@ -75,6 +75,15 @@ def local_pairwise(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
     return torch.minimum(local, constants.sound.pairwise)
 
 
+def ball_margin(gap: torch.Tensor, k: torch.Tensor, pred: torch.Tensor, r: float
+                ) -> torch.Tensor:
+    """Lower bound min_{j != pred} gap_j - r K_j on the margin over an l2 ball of radius r
+    (-inf where not finite)."""
+    worst = gap - r * k * (1 + BOUND_SLACK)
+    worst = torch.where(torch.isnan(worst), -torch.inf, worst)
+    return torch.where(others_than(pred, gap.shape[1]), worst, torch.inf).amin(1)
+
+
 def l2_radius_of(threat: ThreatModel, dim: int) -> float:
     """The l2 radius of a ball containing the threat ball, rounded up."""
     if threat.norm == "l2":
@@ -110,11 +119,14 @@ class LocalLipschitzCertifier(Certifier):
             part = x64[i:i + chunk]
             logits, error = float64_forward(twin.layers, part, constants.sound.layers)
             pred, gap = logit_gaps(logits, error)
-            k = local_pairwise(twin.layers, part, threat, constants)
-            k = k[torch.arange(len(part), device=x.device), pred]
-            worst = gap - r * k * (1 + BOUND_SLACK)
-            worst = torch.where(torch.isnan(worst), -torch.inf, worst)
-            margin = torch.where(others_than(pred, gap.shape[1]), worst, torch.inf).amin(1)
+            margin = ball_margin(gap, constants.sound.pairwise[pred], pred, r)
+            # local constants never exceed the global ones: only the points the global
+            # constants leave open need them
+            todo = (margin <= 0).nonzero().squeeze(1)
+            if len(todo):
+                k = local_pairwise(twin.layers, part[todo], threat, constants)
+                k = k[torch.arange(len(todo), device=x.device), pred[todo]]
+                margin[todo] = ball_margin(gap[todo], k, pred[todo], r)
             preds.append(pred)
             margins.append(margin)
         pred, margin = torch.cat(preds), torch.cat(margins)
