@@ -282,3 +282,14 @@ def test_local_options_are_checked_and_saved(tmp_path):
     loaded = load(tmp_path / "m")
     assert loaded.lipschitz == "local" and loaded.sparsity == 0.01
     assert loaded.default_certifier == "local-lipschitz"
+
+
+def test_nets_without_maskable_activations_skip_the_local_walk():
+    from certnet.bounds.local import has_masks
+
+    assert has_masks(tiny_gloro(0).layers)
+    minmax = tiny_gloro(0, act="minmax")
+    assert not has_masks(minmax.layers)
+    x = torch.rand(16, 4, generator=gen(2))
+    glob, loc = certify(minmax, x, 0.1, "lipschitz"), certify(minmax, x, 0.1, "local-lipschitz")
+    assert torch.equal(glob.certified, loc.certified)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from certnet.bounds.local import local_layer_bounds
+from certnet.bounds.local import has_masks, local_layer_bounds
 from certnet.bounds.rules import check_supported
 from certnet.certifiers.base import Certificate, Certifier, register_certifier
 from certnet.certifiers.bound_prop import layer_outputs
@@ -123,7 +123,7 @@ class LocalLipschitzCertifier(Certifier):
             # local constants never exceed the global ones: only the points the global
             # constants leave open need them
             todo = (margin <= 0).nonzero().squeeze(1)
-            if len(todo):
+            if len(todo) and has_masks(twin.layers):
                 k = local_pairwise(twin.layers, part[todo], threat, constants)
                 k = k[torch.arange(len(todo), device=x.device), pred[todo]]
                 margin[todo] = ball_margin(gap[todo], k, pred[todo], r)
