@@ -114,3 +114,18 @@ def test_certificates_through_clipped_relus_never_contradict_the_exact_oracle():
                         assert float(cert.margin[i]) <= exact + 1e-9 * (1 + abs(exact))
     assert certified >= 0.1 * cases and certified < cases, (certified, cases)
     assert {"lipschitz", "local-lipschitz", "crown"} <= names, names
+
+
+def test_minmax_matches_torch_sorting_and_its_gradient():
+    """The pair sort's custom backward is the gradient of (min, max) (gradcheck in float64,
+    conv-shaped and dense inputs); at a tie it routes each output's gradient to one input,
+    a valid subgradient that keeps the gradient norm."""
+    for shape in [(3, 4), (2, 6, 3, 3)]:
+        x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(MinMax(), (x,))
+        half = shape[1] // 2
+        a, b = x[:, :half], x[:, half:]
+        assert torch.equal(MinMax()(x), torch.cat([torch.minimum(a, b), torch.maximum(a, b)], 1))
+    tie = torch.ones(1, 2, requires_grad=True)
+    MinMax()(tie).backward(torch.tensor([[2.0, 3.0]]))
+    assert sorted(tie.grad.flatten().tolist()) == [2.0, 3.0]

@@ -6,6 +6,27 @@ from torch import nn
 from certnet.errors import InputError
 
 
+class _PairSort(torch.autograd.Function):
+    """(a, b) -> (min, max) per channel pair, saving one bool mask (which pairs swap) for a
+    backward that routes each output's gradient to the input it came from: about half the time
+    of torch.minimum / maximum's backward. At a tie the unswapped order is the subgradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        half = x.shape[1] // 2
+        a, b = x[:, :half], x[:, half:]
+        swap = a > b
+        ctx.save_for_backward(swap)
+        return torch.cat([torch.where(swap, b, a), torch.where(swap, a, b)], dim=1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (swap,) = ctx.saved_tensors
+        half = grad.shape[1] // 2
+        low, high = grad[:, :half], grad[:, half:]
+        return torch.cat([torch.where(swap, high, low), torch.where(swap, low, high)], dim=1)
+
+
 class MinMax(nn.Module):
     """GroupSort with groups of 2 (Anil et al. 2019; "MinMax" in GloRo): sorts each pair of
     channels (c, c + C/2). A permutation of the input on every pair, hence 1-Lipschitz in
@@ -15,8 +36,7 @@ class MinMax(nn.Module):
         c = x.shape[1]
         if c % 2:
             raise InputError(f"MinMax needs an even number of channels, got {c}")
-        a, b = x[:, : c // 2], x[:, c // 2 :]
-        return torch.cat([torch.minimum(a, b), torch.maximum(a, b)], dim=1)
+        return _PairSort.apply(x)
 
 
 def _check_shape(layer: nn.Module, x: torch.Tensor) -> None:

@@ -1,0 +1,110 @@
+"""One GloRo training step against the plain cross-entropy step of the same network, side by
+side in one run: median milliseconds per step (batch 256, MNIST-shaped inputs, Adam), the GloRo
+/ plain ratio, steps per second, and both again with MinMax through torch.minimum / maximum
+(the implementation before the pair sort's own backward) for the speed-up of that change.
+
+Writes ``benchmarks/results/gloro_step.json`` and prints a markdown table.
+
+    python benchmarks/gloro_step.py --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from machine import certnet_commit, cpu_model
+
+from certnet.archs import build_arch
+from certnet.checkpoint import write_json
+from certnet.methods.gloro import GloroNet
+from certnet.nn.activations import MinMax
+
+RESULTS = Path(__file__).parent / "results" / "gloro_step.json"
+#: arch -> (eps, power iterations) of its MNIST preset.
+ARCHS = {"2c2f": (0.3, 10), "4c3f": (1.58, 10)}
+
+
+def torch_minmax(self: MinMax, x: torch.Tensor) -> torch.Tensor:
+    """MinMax as it was computed before the pair sort (autograd through minimum / maximum)."""
+    half = x.shape[1] // 2
+    a, b = x[:, :half], x[:, half:]
+    return torch.cat([torch.minimum(a, b), torch.maximum(a, b)], dim=1)
+
+
+def median_ms(step: Callable[[], None], steps: int) -> float:
+    for _ in range(3):
+        step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def measure(arch: str, steps: int) -> dict:
+    eps, iterations = ARCHS[arch]
+    model = GloroNet(build_arch(arch, (1, 28, 28), 10), (1, 28, 28), 10,
+                     power_iterations=iterations)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(256, 1, 28, 28, generator=g), torch.randint(0, 10, (256,), generator=g)
+
+    def run(loss: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        def step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            loss().backward()
+            optimizer.step()
+        return step
+
+    plain = run(lambda: F.cross_entropy(model(x), y))
+    gloro = run(lambda: model.loss(x, y, eps)[0])
+    row = {"arch": arch, "plain_ms": median_ms(plain, steps),
+           "gloro_ms": median_ms(gloro, steps)}
+    pair_sort = MinMax.forward
+    MinMax.forward = torch_minmax
+    try:
+        row["plain_ms_torch_minmax"] = median_ms(plain, steps)
+        row["gloro_ms_torch_minmax"] = median_ms(gloro, steps)
+    finally:
+        MinMax.forward = pair_sort
+    row["gloro_over_plain"] = row["gloro_ms"] / row["plain_ms"]
+    row["steps_per_s_gloro"] = 1000 / row["gloro_ms"]
+    row["pair_sort_speedup_plain"] = row["plain_ms_torch_minmax"] / row["plain_ms"]
+    row["pair_sort_speedup_gloro"] = row["gloro_ms_torch_minmax"] / row["gloro_ms"]
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| arch | plain ms | GloRo ms | GloRo / plain | GloRo steps/s | plain ms (torch "
+             "MinMax) | GloRo ms (torch MinMax) |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['arch']} | {r['plain_ms']:.1f} | {r['gloro_ms']:.1f} | "
+                     f"{r['gloro_over_plain']:.2f} | {r['steps_per_s_gloro']:.1f} | "
+                     f"{r['plain_ms_torch_minmax']:.1f} | {r['gloro_ms_torch_minmax']:.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per variant")
+    parser.add_argument("--archs", default=",".join(ARCHS))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = [measure(arch, args.steps) for arch in args.archs.split(",")]
+    write_json(RESULTS, {"rows": rows, "batch": 256, "threads": args.threads,
+                         "machine": cpu_model(), "torch": torch.__version__,
+                         "commit": certnet_commit(), "command": "python " + " ".join(sys.argv)})
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
