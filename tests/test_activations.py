@@ -129,3 +129,14 @@ def test_minmax_matches_torch_sorting_and_its_gradient():
     tie = torch.ones(1, 2, requires_grad=True)
     MinMax()(tie).backward(torch.tensor([[2.0, 3.0]]))
     assert sorted(tie.grad.flatten().tolist()) == [2.0, 3.0]
+
+
+def test_minmax_propagates_nan_and_keeps_the_memory_layout_irrelevant():
+    x = torch.tensor([[float("nan"), 1.0, 2.0, 0.5]])
+    y = MinMax()(x)
+    assert torch.isnan(y[0, 0]) and torch.isnan(y[0, 2]) and y[0, 1] == 0.5 and y[0, 3] == 1.0
+    z = torch.randn(2, 4, 3, 3).contiguous(memory_format=torch.channels_last)
+    half = 2
+    expected = torch.cat([torch.minimum(z[:, :half], z[:, half:]),
+                          torch.maximum(z[:, :half], z[:, half:])], 1)
+    assert torch.equal(MinMax()(z), expected)

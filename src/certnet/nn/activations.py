@@ -7,24 +7,31 @@ from certnet.errors import InputError
 
 
 class _PairSort(torch.autograd.Function):
-    """(a, b) -> (min, max) per channel pair, saving one bool mask (which pairs swap) for a
-    backward that routes each output's gradient to the input it came from: about half the time
-    of torch.minimum / maximum's backward. At a tie the unswapped order is the subgradient."""
+    """(a, b) -> (min(a, b), max(a, b)) per channel pair, written into the two halves of one
+    output (no concatenation), saving one bool mask (which pairs swap) for a backward that
+    routes each output's gradient to the input it came from: 3-4x faster than autograd through
+    torch.minimum / maximum (benchmarks/gloro_step.py). At a tie the unswapped order is the
+    subgradient; NaN propagates as in torch.minimum / maximum."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         half = x.shape[1] // 2
         a, b = x[:, :half], x[:, half:]
-        swap = a > b
-        ctx.save_for_backward(swap)
-        return torch.cat([torch.where(swap, b, a), torch.where(swap, a, b)], dim=1)
+        out = torch.empty_like(x)
+        torch.minimum(a, b, out=out[:, :half])
+        torch.maximum(a, b, out=out[:, half:])
+        ctx.save_for_backward(a > b)
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (swap,) = ctx.saved_tensors
         half = grad.shape[1] // 2
         low, high = grad[:, :half], grad[:, half:]
-        return torch.cat([torch.where(swap, high, low), torch.where(swap, low, high)], dim=1)
+        out = torch.empty_like(grad)
+        torch.where(swap, high, low, out=out[:, :half])
+        torch.where(swap, low, high, out=out[:, half:])
+        return out
 
 
 class MinMax(nn.Module):
