@@ -96,8 +96,9 @@ def main() -> None:
                            "seconds_per_10k": report.seconds * 10000 / report.n,
                            "certified_by": report.certified_by})
         print(report.summary(), flush=True)
-    attack = attack_report(model, data.x[:args.attack_limit], data.y[:args.attack_limit], eps,
-                           steps=100, restarts=5, certifier=names[0])
+    attack = attack_report(model, data.images(slice(args.attack_limit)),
+                           data.y[:args.attack_limit], eps, steps=100, restarts=5,
+                           certifier=names[0])
     lines = (Path(args.run) / "metrics.jsonl").read_text().splitlines()
     seconds = [json.loads(line)["train_seconds"] for line in lines]
     result = {

@@ -111,7 +111,7 @@ def main() -> None:
     bounds = timed(lambda: SoundConstants.of(copy.deepcopy(model.layers).double()),
                    args.repeats)
     sound = bounds + timed(lambda: evaluate(model, test, eps), args.repeats)
-    estimate = timed(lambda: estimate_check_seconds(model, test.x, eps), args.repeats)
+    estimate = timed(lambda: estimate_check_seconds(model, test.images(), eps), args.repeats)
     lip = model.lipschitz_report()
     result = {
         "preset": args.preset, "run": str(run), "epochs": epochs_done,

@@ -187,7 +187,7 @@ def mnist_gloro():
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     subset = torch.randperm(len(train), generator=g)[:4096]
-    x, y = train.x[subset], train.y[subset]
+    x, y = train.images(subset), train.y[subset]
     model = GloroNet(build_arch("2c2f", (1, 28, 28), 10, seed=0), (1, 28, 28), 10)
     opt = torch.optim.Adam(model.parameters(), 1e-3)
     for step in range(200):
@@ -198,7 +198,7 @@ def mnist_gloro():
         opt.step()
     model.converge()
     model.eval()
-    return model, test.x[:128], test.y[:128]
+    return model, test.images(slice(128)), test.y[:128]
 
 
 @pytest.mark.parametrize("eps", [0.1, 0.3, 0.5])

@@ -85,9 +85,13 @@ def write_files(directory: Path, files: dict[str, bytes], gz: bool = False) -> P
 
 
 def assert_matches(ds, images: np.ndarray, labels: np.ndarray) -> None:
-    assert ds.x.dtype == torch.float32 and ds.y.dtype == torch.int64
+    assert ds.x.dtype == torch.uint8 and ds.y.dtype == torch.int64  # a quarter of float32
     assert ds.x.shape == (len(images), 1, *images.shape[1:])
-    torch.testing.assert_close(ds.x[:, 0], torch.from_numpy(images.astype(np.float32) / 255))
+    expected = images.astype(np.float32)
+    expected /= 255.0  # what a float32 copy of the split held: bit for bit
+    assert torch.equal(ds.images()[:, 0], torch.from_numpy(expected))
+    assert ds.images().dtype == torch.float32
+    assert torch.equal(ds.images(torch.tensor([1, 0])), ds.images()[[1, 0]])
     assert ds.y.tolist() == labels.tolist()
 
 
@@ -395,7 +399,7 @@ def test_real_mnist_from_cache(monkeypatch):
     monkeypatch.setenv("CERTNET_CACHE", str(REAL_CACHE))
     ds = load_dataset("mnist", "train")
     assert ds.x.shape == (60000, 1, 28, 28) and ds.y.shape == (60000,)
-    assert float(ds.x.min()) == 0.0 and float(ds.x.max()) == 1.0
+    assert float(ds.images().min()) == 0.0 and float(ds.images().max()) == 1.0
     assert ds.y.bincount().tolist()[:2] == [5923, 6742]
 
 
@@ -405,7 +409,7 @@ def test_real_fashion_mnist_from_debian_package(monkeypatch, tmp_path):
     monkeypatch.setattr(data, "_from_debian", REAL_SOURCES["_from_debian"])
     ds = load_dataset("fashion-mnist", "test")
     assert ds.x.shape == (10000, 1, 28, 28)
-    assert float(ds.x.min()) == 0.0 and float(ds.x.max()) == 1.0
+    assert float(ds.images().min()) == 0.0 and float(ds.images().max()) == 1.0
     assert ds.y.bincount().tolist() == [1000] * 10
     cached = tmp_path / "cache" / "fashion-mnist"
     assert {data.md5(cached / s) for s in STEMS} == set(data.FASHION_MNIST.files.values())
@@ -431,7 +435,8 @@ def check_cifar(d: Path, batches) -> None:
         images = np.concatenate([batches[n][0] for n in names]).reshape(-1, 3, 32, 32)
         labels = np.concatenate([batches[n][1] for n in names])
         assert ds.x.shape == (len(labels), 3, 32, 32) and ds.input_shape == (3, 32, 32)
-        torch.testing.assert_close(ds.x, torch.from_numpy(images.astype(np.float32) / 255))
+        torch.testing.assert_close(ds.images(),
+                                   torch.from_numpy(images.astype(np.float32) / 255))
         assert ds.y.tolist() == labels.tolist() and ds.num_classes == 10
 
 
@@ -553,12 +558,12 @@ def three_classes(monkeypatch):
 
 
 def check_tiny(ds, names: list[str], labels: list[int], colors) -> None:
-    assert ds.x.shape == (len(names), 3, 64, 64) and ds.x.dtype == torch.float32
+    assert ds.x.shape == (len(names), 3, 64, 64) and ds.x.dtype == torch.uint8
     assert ds.x.is_contiguous() and ds.input_shape == (3, 64, 64)
-    assert float(ds.x.min()) >= 0.0 and float(ds.x.max()) <= 1.0
+    assert float(ds.images().min()) >= 0.0 and float(ds.images().max()) <= 1.0
     assert ds.y.tolist() == labels and ds.num_classes == 3 and ds.name == "tiny-imagenet"
     expected = torch.tensor([colors[n] for n in names], dtype=torch.float32) / 255
-    torch.testing.assert_close(ds.x.mean(dim=(2, 3)), expected, atol=3 / 255, rtol=0)
+    torch.testing.assert_close(ds.images().mean(dim=(2, 3)), expected, atol=3 / 255, rtol=0)
 
 
 @pytest.mark.usefixtures("three_classes")
@@ -707,7 +712,8 @@ def test_tiny_imagenet_npy(tmp_path, dtype, prefix, test_stem):
         ds = load_dataset("tiny-imagenet", split, d)
         assert ds.x.shape == (n, 3, 64, 64) and ds.x.is_contiguous() and ds.num_classes == 200
         expected = images.astype(np.float64) / (255 if dtype == np.uint8 else 1)
-        torch.testing.assert_close(ds.x, torch.from_numpy(expected.transpose(0, 3, 1, 2)).float())
+        torch.testing.assert_close(ds.images(),
+                                   torch.from_numpy(expected.transpose(0, 3, 1, 2)).float())
         assert ds.y.dtype == torch.int64 and ds.y.tolist() == labels.tolist()
     assert not (tmp_path / "cache").exists()  # arrays are used in place
 

@@ -133,7 +133,7 @@ def test_toy_method_goes_through_every_seam(tmp_path, mnist_available, toy_arch_
 
     model = certnet.load(tmp_path / "run")
     assert type(model) is ToyLinear and model.temperature == 2.0
-    x = trainer.test_data.x[:128]
+    x = trainer.test_data.images(slice(128))
     y = trainer.test_data.y[:128]
     before = trainer.model.eval().certify(x, 0.02)
     after = model.certify(x, 0.02)

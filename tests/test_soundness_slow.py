@@ -56,7 +56,7 @@ def test_long_pgd_never_flips_a_certified_point(tmp_path, mnist_available):
     trainer.fit()
     test = load_dataset("mnist", "test")
     for eps in (0.3, 1.0):
-        report = attack_report(trainer.model, test.x[:1000], test.y[:1000], eps, steps=200,
-                               restarts=10, batch_size=500)
+        report = attack_report(trainer.model, test.images(slice(1000)), test.y[:1000], eps,
+                               steps=200, restarts=10, batch_size=500)
         assert report["flipped_certified"] == 0, report["violation_details"][:5]
         assert report["certified_rate"] > 0.05

@@ -28,7 +28,7 @@ def test_train_writes_checkpoint_metrics_and_loads(tmp_path, mnist_available):
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
     assert {"test_clean", "test_vra", "train_loss"} <= set(json.loads(lines[-1]))
     model = certnet.load(tmp_path / "run")
-    x = trainer.test_data.x[:64]
+    x = trainer.test_data.images(slice(64))
     a = trainer.model.eval().certify(x, 0.3)
     b = model.certify(x, 0.3)
     assert torch.equal(a.pred, b.pred) and torch.equal(a.certified, b.certified)

@@ -141,7 +141,7 @@ def evaluate(model: CertifiedModel, data: Dataset, eps: float | Sequence[float],
     outcomes = [{"pred": [], "certified": [], "radius": [], "by": [], "seconds": 0.0,
                  "gives_radius": chosen.gives_radius} for _ in radii]
     for i in range(0, len(data), batch_size):
-        x = data.x[i:i + batch_size].to(device)
+        x = data.images(slice(i, i + batch_size)).to(device)
         for e, out in zip(radii, outcomes, strict=True):
             start = time.perf_counter()
             cert = model.certify(x, e, chosen.name, norm)

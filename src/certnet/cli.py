@@ -196,8 +196,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
     model, data, eps, dataset = _load_eval(args)
     eps = float(eps)
-    result = attack_report(model, data.x, data.y, eps, steps=args.steps, restarts=args.restarts,
-                           batch_size=args.batch_size, progress=True,
+    result = attack_report(model, data.images(), data.y, eps, steps=args.steps,
+                           restarts=args.restarts, batch_size=args.batch_size, progress=True,
                            certifier=args.certifier, norm=args.norm)
     print(f"{model.method}/{result['certifier']} {result['norm']} eps={eps:g} n={result['n']}: "
           f"clean accuracy "

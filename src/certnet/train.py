@@ -179,7 +179,7 @@ class Trainer:
 
     def _fit(self, stop_after: int | None) -> dict[str, Any]:
         cfg = self.config
-        x_all, y_all = self.train_data.x, self.train_data.y
+        y_all = self.train_data.y
         steps = (len(y_all) + cfg.batch_size - 1) // cfg.batch_size
         eps_train = cfg.eps * cfg.eps_train_factor
         metrics_path = self.out_dir / "metrics.jsonl"
@@ -201,7 +201,7 @@ class Trainer:
                 extra = {k: v(progress) for k, v in cfg.loss_schedules.items()}
                 kept_values = self.model.on_progress(progress) or {}
                 idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-                x = x_all[idx]
+                x = self.train_data.images(idx)
                 if cfg.augment == "crop-flip":
                     x = crop_flip(x, generator)
                 x, y = x.to(self.device), y_all[idx].to(self.device)
