@@ -293,3 +293,53 @@ def test_nets_without_maskable_activations_skip_the_local_walk():
     x = torch.rand(16, 4, generator=gen(2))
     glob, loc = certify(minmax, x, 0.1, "lipschitz"), certify(minmax, x, 0.1, "local-lipschitz")
     assert torch.equal(glob.certified, loc.certified)
+
+
+def test_conv_masked_bounds_run_only_where_masks_are_sparse_and_stay_sound():
+    from certnet.bounds.local import CONV_KEPT_FRACTION
+
+    conv = LipschitzConv2d(2, 3, 3, stride=1, padding=1).double()
+    conv.set_input_shape((2, 5, 5))
+    g = gen(7)
+    cols = torch.rand(4, 2, 5, 5, generator=g) < 0.9
+    rows = torch.rand(4, 3, 5, 5, generator=g) < 0.9
+    assert masked_bound(conv, rows, cols, None) is None  # dense masks: the global bound
+    cols[2:] &= torch.rand(2, 2, 5, 5, generator=g) < CONV_KEPT_FRACTION / 2
+    bound = masked_bound(conv, rows, cols, None)
+    assert bool(torch.isinf(bound[:2]).all()) and bool(torch.isfinite(bound[2:]).all())
+    matrix = conv_matrix(conv.weight.detach(), 1, 1, (2, 5, 5))
+    exact = exact_masked_norm(matrix, rows.flatten(1), cols.flatten(1))
+    assert bool((bound >= exact).all())
+
+
+def test_the_float32_box_contains_the_float64_intervals():
+    """The rigorous float32 walk (rounding bounded per rule, outward rounding) never lies
+    inside the float64 walk's intervals, and is barely wider."""
+    from copy import deepcopy
+
+    from certnet.archs import build_arch
+    from certnet.bounds.ibp import supports_low_precision
+
+    layers = build_arch("2c2f", (1, 12, 12), 4, activation="clipped-relu").double().eval()
+    assert supports_low_precision(layers)
+    box = deepcopy(layers).float()
+    x = torch.rand(8, 1, 12, 12, generator=gen(3), dtype=torch.float64)
+    for norm, eps in (("linf", 0.05), ("l2", 0.8)):
+        exact, _ = interval_walk(layers, x, ThreatModel(norm, eps))
+        fast, _ = interval_walk(layers, x, ThreatModel(norm, eps), box_layers=box)
+        for a, b in zip(exact, fast, strict=True):
+            assert b.lo.dtype == torch.float32
+            tol = 1e-12 * (1 + a.lo.abs() + a.hi.abs())
+            assert bool((b.lo.double() <= a.lo + tol).all() and (b.hi.double() >= a.hi - tol).all())
+            assert bool(((b.hi.double() - b.lo.double()) <= (a.hi - a.lo) * 1.01 + 1e-3).all())
+
+
+def test_the_float32_copy_is_used_only_when_it_has_exactly_the_same_weights():
+    from certnet.certifiers.local_lipschitz import float32_copy
+
+    layers = tiny_gloro(1).layers
+    twin = nn.Sequential(*[m for m in layers]).double()
+    assert float32_copy(twin) is not None
+    with torch.no_grad():
+        twin[1].weight[0, 0] = 0.1  # not a float32 number
+    assert float32_copy(twin) is None

@@ -12,47 +12,111 @@ times too wide); in l_inf the clipped box is already at least as tight, so nothi
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from certnet.bounds.rules import AffineRule, LayerInput, check_supported, rule_for
+from certnet.errors import UnsupportedLayerError
 from certnet.threat import ThreatModel
 
 
 def interval_walk(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
-                  radii: Mapping[int, torch.Tensor | float] | None = None
+                  radii: Mapping[int, torch.Tensor | float] | None = None,
+                  box_layers: nn.Sequential | None = None,
+                  outputs: list[torch.Tensor] | None = None
                   ) -> tuple[list[LayerInput], torch.Tensor]:
     """Propagate the threat model's box around ``x`` and ``x`` itself through every layer.
 
     ``radii[i]`` (optional, l2 threats only) is a sound bound, per point or shared, on the l2
     distance of layer i's input from its clean value over the threat set; the input's is eps.
+    ``box_layers`` (optional): the same network with the same weights in a lower precision
+    (float32 for a float64 ``layers``), in which the box is propagated, each layer's interval
+    widened by its rule's ``interval_error`` and rounded outward, so it stays rigorous; on the
+    CPU its convolutions run as im2col + GEMM (no Winograd, whose error that bound does not
+    cover). ``outputs`` (optional): every layer's clean output, if the caller has them.
     Returns what each layer sees (``LayerInput`` i is layer i's input interval and clean
     input; the list has one more entry, the output) and the clean output. The clean pass calls
     the layers themselves (so BatchNorm updates its running statistics in training)."""
     check_supported(layers)
     lo, hi = threat.box(x)
+    if box_layers is not None:
+        lo, hi = _outward(lo, hi, next(box_layers.parameters()).dtype)
     clean = x
     ball = threat.norm == "l2"
     known = {0: threat.eps, **(radii or {})} if ball else {}
     radius = known.get(0)
     seen: list[LayerInput] = []
-    for i, m in enumerate(layers):
-        inp = LayerInput(lo, hi, clean)
-        seen.append(inp)
-        rule = rule_for(m)
-        lo, hi = rule.interval(m, inp)
-        out = m(clean)
-        if radius is not None and isinstance(rule, AffineRule):
-            lo, hi = _within_ball(rule, m, inp, out, radius, lo, hi)
-        clean = out
-        if radius is not None:
-            lipschitz = rule.l2_lipschitz(m, inp)
-            radius = None if lipschitz is None else radius * lipschitz
-        radius = known.get(i + 1, radius)
+    with _gemm_convolutions(box_layers is not None):
+        for i, m in enumerate(layers):
+            inp = LayerInput(lo, hi, clean)
+            seen.append(inp)
+            rule = rule_for(m)
+            if box_layers is None:
+                lo, hi = rule.interval(m, inp)
+            else:
+                lo, hi = _rigorous_interval(rule, box_layers[i], inp)
+            out = m(clean) if outputs is None else outputs[i]
+            if radius is not None and isinstance(rule, AffineRule):
+                wide = LayerInput(inp.lo.to(clean.dtype), inp.hi.to(clean.dtype), clean)
+                lo, hi = _within_ball(rule, m, wide, out, radius, lo, hi)
+                if box_layers is not None:
+                    lo, hi = _outward(lo, hi, inp.lo.dtype)
+            clean = out
+            if radius is not None:
+                lipschitz = rule.l2_lipschitz(m, inp)
+                radius = None if lipschitz is None else radius * lipschitz
+            radius = known.get(i + 1, radius)
     seen.append(LayerInput(lo, hi, clean))
     return seen, clean
+
+
+def supports_low_precision(layers: nn.Sequential) -> bool:
+    """Whether every layer's rule bounds its interval's rounding (see ``box_layers``)."""
+    return all(rule_for(m).exact_interval or
+               (isinstance(rule_for(m), AffineRule) and rule_for(m).fan_in(m) is not None)
+               for m in layers)
+
+
+def _rigorous_interval(rule, m: nn.Module, inp: LayerInput
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    lo, hi = rule.interval(m, inp)
+    error = rule.interval_error(m, inp)
+    if error is None:
+        raise UnsupportedLayerError(f"{type(m).__name__}: no bound on its interval's rounding")
+    if isinstance(error, torch.Tensor) or error:
+        lo, hi = lo - error, hi + error
+        # each of the two operations rounds by at most half an ulp: one ulp outward covers it
+        lo = torch.nextafter(lo, torch.full_like(lo, -torch.inf))
+        hi = torch.nextafter(hi, torch.full_like(hi, torch.inf))
+    return lo, hi
+
+
+def _outward(lo: torch.Tensor, hi: torch.Tensor, dtype: torch.dtype
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """[lo, hi] in ``dtype``, rounded outward (never narrower)."""
+    low, high = lo.to(dtype), hi.to(dtype)
+    low = torch.where(low.to(lo.dtype) > lo, torch.nextafter(low, torch.full_like(low, -torch.inf)),
+                      low)
+    high = torch.where(high.to(hi.dtype) < hi,
+                       torch.nextafter(high, torch.full_like(high, torch.inf)), high)
+    return low, high
+
+
+@contextmanager
+def _gemm_convolutions(enabled: bool) -> Iterator[None]:
+    """Convolutions as im2col + GEMM (oneDNN and cuDNN off) while ``enabled``."""
+    if not enabled:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the flags context manager warns about TF32
+        with torch.backends.mkldnn.flags(enabled=False), \
+                torch.backends.cudnn.flags(enabled=False):
+            yield
 
 
 def _within_ball(rule: AffineRule, m: nn.Module, inp: LayerInput, out: torch.Tensor,

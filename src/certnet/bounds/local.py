@@ -35,6 +35,9 @@ from certnet.threat import ThreatModel
 
 #: Layers that only reshape: a keep mask passes through them.
 PASS_THROUGH = (nn.Flatten, nn.Identity)
+#: Convolutions get masked bounds only at points keeping at most this fraction of their
+#: inputs or outputs (elsewhere they cannot beat the spectral norm: see masked_bound).
+CONV_KEPT_FRACTION = 0.25
 #: Interval walks per certificate (later ones use the local radii of the earlier one).
 PASSES = 1
 
@@ -84,11 +87,20 @@ def masked_bound(m: nn.Module, rows: torch.Tensor, cols: torch.Tensor,
             bounds += [tails[0].bound(c), tails[1].bound(r)]
         return torch.stack(bounds).amin(0)
     if type(m) in (LipschitzConv2d, ResidualConv2d):
+        # Frobenius and Schur beat a convolution's spectral norm only for very sparse masks:
+        # they are computed (two float64 convolutions each) only where few neurons are kept
+        kept = torch.minimum(rows.flatten(1).double().mean(1), cols.flatten(1).double().mean(1))
+        sparse = (kept <= CONV_KEPT_FRACTION).nonzero().squeeze(1)
+        if len(sparse) == 0:
+            return None
         # the residual kernel alpha W + I is rounded: bound its entrywise majorant instead
         kernel = m.kernel_majorant() if type(m) is ResidualConv2d else m.weight
         s, p = m.stride[0], m.padding[0]
-        return torch.minimum(conv_frobenius(kernel, s, p, rows, cols),
-                             conv_schur(kernel, s, p, rows, cols))
+        r, c = rows[sparse], cols[sparse]
+        bound = torch.full((len(rows),), torch.inf, dtype=torch.float64, device=rows.device)
+        bound[sparse] = torch.minimum(conv_frobenius(kernel, s, p, r, c),
+                                      conv_schur(kernel, s, p, r, c))
+        return bound
     return None
 
 
@@ -99,10 +111,14 @@ def _everything(like: torch.Tensor) -> torch.Tensor:
 def local_layer_bounds(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
                        global_bounds: list[torch.Tensor],
                        tails: Mapping[int, tuple[GramTail, GramTail]],
-                       passes: int = PASSES) -> tuple[list[torch.Tensor], Masks]:
+                       passes: int = PASSES, box_layers: nn.Sequential | None = None,
+                       outputs: list[torch.Tensor] | None = None
+                       ) -> tuple[list[torch.Tensor], Masks]:
     """Per layer, a (B,) float64 bound on its Lipschitz constant on the threat set around each
     point of ``x`` (never above ``global_bounds``), and the input keep masks (the last entry is
-    what the head sees). ``tails[i]``: the Gram splits of dense layer i (optional)."""
+    what the head sees). ``tails[i]``: the Gram splits of dense layer i (optional);
+    ``box_layers``, ``outputs``: passed to :func:`interval_walk` (a rigorous float32 box and
+    the clean outputs the caller has)."""
     bounds = [g.expand(len(x)) for g in global_bounds]
     ins: Masks = [None] * len(layers)
     for _ in range(passes):
@@ -114,7 +130,7 @@ def local_layer_bounds(layers: nn.Sequential, x: torch.Tensor, threat: ThreatMod
                 if i and isinstance(rule_for(m), AffineRule):
                     radii[i] = prefix
                 prefix = prefix * bounds[i]
-        seen, _ = interval_walk(layers, x, threat, radii)
+        seen, _ = interval_walk(layers, x, threat, radii, box_layers, outputs)
         size = torch.stack([torch.maximum(s.lo.abs(), s.hi.abs()).flatten(1).amax(1)
                             for s in seen]).amax(0)
         ins, outs = keep_masks(layers, seen, ROUNDING_SLACK * (1 + size))

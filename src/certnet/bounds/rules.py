@@ -65,12 +65,20 @@ class BoundRule:
     activation: bool = False
     relaxable: bool = True
     nonexpansive: bool = False
+    #: ``interval`` is computed without rounding in any dtype (comparisons, clamps, reshapes).
+    exact_interval: bool = False
 
     def l2_lipschitz(self, m: nn.Module, inp: LayerInput) -> torch.Tensor | float | None:
         return 1.0 if self.nonexpansive else None
 
     def unstable(self, m: nn.Module, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(lo, dtype=torch.bool)
+
+    def interval_error(self, m: nn.Module, inp: LayerInput) -> torch.Tensor | float | None:
+        """A bound, per output, on how far ``interval(m, inp)`` computed in the dtype of
+        ``inp`` may fall inside the exact interval of its input box: widening by it makes the
+        low-precision walk rigorous. 0 for rules computed exactly; None if unknown."""
+        return 0.0 if self.exact_interval else None
 
     def jacobian_masks(self, m: nn.Module, lo: torch.Tensor, hi: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -114,6 +122,25 @@ class AffineRule(BoundRule):
     def bias(self, m: nn.Module, inp: LayerInput) -> torch.Tensor | None:
         return m.bias
 
+    def fan_in(self, m: nn.Module) -> int | None:
+        """Products summed per output (None: the weights themselves are rounded)."""
+        return None
+
+    def interval_error(self, m, inp):
+        """``interval`` rounds c, r, W c + b, |W| r and their sum: at most (2n + 3) u times
+        |W| (|c| + r) + |b| (n the fan-in, any summation order: Higham §3.1); 2 gamma_{n+4}
+        of its computed value covers that and the rounding of this bound itself."""
+        n = self.fan_in(m)
+        if n is None:
+            return None
+        u = torch.finfo(inp.lo.dtype).eps / 2
+        center, radius = (inp.hi + inp.lo) / 2, (inp.hi - inp.lo) / 2
+        size = self.linear_abs(m, center.abs() + radius, inp)
+        bias = self.bias(m, inp)
+        if bias is not None:
+            size = size + bias.abs()
+        return 2 * (n + 4) * u / (1 - (n + 4) * u) * size
+
     def interval(self, m, inp):
         center, radius = (inp.hi + inp.lo) / 2, (inp.hi - inp.lo) / 2
         z = self.linear(m, center, inp)
@@ -141,6 +168,9 @@ def bias_term(lam: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
 
 
 class LinearRule(AffineRule):
+    def fan_in(self, m):
+        return m.in_features
+
     def row_norms(self, m, inp):
         return m.weight.norm(dim=1)
 
@@ -161,6 +191,9 @@ class ConvRule(AffineRule):
     @staticmethod
     def weight(m: nn.Module) -> torch.Tensor:
         return m.effective_weight() if hasattr(m, "effective_weight") else m.weight
+
+    def fan_in(self, m):
+        return None if type(m) is ResidualConv2d else m.weight[0].numel()
 
     def linear(self, m, h, inp):
         return F.conv2d(h, self.weight(m), None, m.stride, m.padding)
@@ -287,6 +320,7 @@ class AvgPoolRule(AffineRule):
 
 class FlattenRule(BoundRule):
     nonexpansive = True
+    exact_interval = True
 
     def interval(self, m, inp):
         return m(inp.lo), m(inp.hi)
@@ -432,6 +466,7 @@ class _RelaxedBackward(torch.autograd.Function):
 class ReLURule(BoundRule):
     activation = True
     nonexpansive = True
+    exact_interval = True
 
     def unstable(self, m, lo, hi):
         return (lo < 0) & (hi > 0)
@@ -457,6 +492,7 @@ class MinMaxRule(BoundRule):
 
     activation = True
     nonexpansive = True
+    exact_interval = True
 
     def unstable(self, m, lo, hi):
         half = lo.shape[1] // 2
@@ -481,6 +517,7 @@ class ClippedReLURule(BoundRule):
 
     activation = True
     nonexpansive = True
+    exact_interval = True
 
     def unstable(self, m, lo, hi):
         t = m.threshold.clamp(min=0)
@@ -512,6 +549,7 @@ class ClippedMinMaxRule(BoundRule):
 
     activation = True
     nonexpansive = True
+    exact_interval = True
 
     @staticmethod
     def _parts(m: nn.Module, lo: torch.Tensor, hi: torch.Tensor):
@@ -562,6 +600,7 @@ class ClippedMinMaxRule(BoundRule):
 
 class IdentityRule(BoundRule):
     nonexpansive = True
+    exact_interval = True
 
     def interval(self, m, inp):
         return inp.lo, inp.hi

@@ -16,11 +16,13 @@ hold on the eps-ball only) and a margin lower bound min_j gap_j - r K_ij.
 from __future__ import annotations
 
 import math
+from copy import deepcopy
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from certnet.bounds.ibp import supports_low_precision
 from certnet.bounds.local import has_masks, local_layer_bounds
 from certnet.bounds.rules import check_supported
 from certnet.certifiers.base import Certificate, Certifier, register_certifier
@@ -46,26 +48,44 @@ CHUNK_ELEMENTS = 2 ** 24
 
 @dataclass
 class LocalConstants:
-    """What the local certificate computes once per model: the global sound constants and
-    the Gram splits of every dense layer of the body."""
+    """What the local certificate computes once per model: the global sound constants, the
+    Gram splits of every dense layer of the body, and a float32 copy of the network for a
+    rigorous, faster interval walk (None unless every weight is exactly a float32 number and
+    every rule bounds its rounding)."""
 
     sound: SoundConstants
     tails: dict[int, tuple[GramTail, GramTail]]
+    box: nn.Sequential | None
 
     @classmethod
     @torch.no_grad()
     def of(cls, layers: nn.Sequential, rank: int = GRAM_RANK) -> LocalConstants:
         tails = {i: dense_gram_tails(m.weight, rank) for i, m in enumerate(layers[:-1])
                  if type(m) is LipschitzLinear}
-        return cls(SoundConstants.of(layers), tails)
+        return cls(SoundConstants.of(layers), tails, float32_copy(layers))
+
+
+def float32_copy(layers: nn.Sequential) -> nn.Sequential | None:
+    """A float32 copy of float64 ``layers`` if it has exactly the same weights and every
+    rule bounds its interval's rounding, else None."""
+    if not supports_low_precision(layers):
+        return None
+    copy = deepcopy(layers).float()
+    originals = dict(layers.state_dict())
+    for name, value in copy.state_dict().items():
+        if value.is_floating_point() and not torch.equal(value.double(), originals[name]):
+            return None
+    return copy
 
 
 def local_pairwise(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
-                   constants: LocalConstants) -> torch.Tensor:
+                   constants: LocalConstants, outputs: list[torch.Tensor] | None = None
+                   ) -> torch.Tensor:
     """Sound pairwise K_ij (B, C, C) on the threat set around each point, at most the global
-    pairwise constants."""
+    pairwise constants (``outputs``: the layers' clean outputs, if at hand)."""
     bounds, ins = local_layer_bounds(layers, x, threat, constants.sound.layers,
-                                     constants.tails)
+                                     constants.tails, box_layers=constants.box,
+                                     outputs=outputs)
     body = torch.ones(len(x), dtype=torch.float64, device=x.device)
     for b in bounds[:-1]:
         body = body * b
@@ -117,14 +137,16 @@ class LocalLipschitzCertifier(Certifier):
         preds, margins = [], []
         for i in range(0, len(x64), chunk):
             part = x64[i:i + chunk]
-            logits, error = float64_forward(twin.layers, part, constants.sound.layers)
+            outputs: list[torch.Tensor] = []
+            logits, error = float64_forward(twin.layers, part, constants.sound.layers, outputs)
             pred, gap = logit_gaps(logits, error)
             margin = ball_margin(gap, constants.sound.pairwise[pred], pred, r)
             # local constants never exceed the global ones: only the points the global
             # constants leave open need them
             todo = (margin <= 0).nonzero().squeeze(1)
             if len(todo) and has_masks(twin.layers):
-                k = local_pairwise(twin.layers, part[todo], threat, constants)
+                k = local_pairwise(twin.layers, part[todo], threat, constants,
+                                   [h[todo] for h in outputs])
                 k = k[torch.arange(len(todo), device=x.device), pred[todo]]
                 margin[todo] = ball_margin(gap[todo], k, pred[todo], r)
             preds.append(pred)

@@ -121,10 +121,12 @@ def rounding_error(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.
 
 
 @torch.no_grad()
-def float64_forward(layers: nn.Sequential, x: torch.Tensor, lipschitz: list[torch.Tensor]
+def float64_forward(layers: nn.Sequential, x: torch.Tensor, lipschitz: list[torch.Tensor],
+                    outputs: list[torch.Tensor] | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits of the float64 ``layers`` on ``x`` and, per point, a bound on their l2 distance
-    to the exact-arithmetic logits; ``lipschitz[i]`` is a sound bound of layer i.
+    to the exact-arithmetic logits; ``lipschitz[i]`` is a sound bound of layer i. Every
+    layer's output is appended to ``outputs`` if given.
 
     On CPU, float64 convolutions run as im2col + GEMM (oneDNN has no float64 kernels); on
     CUDA, cuDNN is switched off, so no FFT or Winograd algorithm (whose error the bound above
@@ -136,4 +138,6 @@ def float64_forward(layers: nn.Sequential, x: torch.Tensor, lipschitz: list[torc
             y = layer(x)
             error = lip * error + rounding_error(layer, x, y)
             x = y
+            if outputs is not None:
+                outputs.append(y)
     return x, error * ERROR_SAFETY
