@@ -114,6 +114,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                 **getattr(config, field), **dict(getattr(args, flag))}})
     trainer = Trainer(config, args.out, resume=args.resume, progress=not args.quiet)
     trainer.fit()
+    if not trainer.world.main:  # torchrun: rank 0 evaluates and writes
+        return 0
     report = trainer.report or evaluate(trainer.model, trainer.test_data, config.eps)
     files = ["model", "metrics.jsonl", "results.json"]
     if report.plot_curve(Path(args.out) / "certified_accuracy.png"):

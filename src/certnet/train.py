@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from certnet import distributed
 from certnet.archs import build_arch
 from certnet.certify import Report, evaluate
 from certnet.checkpoint import (
@@ -102,8 +103,8 @@ class Trainer:
                  progress: bool = True) -> None:
         self.config = config
         self.out_dir = Path(out_dir)
-        self.device = resolve_device(config.device)
-        self.progress = progress
+        self.world, self.device = distributed.setup(resolve_device(config.device))
+        self.progress = progress and self.world.main
         self.train_data = load_dataset(config.dataset, "train", config.data_dir)
         self.test_data = load_dataset(config.dataset, "test", config.data_dir)
         if config.train_limit:
@@ -118,6 +119,7 @@ class Trainer:
             raise ConfigError(f"loss_schedules {sorted(config.loss_schedules)} do not fit "
                               f"the {config.method} loss: {err}") from err
         self.optimizer = build_optimizer(config, self.model)
+        self.loss = distributed.loss_function(self.model, self.world, self.device)
         self.start_epoch = 0
         self.report: Report | None = None
         if resume:
@@ -190,7 +192,8 @@ class Trainer:
             order = torch.randperm(len(y_all), generator=generator)
             self.model.train()
             start = time.perf_counter()
-            totals = {"loss": 0.0, "clean": 0.0, "robust": 0.0, "n": 0}
+            # loss, clean, robust, n: summed on the device, no host sync per step
+            totals = torch.zeros(4, dtype=torch.float64, device=self.device)
             bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
                        disable=None if self.progress else True)  # None: only on a terminal
             for step in bar:
@@ -201,42 +204,51 @@ class Trainer:
                 extra = {k: v(progress) for k, v in cfg.loss_schedules.items()}
                 kept_values = self.model.on_progress(progress) or {}
                 idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+                if len(idx) < self.world.size:  # a last batch too small to share: every rank
+                    continue  # skips it alike
                 x = self.train_data.images(idx)
                 if cfg.augment == "crop-flip":
-                    x = crop_flip(x, generator)
-                x, y = x.to(self.device), y_all[idx].to(self.device)
-                loss, stats = self.model.loss(x, y, eps, **extra)
+                    x = crop_flip(x, generator)  # the whole batch on every rank: same draws
+                part = self.world.shard(idx)
+                x, y = x[part].to(self.device), y_all[idx][part].to(self.device)
+                loss, stats = self.loss(x, y, eps, **extra)
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                # DDP averages gradients over ranks: weighting each shard's mean loss by its
+                # share of the batch makes that the gradient of the whole batch's mean
+                (loss * (len(y) * self.world.size / len(idx))).backward()
                 if cfg.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
                 self.optimizer.step()
                 self.model.after_step()
-                n = len(y)
-                totals["n"] += n
-                totals["loss"] += float(loss.detach()) * n
-                totals["clean"] += float(stats["clean"].sum())
-                totals["robust"] += float(stats["robust"].sum())
-                bar.set_postfix(loss=f"{totals['loss'] / totals['n']:.3f}",
-                                acc=f"{totals['clean'] / totals['n']:.3f}",
-                                vra=f"{totals['robust'] / totals['n']:.3f}", eps=f"{eps:.3f}")
+                with torch.no_grad():
+                    totals += torch.stack([loss.detach().double() * len(y),
+                                           stats["clean"].sum().double(),
+                                           stats["robust"].sum().double(),
+                                           totals.new_tensor(float(len(y)))])
+                if not bar.disable and step % 10 == 0:
+                    t = totals.tolist()
+                    bar.set_postfix(loss=f"{t[0] / t[3]:.3f}", acc=f"{t[1] / t[3]:.3f}",
+                                    vra=f"{t[2] / t[3]:.3f}", eps=f"{eps:.3f}")
+            loss_sum, clean, robust, n = self.world.sum(totals).tolist()
             train_seconds = time.perf_counter() - start
             record = {"epoch": epoch + 1, "eps_train": eps, "lr": cfg.lr * cfg.lr_schedule(
-                      progress), "train_loss": totals["loss"] / totals["n"],
-                      "train_clean": totals["clean"] / totals["n"],
-                      "train_vra_estimate": totals["robust"] / totals["n"],
-                      "train_seconds": train_seconds, **extra, **kept_values}
+                      progress), "train_loss": loss_sum / n, "train_clean": clean / n,
+                      "train_vra_estimate": robust / n, "train_seconds": train_seconds,
+                      **extra, **kept_values}
+            self.start_epoch = epoch + 1
+            if not self.world.main:  # rank 0 alone evaluates, writes and logs
+                continue
             last = epoch + 1 == cfg.epochs
             if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
                 report = self.report = evaluate(self.model, self.test_data, cfg.eps)
                 record.update(test_clean=report.clean_accuracy, test_vra=report.vra,
                               test_abstain=report.abstain_rate)
             self._checkpoint(epoch, record)
-            self.start_epoch = epoch + 1
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             if self.progress:
                 print(epoch_line(record, cfg.epochs), flush=True)
+        self.world.barrier()  # every rank ends with rank 0's last checkpoint on disk
         return record
 
     def _checkpoint(self, epoch: int, record: dict[str, Any]) -> None:

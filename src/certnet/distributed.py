@@ -1,0 +1,105 @@
+"""Multi-process training with PyTorch's own distributed engine, launched by ``torchrun``.
+
+``torchrun --nproc-per-node N -m certnet.cli train ...`` (or ``--nnodes``/``--rdzv-*`` for
+several machines) starts N processes that describe themselves in the environment (WORLD_SIZE,
+RANK, LOCAL_RANK); :func:`setup` joins them (NCCL on CUDA, gloo on the CPU) and picks the GPU
+from LOCAL_RANK. Every rank computes the same global batch order and takes its shard of each
+batch; gradients are averaged by DistributedDataParallel through the method's own ``loss`` (a
+:class:`LossModule`, so DDP sees a real forward), weighted so the step equals the
+single-process step on the whole batch. Only rank 0 (``World.main``) logs, evaluates and writes
+checkpoints; epoch statistics are summed over ranks once per epoch.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from certnet.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the training processes (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """Whether this process logs, evaluates and writes (rank 0)."""
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.size > 1
+
+    def shard(self, batch: torch.Tensor) -> slice:
+        """This rank's contiguous part of a global batch (sizes differ by at most one)."""
+        n, size = len(batch), self.size
+        start = self.rank * (n // size) + min(self.rank, n % size)
+        return slice(start, start + n // size + (self.rank < n % size))
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` summed over all ranks (a no-op for one process)."""
+        if self.active:
+            values = values.clone()
+            dist.all_reduce(values)
+        return values
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+
+def setup(device: torch.device) -> tuple[World, torch.device]:
+    """The world torchrun describes in the environment, its process group initialised, and
+    the device: ``cuda:LOCAL_RANK`` where the requested device is CUDA. One process without
+    WORLD_SIZE > 1."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return World(), device
+    try:
+        rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    except (KeyError, ValueError) as err:
+        raise ConfigError(f"WORLD_SIZE={size} but RANK / LOCAL_RANK are missing or not "
+                          "integers: launch distributed runs with torchrun") from err
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return World(rank, size, local), device
+
+
+class LossModule(nn.Module):
+    """A method's ``loss`` as a module's forward, so DistributedDataParallel wraps a real
+    forward pass (not a call on ``.module``) and averages the gradients it produces."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, eps: float, **extra: Any):
+        return self.model.loss(x, y, eps, **extra)
+
+
+def loss_function(model: nn.Module, world: World, device: torch.device):
+    """``model.loss`` for one process, its DDP-wrapped :class:`LossModule` for several."""
+    if not world.active:
+        return model.loss
+    batch_statistics = sorted({type(m).__name__ for m in model.modules()
+                               if getattr(m, "running_mean", None) is not None})
+    if batch_statistics and world.main:
+        warnings.warn(f"{', '.join(batch_statistics)} normalise each process's shard of the "
+                      "batch by its own statistics (no SyncBatchNorm): the run differs from "
+                      "one process with the same global batch", stacklevel=2)
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(LossModule(model), device_ids=ids)
