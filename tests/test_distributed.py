@@ -85,3 +85,17 @@ def test_two_processes_train_like_one_and_resume(tmp_path):
     assert len((tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()) == 1
     train(tmp_path, "resumed", 2, "--resume")
     same_run(two, tmp_path / "resumed")
+
+
+@pytest.mark.usefixtures("mnist_available")
+def test_distributed_certify_equals_one_process(tmp_path):
+    """torchrun certify: each rank certifies its share, rank 0 writes one report with the
+    per-point results of a single process (101 points: shares of 51 and 50)."""
+    out = train(tmp_path, "model", 1)
+    for processes, name in ((1, "one"), (2, "two")):
+        run(["-m", "certnet.cli", "certify", str(out), "--limit", "101", "--batch-size", "16",
+             "--json", f"{name}.json", "--per-point", f"{name}.csv"], tmp_path, processes)
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    for key in ("n", "clean_accuracy", "vra", "abstain_rate", "radius_quantiles"):
+        assert one[key] == two[key], key
+    assert (tmp_path / "one.csv").read_text() == (tmp_path / "two.csv").read_text()

@@ -17,6 +17,7 @@ import torch
 from certnet.certifiers.base import resolve
 from certnet.checkpoint import atomic_write
 from certnet.data import Dataset
+from certnet.distributed import World
 from certnet.errors import InputError
 from certnet.methods.base import CertifiedModel, check_eps
 
@@ -112,22 +113,25 @@ class Report:
 
 @overload
 def evaluate(model: CertifiedModel, data: Dataset, eps: float, certifier: str | None = None,
-             batch_size: int = 2000, norm: str | None = None) -> Report: ...
+             batch_size: int = 2000, norm: str | None = None, world: World | None = None
+             ) -> Report: ...
 
 
 @overload
 def evaluate(model: CertifiedModel, data: Dataset, eps: Sequence[float],
-             certifier: str | None = None, batch_size: int = 2000, norm: str | None = None
-             ) -> list[Report]: ...
+             certifier: str | None = None, batch_size: int = 2000, norm: str | None = None,
+             world: World | None = None) -> list[Report]: ...
 
 
 def evaluate(model: CertifiedModel, data: Dataset, eps: float | Sequence[float],
-             certifier: str | None = None, batch_size: int = 2000, norm: str | None = None
-             ) -> Report | list[Report]:
+             certifier: str | None = None, batch_size: int = 2000, norm: str | None = None,
+             world: World | None = None) -> Report | list[Report]:
     """Certify every point of ``data`` at radius ``eps`` (a :class:`Report`), or at each radius
     of a sequence in one pass over the data (a list of Reports in the same order), by
     ``certifier`` in ``norm`` (defaults: the model's). Each batch is certified once per radius;
-    a report's ``seconds`` counts its own certify calls."""
+    a report's ``seconds`` counts its own certify calls. With a distributed ``world`` each rank
+    certifies its contiguous share of the points and every rank gets the whole report (the
+    same per-point results as one process; ``seconds`` is the slowest rank's)."""
     single = isinstance(eps, (int, float))
     radii = [eps] if single else list(eps)
     if not radii:
@@ -140,8 +144,10 @@ def evaluate(model: CertifiedModel, data: Dataset, eps: float | Sequence[float],
     model.eval()
     outcomes = [{"pred": [], "certified": [], "radius": [], "by": [], "seconds": 0.0,
                  "gives_radius": chosen.gives_radius} for _ in radii]
-    for i in range(0, len(data), batch_size):
-        x = data.images(slice(i, i + batch_size)).to(device)
+    world = world or World()
+    share = world.shard(data.y)
+    for i in range(share.start, share.stop, batch_size):
+        x = data.images(slice(i, min(i + batch_size, share.stop))).to(device)
         for e, out in zip(radii, outcomes, strict=True):
             start = time.perf_counter()
             cert = model.certify(x, e, chosen.name, norm)
@@ -152,9 +158,21 @@ def evaluate(model: CertifiedModel, data: Dataset, eps: float | Sequence[float],
             out["radius"].append(cert.radius.cpu())
             out["seconds"] += time.perf_counter() - start
     model.train(was_training)
+    if world.active:
+        outcomes = [_merge(parts) for parts in zip(*world.gather(outcomes), strict=True)]
     reports = [_report(model, chosen.name, norm, e, data.y, out)
                for e, out in zip(radii, outcomes, strict=True)]
     return reports[0] if single else reports
+
+
+def _merge(parts: tuple[dict[str, Any], ...]) -> dict[str, Any]:
+    """One outcome from the ranks' outcomes for the same radius, in rank order."""
+    return {"pred": [t for p in parts for t in p["pred"]],
+            "certified": [t for p in parts for t in p["certified"]],
+            "radius": [t for p in parts for t in p["radius"]],
+            "by": [b for p in parts for b in p["by"]],
+            "seconds": max(p["seconds"] for p in parts),
+            "gives_radius": all(p["gives_radius"] for p in parts)}
 
 
 def _report(model: CertifiedModel, certifier: str, norm: str, eps: float,

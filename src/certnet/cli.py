@@ -130,12 +130,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 # -- certify ------------------------------------------------------------------------------------
 def _load_eval(args: argparse.Namespace):
-    """The model, its test set (checked against the model), the radius or radii, the dataset."""
+    """The model, its test set (checked against the model), the radius or radii, the dataset
+    and the distributed world (torchrun; one process otherwise)."""
     from certnet.checkpoint import load
     from certnet.data import load_dataset
+    from certnet.distributed import setup
     from certnet.train import resolve_device
 
-    model = load(args.model, device=resolve_device(args.device))
+    world, device = setup(resolve_device(args.device))
+    model = load(args.model, device=device)
     config = model.checkpoint_config
     eps = args.eps if args.eps is not None else config.get("eps")
     if eps is None:
@@ -156,17 +159,19 @@ def _load_eval(args: argparse.Namespace):
         print(f"warning: {mismatch} (--allow-dataset-mismatch)", file=sys.stderr)
     if args.limit:
         data.x, data.y = data.x[:args.limit], data.y[:args.limit]
-    return model, data, eps, dataset
+    return model, data, eps, dataset, world
 
 
 def cmd_certify(args: argparse.Namespace) -> int:
     from certnet.certify import evaluate, reports_to_dict, summary_table
     from certnet.checkpoint import write_json
 
-    model, data, eps, dataset = _load_eval(args)
+    model, data, eps, dataset, world = _load_eval(args)
     radii = eps if isinstance(eps, list) else [float(eps)]
     reports = evaluate(model, data, radii, certifier=args.certifier,
-                       batch_size=args.batch_size, norm=args.norm)
+                       batch_size=args.batch_size, norm=args.norm, world=world)
+    if not world.main:  # torchrun: every rank certified its share; rank 0 reports
+        return 0
     print(reports[0].summary() if len(reports) == 1 else summary_table(reports), flush=True)
     lipschitz = model.lipschitz_report()
     print(_lipschitz_line(lipschitz))
@@ -196,7 +201,9 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from certnet.attacks import attack_report
     from certnet.checkpoint import write_json
 
-    model, data, eps, dataset = _load_eval(args)
+    model, data, eps, dataset, world = _load_eval(args)
+    if not world.main:  # the attack is not distributed: rank 0 runs it whole
+        return 0
     eps = float(eps)
     result = attack_report(model, data.images(), data.y, eps, steps=args.steps,
                            restarts=args.restarts, batch_size=args.batch_size, progress=True,

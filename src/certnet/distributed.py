@@ -7,7 +7,8 @@ from LOCAL_RANK. Every rank computes the same global batch order and takes its s
 batch; gradients are averaged by DistributedDataParallel through the method's own ``loss`` (a
 :class:`LossModule`, so DDP sees a real forward), weighted so the step equals the
 single-process step on the whole batch. Only rank 0 (``World.main``) logs, evaluates and writes
-checkpoints; epoch statistics are summed over ranks once per epoch.
+checkpoints; epoch statistics are summed over ranks once per epoch. ``certnet certify``
+under torchrun splits the test set across ranks and gathers one report.
 """
 
 from __future__ import annotations
@@ -57,6 +58,14 @@ class World:
     def barrier(self) -> None:
         if self.active:
             dist.barrier()
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's ``value`` (picklable), in rank order, on every rank."""
+        if not self.active:
+            return [value]
+        values: list[Any] = [None] * self.size
+        dist.all_gather_object(values, value)
+        return values
 
 
 def setup(device: torch.device) -> tuple[World, torch.device]:
