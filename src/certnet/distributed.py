@@ -68,6 +68,20 @@ class World:
         return values
 
 
+def batch_mean(x: torch.Tensor, dims: list[int]) -> torch.Tensor:
+    """The mean of ``x`` over ``dims`` and, in a distributed run, over every rank's shard of
+    the batch (an all-reduce with autograd: gradients reach every rank's inputs), so layers
+    that normalise by batch statistics see the whole batch, as in one process."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return x.mean(dims)
+    from torch.distributed.nn.functional import all_reduce
+
+    count = x.new_tensor(float(x.numel() // x.shape[1]))
+    total = all_reduce(x.sum(dims))
+    dist.all_reduce(count)
+    return total / count
+
+
 def setup(device: torch.device) -> tuple[World, torch.device]:
     """The world torchrun describes in the environment, its process group initialised, and
     the device: ``cuda:LOCAL_RANK`` where the requested device is CUDA. One process without
@@ -105,10 +119,13 @@ def loss_function(model: nn.Module, world: World, device: torch.device):
     if not world.active:
         return model.loss
     batch_statistics = sorted({type(m).__name__ for m in model.modules()
-                               if getattr(m, "running_mean", None) is not None})
+                               if isinstance(m, nn.modules.batchnorm._BatchNorm)})
     if batch_statistics and world.main:
         warnings.warn(f"{', '.join(batch_statistics)} normalise each process's shard of the "
                       "batch by its own statistics (no SyncBatchNorm): the run differs from "
-                      "one process with the same global batch", stacklevel=2)
+                      "one process with the same global batch (mean-shift layers are "
+                      "synchronised)", stacklevel=2)
     ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(LossModule(model), device_ids=ids)
+    # a method may leave parameters out of some steps (the l_inf-dist output scale)
+    return nn.parallel.DistributedDataParallel(LossModule(model), device_ids=ids,
+                                               find_unused_parameters=True)

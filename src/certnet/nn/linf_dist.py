@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from certnet import distributed
 from certnet.errors import ConfigError, InputError
 from certnet.nn.linf_dist_kernels import linf_dist
 
@@ -111,7 +112,8 @@ class MeanShift(nn.Module):
         self.register_buffer("running_mean", torch.zeros(num_features))
 
     def batch_mean(self, x: torch.Tensor) -> torch.Tensor:
-        return x.mean([0, *range(2, x.dim())])
+        """Per-channel mean of the batch (of the global batch in a torchrun run)."""
+        return distributed.batch_mean(x, [0, *range(2, x.dim())])
 
     def shift(self, x: torch.Tensor) -> torch.Tensor:
         """The per-channel mean this layer subtracts from the batch ``x`` (no state update)."""
