@@ -209,3 +209,37 @@ def test_unknown_loss_schedule_is_refused(tmp_path, mnist_available):
     with pytest.raises(ConfigError, match="trades_lamda"):
         Trainer(TrainConfig(**{**SMALL, "loss_schedules": {"trades_lamda": 1.0}}),
                 tmp_path / "run", progress=False)
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "float16"])
+def test_mixed_precision_trains_resumes_and_certifies_in_float64(tmp_path, mnist_available,
+                                                                 precision):
+    """Autocast changes training only: the loss is computed in the low precision, the
+    checkpoint and its certificate (float64 copy, sound bounds) are as for any model, and a
+    float16 run's loss scale survives a resume."""
+    config = TrainConfig(arch="2c2f", epochs=2, batch_size=64, train_limit=192, eval_limit=30,
+                         eval_every=0, precision=precision)
+    seen = []
+    trainer = Trainer(config, tmp_path / "run", progress=False)
+    original = trainer.model.loss
+
+    def spy(x, y, eps, **kw):
+        loss, stats = original(x, y, eps, **kw)
+        seen.append(trainer.model(x).dtype)
+        return loss, stats
+
+    trainer.loss = spy
+    trainer.fit(stop_after=1)
+    assert set(seen) == {getattr(torch, precision)}
+    again = Trainer(config, tmp_path / "run", resume=True, progress=False)
+    if precision == "float16":
+        assert again.scaler.get_scale() == trainer.scaler.get_scale()
+    again.fit()
+    model = load(tmp_path / "run")
+    cert = model.certify(again.test_data.images(), 0.3)
+    assert cert.radius.dtype == torch.float32 and bool(torch.isfinite(cert.radius).all())
+
+
+def test_unknown_precision_is_refused():
+    with pytest.raises(ConfigError, match="precision"):
+        TrainConfig(precision="int8")

@@ -98,6 +98,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                  "eps": args.eps, "epochs": args.epochs, "batch_size": args.batch_size,
                  "lr": args.lr, "seed": args.seed, "data_dir": args.data_dir,
                  "device": args.device, "eps_train_factor": args.eps_train_factor,
+                 "precision": args.precision,
                  "eval_every": args.eval_every, "eval_limit": args.eval_limit,
                  "train_limit": args.train_limit}
     if args.config:
@@ -356,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     override("--train-limit", "train on the first N training points (default: all)",
              type=_positive_int, metavar="N")
     override("--device", "auto (CUDA if available), cpu, cuda or cuda:N", metavar="D")
+    override("--precision", "training precision: float32, bfloat16 or float16 (autocast; "
+             "certification is always float64)", choices=("float32", "bfloat16", "float16"))
     train.add_argument("--quiet", action="store_true",
                        help="no per-epoch lines and no progress bar; only the final summary")
     train.set_defaults(func=cmd_train)

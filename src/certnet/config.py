@@ -20,6 +20,7 @@ from certnet.errors import ConfigError
 from certnet.schedules import Ramp
 
 AUGMENTATIONS = ("none", "crop-flip")
+PRECISIONS = ("float32", "bfloat16", "float16")
 OPTIMIZERS = ("adam", "sgd")
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", dict: "a mapping",
                type(None): "null"}
@@ -35,7 +36,9 @@ class TrainConfig:
     ``method_kwargs`` and ``arch_kwargs`` are keyword arguments of the method class and of the
     architecture function. ``init`` overrides the method's initialisation (``archs.INITS``);
     ``optimizer_kwargs`` go to the optimizer (Adam: betas, eps; SGD: momentum, nesterov);
-    ``grad_clip`` clips the gradient's global l2 norm.
+    ``grad_clip`` clips the gradient's global l2 norm. ``precision`` runs the training
+    forward and backward under autocast (``bfloat16``, or ``float16`` with loss scaling);
+    certification always uses the float64 copy and bounds, whatever the training precision.
     """
 
     method: str = "gloro"
@@ -63,6 +66,7 @@ class TrainConfig:
     train_limit: int | None = None
     augment: str = "none"
     device: str = "auto"
+    precision: str = "float32"
 
     def __post_init__(self) -> None:
         from certnet.archs import ARCHS, INITS  # these import torch: only once a config is built
@@ -79,6 +83,8 @@ class TrainConfig:
             raise ConfigError(f"unknown architecture {self.arch!r}; choose from {sorted(ARCHS)}")
         if self.init is not None and self.init not in INITS:
             raise ConfigError(f"unknown init {self.init!r}; choose from {sorted(INITS)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"unknown precision {self.precision!r}; choose {PRECISIONS}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose {OPTIMIZERS}")
         if self.grad_clip is not None and not self.grad_clip > 0:

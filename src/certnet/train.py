@@ -120,6 +120,11 @@ class Trainer:
                               f"the {config.method} loss: {err}") from err
         self.optimizer = build_optimizer(config, self.model)
         self.loss = distributed.loss_function(self.model, self.world, self.device)
+        # mixed precision for training only: certification uses the float64 copy regardless
+        self.autocast = {"float32": None, "bfloat16": torch.bfloat16,
+                         "float16": torch.float16}[config.precision]
+        self.scaler = torch.amp.GradScaler(self.device.type,
+                                           enabled=config.precision == "float16")
         self.start_epoch = 0
         self.report: Report | None = None
         if resume:
@@ -135,6 +140,8 @@ class Trainer:
             for name, value in state.items():
                 tensors[f"optim.{idx}.{name}"] = torch.as_tensor(value)
         tensors["rng.torch"] = torch.get_rng_state()
+        if self.scaler.is_enabled():  # float16 loss scaling
+            tensors["scaler.scale"] = torch.as_tensor(self.scaler.get_scale())
         return tensors
 
     def _resume(self) -> None:
@@ -156,6 +163,9 @@ class Trainer:
         self.optimizer.load_state_dict(
             {"state": optim_state, "param_groups": meta["param_groups"]})
         torch.set_rng_state(tensors["rng.torch"])
+        if "scaler.scale" in tensors:
+            self.scaler = torch.amp.GradScaler(self.device.type,
+                                               init_scale=float(tensors["scaler.scale"]))
         self.start_epoch = meta["epoch"] + 1
         # metrics.jsonl may lack the checkpointed epoch or hold epochs after it: rebuild it
         path = self.out_dir / "metrics.jsonl"
@@ -211,14 +221,18 @@ class Trainer:
                     x = crop_flip(x, generator)  # the whole batch on every rank: same draws
                 part = self.world.shard(idx)
                 x, y = x[part].to(self.device), y_all[idx][part].to(self.device)
-                loss, stats = self.loss(x, y, eps, **extra)
+                with torch.autocast(self.device.type, dtype=self.autocast,
+                                    enabled=self.autocast is not None):
+                    loss, stats = self.loss(x, y, eps, **extra)
                 self.optimizer.zero_grad(set_to_none=True)
                 # DDP averages gradients over ranks: weighting each shard's mean loss by its
                 # share of the batch makes that the gradient of the whole batch's mean
-                (loss * (len(y) * self.world.size / len(idx))).backward()
+                self.scaler.scale(loss * (len(y) * self.world.size / len(idx))).backward()
                 if cfg.grad_clip is not None:
+                    self.scaler.unscale_(self.optimizer)
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-                self.optimizer.step()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
                 self.model.after_step()
                 with torch.no_grad():
                     totals += torch.stack([loss.detach().double() * len(y),

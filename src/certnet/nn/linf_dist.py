@@ -53,7 +53,7 @@ class LinfDist(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2 or x.shape[1] != self.in_features:
             raise InputError(f"LinfDist expects (B, {self.in_features}), got {tuple(x.shape)}")
-        u = linf_dist(x, self.weight, self.p)
+        u = linf_dist(x.to(self.weight.dtype), self.weight, self.p)  # autocast: fp32
         return u if self.bias is None else u + self.bias
 
     def extra_repr(self) -> str:
@@ -96,7 +96,7 @@ class LinfDistConv2d(nn.Module):
             like.shape[0], -1, h, w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        u = self.fold(linf_dist(self.patches(x), self.weight, self.p), x)
+        u = self.fold(linf_dist(self.patches(x.to(self.weight.dtype)), self.weight, self.p), x)
         return u if self.bias is None else u + self.bias.view(1, -1, 1, 1)
 
 

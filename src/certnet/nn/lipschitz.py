@@ -274,11 +274,16 @@ def check_gloro_layer(module: nn.Module) -> None:
 
 
 def layer_estimate(module: nn.Module, iterations: int) -> torch.Tensor | float:
-    """Power-iteration estimate of one layer's l2 Lipschitz constant (1.0 for 1-Lipschitz ops)."""
+    """Power-iteration estimate of one layer's l2 Lipschitz constant (1.0 for 1-Lipschitz ops),
+    always in the weights' own precision (outside any autocast of mixed-precision training)."""
     check_bounded(module)
     if type(module) in BOUND_FUNCTIONS:
         return BOUND_FUNCTIONS[type(module)](module).to(module.running_var.dtype)
-    return module.lipschitz_estimate(iterations) if type(module) in LIPSCHITZ_LAYERS else 1.0
+    if type(module) not in LIPSCHITZ_LAYERS:
+        return 1.0
+    device = next(module.buffers(), torch.zeros(())).device.type
+    with torch.autocast(device, enabled=False):
+        return module.lipschitz_estimate(iterations)
 
 
 def layer_bound(module: nn.Module) -> torch.Tensor:
