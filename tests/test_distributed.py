@@ -1,13 +1,15 @@
 """Distributed training under torchrun (2 CPU processes, gloo): the same weights and metrics as
-one process with the same global batch and seed; an interrupted 2-process run resumes to the
-same result; rank 0 alone writes."""
+one process with the same global batch and seed, for every method; a killed 2-process run
+resumes to the same result; distributed certify equals one process."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -90,14 +92,18 @@ def test_two_processes_train_like_one_and_resume(tmp_path):
     two = train(tmp_path, "two", 2)
     same_run(one, two)  # uneven last batch (289 = 4 x 64 + 33): shards of 17 and 16
     assert json.loads((two / "results.json").read_text())["n"] == 40
-    # interrupted after its first epoch, then resumed by a second torchrun
-    script = tmp_path / "first_epoch.py"
-    script.write_text(
-        "import sys\nfrom certnet.config import TrainConfig\nfrom certnet.train import Trainer\n"
-        "Trainer(TrainConfig.from_yaml(sys.argv[1]), sys.argv[2], progress=False)"
-        ".fit(stop_after=1)\n")
-    run([str(script), "cfg.yaml", "resumed"], tmp_path, 2)
-    assert len((tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()) == 1
+    # killed (SIGTERM to torchrun) once its first checkpoint exists, then resumed
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc-per-node=2", "-m", "certnet.cli", "train", "--config", "cfg.yaml",
+                "--out", "resumed", "--quiet"]
+    proc = subprocess.Popen(launcher, cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not any((tmp_path / "resumed" / "state").glob("epoch-*")):
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=120)
     train(tmp_path, "resumed", 2, "--resume")
     same_run(two, tmp_path / "resumed")
 
