@@ -14,7 +14,8 @@ under torchrun splits the test set across ranks and gathers one report.
 from __future__ import annotations
 
 import os
-import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,11 +69,16 @@ class World:
         return values
 
 
+def distributed_run() -> bool:
+    """Whether this process is one of several (an initialised process group of size > 1)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def batch_mean(x: torch.Tensor, dims: list[int]) -> torch.Tensor:
     """The mean of ``x`` over ``dims`` and, in a distributed run, over every rank's shard of
     the batch (an all-reduce with autograd: gradients reach every rank's inputs), so layers
     that normalise by batch statistics see the whole batch, as in one process."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not distributed_run():
         return x.mean(dims)
     from torch.distributed.nn.functional import all_reduce
 
@@ -102,29 +108,73 @@ def setup(device: torch.device) -> tuple[World, torch.device]:
     return World(rank, size, local), device
 
 
+def batch_variance(x: torch.Tensor, mean: torch.Tensor, dims: list[int]) -> torch.Tensor:
+    """The biased variance of ``x`` over ``dims`` around ``mean`` (of the global batch in a
+    distributed run, like :func:`batch_mean`)."""
+    shape = [1, -1, *([1] * (x.dim() - 2))]
+    return batch_mean((x - mean.view(shape)).square(), dims)
+
+
+def _synced_forward(m: nn.modules.batchnorm._BatchNorm):
+    """BatchNorm's training forward with the global batch's statistics (the running
+    statistics updated as torch does, with the unbiased variance of the global batch)."""
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        dims = [0, *range(2, x.dim())]
+        mean = batch_mean(x, dims)
+        var = batch_variance(x, mean, dims)
+        if m.track_running_stats and m.running_mean is not None:
+            with torch.no_grad():
+                m.num_batches_tracked += 1
+                factor = m.momentum if m.momentum is not None else \
+                    1.0 / float(m.num_batches_tracked)
+                count = float(x.numel() // x.shape[1]) * dist.get_world_size()
+                m.running_mean.lerp_(mean.detach(), factor)
+                m.running_var.lerp_(var.detach() * count / max(count - 1, 1), factor)
+        shape = [1, -1, *([1] * (x.dim() - 2))]
+        out = (x - mean.view(shape)) * torch.rsqrt(var + m.eps).view(shape)
+        if m.weight is not None:
+            out = out * m.weight.view(shape) + m.bias.view(shape)
+        return out
+    return forward
+
+
+@contextmanager
+def synced_batch_norm(model: nn.Module) -> Iterator[None]:
+    """While active, in a distributed run, every BatchNorm of ``model`` in training mode
+    normalises by the global batch (an autograd all-reduce, on any device: torch's
+    SyncBatchNorm is GPU-only); nothing changes for one process."""
+    patched = [m for m in model.modules()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    if not (patched and distributed_run()):
+        yield
+        return
+    for m in patched:
+        m.forward = _synced_forward(m)
+    try:
+        yield
+    finally:
+        for m in patched:
+            del m.forward
+
+
 class LossModule(nn.Module):
     """A method's ``loss`` as a module's forward, so DistributedDataParallel wraps a real
-    forward pass (not a call on ``.module``) and averages the gradients it produces."""
+    forward pass (not a call on ``.module``) and averages the gradients it produces;
+    BatchNorm layers use the global batch's statistics meanwhile."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, eps: float, **extra: Any):
-        return self.model.loss(x, y, eps, **extra)
+        with synced_batch_norm(self.model):
+            return self.model.loss(x, y, eps, **extra)
 
 
 def loss_function(model: nn.Module, world: World, device: torch.device):
     """``model.loss`` for one process, its DDP-wrapped :class:`LossModule` for several."""
     if not world.active:
         return model.loss
-    batch_statistics = sorted({type(m).__name__ for m in model.modules()
-                               if isinstance(m, nn.modules.batchnorm._BatchNorm)})
-    if batch_statistics and world.main:
-        warnings.warn(f"{', '.join(batch_statistics)} normalise each process's shard of the "
-                      "batch by its own statistics (no SyncBatchNorm): the run differs from "
-                      "one process with the same global batch (mean-shift layers are "
-                      "synchronised)", stacklevel=2)
     ids = [device.index] if device.type == "cuda" else None
     # a method may leave parameters out of some steps (the l_inf-dist output scale)
     return nn.parallel.DistributedDataParallel(LossModule(model), device_ids=ids,

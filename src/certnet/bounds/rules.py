@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from certnet.distributed import batch_mean, batch_variance, distributed_run
 from certnet.errors import UnsupportedLayerError
 from certnet.nn.activations import ClippedMinMax, ClippedReLU, MinMax
 from certnet.nn.lipschitz import LipschitzConv2d, LipschitzLinear, Normalize, ResidualConv2d
@@ -266,8 +267,12 @@ class BatchNormRule(ChannelAffineRule):
     def scale_shift(self, m, inp):
         if m.training or not m.track_running_stats:
             dims = [0, *range(2, inp.clean.dim())]
-            mean = inp.clean.mean(dims)
-            var = inp.clean.var(dims, unbiased=False)
+            if distributed_run():  # the statistics of the global batch, as its forward uses
+                mean = batch_mean(inp.clean, dims)
+                var = batch_variance(inp.clean, mean, dims)
+            else:
+                mean = inp.clean.mean(dims)
+                var = inp.clean.var(dims, unbiased=False)
         else:
             mean, var = m.running_mean, m.running_var
         scale = torch.rsqrt(var + m.eps)
