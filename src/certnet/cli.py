@@ -461,6 +461,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"error: {_interrupted(args)}", file=sys.stderr)
         return 130
+    finally:
+        if "certnet.distributed" in sys.modules:  # a torchrun rank: leave the group cleanly
+            sys.modules["certnet.distributed"].shutdown()
 
 
 if __name__ == "__main__":

@@ -157,6 +157,13 @@ def synced_batch_norm(model: nn.Module) -> Iterator[None]:
             del m.forward
 
 
+def shutdown() -> None:
+    """Leave the process group, if one was joined (a rank that exits with gloo's threads
+    still running is aborted at interpreter shutdown)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 class LossModule(nn.Module):
     """A method's ``loss`` as a module's forward, so DistributedDataParallel wraps a real
     forward pass (not a call on ``.module``) and averages the gradients it produces;

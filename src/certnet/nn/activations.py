@@ -7,31 +7,46 @@ from certnet.errors import InputError
 
 
 class _PairSort(torch.autograd.Function):
-    """(a, b) -> (min(a, b), max(a, b)) per channel pair, written into the two halves of one
-    output (no concatenation), saving one bool mask (which pairs swap) for a backward that
-    routes each output's gradient to the input it came from: 3-4x faster than autograd through
-    torch.minimum / maximum (benchmarks/gloro_step.py). At a tie the unswapped order is the
-    subgradient; NaN propagates as in torch.minimum / maximum."""
+    """(a, b) -> (min(a, b), max(a, b)) per channel pair, saving one bool mask (which pairs
+    swap) for a backward that routes each output's gradient to the input it came from: about
+    2.5x faster than autograd through torch.minimum / maximum (benchmarks/gloro_step.py). At a
+    tie the unswapped order is the subgradient; NaN propagates as in torch.minimum / maximum.
+    Works under torch.func transforms (jacrev, vmap)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+    def forward(x: torch.Tensor) -> torch.Tensor:
         half = x.shape[1] // 2
         a, b = x[:, :half], x[:, half:]
-        out = torch.empty_like(x)
-        torch.minimum(a, b, out=out[:, :half])
-        torch.maximum(a, b, out=out[:, half:])
-        ctx.save_for_backward(a > b)
-        return out
+        return torch.cat([torch.minimum(a, b), torch.maximum(a, b)], dim=1)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        (x,) = inputs
+        half = x.shape[1] // 2
+        swap = x[:, :half] > x[:, half:]
+        ctx.save_for_backward(swap)
+        ctx.save_for_forward(swap)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        """Input a gets the min's gradient unless the pair swaps (then the max's)."""
         (swap,) = ctx.saved_tensors
-        half = grad.shape[1] // 2
-        low, high = grad[:, :half], grad[:, half:]
-        out = torch.empty_like(grad)
-        torch.where(swap, high, low, out=out[:, :half])
-        torch.where(swap, low, high, out=out[:, half:])
-        return out
+        return _swap_where(swap, grad)
+
+    @staticmethod
+    def jvp(ctx, tangent: torch.Tensor) -> torch.Tensor:
+        """The min's tangent is a's unless the pair swaps (then b's): the same routing."""
+        (swap,) = ctx.saved_tensors
+        return _swap_where(swap, tangent)
+
+
+def _swap_where(swap: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The two halves of ``t`` exchanged where ``swap``: a pair sort is its own transpose."""
+    half = t.shape[1] // 2
+    low, high = t[:, :half], t[:, half:]
+    return torch.cat([torch.where(swap, high, low), torch.where(swap, low, high)], dim=1)
 
 
 class MinMax(nn.Module):
