@@ -88,6 +88,13 @@ def batch_mean(x: torch.Tensor, dims: list[int]) -> torch.Tensor:
     return total / count
 
 
+def batch_variance(x: torch.Tensor, mean: torch.Tensor, dims: list[int]) -> torch.Tensor:
+    """The biased variance of ``x`` over ``dims`` around ``mean`` (of the global batch in a
+    distributed run, like :func:`batch_mean`)."""
+    shape = [1, -1, *([1] * (x.dim() - 2))]
+    return batch_mean((x - mean.view(shape)).square(), dims)
+
+
 def setup(device: torch.device) -> tuple[World, torch.device]:
     """The world torchrun describes in the environment, its process group initialised, and
     the device: ``cuda:LOCAL_RANK`` where the requested device is CUDA. One process without
@@ -106,13 +113,6 @@ def setup(device: torch.device) -> tuple[World, torch.device]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return World(rank, size, local), device
-
-
-def batch_variance(x: torch.Tensor, mean: torch.Tensor, dims: list[int]) -> torch.Tensor:
-    """The biased variance of ``x`` over ``dims`` around ``mean`` (of the global batch in a
-    distributed run, like :func:`batch_mean`)."""
-    shape = [1, -1, *([1] * (x.dim() - 2))]
-    return batch_mean((x - mean.view(shape)).square(), dims)
 
 
 def _synced_forward(m: nn.modules.batchnorm._BatchNorm):

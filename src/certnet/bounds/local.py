@@ -104,8 +104,31 @@ def masked_bound(m: nn.Module, rows: torch.Tensor, cols: torch.Tensor,
     return None
 
 
-def _everything(like: torch.Tensor) -> torch.Tensor:
-    return torch.ones(1, dtype=torch.bool, device=like.device).expand(like.shape)
+def affine_input_radii(layers: nn.Sequential, eps: torch.Tensor,
+                       bounds: list[torch.Tensor]) -> dict[int, torch.Tensor]:
+    """eps * prod(bounds[:i]) for every affine layer i > 0: the l2 radius its input stays in
+    (the radii :func:`interval_walk` takes). An affine layer's input follows every activation
+    whose masks shaped the bounds before it, so row-masked bounds are valid there."""
+    radii, prefix = {}, eps
+    for i, m in enumerate(layers):
+        if i and isinstance(rule_for(m), AffineRule):
+            radii[i] = prefix
+        prefix = prefix * bounds[i]
+    return radii
+
+
+def layer_masks(i: int, ins: Masks, outs: Masks, seen: list[LayerInput]
+                ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(rows, cols) keep masks of layer i, all-kept where one side has none; None where
+    neither side has one."""
+    if ins[i] is None and outs[i] is None:
+        return None
+
+    def everything(like: torch.Tensor) -> torch.Tensor:
+        return torch.ones(1, dtype=torch.bool, device=like.device).expand(like.shape)
+
+    return (outs[i] if outs[i] is not None else everything(seen[i + 1].clean),
+            ins[i] if ins[i] is not None else everything(seen[i].clean))
 
 
 def local_layer_bounds(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
@@ -122,24 +145,18 @@ def local_layer_bounds(layers: nn.Sequential, x: torch.Tensor, threat: ThreatMod
     bounds = [g.expand(len(x)) for g in global_bounds]
     ins: Masks = [None] * len(layers)
     for _ in range(passes):
-        radii = None
-        if threat.norm == "l2":  # inputs of affine layers lie within eps * prod(bounds)
-            prefix, radii = torch.full((len(x),), threat.eps, dtype=torch.float64,
-                                       device=x.device), {}
-            for i, m in enumerate(layers):
-                if i and isinstance(rule_for(m), AffineRule):
-                    radii[i] = prefix
-                prefix = prefix * bounds[i]
+        radii = None if threat.norm != "l2" else affine_input_radii(
+            layers, torch.full((len(x),), threat.eps, dtype=torch.float64, device=x.device),
+            bounds)
         seen, _ = interval_walk(layers, x, threat, radii, box_layers, outputs)
         size = torch.stack([torch.maximum(s.lo.abs(), s.hi.abs()).flatten(1).amax(1)
                             for s in seen]).amax(0)
         ins, outs = keep_masks(layers, seen, ROUNDING_SLACK * (1 + size))
         for i, m in enumerate(layers):
-            if ins[i] is None and outs[i] is None:
+            masks = layer_masks(i, ins, outs, seen)
+            if masks is None:
                 continue
-            rows = outs[i] if outs[i] is not None else _everything(seen[i + 1].clean)
-            cols = ins[i] if ins[i] is not None else _everything(seen[i].clean)
-            local = masked_bound(m, rows, cols, tails.get(i))
+            local = masked_bound(m, *masks, tails.get(i))
             if local is not None:
                 bounds[i] = torch.minimum(bounds[i], local)
     return bounds, ins
@@ -156,12 +173,14 @@ def masked_estimate(m: nn.Module, inp: LayerInput, rows: torch.Tensor, cols: tor
     def forward(v: torch.Tensor) -> torch.Tensor:
         return rule.linear(m, v, inp) * rows
 
+    def unit(v: torch.Tensor) -> torch.Tensor:
+        return v / v.flatten(1).norm(dim=1).clamp_min(1e-30).view(-1, *[1] * (v.dim() - 1))
+
     with torch.no_grad():
         v = start.expand_as(inp.clean) * cols
         for _ in range(iterations):
-            v = v / v.flatten(1).norm(dim=1).clamp_min(1e-30).view(-1, *[1] * (v.dim() - 1))
-            v = rule.transpose(m, forward(v).unsqueeze(1), inp).squeeze(1) * cols
-        v = v / v.flatten(1).norm(dim=1).clamp_min(1e-30).view(-1, *[1] * (v.dim() - 1))
+            v = rule.transpose(m, forward(unit(v)).unsqueeze(1), inp).squeeze(1) * cols
+        v = unit(v)
     return (forward(v).flatten(1).square().sum(1) + 1e-30).sqrt()
 
 
@@ -173,11 +192,8 @@ def local_training_constants(layers: nn.Sequential, x: torch.Tensor, threat: Thr
     ``estimates``): the logits, per-layer local estimates (each at most the global one), the
     input keep masks (the last is the head's) and the mean constancy gap of the activations
     (the sparsity penalty, differentiable through the intervals)."""
-    radii, prefix = {}, torch.as_tensor(threat.eps, dtype=x.dtype, device=x.device)
-    for i, m in enumerate(layers):
-        if i and isinstance(rule_for(m), AffineRule):
-            radii[i] = prefix
-        prefix = prefix * torch.as_tensor(estimates[i]).detach()
+    radii = affine_input_radii(layers, torch.as_tensor(threat.eps, dtype=x.dtype, device=x.device),
+                               [torch.as_tensor(e).detach() for e in estimates])
     seen, logits = interval_walk(layers, x, threat, radii)
     lows = [s.lo.detach() for s in seen]
     highs = [s.hi.detach() for s in seen]
@@ -190,11 +206,10 @@ def local_training_constants(layers: nn.Sequential, x: torch.Tensor, threat: Thr
         gap = rule_for(m).constancy_gap(m, seen[i].lo, seen[i].hi)
         if gap is not None:
             gaps.append(gap.mean())
-        if (ins[i] is None and outs[i] is None) or not hasattr(m, "power_iterate"):
+        masks = layer_masks(i, ins, outs, seen)
+        if masks is None or not hasattr(m, "power_iterate"):
             continue
-        rows = outs[i] if outs[i] is not None else _everything(seen[i + 1].clean)
-        cols = ins[i] if ins[i] is not None else _everything(seen[i].clean)
-        local = masked_estimate(m, seen[i], rows, cols, m.power_iterate, iterations)
+        local = masked_estimate(m, seen[i], *masks, m.power_iterate, iterations)
         bounds[i] = torch.minimum(local, torch.as_tensor(estimates[i]))
     penalty = torch.stack(gaps).mean() if gaps else logits.new_zeros(())
     return logits, bounds, ins, penalty

@@ -40,6 +40,16 @@ class Certificate:
     margin: torch.Tensor | None = None
     by: list[str] | None = None
 
+    @classmethod
+    def eps_or_nothing(cls, pred: torch.Tensor, margin: torch.Tensor, eps: float
+                       ) -> Certificate:
+        """The certificate of a margin lower bound over the eps-ball: certified where it is
+        > 0, with radius eps there and 0 elsewhere."""
+        certified = margin > 0
+        radius = torch.where(certified, torch.tensor(float(eps)), torch.tensor(0.0))
+        return cls(pred=pred, certified=certified, radius=radius.float(), gives_radius=False,
+                   margin=margin)
+
 
 class Certifier:
     """Interface of a certifier: ``applies`` (None, or why not) and ``certify``."""

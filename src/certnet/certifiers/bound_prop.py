@@ -47,10 +47,7 @@ def margin_certificate(layers64: nn.Sequential, x: torch.Tensor, threat: ThreatM
         margins.append(worst - ROUNDING_SLACK * (1 + size))
     pred, margin = torch.cat(preds), torch.cat(margins)
     margin = torch.where(torch.isnan(margin), torch.full_like(margin, -torch.inf), margin)
-    certified = margin > 0
-    radius = torch.where(certified, torch.tensor(float(threat.eps)), torch.tensor(0.0))
-    return Certificate(pred=pred, certified=certified, radius=radius.float(),
-                       gives_radius=False, margin=margin)
+    return Certificate.eps_or_nothing(pred, margin, threat.eps)
 
 
 def layer_outputs(layers: nn.Sequential, x: torch.Tensor) -> list[torch.Tensor]:

@@ -36,10 +36,13 @@ def pairwise_lipschitz(head_weight: torch.Tensor, body_lipschitz: torch.Tensor) 
     return diff.norm(dim=-1) * scale * body_lipschitz
 
 
-def masked_pairwise(head_weight: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+def masked_pairwise(head_weight: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     """||(w_i - w_j) o keep_b||_2 per point (B, C, C) for 0/1 keep masks (B, n) of the head's
     inputs (the local head of Huang et al. 2021), rescaled like :func:`pairwise_lipschitz`;
-    differentiable, without NaN gradients on the zero diagonal."""
+    differentiable, without NaN gradients on the zero diagonal. ``keep=None`` (every input
+    kept): the shared (C, C) ||w_i - w_j||_2."""
+    if keep is None:
+        return pairwise_lipschitz(head_weight, 1.0)
     scale = head_weight.detach().abs().max().clamp_min(torch.finfo(head_weight.dtype).tiny)
     diff = ((head_weight.unsqueeze(0) - head_weight.unsqueeze(1)) / scale).square()
     squares = keep.flatten(1).to(diff.dtype) @ diff.flatten(0, 1).T

@@ -33,10 +33,9 @@ from certnet.certifiers.lipschitz import (
     logit_gaps,
     masked_pairwise,
     others_than,
-    pairwise_lipschitz,
 )
 from certnet.errors import UnsupportedLayerError
-from certnet.nn.lipschitz import LipschitzLinear
+from certnet.nn.lipschitz import LipschitzLinear, product
 from certnet.nn.masked_spectral import GRAM_RANK, GramTail, dense_gram_tails
 from certnet.nn.rounding import float64_forward
 from certnet.nn.spectral import BOUND_SLACK
@@ -86,12 +85,8 @@ def local_pairwise(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
     bounds, ins = local_layer_bounds(layers, x, threat, constants.sound.layers,
                                      constants.tails, box_layers=constants.box,
                                      outputs=outputs)
-    body = torch.ones(len(x), dtype=torch.float64, device=x.device)
-    for b in bounds[:-1]:
-        body = body * b
-    head = layers[-1].weight
-    pairwise = pairwise_lipschitz(head, 1.0) if ins[-1] is None else masked_pairwise(head, ins[-1])
-    local = pairwise * body[:, None, None] * (1 + BOUND_SLACK)
+    body = product([torch.ones(len(x), dtype=torch.float64, device=x.device), *bounds[:-1]])
+    local = masked_pairwise(layers[-1].weight, ins[-1]) * body[:, None, None] * (1 + BOUND_SLACK)
     return torch.minimum(local, constants.sound.pairwise)
 
 
@@ -151,11 +146,7 @@ class LocalLipschitzCertifier(Certifier):
                 margin[todo] = ball_margin(gap[todo], k, pred[todo], r)
             preds.append(pred)
             margins.append(margin)
-        pred, margin = torch.cat(preds), torch.cat(margins)
-        certified = margin > 0
-        radius = torch.where(certified, torch.tensor(float(threat.eps)), torch.tensor(0.0))
-        return Certificate(pred=pred, certified=certified, radius=radius.float(),
-                           gives_radius=False, margin=margin)
+        return Certificate.eps_or_nothing(torch.cat(preds), torch.cat(margins), threat.eps)
 
 
 register_certifier(LocalLipschitzCertifier())

@@ -159,8 +159,7 @@ class GloroNet(CertifiedModel):
         logits, bounds, ins, penalty = local_training_constants(
             self.layers, x, ThreatModel("l2", float(eps)), estimates, self.local_iterations)
         head = self.head.weight
-        pairwise = pairwise_lipschitz(head, 1.0) if ins[-1] is None else \
-            masked_pairwise(head, ins[-1])
+        pairwise = masked_pairwise(head, ins[-1])
         body = product(bounds[:-1])
         body = body.view(-1, 1, 1) if isinstance(body, torch.Tensor) and body.dim() else body
         return logits, pairwise * body, penalty
