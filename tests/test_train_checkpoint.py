@@ -71,6 +71,20 @@ def test_resume_with_a_different_config_is_refused(tmp_path, mnist_available):
                    progress=False).start_epoch == 1
 
 
+def test_resume_of_a_run_that_predates_a_config_field(tmp_path, mnist_available):
+    """A field missing from the saved config means the run used its default."""
+    _train(tmp_path / "run", epochs=1)
+    path = tmp_path / "run" / "config.json"
+    config = json.loads(path.read_text())
+    del config["train"]["precision"]
+    path.write_text(json.dumps(config))
+    assert Trainer(TrainConfig(**{**SMALL, "epochs": 1}), tmp_path / "run", resume=True,
+                   progress=False).start_epoch == 1
+    with pytest.raises(ConfigError, match="precision"):
+        Trainer(TrainConfig(**{**SMALL, "epochs": 1, "precision": "bfloat16"}),
+                tmp_path / "run", resume=True, progress=False)
+
+
 def _saved(tmp_path):
     from certnet.archs import build_arch
     from certnet.methods.gloro import GloroNet

@@ -147,8 +147,10 @@ class Trainer:
     def _resume(self) -> None:
         saved = read_config(self.out_dir).get("train")
         current = json.loads(json.dumps(self.config.to_dict()))
+        # A field the saved run lacks predates it, so that run used the field's default.
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
         differs = sorted(k for k in current if k not in OUTSIDE_TRAINING and saved and
-                         saved.get(k) != current[k])
+                         saved.get(k, defaults.get(k)) != current[k])
         if differs:
             raise ConfigError(f"--resume: the config differs from the run in {self.out_dir} "
                               f"in {differs}")
