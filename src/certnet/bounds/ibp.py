@@ -61,10 +61,13 @@ def interval_walk(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
                 lo, hi = _rigorous_interval(rule, box_layers[i], inp)
             out = m(clean) if outputs is None else outputs[i]
             if radius is not None and isinstance(rule, AffineRule):
-                wide = LayerInput(inp.lo.to(clean.dtype), inp.hi.to(clean.dtype), clean)
-                lo, hi = _within_ball(rule, m, wide, out, radius, lo, hi)
-                if box_layers is not None:
-                    lo, hi = _outward(lo, hi, inp.lo.dtype)
+                # row norms need only the input's shape and the clean pass's dtype
+                like = LayerInput(clean, clean, clean)
+                ball = _ball(rule, m, like, out, radius)
+                if ball is not None:
+                    if box_layers is not None:
+                        ball = _outward(*ball, lo.dtype)
+                    lo, hi = torch.maximum(lo, ball[0]), torch.minimum(hi, ball[1])
             clean = out
             if radius is not None:
                 lipschitz = rule.l2_lipschitz(m, inp)
@@ -119,14 +122,13 @@ def _gemm_convolutions(enabled: bool) -> Iterator[None]:
             yield
 
 
-def _within_ball(rule: AffineRule, m: nn.Module, inp: LayerInput, out: torch.Tensor,
-                 radius: torch.Tensor | float, lo: torch.Tensor, hi: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """[lo, hi] intersected with out +- radius * (l2 norm of each row)."""
+def _ball(rule: AffineRule, m: nn.Module, inp: LayerInput, out: torch.Tensor,
+          radius: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """out +- radius * (l2 norm of each row), or None if the rule has no row norms."""
     try:
         norms = rule.row_norms(m, inp)
     except NotImplementedError:
-        return lo, hi
+        return None
     r = torch.as_tensor(radius, dtype=out.dtype, device=out.device)
     reach = r.view(-1, *([1] * (out.dim() - 1))) * norms if r.dim() else r * norms
-    return torch.maximum(lo, out - reach), torch.minimum(hi, out + reach)
+    return out - reach, out + reach

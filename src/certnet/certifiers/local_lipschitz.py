@@ -140,8 +140,9 @@ class LocalLipschitzCertifier(Certifier):
             # constants leave open need them
             todo = (margin <= 0).nonzero().squeeze(1)
             if len(todo) and has_masks(twin.layers):
-                k = local_pairwise(twin.layers, part[todo], threat, constants,
-                                   [h[todo] for h in outputs])
+                every = len(todo) == len(part)
+                k = local_pairwise(twin.layers, part if every else part[todo], threat,
+                                   constants, outputs if every else [h[todo] for h in outputs])
                 k = k[torch.arange(len(todo), device=x.device), pred[todo]]
                 margin[todo] = ball_margin(gap[todo], k, pred[todo], r)
             preds.append(pred)
