@@ -1,7 +1,9 @@
 """One GloRo training step against the plain cross-entropy step of the same network, side by
 side in one run: median milliseconds per step (batch 256, MNIST-shaped inputs, Adam), the GloRo
-/ plain ratio, steps per second, and both again with MinMax through torch.minimum / maximum
-(the implementation before the pair sort's own backward) for the speed-up of that change.
+/ plain ratio, steps per second, both again with MinMax through torch.minimum / maximum
+(the implementation before the pair sort's own backward), and the GloRo step with its power
+iteration's single-image convolutions on oneDNN (before they ran without it), for the speed-up
+of each change.
 
 Writes ``benchmarks/results/gloro_step.json`` and prints a markdown table.
 
@@ -11,10 +13,11 @@ Writes ``benchmarks/results/gloro_step.json`` and prints a markdown table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -24,6 +27,7 @@ from machine import certnet_commit, cpu_model
 from certnet.archs import build_arch
 from certnet.checkpoint import write_json
 from certnet.methods.gloro import GloroNet
+from certnet.nn import lipschitz
 from certnet.nn.activations import MinMax
 
 RESULTS = Path(__file__).parent / "results" / "gloro_step.json"
@@ -38,15 +42,30 @@ def torch_minmax(self: MinMax, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.minimum(a, b), torch.maximum(a, b)], dim=1)
 
 
-def median_ms(step: Callable[[], None], steps: int) -> float:
-    for _ in range(3):
-        step()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+@contextlib.contextmanager
+def patched(owner: object, name: str, value: object) -> Iterator[None]:
+    original = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+def median_ms(variants: dict[str, Callable[[], None]], steps: int, block: int = 5
+              ) -> dict[str, float]:
+    """Median ms per step of each variant: rounds of ``block`` steps of every variant in turn,
+    so that the machine's drift hits them all alike; the first step of each block (caches
+    just switched) is not timed."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(max(1, steps // block)):
+        for name, step in variants.items():
+            step()
+            for _ in range(block):
+                start = time.perf_counter()
+                step()
+                times[name].append(time.perf_counter() - start)
+    return {name: 1000 * statistics.median(t) for name, t in times.items()}
 
 
 def measure(arch: str, steps: int) -> dict:
@@ -57,45 +76,54 @@ def measure(arch: str, steps: int) -> dict:
     g = torch.Generator().manual_seed(0)
     x, y = torch.rand(256, 1, 28, 28, generator=g), torch.randint(0, 10, (256,), generator=g)
 
-    def run(loss: Callable[[], torch.Tensor]) -> Callable[[], None]:
+    def run(loss: Callable[[], torch.Tensor], *patches: tuple) -> Callable[[], None]:
         def step() -> None:
-            optimizer.zero_grad(set_to_none=True)
-            loss().backward()
-            optimizer.step()
+            with contextlib.ExitStack() as stack:
+                for patch in patches:
+                    stack.enter_context(patched(*patch))
+                optimizer.zero_grad(set_to_none=True)
+                loss().backward()
+                optimizer.step()
         return step
 
-    plain = run(lambda: F.cross_entropy(model(x), y))
-    gloro = run(lambda: model.loss(x, y, eps)[0])
-    row = {"arch": arch, "plain_ms": median_ms(plain, steps),
-           "gloro_ms": median_ms(gloro, steps)}
-    pair_sort = MinMax.forward
-    MinMax.forward = torch_minmax
-    try:
-        row["plain_ms_torch_minmax"] = median_ms(plain, steps)
-        row["gloro_ms_torch_minmax"] = median_ms(gloro, steps)
-    finally:
-        MinMax.forward = pair_sort
+    def plain() -> torch.Tensor:
+        return F.cross_entropy(model(x), y)
+
+    def gloro() -> torch.Tensor:
+        return model.loss(x, y, eps)[0]
+
+    old_minmax = (MinMax, "forward", torch_minmax)
+    onednn = (lipschitz, "without_onednn", contextlib.nullcontext)
+    row = {"arch": arch, **median_ms({
+        "plain_ms": run(plain), "gloro_ms": run(gloro),
+        "plain_ms_torch_minmax": run(plain, old_minmax),
+        "gloro_ms_torch_minmax": run(gloro, old_minmax),
+        "gloro_ms_onednn_power_iteration": run(gloro, onednn)}, steps)}
     row["gloro_over_plain"] = row["gloro_ms"] / row["plain_ms"]
     row["steps_per_s_gloro"] = 1000 / row["gloro_ms"]
     row["pair_sort_speedup_plain"] = row["plain_ms_torch_minmax"] / row["plain_ms"]
     row["pair_sort_speedup_gloro"] = row["gloro_ms_torch_minmax"] / row["gloro_ms"]
+    row["power_iteration_speedup"] = row["gloro_ms_onednn_power_iteration"] / row["gloro_ms"]
     return row
 
 
 def table(rows: list[dict]) -> str:
     lines = ["| arch | plain ms | GloRo ms | GloRo / plain | GloRo steps/s | plain ms (torch "
-             "MinMax) | GloRo ms (torch MinMax) |", "|---|---|---|---|---|---|---|"]
+             "MinMax) | GloRo ms (torch MinMax) | GloRo ms (power iteration on oneDNN) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['arch']} | {r['plain_ms']:.1f} | {r['gloro_ms']:.1f} | "
                      f"{r['gloro_over_plain']:.2f} | {r['steps_per_s_gloro']:.1f} | "
-                     f"{r['plain_ms_torch_minmax']:.1f} | {r['gloro_ms_torch_minmax']:.1f} |")
+                     f"{r['plain_ms_torch_minmax']:.1f} | {r['gloro_ms_torch_minmax']:.1f} | "
+                     f"{r['gloro_ms_onednn_power_iteration']:.1f} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=30, help="timed steps per variant")
+    parser.add_argument("--steps", type=int, default=30,
+                        help="timed steps per variant, in rounds of blocks")
     parser.add_argument("--archs", default=",".join(ARCHS))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

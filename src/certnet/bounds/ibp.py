@@ -12,15 +12,14 @@ times too wide); in l_inf the clipped box is already at least as tight, so nothi
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 from certnet.bounds.rules import AffineRule, LayerInput, check_supported, rule_for
 from certnet.errors import UnsupportedLayerError
+from certnet.nn.conv_algorithms import gemm_convolutions
 from certnet.threat import ThreatModel
 
 
@@ -50,7 +49,7 @@ def interval_walk(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
     known = {0: threat.eps, **(radii or {})} if ball else {}
     radius = known.get(0)
     seen: list[LayerInput] = []
-    with _gemm_convolutions(box_layers is not None):
+    with gemm_convolutions(box_layers is not None):
         for i, m in enumerate(layers):
             inp = LayerInput(lo, hi, clean)
             seen.append(inp)
@@ -107,19 +106,6 @@ def _outward(lo: torch.Tensor, hi: torch.Tensor, dtype: torch.dtype
     high = torch.where(high.to(hi.dtype) < hi,
                        torch.nextafter(high, torch.full_like(high, torch.inf)), high)
     return low, high
-
-
-@contextmanager
-def _gemm_convolutions(enabled: bool) -> Iterator[None]:
-    """Convolutions as im2col + GEMM (oneDNN and cuDNN off) while ``enabled``."""
-    if not enabled:
-        yield
-        return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the flags context manager warns about TF32
-        with torch.backends.mkldnn.flags(enabled=False), \
-                torch.backends.cudnn.flags(enabled=False):
-            yield
 
 
 def _ball(rule: AffineRule, m: nn.Module, inp: LayerInput, out: torch.Tensor,

@@ -13,7 +13,9 @@ every layer refuses inputs of another shape, so a bound always holds for what th
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +23,7 @@ from torch import nn
 
 from certnet.errors import ConfigError, InputError, UnsupportedLayerError
 from certnet.nn.activations import ClippedMinMax, ClippedReLU, MinMax
+from certnet.nn.conv_algorithms import without_onednn
 from certnet.nn.spectral import (
     FLOAT64_UNIT_ROUNDOFF,
     conv_spectral_bound,
@@ -38,10 +41,25 @@ def _normalize(v: torch.Tensor) -> torch.Tensor:
     return v / v.norm().clamp_min(torch.finfo(v.dtype).tiny)
 
 
+@torch.no_grad()
+def _power_iterate(step: Callable[[torch.Tensor], torch.Tensor], v: torch.Tensor,
+                   iterations: int) -> torch.Tensor:
+    """``iterations`` steps v <- step(v) / ||step(v)|| from the unit vector ``v``."""
+    v = v.clone()  # the estimate's graph must not hold the persistent buffer
+    for _ in range(iterations):
+        v = _normalize(step(v))
+    return v
+
+
+#: multiply-adds of one image's convolution under which power iteration runs without oneDNN
+SMALL_CONVOLUTION = 1 << 20
+
+
 class LipschitzModule(nn.Module):
     """Interface of a layer with a power-iteration estimate and a sound bound."""
 
     def lipschitz_estimate(self, iterations: int = 1) -> torch.Tensor:
+        """||W v|| after ``iterations`` power-iteration steps on the persistent iterate v."""
         raise NotImplementedError
 
     def lipschitz_bound(self) -> torch.Tensor:
@@ -69,11 +87,8 @@ class LipschitzLinear(nn.Linear, LipschitzModule):
 
     def lipschitz_estimate(self, iterations: int = 1) -> torch.Tensor:
         w = self.weight
-        with torch.no_grad():
-            v = self.power_iterate.clone()
-            for _ in range(iterations):
-                v = _normalize(w.T @ (w @ v))
-            self.power_iterate.copy_(v)
+        v = _power_iterate(lambda v: w.T @ (w @ v), self.power_iterate, iterations)
+        self.power_iterate.copy_(v)
         return (w @ v).norm()
 
     def lipschitz_bound(self) -> torch.Tensor:
@@ -136,17 +151,27 @@ class LipschitzConv2d(nn.Conv2d, LipschitzModule):
                 "convert_sequential(model, input_shape)")
         return self.input_shape
 
+    def _small(self) -> bool:
+        """Whether one image's convolution has under ``SMALL_CONVOLUTION`` multiply-adds:
+        there oneDNN's fixed cost dominates (2C2F's layers: 3x slower with it; 4C3F's, at
+        over 1M, as fast or faster), measured with benchmarks/gloro_step.py."""
+        _, h, w = self._check_shape()
+        k, s, p = self.kernel_size[0], self.stride[0], self.padding[0]
+        positions = ((h + 2 * p - k) // s + 1) * ((w + 2 * p - k) // s + 1)
+        return self.weight.numel() * positions < SMALL_CONVOLUTION
+
     def lipschitz_estimate(self, iterations: int = 1) -> torch.Tensor:
         self._check_shape()
         w = self.effective_weight()
-        with torch.no_grad():
-            v = self.power_iterate.clone()
-            for _ in range(iterations):
-                out = F.conv2d(v, w, None, self.stride, self.padding)
-                v = _normalize(torch.nn.grad.conv2d_input(
-                    v.shape, w, out, self.stride, self.padding))
+
+        def step(v: torch.Tensor) -> torch.Tensor:
+            out = F.conv2d(v, w, None, self.stride, self.padding)
+            return torch.nn.grad.conv2d_input(v.shape, w, out, self.stride, self.padding)
+
+        with without_onednn() if self._small() else contextlib.nullcontext():
+            v = _power_iterate(step, self.power_iterate, iterations)
             self.power_iterate.copy_(v)
-        return F.conv2d(v, w, None, self.stride, self.padding).norm()
+            return F.conv2d(v, w, None, self.stride, self.padding).norm()
 
     def lipschitz_bound(self) -> torch.Tensor:
         shape = self._check_shape()
