@@ -30,6 +30,9 @@ def test_train_writes_results_and_plot(trained):
     assert {"clean_accuracy", "vra", "eps", "norm", "n", "seconds", "lipschitz"} <= set(results)
     assert results["n"] == 200 and results["norm"] == "l2"
     assert (trained / "certified_accuracy.png").stat().st_size > 1000
+    phases = results["phase_seconds"]  # wall time split for benchmarks/whole_job.py
+    assert {"data", "train", "evaluate", "checkpoint", "plot", "total"} <= set(phases)
+    assert 0 < sum(v for k, v in phases.items() if k != "total") <= phases["total"]
 
 
 def test_certify_outputs(trained, tmp_path, capsys):
@@ -41,6 +44,7 @@ def test_certify_outputs(trained, tmp_path, capsys):
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["n"] == 300 and 0 <= report["vra"] <= report["clean_accuracy"] <= 1
     assert report["lipschitz"]["body_bound"] >= report["lipschitz"]["body_estimate"]
+    assert {"data", "certify", "total"} <= set(report["phase_seconds"])
     rows = (tmp_path / "p.csv").read_text().splitlines()
     assert rows[0] == "index,label,pred,certified,radius,certifier" and len(rows) == 301
     assert (tmp_path / "c.png").stat().st_size > 1000

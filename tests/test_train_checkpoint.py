@@ -54,6 +54,18 @@ def test_resume_is_bitwise_identical(tmp_path, mnist_available):
         assert torch.equal(a, b), k
 
 
+def test_monitoring_evaluations_use_an_even_subset_and_the_last_all(tmp_path, mnist_available):
+    trainer = _train(tmp_path / "run", eval_every=1, monitor_limit=100)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    # 256 test points, every 3rd for monitoring: 86; the last epoch certifies all 256
+    assert [json.loads(line)["test_n"] for line in lines] == [86, 256]
+    assert trainer.report.n == 256
+    assert torch.equal(trainer.monitor_data.y, trainer.test_data.y[::3])
+    assert {"data", "train", "evaluate", "checkpoint"} <= set(trainer.phases.seconds)
+    with pytest.raises(ConfigError, match="monitor_limit"):
+        TrainConfig(**{**SMALL, "monitor_limit": -1})
+
+
 def test_refuses_to_overwrite_a_run_without_resume(tmp_path, mnist_available):
     _train(tmp_path / "run", epochs=1)
     with pytest.raises(ConfigError, match="--resume"):
@@ -213,7 +225,8 @@ def test_same_seed_same_metrics(tmp_path, mnist_available):
     def metrics(out):
         _train(out, epochs=1)
         record = json.loads((out / "metrics.jsonl").read_text())
-        record.pop("train_seconds")
+        for timing in ("train_seconds", "eval_seconds"):
+            record.pop(timing)
         return record
 
     assert metrics(tmp_path / "a") == metrics(tmp_path / "b")

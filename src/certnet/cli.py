@@ -17,6 +17,7 @@ from typing import Any
 
 from certnet.config import TrainConfig
 from certnet.errors import CertnetError, ConfigError
+from certnet.timing import Phases
 
 PRESET_DIR = Path(__file__).parent / "configs"
 #: The built-in certifiers (certnet.certifiers), named here so --help needs no torch;
@@ -113,17 +114,23 @@ def cmd_train(args: argparse.Namespace) -> int:
         if getattr(args, flag):
             config = TrainConfig.from_dict({**config.to_dict(), field: {
                 **getattr(config, field), **dict(getattr(args, flag))}})
-    trainer = Trainer(config, args.out, resume=args.resume, progress=not args.quiet)
+    phases = args.phases
+    trainer = Trainer(config, args.out, resume=args.resume, progress=not args.quiet,
+                      phases=phases)
     trainer.fit()
     if not trainer.world.main:  # torchrun: rank 0 evaluates and writes
         return 0
-    report = trainer.report or evaluate(trainer.model, trainer.test_data, config.eps)
+    if trainer.report is None:
+        with phases("evaluate"):
+            trainer.report = evaluate(trainer.model, trainer.test_data, config.eps)
+    report = trainer.report
     files = ["model", "metrics.jsonl", "results.json"]
-    if report.plot_curve(Path(args.out) / "certified_accuracy.png"):
-        files.append("certified_accuracy.png")
+    with phases("plot"):
+        if report.plot_curve(Path(args.out) / "certified_accuracy.png"):
+            files.append("certified_accuracy.png")
     write_json(Path(args.out) / "results.json",
                {**report.to_dict(), "dataset": config.dataset, "epochs": config.epochs,
-                "lipschitz": trainer.model.lipschitz_report()})
+                "lipschitz": trainer.model.lipschitz_report(), "phase_seconds": phases.to_dict()})
     print(report.summary())
     print(f"{', '.join(files[:-1])} and {files[-1]} are in {args.out}")
     return 0
@@ -167,10 +174,12 @@ def cmd_certify(args: argparse.Namespace) -> int:
     from certnet.certify import evaluate, reports_to_dict, summary_table
     from certnet.checkpoint import write_json
 
-    model, data, eps, dataset, world = _load_eval(args)
+    with args.phases("data"):
+        model, data, eps, dataset, world = _load_eval(args)
     radii = eps if isinstance(eps, list) else [float(eps)]
-    reports = evaluate(model, data, radii, certifier=args.certifier,
-                       batch_size=args.batch_size, norm=args.norm, world=world)
+    with args.phases("certify"):
+        reports = evaluate(model, data, radii, certifier=args.certifier,
+                           batch_size=args.batch_size, norm=args.norm, world=world)
     if not world.main:  # torchrun: every rank certified its share; rank 0 reports
         return 0
     print(reports[0].summary() if len(reports) == 1 else summary_table(reports), flush=True)
@@ -179,7 +188,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
     if args.json:
         payload = reports[0].to_dict() if len(reports) == 1 else reports_to_dict(reports)
         write_json(args.json, {**payload, "dataset": dataset, "model": str(args.model),
-                               "lipschitz": lipschitz})
+                               "lipschitz": lipschitz, "phase_seconds": args.phases.to_dict()})
     if args.per_point:
         reports[0].write_per_point(args.per_point)
     if args.curve and not reports[0].plot_curve(args.curve):
@@ -450,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the ``certnet`` command line; returns the exit status."""
     os.environ.setdefault("OMP_NUM_THREADS", str(default_threads()))  # before torch loads
     args = build_parser().parse_args(argv)
+    args.phases = Phases()  # wall time per phase, for results files
     try:
         return args.func(args)
     except CertnetError as err:

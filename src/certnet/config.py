@@ -39,6 +39,9 @@ class TrainConfig:
     ``grad_clip`` clips the gradient's global l2 norm. ``precision`` runs the training
     forward and backward under autocast (``bfloat16``, or ``float16`` with loss scaling);
     certification always uses the float64 copy and bounds, whatever the training precision.
+    Every ``eval_every`` epochs the model is certified on the test set (its first
+    ``eval_limit`` points, if set); evaluations before the last, which only monitor the run,
+    use an evenly spaced subset of about ``monitor_limit`` of those points (None or 0: all).
     """
 
     method: str = "gloro"
@@ -63,6 +66,7 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 1
     eval_limit: int | None = None
+    monitor_limit: int | None = 1000
     train_limit: int | None = None
     augment: str = "none"
     device: str = "auto"
@@ -87,6 +91,9 @@ class TrainConfig:
             raise ConfigError(f"unknown precision {self.precision!r}; choose {PRECISIONS}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose {OPTIMIZERS}")
+        for name in ("train_limit", "eval_limit", "monitor_limit"):
+            if (getattr(self, name) or 0) < 0:
+                raise ConfigError(f"{name} must be a number of points, got {getattr(self, name)}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ConfigError(f"grad_clip must be positive, got {self.grad_clip!r}")
         check_kwargs("optimizer_kwargs", self.optimizer_class().__init__, self.optimizer_kwargs,

@@ -30,6 +30,7 @@ from certnet.data import Dataset, load_dataset
 from certnet.errors import ConfigError
 from certnet.methods import get_method
 from certnet.methods.base import CertifiedModel
+from certnet.timing import Phases
 
 
 def crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
@@ -90,27 +91,33 @@ def build_optimizer(config: TrainConfig, model: CertifiedModel) -> torch.optim.O
 
 
 #: Config fields that do not change the trained weights: a resumed run may change them.
-OUTSIDE_TRAINING = ("device", "eval_every", "eval_limit")
+OUTSIDE_TRAINING = ("device", "eval_every", "eval_limit", "monitor_limit")
 
 
 class Trainer:
     """Trains ``config`` into ``out_dir``; ``resume=True`` continues from the last epoch.
 
     ``progress`` prints one line per epoch (:func:`epoch_line`) and, on a terminal only, a
-    progress bar."""
+    progress bar. ``phases`` (optional) accumulates the wall time of data loading, training
+    steps, evaluation and checkpoints."""
 
     def __init__(self, config: TrainConfig, out_dir: str | Path, resume: bool = False,
-                 progress: bool = True) -> None:
+                 progress: bool = True, phases: Phases | None = None) -> None:
         self.config = config
         self.out_dir = Path(out_dir)
+        self.phases = phases or Phases()
         self.world, self.device = distributed.setup(resolve_device(config.device))
         self.progress = progress and self.world.main
-        self.train_data = load_dataset(config.dataset, "train", config.data_dir)
-        self.test_data = load_dataset(config.dataset, "test", config.data_dir)
+        with self.phases("data"):
+            self.train_data = load_dataset(config.dataset, "train", config.data_dir)
+            self.test_data = load_dataset(config.dataset, "test", config.data_dir)
         if config.train_limit:
             self.train_data = _head(self.train_data, config.train_limit)
         if config.eval_limit:
             self.test_data = _head(self.test_data, config.eval_limit)
+        stride = -(-len(self.test_data) // config.monitor_limit) if config.monitor_limit else 1
+        self.monitor_data = dataclasses.replace(self.test_data, x=self.test_data.x[::stride],
+                                                y=self.test_data.y[::stride])
         self.model = build_model(config, self.train_data.input_shape,
                                  self.train_data.num_classes).to(self.device)
         try:  # every scheduled loss weight must be an argument of the method's loss
@@ -247,6 +254,7 @@ class Trainer:
                                     vra=f"{t[2] / t[3]:.3f}", eps=f"{eps:.3f}")
             loss_sum, clean, robust, n = self.world.sum(totals).tolist()
             train_seconds = time.perf_counter() - start
+            self.phases.add("train", train_seconds)
             record = {"epoch": epoch + 1, "eps_train": eps, "lr": cfg.lr * cfg.lr_schedule(
                       progress), "train_loss": loss_sum / n, "train_clean": clean / n,
                       "train_vra_estimate": robust / n, "train_seconds": train_seconds,
@@ -256,10 +264,15 @@ class Trainer:
                 continue
             last = epoch + 1 == cfg.epochs
             if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
-                report = self.report = evaluate(self.model, self.test_data, cfg.eps)
+                with self.phases("evaluate"):
+                    report = evaluate(self.model, self.test_data if last else self.monitor_data,
+                                      cfg.eps)
+                self.report = report if last else None
                 record.update(test_clean=report.clean_accuracy, test_vra=report.vra,
-                              test_abstain=report.abstain_rate)
-            self._checkpoint(epoch, record)
+                              test_abstain=report.abstain_rate, test_n=report.n,
+                              eval_seconds=report.seconds)
+            with self.phases("checkpoint"):
+                self._checkpoint(epoch, record)
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             if self.progress:
@@ -284,6 +297,8 @@ def epoch_line(record: dict[str, Any], epochs: int) -> str:
     if "test_clean" in record:
         line += (f"  test clean {100 * record['test_clean']:.2f}%  "
                  f"VRA {100 * record['test_vra']:.2f}%")
+        if "test_n" in record:
+            line += f" ({record['test_n']} points)"
     return f"{line}  {record['train_seconds']:.1f} s"
 
 
