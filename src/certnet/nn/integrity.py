@@ -60,7 +60,9 @@ class Float64Twin:
     use; the train/eval mode is not compared)."""
 
     def __init__(self, layers: nn.Sequential, derive: Callable[[nn.Sequential], Any]) -> None:
-        self.layers = copy.deepcopy(layers).double().eval()
+        # contiguous whatever the training layout (channels_last certifies ~8% slower)
+        self.layers = copy.deepcopy(layers).to(
+            torch.float64, memory_format=torch.contiguous_format).eval()
         self.derived = derive(self.layers)
 
     def matches(self, layers: nn.Sequential) -> bool:
