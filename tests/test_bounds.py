@@ -646,6 +646,22 @@ def test_chunked_crown_gives_the_same_bounds(net, monkeypatch):
     assert torch.allclose(whole, chunked, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_alpha_crown_is_never_below_crown_and_gains_where_relus_are_unstable(net, norm):
+    """alpha-CROWN keeps CROWN's bound among its iterates, so it is never below it; on the
+    ReLU nets its optimised slopes raise some bound. (Soundness: the oracle, PGD and random
+    point tests take every method in BOUND_METHODS.)"""
+    name, layers, x, ref, eps = net
+    threat = ThreatModel(norm, 2 * eps[norm])  # wide enough that many ReLUs are unstable
+    with torch.no_grad():
+        crown = margin_bounds(layers, x, threat, ref, "crown")
+        alpha = margin_bounds(layers, x, threat, ref, "alpha-crown")
+    assert bool((alpha >= crown).all())
+    if any(type(m) is nn.ReLU for m in layers):
+        assert bool((alpha > crown + 1e-9).any()), (name, alpha - crown)
+    assert all(p.grad is None for p in layers.parameters())  # slopes only
+
+
 def test_training_bounds_mix_ibp_and_crown_ibp(net):
     name, layers, x, ref, eps = net
     threat = ThreatModel("linf", eps["linf"])

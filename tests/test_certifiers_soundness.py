@@ -38,7 +38,7 @@ from certnet.threat import ThreatModel
 from certnet.verify import exact_min_margin
 
 NORMS = ("linf", "l2")
-BOUND_CERTIFIERS = ("ibp", "crown-ibp", "crown")
+BOUND_CERTIFIERS = ("ibp", "crown-ibp", "crown", "alpha-crown")
 RADIUS_CERTIFIERS = ("lipschitz", "linf-lipschitz")
 SINGLE = ("lipschitz", "linf-lipschitz", "local-lipschitz", *BOUND_CERTIFIERS)
 
@@ -378,7 +378,7 @@ def test_certifiers_that_do_not_apply_are_refused_by_name():
     """lipschitz needs Lipschitz layers: an IBPNet of plain nn.Linear gets a ConfigError that
     names the certifier and the applicable ones."""
     model = tiny_model(0, 3, [4], "relu", 2, 1.0, "ibp")
-    assert applicable(model, "l2") == ["linf-lipschitz", "ibp", "crown-ibp", "crown"]
+    assert applicable(model, "l2") == ["linf-lipschitz", "ibp", "crown-ibp", "crown", "alpha-crown"]
     with pytest.raises(ConfigError, match="'lipschitz' does not apply.*applicable"):
         certify(model, torch.rand(2, 3), 0.1, "lipschitz", "l2")
     assert set(applicable(tiny_model(0, 3, [4], "relu", 2, 1.0, "gloro"), "linf")) == \

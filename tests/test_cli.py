@@ -10,7 +10,14 @@ import pytest
 
 import certnet
 from certnet.archs import build_arch
-from certnet.cli import PRESET_DIR, build_parser, default_threads, main, preset_description
+from certnet.cli import (
+    CERTIFIER_NAMES,
+    PRESET_DIR,
+    build_parser,
+    default_threads,
+    main,
+    preset_description,
+)
 from certnet.config import TrainConfig
 from certnet.methods.gloro import GloroNet
 
@@ -23,6 +30,12 @@ def trained(tmp_path_factory, mnist_available):
     out = tmp_path_factory.mktemp("cli") / "run"
     assert main([*TRAIN, "--out", str(out)]) == 0
     return out
+
+
+def test_help_names_every_registered_certifier():
+    from certnet.certifiers import CERTIFIERS
+
+    assert set(CERTIFIER_NAMES) == set(CERTIFIERS)
 
 
 def test_train_writes_results_and_plot(trained):

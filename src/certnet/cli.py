@@ -22,7 +22,8 @@ from certnet.timing import Phases
 PRESET_DIR = Path(__file__).parent / "configs"
 #: The built-in certifiers (certnet.certifiers), named here so --help needs no torch;
 #: `certnet methods` lists the registry itself.
-CERTIFIER_NAMES = ("best", "crown", "crown-ibp", "ibp", "lipschitz")
+CERTIFIER_NAMES = ("lipschitz", "local-lipschitz", "linf-lipschitz", "ibp", "crown-ibp", "crown",
+                   "alpha-crown", "best")
 
 
 def default_threads() -> int:

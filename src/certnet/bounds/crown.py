@@ -5,6 +5,7 @@ backward pass from the margin specification with IBP's intermediate bounds)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -33,19 +34,22 @@ CHUNK_ELEMENTS = 2 ** 25
 
 def backward_bound(layers: nn.Sequential, seen: list[LayerInput], spec: torch.Tensor,
                    x: torch.Tensor, threat: ThreatModel, slope: Slope = "adaptive",
-                   stop: int = 0, upto: int | None = None) -> torch.Tensor:
+                   stop: int = 0, upto: int | None = None,
+                   alphas: Mapping[int, torch.Tensor] | None = None) -> torch.Tensor:
     """Lower bound (B, S) on spec . z over the threat model around ``x``, z the output of
     ``layers[:upto]``.
 
     ``spec`` has shape (B, S, *z.shape[1:]). The relaxation walks back from layer ``upto - 1``
     to layer ``stop`` (raised to :func:`relaxation_floor`), using ``seen`` (each layer's input
     interval) for the activations, and concretizes on the threat model (``stop == 0``) or on
-    the interval of layer ``stop``'s input."""
+    the interval of layer ``stop``'s input. ``alphas[i]`` (optional): the lower slopes of
+    ReLU layer i per specification row (alpha-CROWN), in place of ``slope``."""
     upto = len(layers) if upto is None else upto
     stop = max(stop, relaxation_floor(layers, upto))
     lam, const = spec, spec.new_zeros(spec.shape[:2])
     for i in range(upto - 1, stop - 1, -1):
-        lam, c = rule_for(layers[i]).backward(layers[i], lam, seen[i], slope)
+        choice = alphas[i] if alphas is not None and i in alphas else slope
+        lam, c = rule_for(layers[i]).backward(layers[i], lam, seen[i], choice)
         const = const + c
     base = threat.concretize(x, lam) if stop == 0 else \
         box_minimum(lam, seen[stop].lo, seen[stop].hi)

@@ -1,5 +1,6 @@
 """Margin bounds of a classifier over an input set: the specification C of margins
-z_ref - z_j (Zhang et al. 2020, Eq. 3) bounded by IBP, CROWN-IBP or full CROWN."""
+z_ref - z_j (Zhang et al. 2020, Eq. 3) bounded by IBP, CROWN-IBP, full CROWN or alpha-CROWN
+(full CROWN's intermediate bounds, the last pass's ReLU slopes optimised)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,14 @@ from typing import Literal
 import torch
 from torch import nn
 
+from certnet.bounds.alpha_crown import optimized_bound
 from certnet.bounds.crown import affine_tail, backward_bound, crown_walk
 from certnet.bounds.ibp import interval_walk
 from certnet.bounds.rules import LayerInput, Slope
 from certnet.threat import ThreatModel
 
-BoundMethod = Literal["ibp", "crown-ibp", "crown"]
-BOUND_METHODS = ("ibp", "crown-ibp", "crown")
+BoundMethod = Literal["ibp", "crown-ibp", "crown", "alpha-crown"]
+BOUND_METHODS = ("ibp", "crown-ibp", "crown", "alpha-crown")
 
 
 def margin_spec(ref: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -37,10 +39,12 @@ def margin_walk(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
                 slope: Slope = "adaptive") -> tuple[torch.Tensor, list[LayerInput], torch.Tensor]:
     """:func:`margin_bounds` with the walk it used: ``(lower, seen, logits)``; ``ref=None``
     takes the argmax of the clean logits."""
-    seen, logits = crown_walk(layers, x, threat, slope) if method == "crown" else \
-        interval_walk(layers, x, threat)
+    seen, logits = crown_walk(layers, x, threat, slope) if method in ("crown", "alpha-crown") \
+        else interval_walk(layers, x, threat)
     ref = logits.argmax(1) if ref is None else ref
     spec = margin_spec(ref, logits.shape[1]).to(logits.dtype)
+    if method == "alpha-crown":
+        return optimized_bound(layers, seen, spec, x, threat, slope), seen, logits
     stop = affine_tail(layers) if method == "ibp" else 0
     return backward_bound(layers, seen, spec, x, threat, slope, stop=stop), seen, logits
 

@@ -337,15 +337,20 @@ class FlattenRule(BoundRule):
         return lam.reshape(*lam.shape[:2], *inp.lo.shape[1:]), lam.new_zeros(lam.shape[:2])
 
 
-def relu_relaxation(lo: torch.Tensor, hi: torch.Tensor, slope: Slope
+def relu_relaxation(lo: torch.Tensor, hi: torch.Tensor, slope: Slope | torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Linear bounds a_l h <= relu(h) <= a_u h + b_u on [lo, hi] (CROWN, Zhang et al. 2018,
     §3.2): the upper line through (lo, 0) and (hi, hi); the lower slope in [0, 1] for unstable
-    neurons is chosen by ``slope`` (adaptive: 1 if hi > -lo else 0)."""
+    neurons is chosen by ``slope`` (adaptive: 1 if hi > -lo else 0), or given as a tensor
+    (alpha-CROWN's, per specification row: (B, S, *h), values in [0, 1]; the lower slope then
+    has that shape)."""
     unstable = (lo < 0) & (hi > 0)
     width = torch.where(unstable, hi - lo, torch.ones_like(hi))
     upper = torch.where(unstable, hi / width, (lo >= 0).to(hi.dtype))
     upper_bias = torch.where(unstable, -upper * lo, torch.zeros_like(lo))
+    if isinstance(slope, torch.Tensor):
+        lower = torch.where(unstable.unsqueeze(1), slope, (lo >= 0).to(hi.dtype).unsqueeze(1))
+        return lower, upper, upper_bias
     if slope == "adaptive":
         unstable_lower = (hi > -lo).to(hi.dtype)
     elif slope == "zero":
@@ -358,11 +363,13 @@ def relu_relaxation(lo: torch.Tensor, hi: torch.Tensor, slope: Slope
     return lower, upper, upper_bias
 
 
-def relu_backward(lam: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, slope: Slope
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def relu_backward(lam: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                  slope: Slope | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Coefficients on h and constant of a lower bound of lam . relu(h), h in [lo, hi]."""
     lower, upper, upper_bias = relu_relaxation(lo, hi, slope)
-    return relaxed_backward(lam, _like(lower.unsqueeze(1), lam), _like(upper.unsqueeze(1), lam),
+    if not isinstance(slope, torch.Tensor):  # one lower slope for every specification row
+        lower = _like(lower.unsqueeze(1), lam)
+    return relaxed_backward(lam, lower, _like(upper.unsqueeze(1), lam),
                             _like(upper_bias.unsqueeze(1), lam))
 
 
@@ -422,7 +429,9 @@ def _rows_weighted(w: torch.Tensor, t: torch.Tensor, shape: torch.Size) -> torch
 
 class _RelaxedBackward(torch.autograd.Function):
     """Forward: lam- * (upper - lower) + lam * lower, which is lam+ * lower + lam- * upper up
-    to one rounding (upper - lower is exact for every slope choice here). Backward: the
+    to one rounding (upper - lower is exact for the fixed slope choices; an alpha-CROWN slope
+    adds one more, relative to lam's terms, which the certificates' rounding slack covers
+    many times over). Backward: the
     gradient autograd takes through the clamp formula, kink included (at lam == 0 clamp passes
     the gradient to both terms: slope lower + upper, and the upper bias); out of place, hence
     differentiable again, under create_graph."""

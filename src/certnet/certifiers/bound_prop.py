@@ -1,6 +1,7 @@
 """Certificates from bound propagation (:mod:`certnet.bounds`): IBP (Gowal et al. 2018), CROWN-IBP
-(Zhang et al. 2020) and full CROWN (Zhang et al. 2018) lower-bound every margin z_pred - z_j over
-the threat model; a point is certified iff all of them are > 0 after the rounding slack.
+(Zhang et al. 2020), full CROWN (Zhang et al. 2018) and alpha-CROWN (Xu et al. 2021)
+lower-bound every margin z_pred - z_j over the threat model; a point is certified iff all of
+them are > 0 after the rounding slack.
 
 Sound at certification: a float64 copy of the network in eval mode, and a margin must exceed
 ``ROUNDING_SLACK * (1 + M)`` (:mod:`certnet.nn.rounding`), M the largest magnitude of any logit
@@ -22,6 +23,8 @@ from certnet.threat import ThreatModel
 
 #: Coefficient-tensor elements one chunk of points may hold in a backward pass.
 CHUNK_ELEMENTS = 2 ** 26
+#: alpha-CROWN holds about this many coefficient-sized tensors per ReLU layer at once.
+ALPHA_MEMORY = 8
 
 
 @torch.no_grad()
@@ -34,6 +37,8 @@ def margin_certificate(layers64: nn.Sequential, x: torch.Tensor, threat: ThreatM
     outputs = layer_outputs(layers64, x64[:1])
     widest = max(x64[0].numel(), *(h[0].numel() for h in outputs))
     chunk = max(1, CHUNK_ELEMENTS // (max(1, outputs[-1].shape[1] - 1) * widest))
+    if method == "alpha-crown":  # slopes, their Adam moments and the graph of a pass
+        chunk = max(1, chunk // ALPHA_MEMORY)
     preds, margins = [], []
     for i in range(0, len(x64), chunk):
         part = x64[i:i + chunk]
@@ -85,5 +90,5 @@ class BoundCertifier(Certifier):
                                   getattr(model, "slope", "adaptive"))
 
 
-for _cost, _name in enumerate(("ibp", "crown-ibp", "crown"), start=1):
+for _cost, _name in enumerate(("ibp", "crown-ibp", "crown", "alpha-crown"), start=1):
     register_certifier(BoundCertifier(_name, _name, _cost))
