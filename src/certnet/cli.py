@@ -129,9 +129,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     with phases("plot"):
         if report.plot_curve(Path(args.out) / "certified_accuracy.png"):
             files.append("certified_accuracy.png")
+    with phases("report"):
+        lipschitz = trainer.model.lipschitz_report()
     write_json(Path(args.out) / "results.json",
                {**report.to_dict(), "dataset": config.dataset, "epochs": config.epochs,
-                "lipschitz": trainer.model.lipschitz_report(), "phase_seconds": phases.to_dict()})
+                "lipschitz": lipschitz, "phase_seconds": phases.to_dict()})
     print(report.summary())
     print(f"{', '.join(files[:-1])} and {files[-1]} are in {args.out}")
     return 0

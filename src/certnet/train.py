@@ -122,15 +122,16 @@ class Trainer:
         # DM-medium IBP), 4% on 2C2F; the checkpoint stores plain contiguous tensors
         self.memory_format = (torch.channels_last if len(self.train_data.input_shape) == 3
                               else torch.contiguous_format)
-        self.model = build_model(config, self.train_data.input_shape,
-                                 self.train_data.num_classes).to(
-                                     self.device, memory_format=self.memory_format)
+        with self.phases("build"):  # the first optimizer imports torch._dynamo (~1 s)
+            self.model = build_model(config, self.train_data.input_shape,
+                                     self.train_data.num_classes).to(
+                                         self.device, memory_format=self.memory_format)
+            self.optimizer = build_optimizer(config, self.model)
         try:  # every scheduled loss weight must be an argument of the method's loss
             inspect.signature(self.model.loss).bind(None, None, 0.0, **config.loss_schedules)
         except TypeError as err:
             raise ConfigError(f"loss_schedules {sorted(config.loss_schedules)} do not fit "
                               f"the {config.method} loss: {err}") from err
-        self.optimizer = build_optimizer(config, self.model)
         self.loss = distributed.loss_function(self.model, self.world, self.device)
         # mixed precision for training only: certification uses the float64 copy regardless
         self.autocast = {"float32": None, "bfloat16": torch.bfloat16,
