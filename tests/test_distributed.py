@@ -66,7 +66,10 @@ def same_run(a: Path, b: Path, functional: bool = False) -> None:
     """Same weights (relative norm 1e-3: summation orders differ, and in CROWN-IBP a tie in a
     ReLU relaxation's slope can flip and move one weight by ~1e-4) or, with ``functional``,
     the same logits on test images (a bias feeding a BatchNorm has no effect, and its
-    gradient is pure rounding noise); the same epoch metrics."""
+    gradient is pure rounding noise); the same epoch metrics (relative 1e-5; 1e-4 with
+    ``functional``: channels_last convolutions round differently on a half batch, and IBP
+    through BatchNorm amplifies it: 9e-6 and 2.7e-4 on the logits, measured. Unsynchronised
+    BatchNorm statistics miss both bounds by far: losses 6e-4 and 1e-3 apart, logits 3.3e-2)."""
     if functional:
         x = load_dataset("mnist", "test").images(slice(64))
         with torch.no_grad():
@@ -83,7 +86,8 @@ def same_run(a: Path, b: Path, functional: bool = False) -> None:
     assert len(ma) == len(mb) == 2
     for ra, rb in zip(ma, mb, strict=True):
         for key in ("train_loss", "train_clean", "train_vra_estimate"):
-            assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-6), key
+            assert ra[key] == pytest.approx(rb[key], rel=1e-4 if functional else 1e-5,
+                                            abs=1e-6), key
 
 
 def test_shards_cover_the_batch_once():
@@ -96,8 +100,10 @@ def test_shards_cover_the_batch_once():
 @pytest.mark.usefixtures("mnist_available")
 @pytest.mark.parametrize("method", ["ibp", "crown-ibp", "linf-dist", "ibp-batchnorm"])
 def test_two_processes_train_every_method_like_one(tmp_path, method):
-    same_run(train(tmp_path, "one", 1, method=method), train(tmp_path, "two", 2, method=method),
-             functional="batchnorm" in method)
+    # IBP through BatchNorm at lr 0.05, eps 0.1 is chaotic (loss ~600): rounding decides
+    calm = ("--lr", "0.005", "--eps", "0.01") if "batchnorm" in method else ()
+    same_run(train(tmp_path, "one", 1, *calm, method=method),
+             train(tmp_path, "two", 2, *calm, method=method), functional="batchnorm" in method)
 
 
 @pytest.mark.usefixtures("mnist_available")
