@@ -112,12 +112,11 @@ class Trainer:
             self.train_data = load_dataset(config.dataset, "train", config.data_dir)
             self.test_data = load_dataset(config.dataset, "test", config.data_dir)
         if config.train_limit:
-            self.train_data = _head(self.train_data, config.train_limit)
+            self.train_data = _subset(self.train_data, slice(config.train_limit))
         if config.eval_limit:
-            self.test_data = _head(self.test_data, config.eval_limit)
+            self.test_data = _subset(self.test_data, slice(config.eval_limit))
         stride = -(-len(self.test_data) // config.monitor_limit) if config.monitor_limit else 1
-        self.monitor_data = dataclasses.replace(self.test_data, x=self.test_data.x[::stride],
-                                                y=self.test_data.y[::stride])
+        self.monitor_data = _subset(self.test_data, slice(None, None, stride))
         # images train in channels_last: measured 14-17% faster steps on the CPU (4C3F GloRo,
         # DM-medium IBP), 4% on 2C2F; the checkpoint stores plain contiguous tensors
         self.memory_format = (torch.channels_last if len(self.train_data.input_shape) == 3
@@ -318,8 +317,8 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _head(data: Dataset, n: int) -> Dataset:
-    return dataclasses.replace(data, x=data.x[:n], y=data.y[:n])
+def _subset(data: Dataset, index: slice) -> Dataset:
+    return dataclasses.replace(data, x=data.x[index], y=data.y[index])
 
 
 def train(config: TrainConfig, out_dir: str | Path, resume: bool = False,

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from certnet.nn.conv_algorithms import gemm_convolutions
 from certnet.nn.spectral import BOUND_SLACK, FLOAT64_UNIT_ROUNDOFF, rescale
 
 #: Default rank K of the Gram split.
@@ -53,13 +54,13 @@ def dense_frobenius(weight: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
 
 
 def _conv(x: torch.Tensor, kernel: torch.Tensor, stride: int, padding: int) -> torch.Tensor:
-    with torch.backends.cudnn.flags(enabled=False):  # no FFT/Winograd: rounding stays bounded
+    with gemm_convolutions():  # no FFT/Winograd: rounding stays bounded
         return F.conv2d(x, kernel, None, stride, padding)
 
 
 def _conv_transpose(y: torch.Tensor, kernel: torch.Tensor, stride: int, padding: int,
                     input_shape: torch.Size) -> torch.Tensor:
-    with torch.backends.cudnn.flags(enabled=False):
+    with gemm_convolutions():
         return torch.nn.grad.conv2d_input(input_shape, kernel, y, stride, padding)
 
 

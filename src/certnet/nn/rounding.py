@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from certnet.errors import UnsupportedLayerError
+from certnet.nn.conv_algorithms import gemm_convolutions
 from certnet.nn.lipschitz import (
     ONE_LIPSCHITZ,
     LipschitzConv2d,
@@ -128,12 +129,12 @@ def float64_forward(layers: nn.Sequential, x: torch.Tensor, lipschitz: list[torc
     to the exact-arithmetic logits; ``lipschitz[i]`` is a sound bound of layer i. Every
     layer's output is appended to ``outputs`` if given.
 
-    On CPU, float64 convolutions run as im2col + GEMM (oneDNN has no float64 kernels); on
-    CUDA, cuDNN is switched off, so no FFT or Winograd algorithm (whose error the bound above
-    does not cover) is chosen."""
+    Convolutions run as im2col + GEMM (:func:`gemm_convolutions`: oneDNN, which has no
+    float64 kernels anyway, and cuDNN off), so no FFT or Winograd algorithm (whose error the
+    bound above does not cover) is chosen."""
     x = x.double()
     error = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
-    with torch.backends.cudnn.flags(enabled=False):
+    with gemm_convolutions():
         for layer, lip in zip(layers, lipschitz, strict=True):
             y = layer(x)
             error = lip * error + rounding_error(layer, x, y)
