@@ -3,9 +3,11 @@
 For DM-small and DM-medium at MNIST shape (random weights with the IBP initialisation, a fixed
 synthetic batch in [0, 1]), l_inf eps 0.1, float32: the wall seconds (median of ``--repeats``;
 the two libraries alternate, so they share the machine's load alike) of the margin lower bounds
-z_y - z_j by IBP, CROWN-IBP and full CROWN (no grad), and of a CROWN-IBP training step (bounds,
-loss, ``loss.backward()``), with auto_LiRPA computing the same bounds (``compute_bounds`` with
-method "IBP", "CROWN-IBP", "CROWN" and the same margin specification C = e_y - e_j). Reports
+z_y - z_j by IBP, CROWN-IBP and full CROWN (no grad), and of IBP and CROWN-IBP training steps
+(clean forward pass, bounds, loss, ``loss.backward()``), with auto_LiRPA computing the same
+bounds (``compute_bounds`` with method "IBP", "CROWN-IBP", "CROWN" and the same margin
+specification C = e_y - e_j). certnet's bound rows include its clean forward pass (a
+certificate needs the prediction), auto_LiRPA's bound rows do not. Reports
 the largest |certnet - auto_LiRPA| bound difference (IBP and CROWN-IBP should agree to float32
 rounding; certnet's full CROWN tightens its intermediate intervals by IBP as well, so it should
 be at least as tight: "tighter by" is the largest amount by which it is).
@@ -16,8 +18,9 @@ prints a markdown table; ratio = certnet s / auto_LiRPA s (below 1: certnet fast
     OMP_NUM_THREADS=1 python benchmarks/bounds_speed.py [--batch 256] [--repeats 3]
 
 auto_LiRPA is optional (not a certnet dependency): without it the auto_LiRPA columns are empty.
-It is only on PyPI up to 0.3 (which no longer imports with numpy 2 / torch 2.13); 0.7.x
-installs from its repository (``pip install --no-deps`` plus appdirs, sortedcontainers...).
+``scripts/setup-auto-lirpa.sh`` builds ``.venv-auto-lirpa`` with certnet and auto_LiRPA 0.3 (the
+newest on the package index here; numpy < 2, torch.onnx imports bridged below); run this script
+with that environment's python.
 """
 
 from __future__ import annotations
@@ -46,16 +49,39 @@ MODELS = ("dm-small", "dm-medium")
 #: row label -> (certnet margin_bounds method, auto_LiRPA compute_bounds method)
 METHODS = {"IBP": ("ibp", "IBP"), "CROWN-IBP": ("crown-ibp", "CROWN-IBP"),
            "CROWN": ("crown", "CROWN")}
-TRAIN = "CROWN-IBP train step"
+#: training-step row label -> (CROWN-IBP beta, auto_LiRPA method)
+TRAIN = {"IBP train step": (0.0, "IBP"), "CROWN-IBP train step": (1.0, "CROWN-IBP")}
 
 
 
 
+
+
+def bridge_old_onnx_imports() -> None:
+    """Put back the three torch.onnx internals auto_LiRPA <= 0.3 imports, which torch 2.x moved
+    to torch.onnx._internal.torchscript_exporter (same functions; nothing else is changed)."""
+    try:
+        from torch.onnx._internal.torchscript_exporter import symbolic_helper as moved_helper
+        from torch.onnx._internal.torchscript_exporter import utils as moved_utils
+        from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+    except ImportError:  # an older torch: nothing moved
+        return
+    import torch.onnx.symbolic_helper as helper
+    import torch.onnx.utils as utils
+
+    def set_opset_version(version: int) -> None:
+        GLOBALS.export_onnx_opset_version = version
+
+    utils.__dict__.setdefault("_optimize_graph", moved_utils._optimize_graph)
+    helper.__dict__.setdefault("_set_opset_version", set_opset_version)
+    if not hasattr(torch._C.Node, "__getitem__"):
+        torch._C.Node.__getitem__ = moved_helper._node_get
 
 
 def load_auto_lirpa():
     """The auto_LiRPA module, or (None, why) when it cannot be imported."""
     try:
+        bridge_old_onnx_imports()
         import auto_LiRPA  # noqa: PLC0415
     except Exception as err:  # not installed, or broken by its own dependencies
         return None, f"{type(err).__name__}: {err}"
@@ -90,10 +116,12 @@ def plain_copy(layers: nn.Sequential) -> nn.Sequential:
     return nn.Sequential(*out)
 
 
-def crown_ibp_loss(lower: torch.Tensor) -> torch.Tensor:
-    """CROWN-IBP's robust loss (Zhang et al. 2020): cross-entropy of the logits [0, -lower]."""
-    logits = torch.cat([lower.new_zeros(len(lower), 1), -lower], dim=1)
-    return F.cross_entropy(logits, lower.new_zeros(len(lower), dtype=torch.long))
+def training_loss(logits: torch.Tensor, y: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
+    """Zhang et al. 2020's loss at kappa 1/2: CE of the clean logits plus the robust CE of the
+    logits [0, -lower] (so both sides run the clean forward pass a training step needs)."""
+    robust = torch.cat([lower.new_zeros(len(lower), 1), -lower], dim=1)
+    zeros = lower.new_zeros(len(lower), dtype=torch.long)
+    return F.cross_entropy(logits, y) + F.cross_entropy(robust, zeros)
 
 
 def median_seconds(fn, repeats: int) -> tuple[float, list[float], object]:
@@ -119,6 +147,9 @@ def bench_model(name: str, batch: int, eps: float, repeats: int, crown_repeats: 
         with torch.no_grad():
             assert torch.allclose(plain(x), layers(x), atol=1e-5), "plain copy differs"
         bounded = lirpa.BoundedModule(plain, torch.zeros(1, 1, 28, 28), device="cpu")
+        # collected by hand: auto_LiRPA 0.3's parameters() fails on torch 2.x
+        lirpa_params = [p for m in bounded.modules() for p in m._parameters.values()
+                        if p is not None]
         ptb = lirpa.PerturbationLpNorm(norm=float("inf"), eps=eps,
                                        x_L=(x - eps).clamp(0, 1), x_U=(x + eps).clamp(0, 1))
         bx = lirpa.BoundedTensor(x, ptb)
@@ -131,18 +162,21 @@ def bench_model(name: str, batch: int, eps: float, repeats: int, crown_repeats: 
     for label in methods:
         reps = crown_repeats if label == "CROWN" else repeats
         row = {"model": name, "method": label, "batch": batch, "eps": eps, "repeats": reps}
-        if label == TRAIN:
-            def ours():
+        if label in TRAIN:
+            beta, their_method = TRAIN[label]
+
+            def ours(beta=beta):
                 layers.zero_grad()
-                lower, _ = training_bounds(layers, x, threat, y, 1.0)
-                loss = crown_ibp_loss(lower)
-                loss.backward()
+                lower, logits = training_bounds(layers, x, threat, y, beta)
+                training_loss(logits, y, lower).backward()
                 return lower.detach()
 
-            def theirs():
-                bounded.zero_grad()
-                lower = lirpa_bounds("CROWN-IBP")
-                crown_ibp_loss(lower).backward()
+            def theirs(their_method=their_method):
+                for p in lirpa_params:
+                    p.grad = None
+                logits = bounded(x)
+                lower = lirpa_bounds(their_method)
+                training_loss(logits, y, lower).backward()
                 return lower.detach()
             grad_mode = torch.enable_grad
         else:
@@ -202,8 +236,8 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
-    parser.add_argument("--methods", nargs="+", default=[*METHODS, TRAIN],
-                        choices=[*METHODS, TRAIN])
+    parser.add_argument("--methods", nargs="+", default=[*METHODS, *TRAIN],
+                        choices=[*METHODS, *TRAIN])
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--eps", type=float, default=0.1)
     parser.add_argument("--repeats", type=int, default=3)

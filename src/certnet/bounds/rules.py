@@ -171,24 +171,48 @@ def bias_term(lam: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return (lam * bias).sum(list(range(2, lam.dim()))) if lam.dim() > 2 else lam * bias
 
 
-class LinearRule(AffineRule):
+class WeightRule(AffineRule):
+    """z = W h + b with a weight tensor W that ``apply`` uses (a matrix product, a convolution).
+    The interval is IBP's centre/radius form computed as (W/2)(hi + lo) + b -/+ (|W|/2)(hi - lo):
+    halving the weight is exact, so it rounds as the centre/radius form does (``interval_error``
+    holds), with three elementwise passes over the activations fewer."""
+
+    @staticmethod
+    def weight(m: nn.Module) -> torch.Tensor:
+        return m.weight
+
+    def apply(self, m: nn.Module, h: torch.Tensor, weight: torch.Tensor,
+              bias: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def linear(self, m, h, inp):
+        return self.apply(m, h, self.weight(m), None)
+
+    def linear_abs(self, m, r, inp):
+        return self.apply(m, r, self.weight(m).abs(), None)
+
+    def interval(self, m, inp):
+        weight = self.weight(m)
+        z = self.apply(m, inp.hi + inp.lo, weight * 0.5, m.bias)
+        r = self.apply(m, inp.hi - inp.lo, weight.abs() * 0.5, None)
+        return z - r, z + r
+
+
+class LinearRule(WeightRule):
     def fan_in(self, m):
         return m.in_features
 
     def row_norms(self, m, inp):
         return m.weight.norm(dim=1)
 
-    def linear(self, m, h, inp):
-        return F.linear(h, m.weight)
-
-    def linear_abs(self, m, r, inp):
-        return F.linear(r, m.weight.abs())
+    def apply(self, m, h, weight, bias):
+        return F.linear(h, weight, bias)
 
     def transpose(self, m, lam, inp):
         return lam @ m.weight
 
 
-class ConvRule(AffineRule):
+class ConvRule(WeightRule):
     """Zero-padded convolution, any stride; the transpose is ``conv_transpose2d`` with the
     output padding that restores the input size."""
 
@@ -199,11 +223,8 @@ class ConvRule(AffineRule):
     def fan_in(self, m):
         return None if type(m) is ResidualConv2d else m.weight[0].numel()
 
-    def linear(self, m, h, inp):
-        return F.conv2d(h, self.weight(m), None, m.stride, m.padding)
-
-    def linear_abs(self, m, r, inp):
-        return F.conv2d(r, self.weight(m).abs(), None, m.stride, m.padding)
+    def apply(self, m, h, weight, bias):
+        return F.conv2d(h, weight, bias, m.stride, m.padding)
 
     def row_norms(self, m, inp):
         """Each output's receptive field inside the zero-padded image: a conv of ones."""
@@ -496,7 +517,7 @@ class ReLURule(BoundRule):
         return hi.clamp(min=0) * (lo < 0)  # pushes unstable neurons off; active ones stay
 
     def interval(self, m, inp):
-        return inp.lo.clamp(min=0), inp.hi.clamp(min=0)
+        return torch.relu(inp.lo), torch.relu(inp.hi)
 
     def backward(self, m, lam, inp, slope):
         return relu_backward(lam, inp.lo, inp.hi, slope)
