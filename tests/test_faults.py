@@ -81,8 +81,10 @@ def test_interrupt_before_the_first_checkpoint_says_nothing_was_saved(tmp_path,
     returncode, err = _interrupt(out, signal.SIGTERM, out)
     assert returncode == 130 and not has_resumable_state(out)
     assert err.strip() == ("error: interrupted before the first checkpoint; nothing was saved: "
-                           "run the same command again, without --resume")
+                           "run the same command again (with or without --resume)")
     Trainer(TrainConfig(train_limit=64, eval_limit=64), out, progress=False)  # not refused
+    assert Trainer(TrainConfig(train_limit=64, eval_limit=64), out, resume=True,
+                   progress=False).start_epoch == 0  # --resume starts it afresh
 
 
 def test_failing_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch,

@@ -341,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, metavar="DIR",
                        help="run directory (checkpoint, metrics, results)")
     train.add_argument("--resume", action="store_true",
-                       help="continue the run in --out (its saved config is the default)")
+                       help="continue the run in --out (its saved config is the default); "
+                       "a run stopped before its first checkpoint starts afresh")
     override("--method", "certification method", metavar="NAME")
     override("--arch", "architecture (`certnet methods` lists them with their options)",
              metavar="NAME")
@@ -455,7 +456,7 @@ def _interrupted(args: argparse.Namespace) -> str:
     if has_resumable_state(args.out):
         return "interrupted; the last complete checkpoint is kept (continue with --resume)"
     return ("interrupted before the first checkpoint; nothing was saved: run the same command "
-            "again, without --resume")
+            "again (with or without --resume)")
 
 
 def main(argv: list[str] | None = None) -> int:

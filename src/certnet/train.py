@@ -95,7 +95,8 @@ OUTSIDE_TRAINING = ("device", "eval_every", "eval_limit", "monitor_limit")
 
 
 class Trainer:
-    """Trains ``config`` into ``out_dir``; ``resume=True`` continues from the last epoch.
+    """Trains ``config`` into ``out_dir``; ``resume=True`` continues from the last epoch (or,
+    for a run stopped before its first checkpoint, starts it afresh).
 
     ``progress`` prints one line per epoch (:func:`epoch_line`) and, on a terminal only, a
     progress bar. ``phases`` (optional) accumulates the wall time of data loading, training
@@ -139,9 +140,9 @@ class Trainer:
                                            enabled=config.precision == "float16")
         self.start_epoch = 0
         self.report: Report | None = None
-        if resume:
+        if resume and has_resumable_state(self.out_dir):
             self._resume()
-        elif has_resumable_state(self.out_dir):
+        elif not resume and has_resumable_state(self.out_dir):
             raise ConfigError(f"{self.out_dir} already holds a training run; pass --resume "
                               "to continue it or choose another --out")
 
