@@ -28,6 +28,7 @@ from certnet.archs import INITS, build_arch
 from certnet.attacks import PGD, margin_loss
 from certnet.bounds import margin_bounds
 from certnet.certifiers import applicable, certify
+from certnet.certifiers.base import CERTIFIERS
 from certnet.errors import ConfigError, UnsupportedLayerError
 from certnet.methods.bound_prop import CrownIBPNet, IBPNet
 from certnet.methods.gloro import GloroNet
@@ -191,6 +192,10 @@ def check_best(certs: dict, eps: float) -> bool:
         open_ = ~best.certified
         assert torch.allclose(best.margin[open_], largest[open_], rtol=0, atol=1e-10), \
             (best.margin[open_] - largest[open_]).abs().max()
+    for name, cert in certs.items():  # what best skips as subsumed is certified by its subsumer
+        for other in CERTIFIERS[name].subsumes:
+            if other in certs:
+                assert bool((cert.certified | ~certs[other].certified).all()), (name, other)
     for i, by in enumerate(best.by):
         assert (by == "") == (not bool(best.certified[i]))
         assert by == "" or bool(certs[by].certified[i])

@@ -59,6 +59,9 @@ class Certifier:
     gives_radius: ClassVar[bool] = True
     #: Relative cost; ``best`` tries the cheaper certifiers first.
     cost: ClassVar[int] = 0
+    #: Certifiers whose every certified point this one certifies too, from the same work and
+    #: more: ``best`` skips them where this one applies.
+    subsumes: ClassVar[tuple[str, ...]] = ()
 
     def applies(self, model: CertifiedModel, norm: str) -> str | None:
         """None if this certifier can certify ``model`` in ``norm``, else the reason."""

@@ -4,6 +4,8 @@ certified; the radius is the largest proved; ``by`` names the certifier that pro
 The certifiers run cheapest first, each only on the points the earlier ones left uncertified:
 a later one could only add an "eps or nothing" radius, never larger than a radius > eps that
 an earlier one proved, so nothing is lost and full CROWN runs on the few hard points only.
+A certifier that another applicable one subsumes (full CROWN, by alpha-CROWN, which starts
+from CROWN's bound on the same intermediate bounds) is skipped: its work would be redone.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ class BestCertifier(Certifier):
 
     def certify(self, model, x, threat):
         names = applicable(model, threat.norm)
+        subsumed = {s for name in names for s in CERTIFIERS[name].subsumes}
+        names = [name for name in names if name not in subsumed]
         pred = certified = radius = margin = None
         by = ["" for _ in range(len(x))]
         gives_radius = True

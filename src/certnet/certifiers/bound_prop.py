@@ -69,10 +69,12 @@ class BoundCertifier(Certifier):
 
     gives_radius = False
 
-    def __init__(self, name: str, method: BoundMethod, cost: int) -> None:
+    def __init__(self, name: str, method: BoundMethod, cost: int,
+                 subsumes: tuple[str, ...] = ()) -> None:
         self.name = name
         self.method = method
         self.cost = cost
+        self.subsumes = subsumes
 
     def applies(self, model, norm):
         layers = getattr(model, "layers", None)
@@ -90,5 +92,7 @@ class BoundCertifier(Certifier):
                                   getattr(model, "slope", "adaptive"))
 
 
-for _cost, _name in enumerate(("ibp", "crown-ibp", "crown", "alpha-crown"), start=1):
+for _cost, _name in enumerate(("ibp", "crown-ibp", "crown"), start=1):
     register_certifier(BoundCertifier(_name, _name, _cost))
+# alpha-CROWN's bound starts from full CROWN's, on the same intermediate bounds and slack
+register_certifier(BoundCertifier("alpha-crown", "alpha-crown", 4, subsumes=("crown",)))
