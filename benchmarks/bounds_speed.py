@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -124,6 +125,17 @@ def training_loss(logits: torch.Tensor, y: torch.Tensor, lower: torch.Tensor) ->
     return F.cross_entropy(logits, y) + F.cross_entropy(robust, zeros)
 
 
+def unless_out_of_memory(fn) -> tuple[object, str | None]:
+    """(fn(), None), or (None, why) if fn runs out of memory: the address-space limit set in
+    main turns what would be the kernel's OOM kill of this process into an exception."""
+    try:
+        return fn(), None
+    except (MemoryError, RuntimeError) as err:
+        if "memory" not in str(err).lower():
+            raise
+        return None, f"out of memory ({type(err).__name__})"
+
+
 def median_seconds(fn, repeats: int) -> tuple[float, list[float], object]:
     runs, result = [], None
     for _ in range(repeats):
@@ -188,21 +200,26 @@ def bench_model(name: str, batch: int, eps: float, repeats: int, crown_repeats: 
             def theirs(their_method=their_method):
                 return lirpa_bounds(their_method)
             grad_mode = torch.no_grad
+        failed = None  # auto_LiRPA's out-of-memory error, if it hits the address-space limit
         with grad_mode():
             if reps > 1:  # one untimed warm-up each
                 ours()
                 if bounded is not None:
-                    theirs()
+                    _, failed = unless_out_of_memory(theirs)
             times_ours, times_theirs, mine, other = [], [], None, None
             for _ in range(reps):  # alternate, so both see the same machine load
                 _, [t], mine = median_seconds(ours, 1)
                 times_ours.append(t)
-                if bounded is not None:
-                    _, [t], other = median_seconds(theirs, 1)
-                    times_theirs.append(t)
+                if bounded is not None and failed is None:
+                    timed, failed = unless_out_of_memory(lambda: median_seconds(theirs, 1))
+                    if failed is None:
+                        _, [t], other = timed
+                        times_theirs.append(t)
         row["certnet_s"] = statistics.median(times_ours)
         row["certnet_runs"] = times_ours
-        if bounded is not None:
+        if failed is not None:
+            row["auto_lirpa_error"] = failed
+        elif bounded is not None:
             row["auto_lirpa_s"] = statistics.median(times_theirs)
             row["auto_lirpa_runs"] = times_theirs
             row["ratio"] = row["certnet_s"] / row["auto_lirpa_s"]
@@ -228,7 +245,8 @@ def table(rows: list[dict]) -> str:
              "|---|---|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['method']} | {fmt(r['certnet_s'])} | "
-                     f"{fmt(r.get('auto_lirpa_s'))} | {fmt(r.get('ratio'), '.2f')} | "
+                     f"{r.get('auto_lirpa_error') or fmt(r.get('auto_lirpa_s'))} | "
+                     f"{fmt(r.get('ratio'), '.2f')} | "
                      f"{fmt(r.get('max_abs_bound_diff'), '.2e')} |")
     return "\n".join(lines)
 
@@ -246,7 +264,14 @@ def main() -> None:
     parser.add_argument("--no-auto-lirpa", action="store_true",
                         help="time certnet alone even if auto_LiRPA is installed")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--memory-limit-gb", type=float, default=16.0,
+                        help="address-space limit of this process, so that a side running out "
+                        "of memory fails with an error that is reported instead of the kernel "
+                        "killing the benchmark (0: none)")
     args = parser.parse_args()
+    if args.memory_limit_gb > 0:
+        limit = int(args.memory_limit_gb * 2 ** 30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
     lirpa, why = (None, "--no-auto-lirpa") if args.no_auto_lirpa else load_auto_lirpa()
     print(f"auto_LiRPA: {getattr(lirpa, '__version__', None) or 'not used (' + why + ')'}; "
@@ -264,6 +289,7 @@ def main() -> None:
         "certnet_commit": certnet_commit(),
         "auto_lirpa": getattr(lirpa, "__version__", None),
         "auto_lirpa_missing": why,
+        "memory_limit_gb": args.memory_limit_gb,
         "setup": "random weights (IBP init, seed 0), synthetic inputs torch.rand (seed 1), "
                  "labels seed 2, l_inf eps, float32; ratio = certnet s / auto_LiRPA s",
         "rows": rows,
