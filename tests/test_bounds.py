@@ -35,6 +35,7 @@ from certnet.bounds import (
     interval_walk,
     margin_bounds,
     margin_spec,
+    margin_walk,
     rule_for,
     training_bounds,
 )
@@ -726,6 +727,24 @@ def test_training_mode_batchnorm_bounds_hold_for_the_clean_batch_statistics(norm
             lower, logits = training_bounds(copy.deepcopy(layers), x, threat, ref, beta)
             assert (lower <= lowest + 1e-9).all(), beta
             assert torch.allclose(logits, frozen(x), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_margin_bounds_given_the_labels_skip_only_an_unused_clean_pass(train):
+    """Given ``ref``, IBP and CROWN-IBP skip the clean pass in l_inf unless a rule reads it
+    (train-mode BatchNorm); the bounds are those of the walk that makes it."""
+    layers = mixed_convnet(3, train=train)
+    x = inputs((1, 7, 7), 6, 12)
+    threat = ThreatModel("linf", 0.02)
+    seen, logits = interval_walk(copy.deepcopy(layers), x, threat, clean=False)
+    assert (logits is None) == (not train)
+    with torch.no_grad():
+        ref = copy.deepcopy(layers)(x).argmax(1)
+        for method in ("ibp", "crown-ibp"):
+            lower, _, walk_logits = margin_walk(copy.deepcopy(layers), x, threat, None, method)
+            assert torch.equal(walk_logits.argmax(1), ref)
+            given = margin_bounds(copy.deepcopy(layers), x, threat, ref, method)
+            assert torch.equal(given, lower), method
 
 
 def test_training_mode_batchnorm_crown_bounds_survive_point_chunking(monkeypatch):

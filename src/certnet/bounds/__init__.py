@@ -9,6 +9,7 @@ from certnet.bounds.margins import (
     BOUND_METHODS,
     margin_bounds,
     margin_spec,
+    margin_walk,
     training_bounds,
 )
 from certnet.bounds.rules import (
@@ -23,4 +24,4 @@ from certnet.bounds.rules import (
 
 __all__ = ["BOUND_METHODS", "BOUND_RULES", "SLOPES", "BoundRule", "LayerInput",
            "backward_bound", "check_supported", "crown_walk", "interval_walk", "margin_bounds",
-           "margin_spec", "register_bound_rule", "rule_for", "training_bounds"]
+           "margin_spec", "margin_walk", "register_bound_rule", "rule_for", "training_bounds"]

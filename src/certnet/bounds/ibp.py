@@ -26,8 +26,8 @@ from certnet.threat import ThreatModel
 def interval_walk(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
                   radii: Mapping[int, torch.Tensor | float] | None = None,
                   box_layers: nn.Sequential | None = None,
-                  outputs: list[torch.Tensor] | None = None
-                  ) -> tuple[list[LayerInput], torch.Tensor]:
+                  outputs: list[torch.Tensor] | None = None, clean: bool = True
+                  ) -> tuple[list[LayerInput], torch.Tensor | None]:
     """Propagate the threat model's box around ``x`` and ``x`` itself through every layer.
 
     ``radii[i]`` (optional, l2 threats only) is a sound bound, per point or shared, on the l2
@@ -39,15 +39,18 @@ def interval_walk(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
     cover). ``outputs`` (optional): every layer's clean output, if the caller has them.
     Returns what each layer sees (``LayerInput`` i is layer i's input interval and clean
     input; the list has one more entry, the output) and the clean output. The clean pass calls
-    the layers themselves (so BatchNorm updates its running statistics in training)."""
+    the layers themselves (so BatchNorm updates its running statistics in training).
+    ``clean=False``: the caller needs no clean values, so the clean pass is skipped (clean
+    inputs and output are None) unless the bounds use it (l2 balls; layers whose rule
+    ``uses_clean``, e.g. BatchNorm in training)."""
     check_supported(layers)
     lo, hi = threat.box(x)
     if box_layers is not None:
         lo, hi = _outward(lo, hi, next(box_layers.parameters()).dtype)
-    clean = x
     ball = threat.norm == "l2"
     known = {0: threat.eps, **(radii or {})} if ball else {}
     radius = known.get(0)
+    clean = x if clean or ball or any(rule_for(m).uses_clean(m) for m in layers) else None
     seen: list[LayerInput] = []
     with gemm_convolutions(box_layers is not None):
         for i, m in enumerate(layers):
@@ -58,7 +61,7 @@ def interval_walk(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
                 lo, hi = rule.interval(m, inp)
             else:
                 lo, hi = _rigorous_interval(rule, box_layers[i], inp)
-            out = m(clean) if outputs is None else outputs[i]
+            out = None if clean is None else m(clean) if outputs is None else outputs[i]
             if radius is not None and isinstance(rule, AffineRule):
                 # row norms need only the input's shape and the clean pass's dtype
                 like = LayerInput(clean, clean, clean)

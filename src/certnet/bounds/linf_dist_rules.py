@@ -85,6 +85,9 @@ class MeanShiftRule(ChannelAffineRule):
     """z = h - mu: the running mean in eval mode, the clean batch's mean in training (the map
     the layer applies to that batch)."""
 
+    def uses_clean(self, m):
+        return m.training
+
     def scale_shift(self, m, inp):
         shift = -m.shift(inp.clean)
         return torch.ones_like(shift), shift

@@ -36,13 +36,15 @@ def margin_bounds(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
 
 def margin_walk(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
                 ref: torch.Tensor | None, method: BoundMethod = "ibp",
-                slope: Slope = "adaptive") -> tuple[torch.Tensor, list[LayerInput], torch.Tensor]:
+                slope: Slope = "adaptive"
+                ) -> tuple[torch.Tensor, list[LayerInput], torch.Tensor | None]:
     """:func:`margin_bounds` with the walk it used: ``(lower, seen, logits)``; ``ref=None``
-    takes the argmax of the clean logits."""
+    takes the argmax of the clean logits. Given ``ref``, IBP and CROWN-IBP skip the clean
+    pass where their bounds do not use it (``logits`` is then None)."""
     seen, logits = crown_walk(layers, x, threat, slope) if method in ("crown", "alpha-crown") \
-        else interval_walk(layers, x, threat)
+        else interval_walk(layers, x, threat, clean=ref is None)
     ref = logits.argmax(1) if ref is None else ref
-    spec = margin_spec(ref, logits.shape[1]).to(logits.dtype)
+    spec = margin_spec(ref, seen[-1].lo.shape[1]).to(seen[-1].lo.dtype)
     if method == "alpha-crown":
         return optimized_bound(layers, seen, spec, x, threat, slope), seen, logits
     stop = affine_tail(layers) if method == "ibp" else 0

@@ -72,6 +72,10 @@ class BoundRule:
     def l2_lipschitz(self, m: nn.Module, inp: LayerInput) -> torch.Tensor | float | None:
         return 1.0 if self.nonexpansive else None
 
+    def uses_clean(self, m: nn.Module) -> bool:
+        """Whether the rules read ``LayerInput.clean`` (e.g. batch statistics in training)."""
+        return False
+
     def unstable(self, m: nn.Module, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(lo, dtype=torch.bool)
 
@@ -288,8 +292,11 @@ class BatchNormRule(ChannelAffineRule):
     mode the statistics of the clean batch (Shi et al. 2021, §3.3), so the bounds hold for the
     map the network computes on that batch."""
 
+    def uses_clean(self, m):
+        return m.training or not m.track_running_stats
+
     def scale_shift(self, m, inp):
-        if m.training or not m.track_running_stats:
+        if self.uses_clean(m):
             dims = [0, *range(2, inp.clean.dim())]
             if distributed_run():  # the statistics of the global batch, as its forward uses
                 mean = batch_mean(inp.clean, dims)
