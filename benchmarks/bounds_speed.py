@@ -229,9 +229,9 @@ def bench_model(name: str, batch: int, eps: float, repeats: int, crown_repeats: 
             row["certnet_looser_by"] = float((-diff).max())
         row["mean_certnet_bound"] = float(mine.mean())
         rows.append(row)
-        print(f"  {name} {label}: certnet {row['certnet_s']:.3f} s" +
-              (f", auto_LiRPA {row['auto_lirpa_s']:.3f} s" if bounded is not None else ""),
-              flush=True)
+        theirs_note = "" if bounded is None else f", auto_LiRPA {failed}" if failed else \
+            f", auto_LiRPA {row['auto_lirpa_s']:.3f} s"
+        print(f"  {name} {label}: certnet {row['certnet_s']:.3f} s{theirs_note}", flush=True)
     return rows
 
 
