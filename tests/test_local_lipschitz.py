@@ -13,7 +13,13 @@ from nets import random_mlp
 from torch import nn
 
 from certnet.bounds import interval_walk
-from certnet.bounds.local import keep_masks, local_layer_bounds, masked_bound, masked_estimate
+from certnet.bounds.local import (
+    ball_box_shift,
+    keep_masks,
+    local_layer_bounds,
+    masked_bound,
+    masked_estimate,
+)
 from certnet.bounds.rules import LayerInput
 from certnet.certifiers import certify
 from certnet.certifiers.local_lipschitz import LocalConstants, local_pairwise
@@ -194,6 +200,39 @@ def test_masks_agree_with_brute_force_activations(act, norm):
     assert dropped > 20 and kept > 20, (dropped, kept)
 
 
+# -- the box-constrained head ------------------------------------------------------------------
+@pytest.mark.parametrize("seed", range(4))
+def test_ball_box_shift_is_the_maximum_over_ball_and_box(seed):
+    """Equal (to rounding) to max a.d over ||d|| <= r, lo <= d <= hi found by bisection on the
+    multiplier; never above the ball's r ||a|| nor the box's maximum; finite gradients."""
+    g = gen(seed)
+    a = torch.randn(40, 3, 7, generator=g, dtype=torch.float64)
+    a[0, 0] = 0.0  # a zero margin gradient moves nothing
+    r = torch.rand(40, generator=g, dtype=torch.float64) * 2
+    lo = -torch.rand(40, 7, generator=g, dtype=torch.float64)
+    hi = torch.rand(40, 7, generator=g, dtype=torch.float64)
+    hi[1] = 0.0  # a coordinate that cannot move up
+    shift = ball_box_shift(a, r, lo, hi)
+    low, high = torch.zeros(40, 3, 1, dtype=torch.float64), torch.full((40, 3, 1), 1e8,
+                                                                        dtype=torch.float64)
+    for _ in range(200):  # ||clip(lam a, lo, hi)|| is nondecreasing in lam
+        mid = (low + high) / 2
+        d = torch.minimum(torch.maximum(mid * a, lo.unsqueeze(1)), hi.unsqueeze(1))
+        over = d.norm(dim=-1, keepdim=True) > r.view(-1, 1, 1)
+        high, low = torch.where(over, mid, high), torch.where(over, low, mid)
+    d = torch.minimum(torch.maximum(low * a, lo.unsqueeze(1)), hi.unsqueeze(1))
+    best = (a * d).sum(-1)  # a feasible point: the maximum to bisection accuracy
+    assert torch.allclose(shift, best, rtol=0, atol=1e-9)
+    assert bool((shift >= best - 1e-12).all())
+    assert bool((shift <= r.view(-1, 1) * a.norm(dim=-1) + 1e-12).all())
+    assert bool((shift <= torch.maximum(a * lo.unsqueeze(1), a * hi.unsqueeze(1)).sum(-1)
+                 + 1e-12).all())
+    assert shift[0, 0] == 0
+    a.requires_grad_()
+    ball_box_shift(a, r, lo, hi).sum().backward()
+    assert bool(torch.isfinite(a.grad).all())
+
+
 # -- the certificate ---------------------------------------------------------------------------
 def tiny_gloro(seed: int, act: str = "relu", gain: float = 2.0) -> GloroNet:
     layers = convert_sequential(random_mlp(seed, 4, [8, 8], act, 3, gain), (4,))
@@ -209,7 +248,7 @@ def test_local_constants_never_exceed_global_and_certify_a_superset(norm):
         twin = model.float64_copy("local-lipschitz", LocalConstants.of)
         for eps in (0.02, 0.1, 0.3):
             threat = ThreatModel(norm, eps)
-            k = local_pairwise(twin.layers, x.double(), threat, twin.derived)
+            k, _, _ = local_pairwise(twin.layers, x.double(), threat, twin.derived)
             assert bool((k <= twin.derived.sound.pairwise).all())
             glob = certify(model, x, eps, "lipschitz", norm)
             loc = certify(model, x, eps, "local-lipschitz", norm)
@@ -227,8 +266,8 @@ def test_the_second_pass_never_loosens_a_layer_bound():
     x = torch.rand(32, 4, generator=gen(5)).double()
     threat = ThreatModel("l2", 0.2)
     args = (twin.layers, x, threat, twin.derived.sound.layers, twin.derived.tails)
-    one, _ = local_layer_bounds(*args, passes=1)
-    two, _ = local_layer_bounds(*args, passes=2)
+    one, *_ = local_layer_bounds(*args, passes=1)
+    two, *_ = local_layer_bounds(*args, passes=2)
     for a, b in zip(one, two, strict=True):
         assert bool((b <= a).all())
 

@@ -136,10 +136,11 @@ def local_layer_bounds(layers: nn.Sequential, x: torch.Tensor, threat: ThreatMod
                        tails: Mapping[int, tuple[GramTail, GramTail]],
                        passes: int = PASSES, box_layers: nn.Sequential | None = None,
                        outputs: list[torch.Tensor] | None = None
-                       ) -> tuple[list[torch.Tensor], Masks]:
+                       ) -> tuple[list[torch.Tensor], Masks, LayerInput]:
     """Per layer, a (B,) float64 bound on its Lipschitz constant on the threat set around each
-    point of ``x`` (never above ``global_bounds``), and the input keep masks (the last entry is
-    what the head sees). ``tails[i]``: the Gram splits of dense layer i (optional);
+    point of ``x`` (never above ``global_bounds``), the input keep masks (the last entry is
+    what the head sees) and the last layer's input interval. ``tails[i]``: the Gram splits of
+    dense layer i (optional);
     ``box_layers``, ``outputs``: passed to :func:`interval_walk` (a rigorous float32 box and
     the clean outputs the caller has)."""
     bounds = [g.expand(len(x)) for g in global_bounds]
@@ -159,7 +160,48 @@ def local_layer_bounds(layers: nn.Sequential, x: torch.Tensor, threat: ThreatMod
             local = masked_bound(m, *masks, tails.get(i))
             if local is not None:
                 bounds[i] = torch.minimum(bounds[i], local)
-    return bounds, ins
+    return bounds, ins, seen[-2]
+
+
+def ball_box_shift(a: torch.Tensor, r: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor
+                   ) -> torch.Tensor:
+    """Upper bound on max a . d over the l2 ball ||d|| <= r intersected with the box
+    lo <= d <= hi (lo <= 0 <= hi), per row: how far a margin with gradient ``a`` can move when
+    the head's input moves inside both its l2 ball and its interval (Huang et al. 2021, §4,
+    "box constrained propagation"; the reference clips a candidate d, an estimate from below).
+
+    The bound is Lagrangian: for every mu > 0, D(mu) = mu r^2 + sum_k max over
+    d_k in [lo_k, hi_k] of (a_k d_k - mu d_k^2) >= the maximum (weak duality), the inner maxima
+    at d_k = clip(a_k / (2 mu), lo_k, hi_k). The multiplier that makes it exact, mu = 1/(2 lam)
+    with ||clip(lam a, lo, hi)|| = r, comes from sorting the coordinates' saturation points
+    c_k / |a_k| (no gradient through the search: D is sound at any mu); the box maximum
+    sum max(a lo, a hi) is the other bound. Shapes: a (B, S, k), r (B,), lo and hi (B, k);
+    returns (B, S)."""
+    lo, hi = lo.unsqueeze(1), hi.unsqueeze(1)
+    radius = r.view(-1, 1, 1)
+    with torch.no_grad():
+        size = a.abs()
+        reach = torch.where(a > 0, hi, -lo).expand_as(a)  # how far d_k may go along a_k
+        saturate = torch.where(size > 0, reach / size, torch.inf)
+        order = saturate.argsort(dim=-1)
+        at = saturate.gather(-1, order)
+        squares = reach.gather(-1, order).square()
+        weights = size.gather(-1, order).square()
+        zero = squares[..., :1] * 0
+        # first m coordinates saturated: ||d||^2 = S_m + lam^2 A_m for lam in [t_m, t_m+1]
+        saturated = torch.cat([zero, squares.cumsum(-1)], -1)
+        free = (weights.sum(-1, keepdim=True) - torch.cat([zero, weights.cumsum(-1)], -1)) \
+            .clamp_min(0)
+        start = torch.cat([zero, at], -1)
+        norm2 = saturated + torch.where(free > 0, start.square() * free, 0.0)
+        m = ((norm2 <= radius.square()).sum(-1, keepdim=True) - 1).clamp_min(0)
+        rest = (radius.square() - saturated.gather(-1, m)).clamp_min(0)
+        lam = (rest / free.gather(-1, m)).sqrt()  # inf where nothing is free: the box binds
+        mu = (0.5 / lam).clamp_min(torch.finfo(a.dtype).tiny)
+    d = torch.minimum(torch.maximum(a / (2 * mu), lo), hi)
+    dual = (mu * radius.square()).squeeze(-1) + (a * d - mu * d.square()).sum(-1)
+    box = torch.maximum(a * lo, a * hi).sum(-1)
+    return torch.minimum(dual, box)
 
 
 # -- training: differentiable estimates on the same masks ------------------------------------

@@ -3,7 +3,10 @@ Networks with Efficient Local Lipschitz Bounds", §3) on GloRo's pairwise head (
 2021, Eq. 4): per point, K_ij = ||(w_i - w_j) o c||_2 * prod of the local layer bounds on the
 threat set (:mod:`certnet.bounds.local`; c keeps the head inputs that can change there), and
 the point is certified iff every gap y_pred - y_j exceeds r K_ij, r the l2 radius of the
-threat ball (eps, or eps sqrt(d) in l_inf, whose ball lies in that l2 ball).
+threat ball (eps, or eps sqrt(d) in l_inf, whose ball lies in that l2 ball), or exceeds the
+largest change of the margin when the head's input moves in the intersection of its l2 ball
+(radius r * the body's local bound) and its interval bounds (the paper's box-constrained head,
+§4, bounded by Lagrangian duality instead of the reference's estimate from below).
 
 Applies to every model the global ``lipschitz`` certificate applies to, trained with local
 bounds or not. Sound by construction: masks from interval bounds widened by the rounding slack,
@@ -23,8 +26,8 @@ import torch
 from torch import nn
 
 from certnet.bounds.ibp import supports_low_precision
-from certnet.bounds.local import has_masks, local_layer_bounds
-from certnet.bounds.rules import check_supported
+from certnet.bounds.local import ball_box_shift, has_masks, local_layer_bounds
+from certnet.bounds.rules import LayerInput, check_supported
 from certnet.certifiers.base import Certificate, Certifier, register_certifier
 from certnet.certifiers.bound_prop import layer_outputs
 from certnet.certifiers.lipschitz import (
@@ -37,7 +40,7 @@ from certnet.certifiers.lipschitz import (
 from certnet.errors import UnsupportedLayerError
 from certnet.nn.lipschitz import LipschitzLinear, product
 from certnet.nn.masked_spectral import GRAM_RANK, GramTail, dense_gram_tails
-from certnet.nn.rounding import float64_forward
+from certnet.nn.rounding import ROUNDING_SLACK, float64_forward
 from certnet.nn.spectral import BOUND_SLACK
 from certnet.threat import ThreatModel
 
@@ -79,15 +82,44 @@ def float32_copy(layers: nn.Sequential) -> nn.Sequential | None:
 
 def local_pairwise(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
                    constants: LocalConstants, outputs: list[torch.Tensor] | None = None
-                   ) -> torch.Tensor:
+                   ) -> tuple[torch.Tensor, torch.Tensor, LayerInput]:
     """Sound pairwise K_ij (B, C, C) on the threat set around each point, at most the global
-    pairwise constants (``outputs``: the layers' clean outputs, if at hand)."""
-    bounds, ins = local_layer_bounds(layers, x, threat, constants.sound.layers,
-                                     constants.tails, box_layers=constants.box,
-                                     outputs=outputs)
+    pairwise constants, with the body's local bound (B,) and the head's input interval
+    (``outputs``: the layers' clean outputs, if at hand)."""
+    bounds, ins, head = local_layer_bounds(layers, x, threat, constants.sound.layers,
+                                           constants.tails, box_layers=constants.box,
+                                           outputs=outputs)
     body = product([torch.ones(len(x), dtype=torch.float64, device=x.device), *bounds[:-1]])
     local = masked_pairwise(layers[-1].weight, ins[-1]) * body[:, None, None] * (1 + BOUND_SLACK)
-    return torch.minimum(local, constants.sound.pairwise)
+    return torch.minimum(local, constants.sound.pairwise), body, head
+
+
+def local_margin(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
+                 constants: LocalConstants, gap: torch.Tensor, pred: torch.Tensor,
+                 outputs: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Lower bound on min_{j != pred} of the margin over the threat set around each point:
+    the gap minus the smaller of r K_j (local constants) and the shift of the margin when the
+    head's input moves in its l2 ball (radius r * the body's local bound) and its interval
+    (:func:`ball_box_shift`). The box and ball are widened by the per-coordinate rounding
+    slack of the clean values they are centred on, and the shift by its own rounding (a sum of
+    nonnegative terms: relative)."""
+    k, body, head = local_pairwise(layers, x, threat, constants, outputs)
+    rows = torch.arange(len(x), device=x.device)
+    r = l2_radius_of(threat, x[0].numel())
+    weight = layers[-1].weight
+    moves = weight.unsqueeze(0) - weight[pred].unsqueeze(1)  # (B, C, n): w_j - w_pred
+    size = torch.maximum(head.lo.abs(), head.hi.abs()).flatten(1).amax(1)
+    pad = (ROUNDING_SLACK * (1 + size)).unsqueeze(1)
+    spread = pad.squeeze(1) * head.clean[0].numel() ** 0.5  # l2 size of the padding
+    clean = head.clean.flatten(1)
+    shift = ball_box_shift(moves, r * body * (1 + BOUND_SLACK) + spread,
+                           (head.lo.flatten(1) - clean - pad).clamp(max=0),
+                           (head.hi.flatten(1) - clean + pad).clamp(min=0))
+    shift = shift * (1 + ROUNDING_SLACK) + moves.norm(dim=-1) * spread.unsqueeze(1)
+    reach = torch.minimum(r * k[rows, pred] * (1 + BOUND_SLACK), shift)
+    worst = gap - reach
+    worst = torch.where(torch.isnan(worst), -torch.inf, worst)
+    return torch.where(others_than(pred, gap.shape[1]), worst, torch.inf).amin(1)
 
 
 def ball_margin(gap: torch.Tensor, k: torch.Tensor, pred: torch.Tensor, r: float
@@ -141,10 +173,9 @@ class LocalLipschitzCertifier(Certifier):
             todo = (margin <= 0).nonzero().squeeze(1)
             if len(todo) and has_masks(twin.layers):
                 every = len(todo) == len(part)
-                k = local_pairwise(twin.layers, part if every else part[todo], threat,
-                                   constants, outputs if every else [h[todo] for h in outputs])
-                k = k[torch.arange(len(todo), device=x.device), pred[todo]]
-                margin[todo] = ball_margin(gap[todo], k, pred[todo], r)
+                margin[todo] = local_margin(
+                    twin.layers, part if every else part[todo], threat, constants,
+                    gap[todo], pred[todo], outputs if every else [h[todo] for h in outputs])
             preds.append(pred)
             margins.append(margin)
         return Certificate.eps_or_nothing(torch.cat(preds), torch.cat(margins), threat.eps)
