@@ -305,6 +305,8 @@ def test_local_training_step_has_finite_gradients_and_per_point_constants():
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(bool(torch.isfinite(g).all()) for g in grads)
     assert model.layers[1].threshold.grad is not None  # the sparsity penalty reaches t
+    _, k0, _ = model.local_training_lipschitz(x, 0.0)  # eps 0, as at the start of the ramp
+    assert bool(torch.isfinite(k0).all())
 
 
 def test_local_options_are_checked_and_saved(tmp_path):

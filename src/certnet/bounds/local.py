@@ -229,11 +229,12 @@ def masked_estimate(m: nn.Module, inp: LayerInput, rows: torch.Tensor, cols: tor
 def local_training_constants(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
                              estimates: list[torch.Tensor | float], iterations: int
                              ) -> tuple[torch.Tensor, list[torch.Tensor | float], Masks,
-                                        torch.Tensor]:
+                                        torch.Tensor, LayerInput]:
     """What local-Lipschitz training needs in one interval walk (l2 radii from the global
     ``estimates``): the logits, per-layer local estimates (each at most the global one), the
-    input keep masks (the last is the head's) and the mean constancy gap of the activations
-    (the sparsity penalty, differentiable through the intervals)."""
+    input keep masks (the last is the head's), the mean constancy gap of the activations
+    (the sparsity penalty, differentiable through the intervals) and the head's input
+    interval (differentiable)."""
     radii = affine_input_radii(layers, torch.as_tensor(threat.eps, dtype=x.dtype, device=x.device),
                                [torch.as_tensor(e).detach() for e in estimates])
     seen, logits = interval_walk(layers, x, threat, radii)
@@ -254,4 +255,4 @@ def local_training_constants(layers: nn.Sequential, x: torch.Tensor, threat: Thr
         local = masked_estimate(m, seen[i], *masks, m.power_iterate, iterations)
         bounds[i] = torch.minimum(local, torch.as_tensor(estimates[i]))
     penalty = torch.stack(gaps).mean() if gaps else logits.new_zeros(())
-    return logits, bounds, ins, penalty
+    return logits, bounds, ins, penalty, seen[-2]

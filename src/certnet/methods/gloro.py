@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from certnet.bounds.local import local_training_constants
+from certnet.bounds.local import ball_box_shift, local_training_constants
 from certnet.certifiers.lipschitz import (
     GAP_SLACK,
     SoundConstants,
@@ -154,15 +154,26 @@ class GloroNet(CertifiedModel):
                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Logits, per-point pairwise K (B, C, C) on the eps-ball from masked power iteration
         (warm-started from each layer's global iterate, itself advanced ``power_iterations``
-        steps) and the sparsity penalty. Estimates: training only."""
+        steps) and the sparsity penalty. Estimates: training only. The rows of the predicted
+        class are lowered to the box-constrained head's shift / eps where that is smaller
+        (the local certificate's head, :func:`ball_box_shift`), so bottom_logit trains on it."""
         estimates = [layer_estimate(m, self.power_iterations) for m in self.layers]
-        logits, bounds, ins, penalty = local_training_constants(
+        logits, bounds, ins, penalty, inputs = local_training_constants(
             self.layers, x, ThreatModel("l2", float(eps)), estimates, self.local_iterations)
         head = self.head.weight
-        pairwise = masked_pairwise(head, ins[-1])
         body = product(bounds[:-1])
-        body = body.view(-1, 1, 1) if isinstance(body, torch.Tensor) and body.dim() else body
-        return logits, pairwise * body, penalty
+        body = body.expand(len(x)) if isinstance(body, torch.Tensor) else \
+            torch.full((len(x),), float(body), dtype=logits.dtype, device=logits.device)
+        pairwise = masked_pairwise(head, ins[-1]) * body.view(-1, 1, 1)
+        if float(eps) > 0:
+            ref = logits.argmax(1)
+            clean = inputs.clean.flatten(1)
+            shift = ball_box_shift(head.unsqueeze(0) - head[ref].unsqueeze(1), float(eps) * body,
+                                   inputs.lo.flatten(1) - clean, inputs.hi.flatten(1) - clean)
+            rows = torch.arange(len(x), device=x.device)
+            pairwise = pairwise.index_put((rows, ref), torch.minimum(pairwise[rows, ref],
+                                                                     shift / float(eps)))
+        return logits, pairwise, penalty
 
     def sound_constants(self) -> SoundConstants:
         """Sound float64 bounds, computed on a float64 copy of the layers and recomputed
