@@ -8,9 +8,9 @@ import torch
 
 import certnet
 from certnet.checkpoint import atomic_write, load, read_config, save_model
-from certnet.errors import CheckpointError, ConfigError
+from certnet.errors import CheckpointError, ConfigError, TrainingError
 from certnet.schedules import Ramp
-from certnet.train import TrainConfig, Trainer, build_model, crop_flip
+from certnet.train import TrainConfig, Trainer, build_model, crop_flip, has_resumable_state
 
 SMALL = dict(epochs=2, train_limit=1024, eval_limit=256, batch_size=128, eps=0.3,
              eps_train_factor=1.5)
@@ -64,6 +64,25 @@ def test_monitoring_evaluations_use_an_even_subset_and_the_last_all(tmp_path, mn
     assert {"data", "train", "evaluate", "checkpoint"} <= set(trainer.phases.seconds)
     with pytest.raises(ConfigError, match="monitor_limit"):
         TrainConfig(**{**SMALL, "monitor_limit": -1})
+
+
+def test_a_diverged_run_stops_with_a_clear_error_and_keeps_its_checkpoint(tmp_path,
+                                                                         mnist_available):
+    trainer = Trainer(TrainConfig(**{**SMALL, "epochs": 3}), tmp_path / "run", progress=False)
+    trainer.fit(stop_after=1)
+    loss = trainer.model.loss
+
+    def diverging(x, y, eps, **kw):
+        value, stats = loss(x, y, eps, **kw)
+        return value * float("nan"), stats
+
+    trainer.model.loss = diverging  # a NaN loss: NaN gradients, NaN weights after the step
+    trainer.loss = diverging
+    with pytest.raises(TrainingError, match="after epoch 2.*checkpoint of epoch 1 is kept"):
+        trainer.fit()
+    assert has_resumable_state(tmp_path / "run")
+    assert [json.loads(line)["epoch"] for line in
+            (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1]
 
 
 def test_refuses_to_overwrite_a_run_without_resume(tmp_path, mnist_available):

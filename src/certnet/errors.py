@@ -22,5 +22,9 @@ class CheckpointError(CertnetError):
     """A checkpoint is missing, truncated, corrupt, foreign or from a newer certnet."""
 
 
+class TrainingError(CertnetError):
+    """Training cannot go on: e.g. the weights became NaN or infinite (the run diverged)."""
+
+
 class UnsupportedLayerError(CertnetError, TypeError):
     """A layer has no known Lipschitz bound; certnet never assumes 1.0 silently."""

@@ -27,7 +27,7 @@ from certnet.checkpoint import (
 )
 from certnet.config import TrainConfig
 from certnet.data import Dataset, load_dataset
-from certnet.errors import ConfigError
+from certnet.errors import ConfigError, TrainingError
 from certnet.methods import get_method
 from certnet.methods.base import CertifiedModel
 from certnet.timing import Phases
@@ -260,6 +260,12 @@ class Trainer:
                     bar.set_postfix(loss=f"{t[0] / t[3]:.3f}", acc=f"{t[1] / t[3]:.3f}",
                                     vra=f"{t[2] / t[3]:.3f}", eps=f"{eps:.3f}")
             loss_sum, clean, robust, n = self.world.sum(totals).tolist()
+            if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+                kept = f"the checkpoint of epoch {epoch} is kept" if epoch else "nothing was saved"
+                raise TrainingError(
+                    f"the weights are NaN or infinite after epoch {epoch + 1} (the training loss "
+                    f"averaged {loss_sum / n:.4g}): the run diverged; {kept} (a lower lr or "
+                    "grad_clip may help)")
             train_seconds = time.perf_counter() - start
             self.phases.add("train", train_seconds)
             record = {"epoch": epoch + 1, "eps_train": eps, "lr": cfg.lr * cfg.lr_schedule(

@@ -197,11 +197,15 @@ def ball_box_shift(a: torch.Tensor, r: torch.Tensor, lo: torch.Tensor, hi: torch
         m = ((norm2 <= radius.square()).sum(-1, keepdim=True) - 1).clamp_min(0)
         rest = (radius.square() - saturated.gather(-1, m)).clamp_min(0)
         lam = (rest / free.gather(-1, m)).sqrt()  # inf where nothing is free: the box binds
-        mu = (0.5 / lam).clamp_min(torch.finfo(a.dtype).tiny)
+        # the dual only where the ball binds at a finite, positive multiplier; elsewhere it is
+        # evaluated at mu = 1 (finite, so no NaN reaches the gradient) and not used
+        ball = torch.isfinite(lam) & (lam > 0)
+        mu = torch.where(ball, 0.5 / lam.clamp_min(torch.finfo(a.dtype).tiny), 1.0)
     d = torch.minimum(torch.maximum(a / (2 * mu), lo), hi)
     dual = (mu * radius.square()).squeeze(-1) + (a * d - mu * d.square()).sum(-1)
     box = torch.maximum(a * lo, a * hi).sum(-1)
-    return torch.minimum(dual, box)
+    shift = torch.where(ball.squeeze(-1), torch.minimum(dual, box), box)
+    return torch.where(r.view(-1, 1) > 0, shift, 0.0)  # a ball of radius 0 moves nothing
 
 
 # -- training: differentiable estimates on the same masks ------------------------------------
