@@ -233,6 +233,25 @@ def test_ball_box_shift_is_the_maximum_over_ball_and_box(seed):
     assert bool(torch.isfinite(a.grad).all())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ball_box_shift_has_finite_gradients_at_the_edges(dtype):
+    """Radius 0 (every neuron before the head constant) moves nothing; a box inside the ball
+    gives the box's maximum; tiny radii and zero gradients stay finite (a NaN here once
+    diverged a training run)."""
+    a = torch.randn(5, 3, 4, generator=gen(0)).to(dtype)
+    a[0] = 0
+    r = torch.tensor([1.0, 0.0, 1e30, 1e-30, 0.5], dtype=dtype)
+    lo = -torch.rand(5, 4, generator=gen(1)).to(dtype)
+    hi = torch.rand(5, 4, generator=gen(2)).to(dtype)
+    leaves = [t.requires_grad_() for t in (a, r, lo, hi)]
+    shift = ball_box_shift(a, r, lo, hi)
+    shift.sum().backward()
+    assert all(bool(torch.isfinite(t.grad).all()) for t in leaves)
+    assert bool((shift[1] == 0).all()) and bool((shift[0] == 0).all())
+    box = torch.maximum(a * lo.unsqueeze(1), a * hi.unsqueeze(1)).sum(-1)
+    torch.testing.assert_close(shift[2], box[2])
+
+
 # -- the certificate ---------------------------------------------------------------------------
 def tiny_gloro(seed: int, act: str = "relu", gain: float = 2.0) -> GloroNet:
     layers = convert_sequential(random_mlp(seed, 4, [8, 8], act, 3, gain), (4,))
