@@ -98,6 +98,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, help="certify the first N test points only")
     parser.add_argument("--speed-arch", default="4c3f",
                         help="arch of the worst-case timing ('' to skip it)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results JSON")
     args = parser.parse_args()
     glob, local = measure(args.global_run, args.limit), measure(args.local_run, args.limit)
     result = {
@@ -111,7 +112,7 @@ def main() -> None:
         "machine": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "commit": certnet_commit(), "command": "python " + " ".join(sys.argv),
     }
-    write_json(RESULTS, result)
+    write_json(args.out, result)
     print(table(result))
 
 
