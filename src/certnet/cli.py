@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 
 from certnet.config import TrainConfig
 from certnet.errors import CertnetError, ConfigError
+from certnet.memory import keep_freed_memory
 from certnet.timing import Phases
 
 PRESET_DIR = Path(__file__).parent / "configs"
@@ -462,6 +463,7 @@ def _interrupted(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the ``certnet`` command line; returns the exit status."""
     os.environ.setdefault("OMP_NUM_THREADS", str(default_threads()))  # before torch loads
+    keep_freed_memory()
     args = build_parser().parse_args(argv)
     args.phases = Phases()  # wall time per phase, for results files
     try:
