@@ -43,6 +43,7 @@ from certnet.archs import build_arch
 from certnet.bounds import margin_bounds, margin_spec, training_bounds
 from certnet.bounds.rules import ConvRule
 from certnet.checkpoint import write_json
+from certnet.memory import keep_freed_memory
 from certnet.threat import ThreatModel
 
 OUT = Path(__file__).parent / "results" / "bounds" / "bounds_speed.json"
@@ -264,11 +265,16 @@ def main() -> None:
     parser.add_argument("--no-auto-lirpa", action="store_true",
                         help="time certnet alone even if auto_LiRPA is installed")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="keep freed memory in the process, as the certnet command does "
+                        "(certnet.memory)")
     parser.add_argument("--memory-limit-gb", type=float, default=16.0,
                         help="address-space limit of this process, so that a side running out "
                         "of memory fails with an error that is reported instead of the kernel "
                         "killing the benchmark (0: none)")
     args = parser.parse_args()
+    if args.keep_freed_memory and not keep_freed_memory():
+        raise SystemExit("--keep-freed-memory: this allocator does not take the settings")
     if args.memory_limit_gb > 0:
         limit = int(args.memory_limit_gb * 2 ** 30)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
@@ -290,6 +296,7 @@ def main() -> None:
         "auto_lirpa": getattr(lirpa, "__version__", None),
         "auto_lirpa_missing": why,
         "memory_limit_gb": args.memory_limit_gb,
+        "keep_freed_memory": args.keep_freed_memory,
         "setup": "random weights (IBP init, seed 0), synthetic inputs torch.rand (seed 1), "
                  "labels seed 2, l_inf eps, float32; ratio = certnet s / auto_LiRPA s",
         "rows": rows,
