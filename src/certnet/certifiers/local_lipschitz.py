@@ -102,7 +102,7 @@ def local_margin(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
     head's input moves in its l2 ball (radius r * the body's local bound) and its interval
     (:func:`ball_box_shift`). The box and ball are widened by the per-coordinate rounding
     slack of the clean values they are centred on, and the shift by its own rounding (a sum of
-    nonnegative terms: relative)."""
+    nonnegative terms: relative) and that of its direction w_j - w_pred."""
     k, body, head = local_pairwise(layers, x, threat, constants, outputs)
     rows = torch.arange(len(x), device=x.device)
     r = l2_radius_of(threat, x[0].numel())
@@ -112,10 +112,13 @@ def local_margin(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
     pad = (ROUNDING_SLACK * (1 + size)).unsqueeze(1)
     spread = pad.squeeze(1) * head.clean[0].numel() ** 0.5  # l2 size of the padding
     clean = head.clean.flatten(1)
-    shift = ball_box_shift(moves, r * body * (1 + BOUND_SLACK) + spread,
-                           (head.lo.flatten(1) - clean - pad).clamp(max=0),
+    radius = r * body * (1 + BOUND_SLACK) + spread
+    shift = ball_box_shift(moves, radius, (head.lo.flatten(1) - clean - pad).clamp(max=0),
                            (head.hi.flatten(1) - clean + pad).clamp(min=0))
-    shift = shift * (1 + ROUNDING_SLACK) + moves.norm(dim=-1) * spread.unsqueeze(1)
+    # + ||a|| times the padding's size (the centre's rounding) and the rounding of a = w_j - w_p
+    # itself (under 2u ||a|| per coordinate, on moves of size <= radius)
+    shift = shift * (1 + ROUNDING_SLACK) + moves.norm(dim=-1) * (
+        spread + ROUNDING_SLACK * radius).unsqueeze(1)
     reach = torch.minimum(r * k[rows, pred] * (1 + BOUND_SLACK), shift)
     worst = gap - reach
     worst = torch.where(torch.isnan(worst), -torch.inf, worst)
