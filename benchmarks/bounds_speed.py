@@ -6,8 +6,8 @@ the two libraries alternate, so they share the machine's load alike) of the marg
 z_y - z_j by IBP, CROWN-IBP and full CROWN (no grad), and of IBP and CROWN-IBP training steps
 (clean forward pass, bounds, loss, ``loss.backward()``), with auto_LiRPA computing the same
 bounds (``compute_bounds`` with method "IBP", "CROWN-IBP", "CROWN" and the same margin
-specification C = e_y - e_j). certnet's bound rows include its clean forward pass (a
-certificate needs the prediction), auto_LiRPA's bound rows do not. Reports
+specification C = e_y - e_j). Given the labels, neither side's IBP or CROWN-IBP bound rows
+run the clean forward pass (certnet's full CROWN does). Reports
 the largest |certnet - auto_LiRPA| bound difference (IBP and CROWN-IBP should agree to float32
 rounding; certnet's full CROWN tightens its intermediate intervals by IBP as well, so it should
 be at least as tight: "tighter by" is the largest amount by which it is).
