@@ -140,11 +140,11 @@ class Trainer:
                                            enabled=config.precision == "float16")
         self.start_epoch = 0
         self.report: Report | None = None
-        if resume and has_resumable_state(self.out_dir):
+        if has_resumable_state(self.out_dir):
+            if not resume:
+                raise ConfigError(f"{self.out_dir} already holds a training run; pass --resume "
+                                  "to continue it or choose another --out")
             self._resume()
-        elif not resume and has_resumable_state(self.out_dir):
-            raise ConfigError(f"{self.out_dir} already holds a training run; pass --resume "
-                              "to continue it or choose another --out")
 
     # -- state ---------------------------------------------------------------------------------
     def _state_tensors(self) -> dict[str, torch.Tensor]:
