@@ -119,17 +119,18 @@ def local_margin(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
     # itself (under 2u ||a|| per coordinate, on moves of size <= radius)
     shift = shift * (1 + ROUNDING_SLACK) + moves.norm(dim=-1) * (
         spread + ROUNDING_SLACK * radius).unsqueeze(1)
-    reach = torch.minimum(r * k[rows, pred] * (1 + BOUND_SLACK), shift)
-    worst = gap - reach
-    worst = torch.where(torch.isnan(worst), -torch.inf, worst)
-    return torch.where(others_than(pred, gap.shape[1]), worst, torch.inf).amin(1)
+    return worst_margin(gap, torch.minimum(r * k[rows, pred] * (1 + BOUND_SLACK), shift), pred)
 
 
 def ball_margin(gap: torch.Tensor, k: torch.Tensor, pred: torch.Tensor, r: float
                 ) -> torch.Tensor:
-    """Lower bound min_{j != pred} gap_j - r K_j on the margin over an l2 ball of radius r
-    (-inf where not finite)."""
-    worst = gap - r * k * (1 + BOUND_SLACK)
+    """Lower bound min_{j != pred} gap_j - r K_j on the margin over an l2 ball of radius r."""
+    return worst_margin(gap, r * k * (1 + BOUND_SLACK), pred)
+
+
+def worst_margin(gap: torch.Tensor, reach: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+    """min_{j != pred} gap_j - reach_j (-inf where not a number)."""
+    worst = gap - reach
     worst = torch.where(torch.isnan(worst), -torch.inf, worst)
     return torch.where(others_than(pred, gap.shape[1]), worst, torch.inf).amin(1)
 
