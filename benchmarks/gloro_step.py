@@ -1,9 +1,12 @@
 """One GloRo training step against the plain cross-entropy step of the same network, side by
-side in one run: median milliseconds per step (batch 256, MNIST-shaped inputs, Adam), the GloRo
-/ plain ratio, steps per second, both again with MinMax through torch.minimum / maximum
-(the implementation before the pair sort's own backward), and the GloRo step with its power
-iteration's single-image convolutions on oneDNN (before they ran without it), for the speed-up
-of each change.
+side in one run: median milliseconds per step (batch 256, MNIST-shaped inputs in channels_last
+as the Trainer runs them, Adam), the GloRo / plain ratio, steps per second, both again with
+MinMax through torch.minimum / maximum (the implementation before the pair sort's own
+backward) and with the pair sort's backward through torch.where (before its bitwise routing),
+and the GloRo step with its power iteration's single-image convolutions on oneDNN (before they
+ran without it), for the speed-up of each change. Freed memory is kept for reuse, as the
+``certnet`` command keeps it (certnet.memory): with glibc's default, the medians of one
+configuration moved by 10-15% between runs here.
 
 Writes ``benchmarks/results/gloro_step.json`` and prints a markdown table.
 
@@ -26,8 +29,9 @@ from machine import certnet_commit, cpu_model
 
 from certnet.archs import build_arch
 from certnet.checkpoint import write_json
+from certnet.memory import keep_freed_memory
 from certnet.methods.gloro import GloroNet
-from certnet.nn import lipschitz
+from certnet.nn import activations, lipschitz
 from certnet.nn.activations import MinMax
 
 RESULTS = Path(__file__).parent / "results" / "gloro_step.json"
@@ -40,6 +44,13 @@ def torch_minmax(self: MinMax, x: torch.Tensor) -> torch.Tensor:
     half = x.shape[1] // 2
     a, b = x[:, :half], x[:, half:]
     return torch.cat([torch.minimum(a, b), torch.maximum(a, b)], dim=1)
+
+
+def where_routing(swap: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The pair sort's backward as it was before its bitwise routing (torch.where)."""
+    half = t.shape[1] // 2
+    low, high = t[:, :half], t[:, half:]
+    return torch.cat([torch.where(swap, high, low), torch.where(swap, low, high)], dim=1)
 
 
 @contextlib.contextmanager
@@ -71,10 +82,11 @@ def median_ms(variants: dict[str, Callable[[], None]], steps: int, block: int = 
 def measure(arch: str, steps: int) -> dict:
     eps, iterations = ARCHS[arch]
     model = GloroNet(build_arch(arch, (1, 28, 28), 10), (1, 28, 28), 10,
-                     power_iterations=iterations)
+                     power_iterations=iterations).to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(0)
-    x, y = torch.rand(256, 1, 28, 28, generator=g), torch.randint(0, 10, (256,), generator=g)
+    x = torch.rand(256, 1, 28, 28, generator=g).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (256,), generator=g)
 
     def run(loss: Callable[[], torch.Tensor], *patches: tuple) -> Callable[[], None]:
         def step() -> None:
@@ -93,28 +105,35 @@ def measure(arch: str, steps: int) -> dict:
         return model.loss(x, y, eps)[0]
 
     old_minmax = (MinMax, "forward", torch_minmax)
+    where = (activations, "_swap_where", where_routing)
     onednn = (lipschitz, "without_onednn", contextlib.nullcontext)
     row = {"arch": arch, **median_ms({
         "plain_ms": run(plain), "gloro_ms": run(gloro),
         "plain_ms_torch_minmax": run(plain, old_minmax),
         "gloro_ms_torch_minmax": run(gloro, old_minmax),
+        "plain_ms_where_routing": run(plain, where),
+        "gloro_ms_where_routing": run(gloro, where),
         "gloro_ms_onednn_power_iteration": run(gloro, onednn)}, steps)}
     row["gloro_over_plain"] = row["gloro_ms"] / row["plain_ms"]
     row["steps_per_s_gloro"] = 1000 / row["gloro_ms"]
     row["pair_sort_speedup_plain"] = row["plain_ms_torch_minmax"] / row["plain_ms"]
     row["pair_sort_speedup_gloro"] = row["gloro_ms_torch_minmax"] / row["gloro_ms"]
+    row["bitwise_routing_speedup_plain"] = row["plain_ms_where_routing"] / row["plain_ms"]
+    row["bitwise_routing_speedup_gloro"] = row["gloro_ms_where_routing"] / row["gloro_ms"]
     row["power_iteration_speedup"] = row["gloro_ms_onednn_power_iteration"] / row["gloro_ms"]
     return row
 
 
 def table(rows: list[dict]) -> str:
     lines = ["| arch | plain ms | GloRo ms | GloRo / plain | GloRo steps/s | plain ms (torch "
-             "MinMax) | GloRo ms (torch MinMax) | GloRo ms (power iteration on oneDNN) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "MinMax) | GloRo ms (torch MinMax) | plain ms (where routing) | GloRo ms (where "
+             "routing) | GloRo ms (power iteration on oneDNN) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['arch']} | {r['plain_ms']:.1f} | {r['gloro_ms']:.1f} | "
                      f"{r['gloro_over_plain']:.2f} | {r['steps_per_s_gloro']:.1f} | "
                      f"{r['plain_ms_torch_minmax']:.1f} | {r['gloro_ms_torch_minmax']:.1f} | "
+                     f"{r['plain_ms_where_routing']:.1f} | {r['gloro_ms_where_routing']:.1f} | "
                      f"{r['gloro_ms_onednn_power_iteration']:.1f} |")
     return "\n".join(lines)
 
@@ -126,6 +145,7 @@ def main() -> None:
                         help="timed steps per variant, in rounds of blocks")
     parser.add_argument("--archs", default=",".join(ARCHS))
     args = parser.parse_args()
+    keep_freed_memory()  # as the certnet command does: steps without page faults, steadier
     torch.set_num_threads(args.threads)
     rows = [measure(arch, args.steps) for arch in args.archs.split(",")]
     write_json(RESULTS, {"rows": rows, "batch": 256, "threads": args.threads,

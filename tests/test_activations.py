@@ -118,11 +118,13 @@ def test_certificates_through_clipped_relus_never_contradict_the_exact_oracle():
 
 def test_minmax_matches_torch_sorting_and_its_gradient():
     """The pair sort's custom backward is the gradient of (min, max) (gradcheck in float64,
-    conv-shaped and dense inputs); at a tie it routes each output's gradient to one input,
-    a valid subgradient that keeps the gradient norm."""
+    conv-shaped and dense inputs; forward mode, and double backward, whose bitwise routing
+    switches to the differentiable torch.where); at a tie it routes each output's gradient to
+    one input, a valid subgradient that keeps the gradient norm."""
     for shape in [(3, 4), (2, 6, 3, 3)]:
         x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
-        assert torch.autograd.gradcheck(MinMax(), (x,))
+        assert torch.autograd.gradcheck(MinMax(), (x,), check_forward_ad=True)
+        assert torch.autograd.gradgradcheck(MinMax(), (x,))
         half = shape[1] // 2
         a, b = x[:, :half], x[:, half:]
         assert torch.equal(MinMax()(x), torch.cat([torch.minimum(a, b), torch.maximum(a, b)], 1))
@@ -140,3 +142,22 @@ def test_minmax_propagates_nan_and_keeps_the_memory_layout_irrelevant():
     expected = torch.cat([torch.minimum(z[:, :half], z[:, half:]),
                           torch.maximum(z[:, :half], z[:, half:])], 1)
     assert torch.equal(MinMax()(z), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_pair_sort_routing_matches_where_bit_for_bit(dtype, layout) -> None:
+    """MinMax's backward exchanges gradient halves on the floats' bits: exactly torch.where's
+    values, NaN, inf and -0.0 included, in either memory layout."""
+    from certnet.nn.activations import _swap_where
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(8, 6, 3, 3, generator=g).to(dtype)
+    t[0, :, 0, 0] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, 1.0])
+    t = t.contiguous(memory_format=layout)
+    swap = torch.rand(8, 3, 3, 3, generator=g) > 0.5
+    low, high = t[:, :3], t[:, 3:]
+    want = torch.cat([torch.where(swap, high, low), torch.where(swap, low, high)], dim=1)
+    got = _swap_where(swap, t)
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    assert got.dtype == dtype and torch.equal(got.view(bits), want.view(bits))

@@ -5,6 +5,9 @@ from torch import nn
 
 from certnet.errors import InputError
 
+#: the integer dtype of each float width, for bit-pattern views
+_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
 
 class _PairSort(torch.autograd.Function):
     """(a, b) -> (min(a, b), max(a, b)) per channel pair, saving one bool mask (which pairs
@@ -43,10 +46,22 @@ class _PairSort(torch.autograd.Function):
 
 
 def _swap_where(swap: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """The two halves of ``t`` exchanged where ``swap``: a pair sort is its own transpose."""
+    """The two halves of ``t`` exchanged where ``swap``: a pair sort is its own transpose.
+
+    Computed on the integer views of the floats, d = (low ^ high) & -swap, then (low ^ d,
+    high ^ d): the same bits as ``torch.where`` (NaN, inf and -0.0 included) without its
+    branch per element, which an unpredictable mask such as this one mispredicts half the time
+    on the CPU (measured on 346k float32 elements: where 1.1 ms, with a sorted mask 0.14 ms,
+    the bitwise form 0.13 ms). Under ``create_graph`` (grad mode on in the backward) it stays
+    differentiable: ``torch.where``."""
     half = t.shape[1] // 2
-    low, high = t[:, :half], t[:, half:]
-    return torch.cat([torch.where(swap, high, low), torch.where(swap, low, high)], dim=1)
+    if torch.is_grad_enabled():
+        low, high = t[:, :half], t[:, half:]
+        return torch.cat([torch.where(swap, high, low), torch.where(swap, low, high)], dim=1)
+    bits = t.view(_BITS[t.element_size()])
+    low, high = bits[:, :half], bits[:, half:]
+    d = (low ^ high) & swap.to(bits.dtype).neg_()  # all bits set where the pair swaps
+    return torch.cat([low ^ d, high ^ d], dim=1).view(t.dtype)
 
 
 class MinMax(nn.Module):

@@ -161,12 +161,16 @@ class LipschitzConv2d(nn.Conv2d, LipschitzModule):
         return self.weight.numel() * positions < SMALL_CONVOLUTION
 
     def lipschitz_estimate(self, iterations: int = 1) -> torch.Tensor:
-        self._check_shape()
+        _, h, width = self._check_shape()
         w = self.effective_weight()
+        k, s, p = self.kernel_size[0], self.stride[0], self.padding[0]
+        # the transposed convolution back onto the input grid: rows or columns the strided
+        # forward never reads come back as output padding (zeros)
+        extra = ((h + 2 * p - k) % s, (width + 2 * p - k) % s)
 
-        def step(v: torch.Tensor) -> torch.Tensor:
-            out = F.conv2d(v, w, None, self.stride, self.padding)
-            return torch.nn.grad.conv2d_input(v.shape, w, out, self.stride, self.padding)
+        def step(v: torch.Tensor) -> torch.Tensor:  # W^T W v
+            out = F.conv2d(v, w, None, s, p)
+            return F.conv_transpose2d(out, w, None, s, p, extra)
 
         with without_onednn() if self._small() else contextlib.nullcontext():
             v = _power_iterate(step, self.power_iterate, iterations)
