@@ -223,6 +223,22 @@ def test_local_lipschitz_presets_build_their_models(preset):
                                        else "lipschitz")
 
 
+@pytest.mark.parametrize("preset", ["crown-ibp-cifar10-2-255-dm-large",
+                                    "crown-ibp-cifar10-8-255-dm-large"])
+def test_cifar_bound_presets_normalise_inside_the_model(preset):
+    """CROWN-IBP's CIFAR-10 inputs are normalised: the Normalize layer comes first, so eps and
+    the [0, 1] box stay in pixels, and the interval bounds pass through it."""
+    from certnet.nn.lipschitz import Normalize
+
+    config = TrainConfig.from_yaml(Path(certnet.__file__).parent / "configs" / f"{preset}.yaml")
+    model = build_model(config, (3, 32, 32), 10)
+    assert type(model.layers[0]) is Normalize
+    x = torch.rand(2, 3, 32, 32)
+    loss, stats = model.loss(x, torch.tensor([0, 1]), config.eps, **{
+        k: v(0.3) for k, v in config.loss_schedules.items()})
+    assert torch.isfinite(loss) and stats["robust"].shape == (2,)
+
+
 def test_ramp_shapes():
     assert Ramp(1, 0.001, 0.5, 1.0, "exp")(0.25) == 1
     assert Ramp(1, 0.001, 0.5, 1.0, "exp")(1.0) == pytest.approx(0.001)

@@ -48,15 +48,16 @@ def activation_spec(activation: str, shape: list[int]) -> LayerSpec:
 
 
 def conv_mlp(input_shape: tuple[int, ...], num_classes: int, convs: list[tuple[int, ...]],
-             dense: list[int], activation: str = "minmax", batchnorm: bool = False
-             ) -> list[LayerSpec]:
+             dense: list[int], activation: str = "minmax", batchnorm: bool = False,
+             normalize: list[list[float]] | None = None) -> list[LayerSpec]:
     """Conv stack (filters, kernel, stride[, padding]; padding defaults to TF "same"), then
     dense layers, then the logit layer; ``activation`` after every layer but the last, with
-    BatchNorm before it if ``batchnorm``."""
+    BatchNorm before it if ``batchnorm``; ``normalize`` = [mean, std] per channel of the data
+    puts the input normalisation inside the model, so eps and the [0, 1] box stay in pixels."""
     if activation not in ACTIVATIONS:
         raise ConfigError(f"unknown activation {activation!r}; choose from {ACTIVATIONS}")
     channels, height, width = input_shape
-    specs: list[LayerSpec] = []
+    specs: list[LayerSpec] = _normalize(normalize)
     for filters, kernel, stride, *pad in convs:
         # TF "same": output = ceil(n / stride); symmetric padding (k - 1) // 2 gives it for
         # the kernels and even sizes used here.
@@ -109,39 +110,43 @@ def arch_8c2f(input_shape, num_classes, activation="minmax"):
 
 
 @register_arch("dm-small")
-def arch_dm_small(input_shape, num_classes, activation="relu", batchnorm=False):
+def arch_dm_small(input_shape, num_classes, activation="relu", batchnorm=False,
+                  normalize=None):
     """DM-small (Gowal et al. 2018; CROWN-IBP): conv16 4/2, conv32 4/1, FC100, no padding;
-    ``batchnorm`` adds BatchNorm before every activation (Shi et al. 2021)."""
+    ``batchnorm`` adds BatchNorm before every activation (Shi et al. 2021); ``normalize``
+    ([mean, std]) normalises the input inside the model, as CROWN-IBP does on CIFAR-10."""
     return conv_mlp(input_shape, num_classes, [(16, 4, 2, 0), (32, 4, 1, 0)], [100],
-                    activation, batchnorm)
+                    activation, batchnorm, normalize)
 
 
 @register_arch("dm-medium")
-def arch_dm_medium(input_shape, num_classes, activation="relu", batchnorm=False):
+def arch_dm_medium(input_shape, num_classes, activation="relu", batchnorm=False,
+                   normalize=None):
     """DM-medium: conv32 3/1, conv32 4/2, conv64 3/1, conv64 4/2, FC512, FC512, no padding."""
     return conv_mlp(input_shape, num_classes,
                     [(32, 3, 1, 0), (32, 4, 2, 0), (64, 3, 1, 0), (64, 4, 2, 0)], [512, 512],
-                    activation, batchnorm)
+                    activation, batchnorm, normalize)
 
 
 @register_arch("dm-large")
-def arch_dm_large(input_shape, num_classes, activation="relu", batchnorm=False):
+def arch_dm_large(input_shape, num_classes, activation="relu", batchnorm=False,
+                  normalize=None):
     """DM-large: conv64 3/1, conv64 3/1, conv128 3/2, conv128 3/1, conv128 3/1, FC512
     (padding 1)."""
     return conv_mlp(input_shape, num_classes,
                     [(64, 3, 1, 1), (64, 3, 1, 1), (128, 3, 2, 1), (128, 3, 1, 1),
-                     (128, 3, 1, 1)], [512], activation, batchnorm)
+                     (128, 3, 1, 1)], [512], activation, batchnorm, normalize)
 
 
 @register_arch("cnn7")
 def arch_cnn7(input_shape, num_classes, activation="relu", width: int = 64,
-              linear_size: int = 512):
+              linear_size: int = 512, normalize=None):
     """CNN7 (Shi et al. 2021, used by SABR, TAPS, MTL-IBP, CTRAIN): conv w, w, 2w/2, 2w, 2w
     (3x3, padding 1), FC ``linear_size``, BatchNorm before every ReLU."""
     return conv_mlp(input_shape, num_classes,
                     [(width, 3, 1, 1), (width, 3, 1, 1), (2 * width, 3, 2, 1),
                      (2 * width, 3, 1, 1), (2 * width, 3, 1, 1)], [linear_size], activation,
-                    batchnorm=True)
+                    batchnorm=True, normalize=normalize)
 
 
 def _normalize(normalize: list[list[float]] | None) -> list[LayerSpec]:

@@ -73,6 +73,8 @@ class MinMax(nn.Module):
         c = x.shape[1]
         if c % 2:
             raise InputError(f"MinMax needs an even number of channels, got {c}")
+        if not torch.is_grad_enabled():  # no backward to prepare for: skip the swap mask
+            return _PairSort.forward(x)
         return _PairSort.apply(x)
 
 
