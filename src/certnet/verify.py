@@ -1,6 +1,8 @@
 """Exact robustness oracles for tiny piecewise-linear networks (testing certificates).
 
-For a network f built from Flatten, (Lipschitz)Linear, ReLU and MinMax layers, a point x, a label
+For a network f built from Flatten, (Lipschitz)Linear, ReLU, MinMax and their clipped forms
+(rewritten exactly with ReLUs: clamp(min(z, t), 0) = relu(t - relu(t - z)), max(m, l) =
+l + relu(m - l), min(M, u) = u - relu(u - M)), a point x, a label
 and a radius eps, the oracles compute
 
     m* = min { min_{j != label} f(x')_label - f(x')_j :  ||x' - x|| <= eps,  lo <= x' <= hi }
@@ -45,7 +47,7 @@ from torch import nn
 from torch.func import functional_call
 
 from certnet.errors import ConfigError, InputError, UnsupportedLayerError
-from certnet.nn.activations import MinMax
+from certnet.nn.activations import ClippedMinMax, ClippedReLU, MinMax
 from certnet.nn.lipschitz import LipschitzLinear
 
 Norm = Literal["l2", "linf"]
@@ -117,11 +119,33 @@ def _network_ops(layers: nn.Module, shape: tuple[int, ...]) -> tuple[list[_Op], 
             if shape[0] % 2:
                 raise UnsupportedLayerError(f"verify: MinMax on {shape[0]} (odd) channels")
             ops.append(("minmax",))
+        elif type(layer) is ClippedReLU:
+            ops += _clipped_relu_ops(_flat(layer.threshold))
+        elif type(layer) is ClippedMinMax:
+            ops += [("minmax",), *_clamp_halves_ops(_flat(layer.lower), _flat(layer.upper))]
         else:
             raise UnsupportedLayerError(
                 f"verify: no exact encoding for layer {type(layer).__name__} (supported: "
-                "Flatten, Linear, ReLU, MinMax)")
+                "Flatten, Linear, ReLU, MinMax, ClippedReLU, ClippedMinMax)")
     return ops, shape
+
+
+def _flat(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to(torch.float64).cpu().numpy().reshape(-1)
+
+
+def _clipped_relu_ops(t: np.ndarray) -> list[_Op]:
+    """clamp(min(z, t), 0) = relu(t - relu(t - z)), for any threshold t."""
+    flip = -np.eye(t.size)
+    return [("affine", flip, t), ("relu",), ("affine", flip, t), ("relu",)]
+
+
+def _clamp_halves_ops(lower: np.ndarray, upper: np.ndarray) -> list[_Op]:
+    """[m; M] -> [max(m, lower); min(M, upper)] = [lower + relu(m - lower); upper -
+    relu(upper - M)]."""
+    sign = np.diag(np.concatenate([np.ones(lower.size), -np.ones(upper.size)]))
+    return [("affine", sign, np.concatenate([-lower, upper])), ("relu",),
+            ("affine", sign, np.concatenate([lower, upper]))]
 
 
 def _margins(layers: nn.Module, points: torch.Tensor, label: int) -> torch.Tensor:
@@ -394,7 +418,8 @@ def min_margin(layers: nn.Sequential, x: torch.Tensor, label: int, eps: float, n
     """Exact minimum margin of ``label`` over the ``norm`` ball of radius ``eps`` around one
     point ``x`` (no batch dimension) intersected with ``domain``; see the module docstring for
     the methods and their tolerances (MILP: Tjeng, Xiao & Tedrake, ICLR 2019). Raises
-    :class:`UnsupportedLayerError` for layers other than Flatten / Linear / ReLU / MinMax, and
+    :class:`UnsupportedLayerError` for layers other than Flatten / Linear / ReLU / MinMax (and
+    their clipped forms), and
     :class:`InputError` for an enumeration problem above ``max_dim`` input dimensions."""
     if norm not in ("l2", "linf"):
         raise ConfigError(f"verify: norm must be 'l2' or 'linf', got {norm!r}")
