@@ -736,7 +736,7 @@ def test_margin_bounds_given_the_labels_skip_only_an_unused_clean_pass(train):
     layers = mixed_convnet(3, train=train)
     x = inputs((1, 7, 7), 6, 12)
     threat = ThreatModel("linf", 0.02)
-    seen, logits = interval_walk(copy.deepcopy(layers), x, threat, clean=False)
+    seen, logits = interval_walk(copy.deepcopy(layers), x, threat, with_clean=False)
     assert (logits is None) == (not train)
     with torch.no_grad():
         ref = copy.deepcopy(layers)(x).argmax(1)

@@ -183,6 +183,5 @@ def loss_function(model: nn.Module, world: World, device: torch.device):
     if not world.active:
         return model.loss
     ids = [device.index] if device.type == "cuda" else None
-    # a method may leave parameters out of some steps (the l_inf-dist output scale)
-    return nn.parallel.DistributedDataParallel(LossModule(model), device_ids=ids,
-                                               find_unused_parameters=True)
+    return nn.parallel.DistributedDataParallel(
+        LossModule(model), device_ids=ids, find_unused_parameters=model.skips_parameters)

@@ -26,7 +26,7 @@ from certnet.threat import ThreatModel
 def interval_walk(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
                   radii: Mapping[int, torch.Tensor | float] | None = None,
                   box_layers: nn.Sequential | None = None,
-                  outputs: list[torch.Tensor] | None = None, clean: bool = True
+                  outputs: list[torch.Tensor] | None = None, with_clean: bool = True
                   ) -> tuple[list[LayerInput], torch.Tensor | None]:
     """Propagate the threat model's box around ``x`` and ``x`` itself through every layer.
 
@@ -40,7 +40,7 @@ def interval_walk(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
     Returns what each layer sees (``LayerInput`` i is layer i's input interval and clean
     input; the list has one more entry, the output) and the clean output. The clean pass calls
     the layers themselves (so BatchNorm updates its running statistics in training).
-    ``clean=False``: the caller needs no clean values, so the clean pass is skipped (clean
+    ``with_clean=False``: the caller needs no clean values, so the clean pass is skipped (clean
     inputs and output are None) unless the bounds use it (l2 balls; layers whose rule
     ``uses_clean``, e.g. BatchNorm in training)."""
     check_supported(layers)
@@ -50,7 +50,7 @@ def interval_walk(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
     ball = threat.norm == "l2"
     known = {0: threat.eps, **(radii or {})} if ball else {}
     radius = known.get(0)
-    clean = x if clean or ball or any(rule_for(m).uses_clean(m) for m in layers) else None
+    clean = x if with_clean or ball or any(rule_for(m).uses_clean(m) for m in layers) else None
     seen: list[LayerInput] = []
     with gemm_convolutions(box_layers is not None):
         for i, m in enumerate(layers):

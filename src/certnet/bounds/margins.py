@@ -42,7 +42,7 @@ def margin_walk(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
     takes the argmax of the clean logits. Given ``ref``, IBP and CROWN-IBP skip the clean
     pass where their bounds do not use it (``logits`` is then None)."""
     seen, logits = crown_walk(layers, x, threat, slope) if method in ("crown", "alpha-crown") \
-        else interval_walk(layers, x, threat, clean=ref is None)
+        else interval_walk(layers, x, threat, with_clean=ref is None)
     ref = logits.argmax(1) if ref is None else ref
     spec = margin_spec(ref, seen[-1].lo.shape[1]).to(seen[-1].lo.dtype)
     if method == "alpha-crown":

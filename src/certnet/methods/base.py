@@ -36,6 +36,9 @@ class CertifiedModel(nn.Module):
     init: ClassVar[str] = "orthogonal"
     #: Name of the certifier ``certify`` uses when none is given (certnet.certifiers).
     default_certifier: ClassVar[str] = "best"
+    #: Whether a training step may leave a parameter without a gradient (DDP then searches
+    #: for such parameters every step, and warns when told to search for nothing).
+    skips_parameters: ClassVar[bool] = False
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int) -> None:
         super().__init__()

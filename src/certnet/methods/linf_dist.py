@@ -63,6 +63,7 @@ class LinfDistNet(CertifiedModel):
     norm = "linf"
     init = "linf-dist"
     default_certifier = "best"
+    skips_parameters = True  # the output scale, without the CE term (lam = 0)
 
     def __init__(self, layers: nn.Sequential, input_shape: tuple[int, ...], num_classes: int,
                  loss: str = "mixture", p_start: float = 8.0, p_end: float = 1000.0,
