@@ -6,7 +6,10 @@ the two libraries alternate, so they share the machine's load alike) of the marg
 z_y - z_j by IBP, CROWN-IBP and full CROWN (no grad), and of IBP and CROWN-IBP training steps
 (clean forward pass, bounds, loss, ``loss.backward()``), with auto_LiRPA computing the same
 bounds (``compute_bounds`` with method "IBP", "CROWN-IBP", "CROWN" and the same margin
-specification C = e_y - e_j). Given the labels, neither side's IBP or CROWN-IBP bound rows
+specification C = e_y - e_j), and a CROWN-IBP training step with loss fusion (Xu et al. 2020:
+the robust CE bounded with one backward pass; certnet's ``fused_training_loss``, auto_LiRPA's
+``CrossEntropyWrapper`` with ``loss_fusion``; the rows compare log of the bound on
+sum_j exp(z_j - z_y)). Given the labels, neither side's IBP or CROWN-IBP bound rows
 run the clean forward pass (certnet's full CROWN does). Reports
 the largest |certnet - auto_LiRPA| bound difference (IBP and CROWN-IBP should agree to float32
 rounding; certnet's full CROWN tightens its intermediate intervals by IBP as well, so it should
@@ -40,7 +43,7 @@ from machine import certnet_commit, cpu_model
 from torch import nn
 
 from certnet.archs import build_arch
-from certnet.bounds import margin_bounds, margin_spec, training_bounds
+from certnet.bounds import fused_training_loss, margin_bounds, margin_spec, training_bounds
 from certnet.bounds.rules import ConvRule
 from certnet.checkpoint import write_json
 from certnet.memory import keep_freed_memory
@@ -53,6 +56,7 @@ METHODS = {"IBP": ("ibp", "IBP"), "CROWN-IBP": ("crown-ibp", "CROWN-IBP"),
            "CROWN": ("crown", "CROWN")}
 #: training-step row label -> (CROWN-IBP beta, auto_LiRPA method)
 TRAIN = {"IBP train step": (0.0, "IBP"), "CROWN-IBP train step": (1.0, "CROWN-IBP")}
+FUSED = "CROWN-IBP fused train step"
 
 
 
@@ -118,6 +122,19 @@ def plain_copy(layers: nn.Sequential) -> nn.Sequential:
     return nn.Sequential(*out)
 
 
+class ExpSumWrapper(nn.Module):
+    """auto_LiRPA's CrossEntropyWrapper (sum_j exp(z_j - z_y)) with the label as a one-hot
+    input: torch 2.x exports its gather as onnx::OneHot, which auto_LiRPA 0.3 cannot bound."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+        z = self.model(x)
+        return torch.exp(z - (z * onehot).sum(-1, keepdim=True)).sum(-1, keepdim=True)
+
+
 def training_loss(logits: torch.Tensor, y: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
     """Zhang et al. 2020's loss at kappa 1/2: CE of the clean logits plus the robust CE of the
     logits [0, -lower] (so both sides run the clean forward pass a training step needs)."""
@@ -171,11 +188,38 @@ def bench_model(name: str, batch: int, eps: float, repeats: int, crown_repeats: 
         lb, _ = bounded.compute_bounds(x=(bx,), C=spec, method=method, bound_upper=False)
         return lb
 
+    fused = None
+    if lirpa is not None and FUSED in methods:
+        onehot = F.one_hot(y, 10).to(x.dtype)
+        fused = lirpa.BoundedModule(ExpSumWrapper(plain), (x[:1], onehot[:1]),
+                                    bound_opts={"loss_fusion": True}, device="cpu")
+        fused_params = [p for m in fused.modules() for p in m._parameters.values()
+                        if p is not None]
+        exp_node = next(m for m in fused.modules() if type(m).__name__ == "BoundExp")
+
     rows = []
     for label in methods:
         reps = crown_repeats if label == "CROWN" else repeats
         row = {"model": name, "method": label, "batch": batch, "eps": eps, "repeats": reps}
-        if label in TRAIN:
+        if label == FUSED:
+            def ours():
+                layers.zero_grad()
+                bound, _, logits = fused_training_loss(layers, x, threat, y, 1.0)
+                (F.cross_entropy(logits, y) + bound.mean()).backward()
+                return bound.detach().unsqueeze(1)
+
+            def theirs():
+                for p in fused_params:
+                    p.grad = None
+                # its exp node works relative to a per-point max_input, added back to the log
+                clean = torch.log(fused(x, onehot)).squeeze(1) + exp_node.max_input.view(-1)
+                _, upper = fused.compute_bounds(x=(bx, onehot), C=None, method="CROWN-IBP",
+                                                bound_lower=False, bound_upper=True)
+                bound = torch.log(upper).squeeze(1) + exp_node.max_input.view(-1)
+                (clean.mean() + bound.mean()).backward()
+                return bound.detach().unsqueeze(1)
+            grad_mode = torch.enable_grad
+        elif label in TRAIN:
             beta, their_method = TRAIN[label]
 
             def ours(beta=beta):
@@ -225,6 +269,8 @@ def bench_model(name: str, batch: int, eps: float, repeats: int, crown_repeats: 
             row["auto_lirpa_runs"] = times_theirs
             row["ratio"] = row["certnet_s"] / row["auto_lirpa_s"]
             diff = mine.double() - other.double()
+            if label == FUSED:  # upper bounds there: the lower one is the tighter
+                diff = -diff
             row["max_abs_bound_diff"] = float(diff.abs().max())
             row["certnet_tighter_by"] = float(diff.max())
             row["certnet_looser_by"] = float((-diff).max())
@@ -255,8 +301,8 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
-    parser.add_argument("--methods", nargs="+", default=[*METHODS, *TRAIN],
-                        choices=[*METHODS, *TRAIN])
+    parser.add_argument("--methods", nargs="+", default=[*METHODS, *TRAIN, FUSED],
+                        choices=[*METHODS, *TRAIN, FUSED])
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--eps", type=float, default=0.1)
     parser.add_argument("--repeats", type=int, default=3)

@@ -7,6 +7,7 @@ from certnet.bounds.crown import backward_bound, crown_walk
 from certnet.bounds.ibp import interval_walk
 from certnet.bounds.margins import (
     BOUND_METHODS,
+    fused_training_loss,
     margin_bounds,
     margin_spec,
     margin_walk,
@@ -23,5 +24,6 @@ from certnet.bounds.rules import (
 )
 
 __all__ = ["BOUND_METHODS", "BOUND_RULES", "SLOPES", "BoundRule", "LayerInput",
-           "backward_bound", "check_supported", "crown_walk", "interval_walk", "margin_bounds",
+           "backward_bound", "check_supported", "crown_walk", "fused_training_loss",
+           "interval_walk", "margin_bounds",
            "margin_spec", "margin_walk", "register_bound_rule", "rule_for", "training_bounds"]

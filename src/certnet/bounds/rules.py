@@ -371,23 +371,30 @@ def relu_relaxation(lo: torch.Tensor, hi: torch.Tensor, slope: Slope | torch.Ten
     §3.2): the upper line through (lo, 0) and (hi, hi); the lower slope in [0, 1] for unstable
     neurons is chosen by ``slope`` (adaptive: 1 if hi > -lo else 0), or given as a tensor
     (alpha-CROWN's, per specification row: (B, S, *h), values in [0, 1]; the lower slope then
-    has that shape)."""
+    has that shape).
+
+    Stable neurons get slopes 1 (lo >= 0) or 0 (hi <= 0) through the same arithmetic, without
+    torch.where, whose branch per element this unpredictable mask mispredicts on the CPU (a
+    fifth of a CROWN-IBP loss-fusion step): hi+ / (hi+ - lo-) is hi / (hi - lo) where unstable,
+    1 where active and 0 where inactive; lo = hi = 0, where the width is 0, gets 1 / 1."""
     unstable = (lo < 0) & (hi > 0)
-    width = torch.where(unstable, hi - lo, torch.ones_like(hi))
-    upper = torch.where(unstable, hi / width, (lo >= 0).to(hi.dtype))
-    upper_bias = torch.where(unstable, -upper * lo, torch.zeros_like(lo))
+    active = lo >= 0
+    positive, negative = hi.clamp(min=0), lo.clamp(max=0)
+    width = positive - negative
+    point = (width == 0).to(hi.dtype)
+    upper = (positive + point) / (width + point)
+    upper_bias = -upper * negative
     if isinstance(slope, torch.Tensor):
-        lower = torch.where(unstable.unsqueeze(1), slope, (lo >= 0).to(hi.dtype).unsqueeze(1))
+        lower = torch.where(unstable.unsqueeze(1), slope, active.to(hi.dtype).unsqueeze(1))
         return lower, upper, upper_bias
     if slope == "adaptive":
-        unstable_lower = (hi > -lo).to(hi.dtype)
+        lower = (unstable & (hi > -lo) | active).to(hi.dtype)
     elif slope == "zero":
-        unstable_lower = torch.zeros_like(hi)
+        lower = active.to(hi.dtype)
     elif slope == "one":
-        unstable_lower = torch.ones_like(hi)
-    else:
-        unstable_lower = upper
-    lower = torch.where(unstable, unstable_lower, (lo >= 0).to(hi.dtype))
+        lower = (unstable | active).to(hi.dtype)
+    else:  # the upper line's slope
+        lower = upper
     return lower, upper, upper_bias
 
 
