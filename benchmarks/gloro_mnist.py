@@ -33,6 +33,7 @@ from certnet.checkpoint import load, write_json
 from certnet.cli import preset_path
 from certnet.data import load_dataset
 from certnet.methods.gloro import GloroNet, SoundConstants, bottom_logit, pairwise_lipschitz
+from certnet.optim import Adam
 from certnet.train import TrainConfig, Trainer
 
 
@@ -52,7 +53,7 @@ def time_training_steps(config: TrainConfig, model: GloroNet, steps: int) -> flo
     """Median seconds of one training step (forward, loss, backward, Adam) on a copy of the
     model, timed in this process so it is measured side by side with certification."""
     model = copy.deepcopy(model).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    optimizer = Adam(model.parameters(), lr=config.lr)
     x = torch.rand(config.batch_size, *model.input_shape)
     y = torch.randint(0, model.num_classes, (config.batch_size,))
     eps = config.eps * config.eps_train_factor

@@ -33,6 +33,7 @@ from certnet.memory import keep_freed_memory
 from certnet.methods.gloro import GloroNet
 from certnet.nn import activations, lipschitz
 from certnet.nn.activations import MinMax
+from certnet.optim import Adam
 
 RESULTS = Path(__file__).parent / "results" / "gloro_step.json"
 #: arch -> (eps, power iterations) of its MNIST preset.
@@ -83,7 +84,7 @@ def measure(arch: str, steps: int) -> dict:
     eps, iterations = ARCHS[arch]
     model = GloroNet(build_arch(arch, (1, 28, 28), 10), (1, 28, 28), 10,
                      power_iterations=iterations).to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    optimizer = Adam(model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(0)
     x = torch.rand(256, 1, 28, 28, generator=g).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (256,), generator=g)

@@ -35,7 +35,8 @@ class TrainConfig:
     keyword arguments of the method's loss (e.g. ``trades_lambda``) as schedules.
     ``method_kwargs`` and ``arch_kwargs`` are keyword arguments of the method class and of the
     architecture function. ``init`` overrides the method's initialisation (``archs.INITS``);
-    ``optimizer_kwargs`` go to the optimizer (Adam: betas, eps; SGD: momentum, nesterov);
+    ``optimizer_kwargs`` go to the optimizer (:mod:`certnet.optim`; Adam: betas, eps, amsgrad;
+    SGD: momentum, dampening, nesterov);
     ``grad_clip`` clips the gradient's global l2 norm. ``precision`` runs the training
     forward and backward under autocast (``bfloat16``, or ``float16`` with loss scaling);
     certification always uses the float64 copy and bounds, whatever the training precision.
@@ -107,10 +108,10 @@ class TrainConfig:
         self.loss_schedules = {k: Ramp.parse(v) for k, v in self.loss_schedules.items()}
 
     def optimizer_class(self) -> type:
-        """The torch optimizer ``optimizer`` names."""
-        import torch
+        """The optimizer class ``optimizer`` names (:mod:`certnet.optim`)."""
+        from certnet.optim import OPTIMIZERS as CLASSES
 
-        return {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}[self.optimizer]
+        return CLASSES[self.optimizer]
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:

@@ -15,6 +15,7 @@ from torch import nn
 
 from certnet.bounds.crown import backward_bound
 from certnet.bounds.rules import LayerInput, ReLURule, Slope, relu_relaxation, rule_for
+from certnet.optim import Adam
 from certnet.threat import ThreatModel
 
 #: Gradient steps on the slopes, and Adam's learning rate (alpha-CROWN's defaults are 20-100
@@ -38,7 +39,7 @@ def optimized_bound(layers: nn.Sequential, seen: list[LayerInput], spec: torch.T
         start = relu_relaxation(seen[i].lo, seen[i].hi, slope)[0].unsqueeze(1)  # CROWN's
         alphas[i] = start.expand(-1, rows, *start.shape[2:]).clone().requires_grad_()
     params = list(alphas.values())
-    optimizer = torch.optim.Adam(params, lr=lr, maximize=True)
+    optimizer = Adam(params, lr=lr, maximize=True)
     for _ in range(steps):
         with torch.enable_grad():
             bound = backward_bound(layers, seen, spec, x, threat, slope, alphas=alphas)
