@@ -145,10 +145,23 @@ def test_missing_and_corrupt_gz_in_data_dir(monkeypatch, tmp_path):
     (d / "train-labels-idx1-ubyte.gz").unlink()
     gz = d / "t10k-images-idx3-ubyte.gz"
     gz.write_bytes(gz.read_bytes()[:20])
-    with pytest.raises(DataError) as err:
+    with pytest.raises(DataError, match="train-labels-idx1-ubyte: missing"):
         load_dataset("mnist", "train", d)
-    assert "train-labels-idx1-ubyte: missing" in str(err.value)
-    assert f"{gz}: unreadable" in str(err.value)
+    with pytest.raises(DataError, match=f"{gz}: unreadable"):
+        load_dataset("mnist", "test", d)
+
+
+def test_a_split_reads_and_verifies_only_its_own_files(monkeypatch, tmp_path):
+    """Certifying needs no training set: the test split loads from a directory (or cache)
+    without the training files, and the training split without the test files."""
+    files = {s: idx(a) for s, a in small_idx_set().items()}
+    use_spec(monkeypatch, files)
+    test_only = write_files(tmp_path / "t", {s: b for s, b in files.items() if "t10k" in s})
+    assert len(load_dataset("mnist", "test", test_only)) > 0
+    train_only = write_files(tmp_path / "r", {s: b for s, b in files.items() if "train" in s})
+    assert len(load_dataset("mnist", "train", train_only)) > 0
+    with pytest.raises(DataError, match="t10k-images-idx3-ubyte: missing"):
+        load_dataset("mnist", "test", train_only)
 
 
 def test_truncated_idx_is_a_data_error(monkeypatch, tmp_path):

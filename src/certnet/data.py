@@ -25,6 +25,7 @@ import tempfile
 import urllib.request
 import warnings
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,10 +128,13 @@ def _from_dir(directory: Path, spec: IdxFiles) -> dict[str, Path]:
     return {stem: p for stem in spec.files if (p := _find(directory, stem)) is not None}
 
 
-def _read_verified(found: dict[str, Path], spec: IdxFiles) -> tuple[dict[str, bytes], list[str]]:
-    """The uncompressed contents of the files of ``spec`` whose md5 matches, and the problems."""
+def _read_verified(found: dict[str, Path], spec: IdxFiles, stems: Iterable[str]
+                   ) -> tuple[dict[str, bytes], list[str]]:
+    """The uncompressed contents of the files ``stems`` of ``spec`` whose md5 matches, and the
+    problems."""
     contents, problems = {}, []
-    for stem, expected in spec.files.items():
+    for stem in stems:
+        expected = spec.files[stem]
         path = found.get(stem)
         if path is None:
             problems.append(f"{stem}: missing")
@@ -240,17 +244,22 @@ def _parse_idx(data: bytes, rank: int, what: str) -> np.ndarray:
 
 def _load_idx(name: str, spec: IdxFiles, sources: list, data_dir: Path | None,
               split: str) -> Dataset:
+    prefix = "train" if split == "train" else "t10k"
+    # a local copy is read and verified for this split only (certifying needs no training set);
+    # a download is verified whole, as the cache keeps it whole
+    needed = [stem for stem in spec.files if stem.startswith(prefix + "-")]
     if data_dir is not None:
-        contents, problems = _read_verified(_from_dir(data_dir, spec), spec)
+        contents, problems = _read_verified(_from_dir(data_dir, spec), spec, needed)
         if problems:
             raise DataError(f"{name}: --data-dir {data_dir} is not usable: {'; '.join(problems)}")
     else:
         target = cache_dir() / name
         tried = []
-        for label, source in [(f"cache {target}", lambda _: _from_dir(target, spec)), *sources]:
+        cache = (f"cache {target}", lambda _: _from_dir(target, spec), needed)
+        for label, source, stems in [cache, *((*s, spec.files) for s in sources)]:
             with tempfile.TemporaryDirectory() as work:
                 try:
-                    contents, problems = _read_verified(source(Path(work)), spec)
+                    contents, problems = _read_verified(source(Path(work)), spec, stems)
                 except DataError as err:
                     problems = [str(err)]
             if not problems:
@@ -263,7 +272,6 @@ def _load_idx(name: str, spec: IdxFiles, sources: list, data_dir: Path | None,
                 f"(or put them in {target}).")
         if tried:  # fetched from a source: keep a verified, uncompressed copy
             _save(contents, target)
-    prefix = "train" if split == "train" else "t10k"
     images, labels = (_parse_idx(contents[f"{prefix}-{kind}"], rank, f"{name} {prefix}-{kind}")
                       for kind, rank in (("images-idx3-ubyte", 3), ("labels-idx1-ubyte", 1)))
     checksum = hashlib.md5("".join(spec.files.values()).encode()).hexdigest()
