@@ -224,10 +224,11 @@ def test_local_lipschitz_presets_build_their_models(preset):
 
 
 @pytest.mark.parametrize("preset", ["crown-ibp-cifar10-2-255-dm-large",
-                                    "crown-ibp-cifar10-8-255-dm-large"])
+                                    "crown-ibp-cifar10-8-255-dm-large",
+                                    "ibp-cifar10-2-255-cnn7", "ibp-cifar10-8-255-cnn7"])
 def test_cifar_bound_presets_normalise_inside_the_model(preset):
-    """CROWN-IBP's CIFAR-10 inputs are normalised: the Normalize layer comes first, so eps and
-    the [0, 1] box stay in pixels, and the interval bounds pass through it."""
+    """CROWN-IBP's and Shi et al.'s CIFAR-10 inputs are normalised: the Normalize layer comes
+    first, so eps and the [0, 1] box stay in pixels, and the interval bounds pass through it."""
     from certnet.nn.lipschitz import Normalize
 
     config = TrainConfig.from_yaml(Path(certnet.__file__).parent / "configs" / f"{preset}.yaml")
