@@ -215,6 +215,8 @@ def masked_estimate(m: nn.Module, inp: LayerInput, rows: torch.Tensor, cols: tor
     Alg. 1), differentiable in the weights: an estimate from *below*, for training only.
     Every point starts from ``start`` (the layer's global iterate), masked."""
     rule = rule_for(m)
+    # 0/1 in the iterate's dtype once: a bool mask in a product is converted anew each time
+    rows, cols = rows.to(start.dtype), cols.to(start.dtype)
 
     def forward(v: torch.Tensor) -> torch.Tensor:
         return rule.linear(m, v, inp) * rows
