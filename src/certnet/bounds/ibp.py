@@ -19,6 +19,7 @@ from torch import nn
 
 from certnet.bounds.rules import AffineRule, LayerInput, check_supported, rule_for
 from certnet.errors import UnsupportedLayerError
+from certnet.nn import branchless
 from certnet.nn.conv_algorithms import gemm_convolutions
 from certnet.threat import ThreatModel
 
@@ -69,7 +70,7 @@ def interval_walk(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
                 if ball is not None:
                     if box_layers is not None:
                         ball = _outward(*ball, lo.dtype)
-                    lo, hi = torch.maximum(lo, ball[0]), torch.minimum(hi, ball[1])
+                    lo, hi = branchless.maximum(lo, ball[0]), branchless.minimum(hi, ball[1])
             clean = out
             if radius is not None:
                 lipschitz = rule.l2_lipschitz(m, inp)

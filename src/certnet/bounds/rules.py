@@ -24,6 +24,7 @@ from torch import nn
 
 from certnet.distributed import batch_mean, batch_variance, distributed_run
 from certnet.errors import UnsupportedLayerError
+from certnet.nn import branchless
 from certnet.nn.activations import ClippedMinMax, ClippedReLU, MinMax
 from certnet.nn.lipschitz import LipschitzConv2d, LipschitzLinear, Normalize, ResidualConv2d
 
@@ -580,7 +581,8 @@ class ClippedReLURule(BoundRule):
         return keep, keep
 
     def constancy_gap(self, m, lo, hi):
-        return torch.minimum(hi.clamp(min=0), (m.threshold - lo).clamp(min=0))
+        return branchless.minimum(branchless.clamp(hi, min=0),
+                                  branchless.clamp(m.threshold - lo, min=0))
 
     def interval(self, m, inp):
         return m(inp.lo), m(inp.hi)
@@ -607,10 +609,10 @@ class ClippedMinMaxRule(BoundRule):
     def _parts(m: nn.Module, lo: torch.Tensor, hi: torch.Tensor):
         half = lo.shape[1] // 2
         lo_a, lo_b, hi_a, hi_b = lo[:, :half], lo[:, half:], hi[:, :half], hi[:, half:]
-        low_min = torch.minimum(lo_a, lo_b) - m.lower  # min(a, b) - L
-        high_min = torch.minimum(hi_a, hi_b) - m.lower
-        low_max = m.upper - torch.maximum(hi_a, hi_b)  # U - max(a, b)
-        high_max = m.upper - torch.maximum(lo_a, lo_b)
+        low_min = branchless.minimum(lo_a, lo_b) - m.lower  # min(a, b) - L
+        high_min = branchless.minimum(hi_a, hi_b) - m.lower
+        low_max = m.upper - branchless.maximum(hi_a, hi_b)  # U - max(a, b)
+        high_max = m.upper - branchless.maximum(lo_a, lo_b)
         return (lo_a - hi_b, hi_a - lo_b), (low_min, high_min), (low_max, high_max)
 
     def unstable(self, m, lo, hi):
@@ -630,7 +632,8 @@ class ClippedMinMaxRule(BoundRule):
 
     def constancy_gap(self, m, lo, hi):
         _, (_, high_min), (_, high_max) = self._parts(m, lo, hi)
-        return torch.cat([high_min.clamp(min=0), high_max.clamp(min=0)], dim=1)
+        return torch.cat([branchless.clamp(high_min, min=0), branchless.clamp(high_max, min=0)],
+                         dim=1)
 
     def interval(self, m, inp):
         return m(inp.lo), m(inp.hi)

@@ -4,9 +4,8 @@ import torch
 from torch import nn
 
 from certnet.errors import InputError
-
-#: the integer dtype of each float width, for bit-pattern views
-_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+from certnet.nn import branchless
+from certnet.nn.branchless import BITS
 
 
 class _PairSort(torch.autograd.Function):
@@ -58,7 +57,7 @@ def _swap_where(swap: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled():
         low, high = t[:, :half], t[:, half:]
         return torch.cat([torch.where(swap, high, low), torch.where(swap, low, high)], dim=1)
-    bits = t.view(_BITS[t.element_size()])
+    bits = t.view(BITS[t.element_size()])
     low, high = bits[:, :half], bits[:, half:]
     d = (low ^ high) & swap.to(bits.dtype).neg_()  # all bits set where the pair swaps
     return torch.cat([low ^ d, high ^ d], dim=1).view(t.dtype)
@@ -97,7 +96,7 @@ class ClippedReLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_shape(self, x)
-        return torch.clamp(torch.minimum(x, self.threshold), min=0)
+        return branchless.clamp(branchless.minimum(x, self.threshold), min=0)
 
     @torch.no_grad()
     def project_(self) -> None:
@@ -124,5 +123,5 @@ class ClippedMinMax(nn.Module):
         _check_shape(self, x)
         c = x.shape[1] // 2
         a, b = x[:, :c], x[:, c:]
-        return torch.cat([torch.maximum(torch.minimum(a, b), self.lower),
-                          torch.minimum(torch.maximum(a, b), self.upper)], dim=1)
+        return torch.cat([branchless.maximum(branchless.minimum(a, b), self.lower),
+                          branchless.minimum(branchless.maximum(a, b), self.upper)], dim=1)
