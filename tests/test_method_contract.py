@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import certnet
+import certnet.optim
 from certnet.archs import ARCHS, INITS, register_arch
 from certnet.certifiers import CERTIFIERS, Certificate, Certifier, register_certifier
 from certnet.cli import main
@@ -122,7 +123,7 @@ def test_toy_method_goes_through_every_seam(tmp_path, mnist_available, toy_arch_
     assert all(float(p.detach().abs().max()) == 0 for n, p in fresh.named_parameters()
                if n.endswith("weight"))  # the method's own init was used
     trainer = Trainer(config, tmp_path / "run", progress=False)
-    assert type(trainer.optimizer) is torch.optim.SGD
+    assert type(trainer.optimizer) is certnet.optim.SGD
     assert trainer.optimizer.param_groups[0]["momentum"] == 0.9
     trainer.fit()
     seen = trainer.model.progress_seen
