@@ -139,20 +139,28 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def step_benchmark(doc: str, measure: Callable[[str, int], dict],
+                   table: Callable[[list[dict]], str], results: Path, archs: str,
+                   steps: int) -> None:
+    """The command line of a step benchmark: --threads, --steps, --archs; one row per arch,
+    written to ``results`` with the machine and command, and printed as a table."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=30,
+    parser.add_argument("--steps", type=int, default=steps,
                         help="timed steps per variant, in rounds of blocks")
-    parser.add_argument("--archs", default=",".join(ARCHS))
+    parser.add_argument("--archs", default=archs)
     args = parser.parse_args()
     keep_freed_memory()  # as the certnet command does: steps without page faults, steadier
     torch.set_num_threads(args.threads)
     rows = [measure(arch, args.steps) for arch in args.archs.split(",")]
-    write_json(RESULTS, {"rows": rows, "batch": 256, "threads": args.threads,
+    write_json(results, {"rows": rows, "batch": 256, "threads": args.threads,
                          "machine": cpu_model(), "torch": torch.__version__,
                          "commit": certnet_commit(), "command": "python " + " ".join(sys.argv)})
     print(table(rows))
+
+
+def main() -> None:
+    step_benchmark(__doc__, measure, table, RESULTS, ",".join(ARCHS), 30)
 
 
 if __name__ == "__main__":

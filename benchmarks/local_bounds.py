@@ -28,13 +28,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from local_lipschitz import load_run
 from machine import certnet_commit, cpu_model
 
 from certnet.bounds import local
 from certnet.certifiers import local_lipschitz
 from certnet.certify import evaluate
-from certnet.checkpoint import load, write_json
-from certnet.data import load_dataset
+from certnet.checkpoint import write_json
 from certnet.nn.masked_spectral import GramTail
 
 RESULTS = Path(__file__).parent / "results" / "local_bounds.json"
@@ -87,17 +87,11 @@ def variants() -> dict[str, tuple[str, list[str]]]:
 
 
 def measure(run: Path, limit: int | None) -> dict:
-    model = load(run)
-    config = model.checkpoint_config
-    data = load_dataset(config["dataset"], "test")
-    if limit:
-        data.x, data.y = data.x[:limit], data.y[:limit]
-    eps = float(config["eps"])
+    model, data, eps = load_run(run, limit)
     row = {"run": run.name, "lipschitz_training": model.method_config().get("lipschitz"),
            "eps": eps, "n": len(data), "variants": {}}
     # the once-per-model constants (float64 copy, Gram splits) out of the timings
-    warm = load_dataset(config["dataset"], "test")
-    warm.x, warm.y = warm.x[:8], warm.y[:8]
+    _, warm, _ = load_run(run, 8)
     for certifier in ("lipschitz", "local-lipschitz"):
         evaluate(model, warm, eps, certifier=certifier)
     for name, (certifier, off) in variants().items():

@@ -26,7 +26,8 @@ from machine import certnet_commit, cpu_model
 
 from certnet.certify import evaluate
 from certnet.checkpoint import load, write_json
-from certnet.data import load_dataset
+from certnet.data import Dataset, load_dataset
+from certnet.methods.base import CertifiedModel
 
 RESULTS = Path(__file__).parent / "results" / "local_lipschitz.json"
 CERTIFIERS = ("lipschitz", "local-lipschitz")
@@ -37,15 +38,20 @@ def train_seconds(run: Path) -> float:
     return statistics.median(json.loads(line)["train_seconds"] for line in lines)
 
 
-def measure(run: Path, limit: int | None) -> dict:
+def load_run(run: Path, limit: int | None = None) -> tuple[CertifiedModel, Dataset, float]:
+    """A run's model, its test set (the first ``limit`` points, if given) and its eps."""
     model = load(run)
-    config = model.checkpoint_config
-    data = load_dataset(config["dataset"], "test")
+    data = load_dataset(model.checkpoint_config["dataset"], "test")
     if limit:
         data.x, data.y = data.x[:limit], data.y[:limit]
-    eps = float(config["eps"])
+    return model, data, float(model.checkpoint_config["eps"])
+
+
+def measure(run: Path, limit: int | None) -> dict:
+    model, data, eps = load_run(run, limit)
     row = {"run": run.name, "lipschitz_training": model.method_config().get("lipschitz"),
-           "epochs": config["epoch"], "eps": eps, "train_seconds_per_epoch": train_seconds(run)}
+           "epochs": model.checkpoint_config["epoch"], "eps": eps,
+           "train_seconds_per_epoch": train_seconds(run)}
     for name in CERTIFIERS:
         report = evaluate(model, data, eps, certifier=name)
         row["clean_accuracy"] = report.clean_accuracy

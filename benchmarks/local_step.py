@@ -13,19 +13,14 @@ Writes ``benchmarks/results/local_step.json`` and prints a markdown table.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from gloro_step import median_ms, patched
-from machine import certnet_commit, cpu_model
+from gloro_step import median_ms, patched, step_benchmark
 
 from certnet.archs import build_arch
-from certnet.checkpoint import write_json
-from certnet.memory import keep_freed_memory
 from certnet.methods.gloro import GloroNet
 from certnet.nn import branchless
 from certnet.optim import Adam
@@ -82,19 +77,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=20,
-                        help="timed steps per variant, in rounds of blocks")
-    parser.add_argument("--archs", default="2c2f,4c3f")
-    args = parser.parse_args()
-    keep_freed_memory()
-    torch.set_num_threads(args.threads)
-    rows = [measure(arch, args.steps) for arch in args.archs.split(",")]
-    write_json(RESULTS, {"rows": rows, "batch": 256, "threads": args.threads,
-                         "machine": cpu_model(), "torch": torch.__version__,
-                         "commit": certnet_commit(), "command": "python " + " ".join(sys.argv)})
-    print(table(rows))
+    step_benchmark(__doc__, measure, table, RESULTS, "2c2f,4c3f", 20)
 
 
 if __name__ == "__main__":
