@@ -19,6 +19,8 @@ import torch
 
 #: the integer dtype of each float width, for bit-pattern views
 BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+#: whether torch.func transforms (vmap, grad, jvp) are active (torch's own check, private)
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 
 
 def keep_bits(mask: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -75,8 +77,7 @@ def _plain(*tensors: torch.Tensor) -> bool:
     """Whether the torch op itself should run: no gradient to prepare, not on the CPU, or
     under torch.func transforms (whose vmap cannot branch on a tie check)."""
     return not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors) or \
-        any(t.device.type != "cpu" for t in tensors) or \
-        torch._C._are_functorch_transforms_active()
+        any(t.device.type != "cpu" for t in tensors) or _functorch_active()
 
 
 def minimum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
