@@ -52,7 +52,10 @@ def pair(path: Path) -> dict:
     seed = _seed(local["run"])
     if _seed(glob["run"]) != seed:
         sys.exit(f"{path}: the global and local runs have different seeds")
-    row = {"seed": seed, "global_run": glob["run"], "local_run": local["run"], "file": path.name}
+    row = {"seed": seed, "global_run": glob["run"], "local_run": local["run"], "file": path.name,
+           "vra_global_trained": _value(glob, ("lipschitz", "vra")),
+           "vra_global_trained_local_certificate": _value(glob, ("local-lipschitz", "vra")),
+           "vra_local_trained": _value(local, ("local-lipschitz", "vra"))}
     for name, (mine, theirs) in DIFFERENCES.items():
         row[name] = _value(local, mine) - _value(glob, theirs)
     return row
@@ -86,10 +89,13 @@ def main() -> None:
               "command": "python benchmarks/local_lipschitz_seeds.py " +
                          " ".join(str(p) for p in args.results)}
     write_json(args.out, result)
-    print("| seed | VRA local - global, own certificates | with the local certificate on both "
-          "| clean local - global |\n|---|---|---|---|")
+    print("| seed | VRA %: global-trained, global cert / local cert; local-trained, local cert "
+          "| VRA local - global, own certificates | with the local certificate on both "
+          "| clean local - global |\n|---|---|---|---|---|")
     for r in pairs:
-        print(f"| {r['seed']} | {r['vra_own_certificate']:+.2f} | "
+        print(f"| {r['seed']} | {r['vra_global_trained']:.2f} / "
+              f"{r['vra_global_trained_local_certificate']:.2f}; {r['vra_local_trained']:.2f} | "
+              f"{r['vra_own_certificate']:+.2f} | "
               f"{r['vra_local_certificate_on_both']:+.2f} | {r['clean_accuracy']:+.2f} |")
     cells = []
     for name in DIFFERENCES:
@@ -97,7 +103,7 @@ def main() -> None:
         cells.append(f"{s['mean']:+.2f} (sd {s['sd']:.2f}, 95% CI {s['ci95'][0]:+.2f} to "
                      f"{s['ci95'][1]:+.2f}, p {s['p_two_sided']:.3f})" if "sd" in s else
                      f"{s['mean']:+.2f}")
-    print(f"| mean | {' | '.join(cells)} |")
+    print(f"| mean | | {' | '.join(cells)} |")
 
 
 if __name__ == "__main__":
