@@ -5,7 +5,7 @@ from torch import nn
 
 from certnet.errors import InputError
 from certnet.nn import branchless
-from certnet.nn.branchless import BITS
+from certnet.nn.branchless import BITS, word_mask
 
 
 class _PairSort(torch.autograd.Function):
@@ -59,7 +59,7 @@ def _swap_where(swap: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return torch.cat([torch.where(swap, high, low), torch.where(swap, low, high)], dim=1)
     bits = t.view(BITS[t.element_size()])
     low, high = bits[:, :half], bits[:, half:]
-    d = (low ^ high) & swap.to(bits.dtype).neg_()  # all bits set where the pair swaps
+    d = (low ^ high) & word_mask(swap, bits.dtype)  # all bits set where the pair swaps
     return torch.cat([low ^ d, high ^ d], dim=1).view(t.dtype)
 
 

@@ -23,10 +23,16 @@ BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 
 
+def word_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An integer ``dtype`` word per element of a bool ``mask``: all bits set where it holds,
+    none elsewhere."""
+    return mask.to(dtype).neg_()
+
+
 def keep_bits(mask: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """The integer bits of ``torch.where(mask, t, 0)`` (+0.0 where not ``mask``)."""
     bits = t.view(BITS[t.element_size()])
-    return mask.to(bits.dtype).neg_() & bits  # laid out like the mask, as torch.where is
+    return word_mask(mask, bits.dtype) & bits  # laid out like the mask, as torch.where is
 
 
 def _route(grad: torch.Tensor, keep: torch.Tensor, tie: torch.Tensor | None,
@@ -63,13 +69,16 @@ class _Extremum(torch.autograd.Function):
         a, b = ctx.saved_tensors
         tie = a == b
         tie = tie if bool(tie.any()) else None
-        # a loses its gradient where b is the extremum, b where a is (NaN: neither loses)
-        a_loses, b_loses = (a < b, a > b) if ctx.largest else (a > b, a < b)
         grads = []
-        for loses, like, needed in ((a_loses, a, ctx.needs_input_grad[0]),
-                                    (b_loses, b, ctx.needs_input_grad[1])):
+        for side, like in enumerate((a, b)):
+            if not ctx.needs_input_grad[side]:
+                grads.append(None)
+                continue
+            # a side loses its gradient where the other is the extremum (NaN: neither loses);
+            # a stays the first operand, so the masks are laid out as torch's formula lays them
+            loses = a < b if (side == 0) == ctx.largest else a > b
             keep = ~loses if tie is None else ~(loses | tie)
-            grads.append(_route(grad, keep, tie, like.shape) if needed else None)
+            grads.append(_route(grad, keep, tie, like.shape))
         return grads[0], grads[1], None
 
 
@@ -107,9 +116,10 @@ class _Clamp(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         (x,) = ctx.saved_tensors
         low, high = ctx.bounds
-        inside = x >= low if low is not None else torch.ones_like(x, dtype=torch.bool)
-        if high is not None:
-            inside &= x <= high
+        if low is None:
+            inside = x <= high
+        else:
+            inside = x >= low if high is None else (x >= low) & (x <= high)
         return _route(grad, inside, None, x.shape), None, None
 
 
