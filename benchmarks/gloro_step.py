@@ -64,6 +64,21 @@ def patched(owner: object, name: str, value: object) -> Iterator[None]:
         setattr(owner, name, original)
 
 
+def training_step(model: torch.nn.Module, optimizer: Adam, loss: Callable[[], torch.Tensor],
+                  patches: tuple = ()) -> Callable[[], None]:
+    """One timed step as the Trainer takes it (zero_grad, backward, optimizer step, the model's
+    after-step projections), with ``patches`` ((owner, name, value) each) applied during it."""
+    def step() -> None:
+        with contextlib.ExitStack() as stack:
+            for patch in patches:
+                stack.enter_context(patched(*patch))
+            optimizer.zero_grad(set_to_none=True)
+            loss().backward()
+            optimizer.step()
+            model.after_step()
+    return step
+
+
 def median_ms(variants: dict[str, Callable[[], None]], steps: int, block: int = 5
               ) -> dict[str, float]:
     """Median ms per step of each variant: rounds of ``block`` steps of every variant in turn,
@@ -90,14 +105,7 @@ def measure(arch: str, steps: int) -> dict:
     y = torch.randint(0, 10, (256,), generator=g)
 
     def run(loss: Callable[[], torch.Tensor], *patches: tuple) -> Callable[[], None]:
-        def step() -> None:
-            with contextlib.ExitStack() as stack:
-                for patch in patches:
-                    stack.enter_context(patched(*patch))
-                optimizer.zero_grad(set_to_none=True)
-                loss().backward()
-                optimizer.step()
-        return step
+        return training_step(model, optimizer, loss, patches)
 
     def plain() -> torch.Tensor:
         return F.cross_entropy(model(x), y)

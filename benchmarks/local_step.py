@@ -13,12 +13,11 @@ Writes ``benchmarks/results/local_step.json`` and prints a markdown table.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from gloro_step import median_ms, patched, step_benchmark
+from gloro_step import median_ms, step_benchmark, training_step
 
 from certnet.archs import build_arch
 from certnet.methods.gloro import GloroNet
@@ -42,17 +41,8 @@ def measure(arch: str, steps: int) -> dict:
         model = GloroNet(build_arch(arch, (1, 28, 28), 10, seed=0, activation="clipped-relu"),
                          (1, 28, 28), 10, power_iterations=5, **kwargs
                          ).to(memory_format=torch.channels_last)
-        optimizer = Adam(model.parameters(), lr=1e-4)
-
-        def step() -> None:
-            with contextlib.ExitStack() as stack:
-                for patch in patches:
-                    stack.enter_context(patched(*patch))
-                optimizer.zero_grad(set_to_none=True)
-                model.loss(x, y, EPS_TRAIN)[0].backward()
-                optimizer.step()
-                model.after_step()
-        return step
+        return training_step(model, Adam(model.parameters(), lr=1e-4),
+                             lambda: model.loss(x, y, EPS_TRAIN)[0], tuple(patches))
 
     row = {"arch": arch, **median_ms({
         "global_ms": run("global", []), "local_ms": run("local", []),
