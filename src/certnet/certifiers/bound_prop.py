@@ -18,6 +18,7 @@ from certnet.bounds.margins import BoundMethod, margin_walk
 from certnet.bounds.rules import check_supported
 from certnet.certifiers.base import Certificate, Certifier, register_certifier
 from certnet.errors import UnsupportedLayerError
+from certnet.nn.conv_algorithms import gemm_chunk
 from certnet.nn.rounding import ROUNDING_SLACK
 from certnet.threat import ThreatModel
 
@@ -32,11 +33,13 @@ def margin_certificate(layers64: nn.Sequential, x: torch.Tensor, threat: ThreatM
                        method: BoundMethod, slope: str = "adaptive") -> Certificate:
     """Certificate for a batch from a float64 eval-mode network ``layers64``: ``margin`` is a
     lower bound on min_j z_pred - z_j over the threat model minus the rounding slack. The
-    prediction is the float64 forward pass's argmax; chunks of points bound the memory."""
+    prediction is the float64 forward pass's argmax; chunks of points bound the memory and, on
+    the CPU, keep the convolutions' im2col buffers in cache (:func:`gemm_chunk`)."""
     x64 = x.double()
     outputs = layer_outputs(layers64, x64[:1])
     widest = max(x64[0].numel(), *(h[0].numel() for h in outputs))
-    chunk = max(1, CHUNK_ELEMENTS // (max(1, outputs[-1].shape[1] - 1) * widest))
+    chunk = max(1, min(CHUNK_ELEMENTS // (max(1, outputs[-1].shape[1] - 1) * widest),
+                       gemm_chunk(layers64, x64)))
     if method == "alpha-crown":  # slopes, their Adam moments and the graph of a pass
         chunk = max(1, chunk // ALPHA_MEMORY)
     preds, margins = [], []

@@ -38,6 +38,7 @@ from certnet.certifiers.lipschitz import (
     others_than,
 )
 from certnet.errors import UnsupportedLayerError
+from certnet.nn.conv_algorithms import gemm_chunk
 from certnet.nn.lipschitz import LipschitzLinear, product
 from certnet.nn.masked_spectral import GRAM_RANK, GramTail, dense_gram_tails
 from certnet.nn.rounding import ROUNDING_SLACK, float64_forward
@@ -163,7 +164,7 @@ class LocalLipschitzCertifier(Certifier):
         constants: LocalConstants = twin.derived
         x64 = x.double()
         widest = max(x[0].numel(), *(h[0].numel() for h in layer_outputs(twin.layers, x64[:1])))
-        chunk = max(1, CHUNK_ELEMENTS // widest)
+        chunk = max(1, min(CHUNK_ELEMENTS // widest, gemm_chunk(twin.layers, x64)))
         r = l2_radius_of(threat, x[0].numel())
         preds, margins = [], []
         for i in range(0, len(x64), chunk):

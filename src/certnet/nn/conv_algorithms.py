@@ -1,6 +1,7 @@
-"""Which convolution algorithms run: oneDNN (CPU) and cuDNN choose their own (Winograd, FFT),
-whose rounding the interval bounds do not cover, and oneDNN's fixed cost per call dominates
-convolutions of a single small image, such as power iteration's."""
+"""Which convolution algorithms run, and on how many points at once: oneDNN (CPU) and cuDNN
+choose their own (Winograd, FFT), whose rounding the interval bounds do not cover, and
+oneDNN's fixed cost per call dominates convolutions of a single small image, such as power
+iteration's; im2col + GEMM convolutions are fastest on CPU chunks that stay in cache."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+from torch import nn
 
 
 @contextmanager
@@ -36,3 +38,29 @@ def without_onednn() -> Iterator[None]:
         yield
     finally:
         torch.backends.mkldnn.enabled = previous
+
+
+#: im2col (or, without convolutions, activation) elements one chunk of points may hold on
+#: the CPU: 16 MiB of float64, half this machine's 32 MiB last-level cache (the fastest budget
+#: in all over GloRo 2C2F, 4C3F and IBP certification, benchmarks/certify_chunks.py).
+GEMM_CHUNK_ELEMENTS = 2**21
+
+
+def gemm_chunk(layers: nn.Sequential, x: torch.Tensor) -> int:
+    """Points per chunk for a pass of ``layers`` over ``x`` with :func:`gemm_convolutions`.
+    On the CPU, torch unfolds a convolution's whole batch (im2col) before its GEMMs; past the
+    last-level cache that buffer makes a float64 pass memory-bound (certification of 2000
+    points at once: 2.3-2.9x slower, benchmarks/certify_chunks.py). Off the CPU: every point
+    at once."""
+    if x.device.type != "cpu" or len(x) <= 1:
+        return max(1, len(x))
+    widest = 1
+    h = x[:1]
+    with torch.no_grad():
+        for layer in layers:
+            out = layer(h)
+            unfolded = (layer.weight[0].numel() * out[0, 0].numel()
+                        if isinstance(layer, nn.Conv2d) else 0)
+            widest = max(widest, out[0].numel(), unfolded)
+            h = out
+    return max(1, GEMM_CHUNK_ELEMENTS // widest)

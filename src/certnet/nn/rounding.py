@@ -17,13 +17,15 @@ exact layer type; a method's own layer registers its rule with :func:`register_r
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from certnet.errors import UnsupportedLayerError
-from certnet.nn.conv_algorithms import gemm_convolutions
+from certnet.nn.conv_algorithms import gemm_chunk, gemm_convolutions
 from certnet.nn.lipschitz import (
     ONE_LIPSCHITZ,
     LipschitzConv2d,
@@ -34,8 +36,6 @@ from certnet.nn.lipschitz import (
 )
 from certnet.nn.spectral import FLOAT64_UNIT_ROUNDOFF, magnitude_bound
 
-Rule = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
-ROUNDING_RULES: dict[type[nn.Module], Rule] = {}
 #: Relative safety factor on the computed error bound (its own float64 evaluation rounds).
 ERROR_SAFETY = 1 + 1e-6
 #: Relative slack on float64 margins and interval bounds whose rounding is not tracked
@@ -51,60 +51,84 @@ def gamma(n: int) -> float:
     return nu / (1 - nu)
 
 
+def _norms(t: torch.Tensor) -> torch.Tensor:
+    return t.flatten(1).norm(dim=1)
+
+
+@dataclass(frozen=True)
+class RoundingBound:
+    """A layer's rounding bound per point, linear in the l2 norms of its float64 input x and
+    output y: ``input ||x|| + output ||y|| + per_position sqrt(positions of y)`` (absent terms
+    are 0). Its float64 coefficients depend on the layer only: computed once per pass."""
+
+    input: torch.Tensor | float | None = None
+    output: torch.Tensor | float | None = None
+    per_position: torch.Tensor | float = 0.0
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        positions = math.prod(y.shape[2:])
+        error = torch.full((x.shape[0],), float(self.per_position) * positions**0.5,
+                           dtype=torch.float64, device=x.device)
+        if self.input is not None:
+            error = error + self.input * _norms(x)
+        if self.output is not None:
+            error = error + self.output * _norms(y)
+        return error
+
+
+Rule = Callable[[nn.Module], RoundingBound]
+ROUNDING_RULES: dict[type[nn.Module], Rule] = {}
+
+
 def register_rounding_rule(cls: type[nn.Module]) -> Callable[[Rule], Rule]:
-    """Decorator: ``rule(layer, x, y)`` bounds the l2 rounding error per point that
-    ``y = layer(x)``, computed in float64, adds (exact type match)."""
+    """Decorator: ``rule(layer)`` is the :class:`RoundingBound` of ``y = layer(x)`` computed in
+    float64 (exact type match)."""
     def decorator(rule: Rule) -> Rule:
         ROUNDING_RULES[cls] = rule
         return rule
     return decorator
 
 
-def _norms(t: torch.Tensor) -> torch.Tensor:
-    return t.flatten(1).norm(dim=1)
-
-
-def _affine(magnitude: torch.Tensor, terms: int, bias: torch.Tensor | None,
-            x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    positions = y[0, 0].numel() if y.dim() > 2 else 1
-    bias_norm = 0.0 if bias is None else bias.detach().double().norm() * positions**0.5
-    return gamma(terms) * (magnitude * _norms(x) + bias_norm)
+def _affine(magnitude: torch.Tensor, terms: int, bias: torch.Tensor | None) -> RoundingBound:
+    g = gamma(terms)
+    bias_norm = 0.0 if bias is None else float(bias.detach().double().norm())
+    return RoundingBound(input=g * magnitude, per_position=g * bias_norm)
 
 
 @register_rounding_rule(LipschitzLinear)
-def _linear(layer: LipschitzLinear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return _affine(magnitude_bound(layer.weight), layer.in_features + 1, layer.bias, x, y)
+def _linear(layer: LipschitzLinear) -> RoundingBound:
+    return _affine(magnitude_bound(layer.weight), layer.in_features + 1, layer.bias)
 
 
 @register_rounding_rule(LipschitzConv2d)
-def _conv(layer: LipschitzConv2d, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return _affine(magnitude_bound(layer.weight), layer.weight[0].numel() + 1, layer.bias, x, y)
+def _conv(layer: LipschitzConv2d) -> RoundingBound:
+    return _affine(magnitude_bound(layer.weight), layer.weight[0].numel() + 1, layer.bias)
 
 
 @register_rounding_rule(ResidualConv2d)
-def _residual_conv(layer: ResidualConv2d, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _residual_conv(layer: ResidualConv2d) -> RoundingBound:
     # the kernel alpha * W + I is itself rounded (2u per entry): 2 more terms in gamma
     return _affine(magnitude_bound(layer.kernel_majorant()), layer.weight[0].numel() + 3,
-                   layer.bias, x, y)
+                   layer.bias)
 
 
 @register_rounding_rule(Normalize)
-def _normalize(layer: Normalize, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _normalize(layer: Normalize) -> RoundingBound:
     # fl(fl(x - m) / s) = (x - m) / s * (1 + d), |d| <= 2u + u^2
-    return 3 * FLOAT64_UNIT_ROUNDOFF * _norms(y)
+    return RoundingBound(output=3 * FLOAT64_UNIT_ROUNDOFF)
 
 
 @register_rounding_rule(nn.BatchNorm1d)
 @register_rounding_rule(nn.BatchNorm2d)
-def _batchnorm(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _batchnorm(layer: nn.Module) -> RoundingBound:
     # y = x * a + c with a, c computed in a few float64 steps from the running statistics:
     # each entry is off by at most 8u (|x a| + |m a| + |beta|) (generous for any order)
-    scale, shift = batchnorm_affine(layer)
+    scale, _ = batchnorm_affine(layer)
     mean_part = (layer.running_mean.double() * scale).abs()
     beta = layer.bias.detach().double().abs() if layer.bias is not None else 0.0
-    positions = y[0, 0].numel() if y.dim() > 2 else 1
-    constant = (mean_part + beta).norm() * positions**0.5
-    return 8 * FLOAT64_UNIT_ROUNDOFF * (scale.abs().max() * _norms(x) + constant)
+    u8 = 8 * FLOAT64_UNIT_ROUNDOFF
+    return RoundingBound(input=u8 * scale.abs().max(),
+                         per_position=u8 * float((mean_part + beta).norm()))
 
 
 def check_rounding(layer: nn.Module) -> None:
@@ -113,12 +137,13 @@ def check_rounding(layer: nn.Module) -> None:
         raise UnsupportedLayerError(f"no rounding rule for layer {type(layer).__name__}")
 
 
-def rounding_error(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-point bound on the l2 rounding error of ``y = layer(x)`` computed in float64."""
+def rounding_bound(layer: nn.Module) -> RoundingBound | None:
+    """The bound on the l2 rounding error per point of ``layer`` computed in float64; None for
+    an exact layer."""
     check_rounding(layer)
     if type(layer) in ONE_LIPSCHITZ:
-        return torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
-    return ROUNDING_RULES[type(layer)](layer, x, y)
+        return None
+    return ROUNDING_RULES[type(layer)](layer)
 
 
 @torch.no_grad()
@@ -131,14 +156,30 @@ def float64_forward(layers: nn.Sequential, x: torch.Tensor, lipschitz: list[torc
 
     Convolutions run as im2col + GEMM (:func:`gemm_convolutions`: oneDNN, which has no
     float64 kernels anyway, and cuDNN off), so no FFT or Winograd algorithm (whose error the
-    bound above does not cover) is chosen."""
+    bound above does not cover) is chosen; on the CPU in chunks of points whose im2col
+    buffers stay in cache (:func:`gemm_chunk`)."""
     x = x.double()
-    error = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+    bounds = [rounding_bound(layer) for layer in layers]
     with gemm_convolutions():
-        for layer, lip in zip(layers, lipschitz, strict=True):
-            y = layer(x)
-            error = lip * error + rounding_error(layer, x, y)
-            x = y
-            if outputs is not None:
-                outputs.append(y)
-    return x, error * ERROR_SAFETY
+        parts = [_forward(layers, part, lipschitz, bounds, outputs is not None)
+                 for part in x.split(gemm_chunk(layers, x))]
+    if outputs is not None:
+        outputs.extend(torch.cat(seen) for seen in zip(*(p[2] for p in parts), strict=True))
+    logits, error = (torch.cat(t) for t in zip(*(p[:2] for p in parts), strict=True))
+    return logits, error * ERROR_SAFETY
+
+
+def _forward(layers: nn.Sequential, x: torch.Tensor, lipschitz: list[torch.Tensor],
+             bounds: list[RoundingBound | None], keep: bool
+             ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """:func:`float64_forward` on one chunk: logits, error bound, and (if ``keep``) every
+    layer's output."""
+    error = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+    seen = []
+    for layer, lip, bound in zip(layers, lipschitz, bounds, strict=True):
+        y = layer(x)
+        error = lip * error if bound is None else lip * error + bound(x, y)
+        x = y
+        if keep:
+            seen.append(y)
+    return x, error, seen
