@@ -1,4 +1,5 @@
-"""Print the markdown table of every ``benchmarks/results/*.json`` (pasted into the README).
+"""Print the markdown table of every ``benchmarks/results/*.json`` that ``gloro_mnist.py`` wrote
+(pasted into the README); the other benchmarks' results there print their own tables.
 
     python benchmarks/table.py
 """
@@ -24,7 +25,9 @@ def row(r: dict) -> str:
 def main() -> None:
     print(HEADER)
     for path in sorted(RESULTS.glob("*.json")):
-        print(row(json.loads(path.read_text())))
+        result = json.loads(path.read_text())
+        if "preset" in result:
+            print(row(result))
 
 
 if __name__ == "__main__":

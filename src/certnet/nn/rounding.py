@@ -11,8 +11,10 @@ where r bounds the rounding of the layer itself. For an affine layer with fan-in
 "Accuracy and Stability of Numerical Algorithms", §3.1: any summation order, FMA or not),
 |fl(W x + b) - (W x + b)| <= gamma_{n+1} (|W| |x| + |b|) per entry, gamma_k = k u / (1 - k u),
 whose l2 norm is at most gamma_{n+1} (||abs(W)||_2 ||x||_2 + ||b||_2 sqrt(positions)).
-ReLU, MinMax, their clipped forms, Flatten and Identity are exact and 1-Lipschitz. One rule per
-exact layer type; a method's own layer registers its rule with :func:`register_rounding_rule`.
+Every such bound is linear in ||x||, ||y|| and sqrt(positions) with coefficients that depend on
+the layer alone (:class:`RoundingBound`), computed once per pass. ReLU, MinMax, their clipped
+forms, Flatten and Identity are exact and 1-Lipschitz. One rule per layer type (exact match); a
+method's own layer registers its rule with :func:`register_rounding_rule`.
 """
 
 from __future__ import annotations
