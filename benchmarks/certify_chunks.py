@@ -3,12 +3,16 @@ for each run, the seconds to certify its test points with
 ``certnet.nn.conv_algorithms.GEMM_CHUNK_ELEMENTS`` at each budget given (``--budgets``, powers
 of two; "off" is one pass over each ``--batch-size`` points, as before chunking), alternating
 budgets ``--repeats`` times and keeping each one's fastest, and whether every budget gave the
-same certificates (prediction, certified, radius) as the one pass.
+same certificates (prediction, certified, radius) as the one pass. Freed memory is kept for
+reuse as the ``certnet`` command keeps it (``certnet.memory``), unless ``--default-allocator``
+(a library user's process, which has glibc's defaults).
 
 Writes ``benchmarks/results/certify_chunks.json`` and prints a markdown table.
 
     python benchmarks/certify_chunks.py --runs models/gloro-mnist-0.3-2c2f \\
         models/gloro-mnist-1.58-4c3f models/ibp-mnist-0.3-dm-medium-cpu-gowal-100 --limit 2000
+    python benchmarks/certify_chunks.py ... --default-allocator \\
+        --out benchmarks/results/certify_chunks_default_allocator.json
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from machine import certnet_commit, cpu_model
 
 from certnet.certify import evaluate
 from certnet.checkpoint import write_json
+from certnet.memory import keep_freed_memory
 from certnet.nn import conv_algorithms
 
 RESULTS = Path(__file__).parent / "results" / "certify_chunks.json"
@@ -85,14 +90,18 @@ def main() -> None:
                         help="points per certify call (certnet certify's default)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (certnet's CLI default on this 2-core machine)")
+    parser.add_argument("--default-allocator", action="store_true",
+                        help="leave glibc's allocator as a library user's process has it")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    kept = not args.default_allocator and keep_freed_memory()
     default = _name(conv_algorithms.GEMM_CHUNK_ELEMENTS)
     budgets = [OFF] + [2**b for b in args.budgets]
     rows = [certify(run, args.limit, budgets, args.repeats, args.batch_size)
             for run in args.runs]
-    write_json(args.out, {"runs": rows, "default_budget": default, "machine": cpu_model(),
+    write_json(args.out, {"runs": rows, "default_budget": default, "keep_freed_memory": kept,
+                          "machine": cpu_model(),
                           "threads": torch.get_num_threads(), "torch": torch.__version__,
                           "commit": certnet_commit(), "command": "python " + " ".join(sys.argv)})
     print(table(rows))
