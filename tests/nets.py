@@ -25,6 +25,26 @@ def random_mlp(seed: int, d: int, widths: list[int], act: str, classes: int,
         return nn.Sequential(*modules)
 
 
+def random_cnn(seed: int, shape: tuple[int, int, int], channels: list[int], act: str,
+               classes: int, gain: float = 1.0) -> nn.Sequential:
+    """[Conv2d(kernel 2; padding 1 first, then stride 2), act] * len(channels), Flatten, Linear
+    on inputs of ``shape`` (C, H, W), conv weights times ``gain``; the global RNG is left
+    alone."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        modules: list[nn.Module] = []
+        c, h, w = shape
+        for i, out in enumerate(channels):
+            conv = nn.Conv2d(c, out, 2, padding=1) if i == 0 else nn.Conv2d(c, out, 2, stride=2)
+            with torch.no_grad():
+                conv.weight.mul_(gain)
+                conv.bias.uniform_(-0.5 * gain, 0.5 * gain)
+            modules += [conv, nn.ReLU() if act == "relu" else MinMax()]
+            c, h, w = out, *(n + 1 if i == 0 else n // 2 for n in (h, w))
+        modules += [nn.Flatten(), nn.Linear(c * h * w, classes)]
+        return nn.Sequential(*modules)
+
+
 class _Affine:
     """z = A h + c composed lazily, flushed into an nn.Linear before each ReLU."""
 

@@ -1,7 +1,7 @@
 """Soundness of every certifier (certnet.certifiers) from two sides.
 
 * the exact oracle (certnet.verify) on hundreds of tiny random ReLU / MinMax nets with 2-4
-  inputs, in l_inf and l2: a certified point is robust, a certificate's margin never exceeds
+  inputs, dense and convolutional, in l_inf and l2: a certified point is robust, a certificate's margin never exceeds
   the exact minimum margin, a certified radius holds; exact on nets without hidden layers;
 * PGD with restarts on small briefly-trained networks (an IBP MLP, a CROWN-IBP DM-small with
   BatchNorm, a GloRo 2C2F certified in l_inf too, GloRo nets with clipped activations, an
@@ -21,7 +21,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from nets import random_mlp
+from nets import random_cnn, random_mlp
 from torch import nn
 
 from certnet.archs import INITS, build_arch
@@ -89,6 +89,70 @@ def tiny_models(draw):
         depth
 
 
+@st.composite
+def tiny_conv_models(draw):
+    """(model, description, depth): random_cnn on 1 x 2 x 2 inputs (the l2 oracle enumerates
+    at most 4 input dimensions), Lipschitz convolutions in a GloRo net or plain ones in an
+    IBP net."""
+    channels = draw(st.sampled_from([[2], [4], [2, 2], [2, 4]]))
+    act = draw(st.sampled_from(["relu", "minmax"]))
+    classes = draw(st.integers(2, 4))
+    gain = draw(st.sampled_from([1.0, 2.0, 4.0]))
+    kind = draw(st.sampled_from(["gloro", "ibp"]))
+    seed = draw(st.integers(0, 2**16))
+    shape = (1, 2, 2)
+    layers = random_cnn(seed, shape, channels, act, classes, gain)
+    model = GloroNet(convert_sequential(layers, shape), shape, classes) if kind == "gloro" \
+        else IBPNet(layers, shape, classes)
+    return model.eval(), f"{kind} conv seed={seed} channels={channels} {act} K={classes} " \
+        f"gain={gain}", len(channels)
+
+
+def oracle_problems(model, desc: str, depth: int, seed: int, eps: float,
+                    stats: Counter[str]) -> list[str]:
+    """Every way the certificates of two random points contradict the exact oracle (see
+    :func:`test_certificates_never_contradict_the_exact_oracle`), counting what was checked
+    in ``stats``."""
+    problems = []
+    x = torch.rand(2, *model.input_shape, generator=gen(seed))
+    for norm in NORMS:
+        certs = certificates(model, x, eps, norm)
+        pred = certs["best"].pred
+        for name, cert in certs.items():
+            assert torch.equal(cert.pred, pred), (name, desc)
+        for i in range(len(x)):
+            label = int(pred[i])
+            exact = exact_min_margin(model.layers, x[i], label, eps, norm)
+            tol = 1e-9 * (1 + abs(exact))
+            where = f"{desc}, x={x[i].tolist()}, {norm} eps={eps}, pred={label}, m*={exact}"
+            stats["cases"] += 1
+            stats["not_robust"] += exact <= 0
+            for name, cert in certs.items():
+                certified = bool(cert.certified[i])
+                stats[f"certified_{name}"] += certified
+                if certified and exact <= 0:
+                    problems.append(f"{name} certified a non-robust point: {where}")
+                if cert.margin is None:
+                    continue
+                margin = float(cert.margin[i])
+                if margin > exact + tol:
+                    problems.append(f"{name} margin {margin} > m*: {where}")
+                stats["caught_if_margin_overstated"] += 0 < margin + 0.05 and exact <= 0
+                if depth == 0 and norm == "linf" and name in BOUND_CERTIFIERS:
+                    stats["exact_linear"] += 1
+                    if abs(margin - exact) > 1e-6 * (1 + abs(exact)):
+                        problems.append(f"{name} margin {margin} != m* on a linear net: "
+                                        f"{where}")
+            for name in RADIUS_CERTIFIERS:
+                if name not in certs or float(certs[name].radius[i]) <= 0:
+                    continue
+                r = float(certs[name].radius[i]) * (1 - 1e-6)
+                stats[f"radius_checks_{name}"] += 1
+                if exact_min_margin(model.layers, x[i], label, r, norm, domain=None) <= 0:
+                    problems.append(f"{name} radius {r} is not robust: {where}")
+    return problems
+
+
 @pytest.mark.parametrize("examples", [
     150, pytest.param(2000, marks=pytest.mark.slow, id="2000-slow")])
 def test_certificates_never_contradict_the_exact_oracle(examples):
@@ -104,43 +168,7 @@ def test_certificates_never_contradict_the_exact_oracle(examples):
     @given(case=tiny_models(), seed=st.integers(0, 2**16),
            eps=st.sampled_from([0.01, 0.03, 0.1, 0.3, 0.6]))
     def check(case, seed, eps):
-        model, desc, depth = case
-        x = torch.rand(2, *model.input_shape, generator=gen(seed))
-        for norm in NORMS:
-            certs = certificates(model, x, eps, norm)
-            pred = certs["best"].pred
-            for name, cert in certs.items():
-                assert torch.equal(cert.pred, pred), (name, desc)
-            for i in range(len(x)):
-                label = int(pred[i])
-                exact = exact_min_margin(model.layers, x[i], label, eps, norm)
-                tol = 1e-9 * (1 + abs(exact))
-                where = f"{desc}, x={x[i].tolist()}, {norm} eps={eps}, pred={label}, m*={exact}"
-                stats["cases"] += 1
-                stats["not_robust"] += exact <= 0
-                for name, cert in certs.items():
-                    certified = bool(cert.certified[i])
-                    stats[f"certified_{name}"] += certified
-                    if certified and exact <= 0:
-                        problems.append(f"{name} certified a non-robust point: {where}")
-                    if cert.margin is None:
-                        continue
-                    margin = float(cert.margin[i])
-                    if margin > exact + tol:
-                        problems.append(f"{name} margin {margin} > m*: {where}")
-                    stats["caught_if_margin_overstated"] += 0 < margin + 0.05 and exact <= 0
-                    if depth == 0 and norm == "linf" and name in BOUND_CERTIFIERS:
-                        stats["exact_linear"] += 1
-                        if abs(margin - exact) > 1e-6 * (1 + abs(exact)):
-                            problems.append(f"{name} margin {margin} != m* on a linear net: "
-                                            f"{where}")
-                for name in RADIUS_CERTIFIERS:
-                    if name not in certs or float(certs[name].radius[i]) <= 0:
-                        continue
-                    r = float(certs[name].radius[i]) * (1 - 1e-6)
-                    stats[f"radius_checks_{name}"] += 1
-                    if exact_min_margin(model.layers, x[i], label, r, norm, domain=None) <= 0:
-                        problems.append(f"{name} radius {r} is not robust: {where}")
+        problems.extend(oracle_problems(*case, seed, eps, stats))
 
     check()
     print(f"\ncertifiers vs exact oracle: {dict(sorted(stats.items()))}")
@@ -151,6 +179,32 @@ def test_certificates_never_contradict_the_exact_oracle(examples):
         assert stats[f"certified_{name}"] >= 0.1 * n, (name, stats)
     assert stats["exact_linear"] >= 20 and stats["radius_checks_lipschitz"] >= 0.2 * n, stats
     assert stats["radius_checks_linf-lipschitz"] >= 0.05 * n, stats
+    assert stats["caught_if_margin_overstated"] >= 0.02 * n, stats
+
+
+@pytest.mark.parametrize("examples", [
+    60, pytest.param(600, marks=pytest.mark.slow, id="600-slow")])
+def test_conv_certificates_never_contradict_the_exact_oracle(examples):
+    """The same checks on tiny conv nets, which the oracle reads as dense matrices: the
+    convolution paths of every certifier (the polyphase FFT spectral bound, conv rounding and
+    bound rules, masked conv bounds of the local certificate, im2col chunks)."""
+    stats: Counter[str] = Counter()
+    problems: list[str] = []
+
+    @settings(max_examples=examples, deadline=None, derandomize=True, database=None)
+    @given(case=tiny_conv_models(), seed=st.integers(0, 2**16),
+           eps=st.sampled_from([0.01, 0.03, 0.1, 0.3, 0.6]))
+    def check(case, seed, eps):
+        problems.extend(oracle_problems(*case, seed, eps, stats))
+
+    check()
+    print(f"\nconv certifiers vs exact oracle: {dict(sorted(stats.items()))}")
+    assert not problems, "\n".join(problems[:20])
+    n = stats["cases"]
+    assert stats["not_robust"] >= 0.1 * n, stats
+    for name in ("lipschitz", "local-lipschitz", *BOUND_CERTIFIERS, "best"):  # not l_inf-dist's
+        assert stats[f"certified_{name}"] >= 0.1 * n, (name, stats)
+    assert stats["radius_checks_lipschitz"] >= 0.1 * n, stats
     assert stats["caught_if_margin_overstated"] >= 0.02 * n, stats
 
 

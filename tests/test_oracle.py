@@ -16,13 +16,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from nets import random_mlp
+from nets import random_cnn, random_mlp
 from torch import nn
 
 from certnet.errors import InputError, UnsupportedLayerError
 from certnet.methods.gloro import GloroNet
 from certnet.nn.activations import MinMax
-from certnet.nn.lipschitz import convert_sequential
+from certnet.nn.lipschitz import ResidualConv2d, convert_sequential
 from certnet.verify import exact_min_margin, find_counterexample, min_margin
 
 SETTINGS = settings(max_examples=200, deadline=None, derandomize=True, database=None)
@@ -150,10 +150,62 @@ def test_find_counterexample_reproduces():
         assert dist <= 1.0 + 1e-9 and point.min() >= 0 and point.max() <= 1
 
 
+def _as_dense(layers: nn.Sequential, shape: tuple[int, ...]) -> nn.Sequential:
+    """The same function with every convolution replaced by Flatten + a float64 Linear whose
+    weight is its Jacobian (torch.autograd: an independent route to the matrix)."""
+    out: list[nn.Module] = []
+    for layer in layers:
+        if isinstance(layer, nn.Conv2d):
+            conv = copy.deepcopy(layer).double()
+            zero = torch.zeros(math.prod(shape), dtype=torch.float64)
+            jac = torch.autograd.functional.jacobian(
+                lambda v, conv=conv, shape=shape: conv(v.view(1, *shape)).flatten(), zero)
+            linear = nn.Linear(*reversed(jac.shape)).double()
+            with torch.no_grad():
+                bias = conv(zero.view(1, *shape))
+                linear.weight.copy_(jac)
+                linear.bias.copy_(bias.flatten())
+            shape = tuple(bias.shape[1:])
+            out += [nn.Flatten(), linear]
+        else:
+            out.append(layer)
+    return nn.Sequential(*out)
+
+
+@pytest.mark.parametrize("act", ["relu", "minmax"])
+@pytest.mark.parametrize("channels", [[2], [2, 4]])
+def test_convolutions_are_read_as_their_dense_matrices(act, channels):
+    """A conv net (plain, certnet's LipschitzConv2d, a ResidualConv2d with kernel alpha W + I)
+    has the exact minimum margin of the MLP made of its convolutions' Jacobians, in l2 and
+    l_inf, MILP and enumeration, and an l_inf grid search never goes below it."""
+    shape = (1, 2, 2)
+    plain = random_cnn(3, shape, channels, act, 3, gain=3.0).double()
+    residual = ResidualConv2d(2, 3, alpha=0.7).double()
+    residual.set_input_shape((2, 3, 3))
+    with torch.no_grad():
+        residual.weight.normal_(generator=torch.Generator().manual_seed(0))
+    nets_ = [plain, convert_sequential(plain, shape),
+             nn.Sequential(*plain[:2], residual, *plain[2:]) if len(channels) == 1 else None]
+    g = torch.Generator().manual_seed(1)
+    for net in filter(None, nets_):
+        dense = _as_dense(net, shape)
+        for _ in range(3):
+            x = torch.rand(shape, generator=g, dtype=torch.float64)
+            label = int(net(x[None]).argmax())
+            for norm, method in (("l2", "enumerate"), ("linf", "milp"), ("linf", "enumerate")):
+                got = exact_min_margin(net, x, label, 0.2, norm, method=method)
+                want = exact_min_margin(dense, x, label, 0.2, norm, method=method)
+                assert got == pytest.approx(want, abs=1e-7), (type(net[0]), norm, method)
+            grid = torch.stack(torch.meshgrid(*[torch.linspace(-0.2, 0.2, 5)] * 4,
+                                              indexing="ij"), -1).reshape(-1, *shape)
+            points = (x + grid.double()).clamp(0, 1)
+            assert float(margins(net, points, label).min()) >= got - 1e-6  # the tolerances
+
+
 def test_errors():
-    conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2, 2))
-    with pytest.raises(UnsupportedLayerError):
-        exact_min_margin(conv, torch.rand(1, 3, 3), 0, 0.1, "linf")
+    dilated = nn.Sequential(nn.Conv2d(1, 2, 2, dilation=2), nn.Flatten(), nn.Linear(2, 2))
+    with pytest.raises(UnsupportedLayerError, match="dilation"):
+        exact_min_margin(dilated, torch.rand(1, 3, 3), 0, 0.1, "linf")
     tanh = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 2))
     with pytest.raises(UnsupportedLayerError):
         exact_min_margin(tanh, torch.rand(2), 0, 0.1, "l2")

@@ -1,9 +1,9 @@
 """Exact robustness oracles for tiny piecewise-linear networks (testing certificates).
 
-For a network f built from Flatten, (Lipschitz)Linear, ReLU, MinMax and their clipped forms
-(rewritten exactly with ReLUs: clamp(min(z, t), 0) = relu(t - relu(t - z)), max(m, l) =
-l + relu(m - l), min(M, u) = u - relu(u - M)), a point x, a label
-and a radius eps, the oracles compute
+For a network f built from Flatten, (Lipschitz)Linear, (Lipschitz, residual) Conv2d (as its
+dense matrix), ReLU, MinMax and their clipped forms (rewritten exactly with ReLUs:
+clamp(min(z, t), 0) = relu(t - relu(t - z)), max(m, l) = l + relu(m - l), min(M, u) =
+u - relu(u - M)), a point x, a label and a radius eps, the oracles compute
 
     m* = min { min_{j != label} f(x')_label - f(x')_j :  ||x' - x|| <= eps,  lo <= x' <= hi }
 
@@ -42,13 +42,14 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy.optimize import Bounds, LinearConstraint, milp
 from torch import nn
 from torch.func import functional_call
 
 from certnet.errors import ConfigError, InputError, UnsupportedLayerError
 from certnet.nn.activations import ClippedMinMax, ClippedReLU, MinMax
-from certnet.nn.lipschitz import LipschitzLinear
+from certnet.nn.lipschitz import LipschitzConv2d, LipschitzLinear, ResidualConv2d
 
 Norm = Literal["l2", "linf"]
 Method = Literal["milp", "enumerate"]
@@ -112,6 +113,9 @@ def _network_ops(layers: nn.Module, shape: tuple[int, ...]) -> tuple[list[_Op], 
                 layer.bias.detach().to(torch.float64).cpu().numpy()
             ops.append(("affine", w, b))
             shape = (layer.out_features,)
+        elif type(layer) in (nn.Conv2d, LipschitzConv2d, ResidualConv2d):
+            op, shape = _conv_affine(layer, shape)
+            ops.append(op)
         elif type(layer) is nn.ReLU:
             ops.append(("relu",))
         elif type(layer) is MinMax:
@@ -126,8 +130,32 @@ def _network_ops(layers: nn.Module, shape: tuple[int, ...]) -> tuple[list[_Op], 
         else:
             raise UnsupportedLayerError(
                 f"verify: no exact encoding for layer {type(layer).__name__} (supported: "
-                "Flatten, Linear, ReLU, MinMax, ClippedReLU, ClippedMinMax)")
+                "Flatten, Linear, Conv2d, ReLU, MinMax, ClippedReLU, ClippedMinMax)")
     return ops, shape
+
+
+def _conv_affine(layer: nn.Conv2d, shape: tuple[int, ...]) -> tuple[_Op, tuple[int, ...]]:
+    """A convolution on one point of ``shape`` (C, H, W) as the dense affine operation on the
+    flattened vector, and its output shape: column k is the kernel (``effective_weight`` for
+    certnet's layers) applied to the k-th basis image, exact in float64 (one product per entry,
+    the rest zeros)."""
+    if len(shape) != 3 or shape[0] != layer.in_channels:
+        raise UnsupportedLayerError(
+            f"verify: Conv2d({layer.in_channels}, ...) applied to shape {shape}")
+    if layer.groups != 1 or layer.dilation != (1, 1) or layer.padding_mode != "zeros" or \
+            isinstance(layer.padding, str):
+        raise UnsupportedLayerError("verify: only zero-padded convolutions without groups, "
+                                    "dilation or string padding")
+    weight = (layer.effective_weight() if isinstance(layer, LipschitzConv2d) else
+              layer.weight).detach().to(torch.float64).cpu()
+    n = int(np.prod(shape))
+    basis = torch.eye(n, dtype=torch.float64).view(n, *shape)
+    with torch.no_grad():
+        columns = F.conv2d(basis, weight, None, layer.stride, layer.padding)
+    positions = columns[0, 0].numel()
+    bias = np.zeros(columns[0].numel()) if layer.bias is None else np.repeat(
+        layer.bias.detach().to(torch.float64).cpu().numpy(), positions)
+    return ("affine", columns.reshape(n, -1).T.numpy(), bias), tuple(columns.shape[1:])
 
 
 def _flat(t: torch.Tensor) -> np.ndarray:
@@ -418,9 +446,9 @@ def min_margin(layers: nn.Sequential, x: torch.Tensor, label: int, eps: float, n
     """Exact minimum margin of ``label`` over the ``norm`` ball of radius ``eps`` around one
     point ``x`` (no batch dimension) intersected with ``domain``; see the module docstring for
     the methods and their tolerances (MILP: Tjeng, Xiao & Tedrake, ICLR 2019). Raises
-    :class:`UnsupportedLayerError` for layers other than Flatten / Linear / ReLU / MinMax and
-    their clipped forms, and :class:`InputError` for an enumeration problem above ``max_dim``
-    input dimensions."""
+    :class:`UnsupportedLayerError` for layers other than Flatten / Linear / Conv2d / ReLU /
+    MinMax and their clipped forms, and :class:`InputError` for an enumeration problem above
+    ``max_dim`` input dimensions."""
     if norm not in ("l2", "linf"):
         raise ConfigError(f"verify: norm must be 'l2' or 'linf', got {norm!r}")
     method = method or ("milp" if norm == "linf" else "enumerate")
