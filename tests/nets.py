@@ -1,6 +1,9 @@
 """Small random networks shared by the oracle and certifier tests."""
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from certnet.nn.activations import MinMax
@@ -65,55 +68,80 @@ class _Affine:
         return linear
 
 
-def linf_dist_as_relu(layers: nn.Sequential, d: int) -> nn.Sequential:
+def linf_dist_as_relu(layers: nn.Sequential, shape: int | tuple[int, ...]) -> nn.Sequential:
     """An equivalent float64 Flatten / Linear / ReLU network (what the exact oracle reads) of an
-    eval-mode l_inf-dist net at p = inf over ``d`` inputs: |t| = relu(t) + relu(-t) and, for
-    a, b >= 0, max(a, b) = relu(b) + relu(a - b), pairwise down a tree."""
-    from certnet.nn.linf_dist import LinfDist, MeanShift, Negate
+    eval-mode l_inf-dist net at p = inf over inputs of ``shape`` (or ``d`` inputs): dense and
+    conv distance layers, |t| = relu(t) + relu(-t) and, for a, b >= 0,
+    max(a, b) = relu(b) + relu(a - b), pairwise down a tree."""
+    from certnet.nn.linf_dist import LinfDist, LinfDistConv2d, MeanShift, Negate
 
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    dim = math.prod(shape)
     out: list[nn.Module] = [nn.Flatten()]
-    pending = _Affine(d)
-    dim = d
+    pending = _Affine(dim)
     for m in layers:
         if isinstance(m, nn.Flatten):
+            shape = (dim,)
             continue
-        if type(m) is LinfDist:
-            n, k_out = m.in_features, m.out_features
+        if type(m) in (LinfDist, LinfDistConv2d):
             w = m.weight.detach().double()
-            pick = torch.eye(n, dtype=torch.float64).repeat(k_out, 1)  # row (o, i) -> x_i
-            pending.then(torch.cat([pick, -pick]), torch.cat([-w.flatten(), w.flatten()]))
-            out += [pending.flush(), nn.ReLU()]
-            eye = torch.eye(k_out * n, dtype=torch.float64)
-            pending.then(torch.cat([eye, eye], dim=1))  # |x_i - w_oi|, (o, i) order
-            k = n
-            while k > 1:
-                pairs, odd = k // 2, k % 2
-                width = 2 * pairs + odd
-                split = torch.zeros(k_out * width, k_out * k, dtype=torch.float64)
-                merge = torch.zeros(k_out * (pairs + odd), k_out * width, dtype=torch.float64)
-                for o in range(k_out):
-                    for j in range(pairs):
-                        a, b = o * k + 2 * j, o * k + 2 * j + 1
-                        split[o * width + 2 * j, b] = 1  # b
-                        split[o * width + 2 * j + 1, a] = 1  # a - b
-                        split[o * width + 2 * j + 1, b] = -1
-                        merge[o * (pairs + odd) + j, o * width + 2 * j] = 1
-                        merge[o * (pairs + odd) + j, o * width + 2 * j + 1] = 1
-                    if odd:
-                        split[o * width + 2 * pairs, o * k + k - 1] = 1
-                        merge[o * (pairs + odd) + pairs, o * width + 2 * pairs] = 1
-                pending.then(split)
-                out += [pending.flush(), nn.ReLU()]
-                pending.then(merge)
-                k = pairs + odd
+            if type(m) is LinfDist:
+                positions = 1
+                pick = torch.eye(m.in_features, dtype=torch.float64)[None]  # (1, n, dim)
+            else:  # the patch entries each position reads (zero rows: padding)
+                basis = torch.eye(dim, dtype=torch.float64).view(dim, *shape)
+                unfolded = F.unfold(basis, m.kernel_size, padding=m.padding, stride=m.stride)
+                pick = unfolded.permute(2, 1, 0)  # (positions, n, dim)
+                positions = pick.shape[0]
+                shape = (w.shape[0], *m.output_size(*shape[1:]))
+            # neuron (o, position) in the output's channel-major order, then its n terms
+            n = w.shape[1]
+            k_out = w.shape[0] * positions
+            rows = pick.expand(w.shape[0], -1, -1, -1).reshape(k_out * n, dim)
+            offsets = w[:, None].expand(-1, positions, -1).reshape(-1)
+            _abs_max_tree(pending, out, rows, offsets, k_out, n)
             if m.bias is not None:
-                pending.then(torch.eye(k_out, dtype=torch.float64), m.bias.detach().double())
+                pending.then(torch.eye(k_out, dtype=torch.float64),
+                             m.bias.detach().double().repeat_interleave(positions))
             dim = k_out
+            shape = shape if type(m) is LinfDistConv2d else (dim,)
         elif type(m) is MeanShift:
-            pending.then(torch.eye(dim, dtype=torch.float64), -m.running_mean.double())
+            mean = m.running_mean.double().repeat_interleave(dim // m.running_mean.numel())
+            pending.then(torch.eye(dim, dtype=torch.float64), -mean)
         elif type(m) is Negate:
             pending.then(-torch.eye(dim, dtype=torch.float64))
         else:
             raise TypeError(f"cannot convert {type(m).__name__}")
     out.append(pending.flush())
     return nn.Sequential(*out)
+
+
+def _abs_max_tree(pending: _Affine, out: list[nn.Module], rows: torch.Tensor,
+                  offsets: torch.Tensor, k_out: int, n: int) -> None:
+    """Append max_i |rows_(o, i) . h - offsets_(o, i)| for each of ``k_out`` neurons of ``n``
+    terms as Linear / ReLU layers (the pending affine map is their input)."""
+    pending.then(torch.cat([rows, -rows]), torch.cat([-offsets, offsets]))
+    out += [pending.flush(), nn.ReLU()]
+    eye = torch.eye(k_out * n, dtype=torch.float64)
+    pending.then(torch.cat([eye, eye], dim=1))  # |t_oi|, (o, i) order
+    k = n
+    while k > 1:
+        pairs, odd = k // 2, k % 2
+        width = 2 * pairs + odd
+        split = torch.zeros(k_out * width, k_out * k, dtype=torch.float64)
+        merge = torch.zeros(k_out * (pairs + odd), k_out * width, dtype=torch.float64)
+        for o in range(k_out):
+            for j in range(pairs):
+                a, b = o * k + 2 * j, o * k + 2 * j + 1
+                split[o * width + 2 * j, b] = 1  # b
+                split[o * width + 2 * j + 1, a] = 1  # a - b
+                split[o * width + 2 * j + 1, b] = -1
+                merge[o * (pairs + odd) + j, o * width + 2 * j] = 1
+                merge[o * (pairs + odd) + j, o * width + 2 * j + 1] = 1
+            if odd:
+                split[o * width + 2 * pairs, o * k + k - 1] = 1
+                merge[o * (pairs + odd) + pairs, o * width + 2 * pairs] = 1
+        pending.then(split)
+        out += [pending.flush(), nn.ReLU()]
+        pending.then(merge)
+        k = pairs + odd

@@ -1,8 +1,9 @@
 """Soundness of every certifier (certnet.certifiers) from two sides.
 
 * the exact oracle (certnet.verify) on hundreds of tiny random ReLU / MinMax nets with 2-4
-  inputs, dense and convolutional, in l_inf and l2: a certified point is robust, a certificate's margin never exceeds
-  the exact minimum margin, a certified radius holds; exact on nets without hidden layers;
+  inputs, dense and convolutional, in l_inf and l2: a certified point is robust, a
+  certificate's margin never exceeds the exact minimum margin, a certified radius holds;
+  exact on nets without hidden layers;
 * PGD with restarts on small briefly-trained networks (an IBP MLP, a CROWN-IBP DM-small with
   BatchNorm, a GloRo 2C2F certified in l_inf too, GloRo nets with clipped activations, an
   l_inf-dist MLP, a conv l_inf-dist net with a tanh head): no certified point flips, no
