@@ -88,6 +88,7 @@ def linf_dist_as_relu(layers: nn.Sequential, shape: int | tuple[int, ...]) -> nn
             if type(m) is LinfDist:
                 positions = 1
                 pick = torch.eye(m.in_features, dtype=torch.float64)[None]  # (1, n, dim)
+                shape = (w.shape[0],)
             else:  # the patch entries each position reads (zero rows: padding)
                 basis = torch.eye(dim, dtype=torch.float64).view(dim, *shape)
                 unfolded = F.unfold(basis, m.kernel_size, padding=m.padding, stride=m.stride)
@@ -104,7 +105,6 @@ def linf_dist_as_relu(layers: nn.Sequential, shape: int | tuple[int, ...]) -> nn
                 pending.then(torch.eye(k_out, dtype=torch.float64),
                              m.bias.detach().double().repeat_interleave(positions))
             dim = k_out
-            shape = shape if type(m) is LinfDistConv2d else (dim,)
         elif type(m) is MeanShift:
             mean = m.running_mean.double().repeat_interleave(dim // m.running_mean.numel())
             pending.then(torch.eye(dim, dtype=torch.float64), -mean)

@@ -154,6 +154,24 @@ def oracle_problems(model, desc: str, depth: int, seed: int, eps: float,
     return problems
 
 
+def oracle_stats(models: st.SearchStrategy, examples: int, label: str) -> Counter[str]:
+    """:func:`oracle_problems` on ``examples`` hypothesis draws of (model, point seed, eps);
+    fails with the problems found, else returns what was checked."""
+    stats: Counter[str] = Counter()
+    problems: list[str] = []
+
+    @settings(max_examples=examples, deadline=None, derandomize=True, database=None)
+    @given(case=models, seed=st.integers(0, 2**16),
+           eps=st.sampled_from([0.01, 0.03, 0.1, 0.3, 0.6]))
+    def check(case, seed, eps):
+        problems.extend(oracle_problems(*case, seed, eps, stats))
+
+    check()
+    print(f"\n{label}: {dict(sorted(stats.items()))}")
+    assert not problems, "\n".join(problems[:20])
+    return stats
+
+
 @pytest.mark.parametrize("examples", [
     150, pytest.param(2000, marks=pytest.mark.slow, id="2000-slow")])
 def test_certificates_never_contradict_the_exact_oracle(examples):
@@ -162,18 +180,7 @@ def test_certificates_never_contradict_the_exact_oracle(examples):
     margin <= m*; a Lipschitz radius r is robust (m* > 0 at r (1 - 1e-6), box ignored).
     Teeth: nets without hidden layers are bounded exactly in l_inf (all bound certifiers), and
     margins overstated by 0.05 would certify some non-robust points."""
-    stats: Counter[str] = Counter()
-    problems: list[str] = []
-
-    @settings(max_examples=examples, deadline=None, derandomize=True, database=None)
-    @given(case=tiny_models(), seed=st.integers(0, 2**16),
-           eps=st.sampled_from([0.01, 0.03, 0.1, 0.3, 0.6]))
-    def check(case, seed, eps):
-        problems.extend(oracle_problems(*case, seed, eps, stats))
-
-    check()
-    print(f"\ncertifiers vs exact oracle: {dict(sorted(stats.items()))}")
-    assert not problems, "\n".join(problems[:20])
+    stats = oracle_stats(tiny_models(), examples, "certifiers vs exact oracle")
     n = stats["cases"]
     assert stats["not_robust"] >= 0.1 * n, stats
     for name in (*SINGLE, "best"):
@@ -189,18 +196,7 @@ def test_conv_certificates_never_contradict_the_exact_oracle(examples):
     """The same checks on tiny conv nets, which the oracle reads as dense matrices: the
     convolution paths of every certifier (the polyphase FFT spectral bound, conv rounding and
     bound rules, masked conv bounds of the local certificate, im2col chunks)."""
-    stats: Counter[str] = Counter()
-    problems: list[str] = []
-
-    @settings(max_examples=examples, deadline=None, derandomize=True, database=None)
-    @given(case=tiny_conv_models(), seed=st.integers(0, 2**16),
-           eps=st.sampled_from([0.01, 0.03, 0.1, 0.3, 0.6]))
-    def check(case, seed, eps):
-        problems.extend(oracle_problems(*case, seed, eps, stats))
-
-    check()
-    print(f"\nconv certifiers vs exact oracle: {dict(sorted(stats.items()))}")
-    assert not problems, "\n".join(problems[:20])
+    stats = oracle_stats(tiny_conv_models(), examples, "conv certifiers vs exact oracle")
     n = stats["cases"]
     assert stats["not_robust"] >= 0.1 * n, stats
     for name in ("lipschitz", "local-lipschitz", *BOUND_CERTIFIERS, "best"):  # not l_inf-dist's

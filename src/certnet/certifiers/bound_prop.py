@@ -39,7 +39,7 @@ def margin_certificate(layers64: nn.Sequential, x: torch.Tensor, threat: ThreatM
     outputs = layer_outputs(layers64, x64[:1])
     widest = max(x64[0].numel(), *(h[0].numel() for h in outputs))
     chunk = max(1, min(CHUNK_ELEMENTS // (max(1, outputs[-1].shape[1] - 1) * widest),
-                       gemm_chunk(layers64, x64)))
+                       gemm_chunk(layers64, x64, outputs)))
     if method == "alpha-crown":  # slopes, their Adam moments and the graph of a pass
         chunk = max(1, chunk // ALPHA_MEMORY)
     preds, margins = [], []

@@ -163,8 +163,9 @@ class LocalLipschitzCertifier(Certifier):
         twin = model.float64_copy("local-lipschitz", LocalConstants.of)
         constants: LocalConstants = twin.derived
         x64 = x.double()
-        widest = max(x[0].numel(), *(h[0].numel() for h in layer_outputs(twin.layers, x64[:1])))
-        chunk = max(1, min(CHUNK_ELEMENTS // widest, gemm_chunk(twin.layers, x64)))
+        probe = layer_outputs(twin.layers, x64[:1])
+        widest = max(x[0].numel(), *(h[0].numel() for h in probe))
+        chunk = max(1, min(CHUNK_ELEMENTS // widest, gemm_chunk(twin.layers, x64, probe)))
         r = l2_radius_of(threat, x[0].numel())
         preds, margins = [], []
         for i in range(0, len(x64), chunk):

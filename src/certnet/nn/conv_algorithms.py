@@ -46,21 +46,24 @@ def without_onednn() -> Iterator[None]:
 GEMM_CHUNK_ELEMENTS = 2**21
 
 
-def gemm_chunk(layers: nn.Sequential, x: torch.Tensor) -> int:
-    """Points per chunk for a pass of ``layers`` over ``x`` with :func:`gemm_convolutions`.
+def gemm_chunk(layers: nn.Sequential, x: torch.Tensor,
+               outputs: list[torch.Tensor] | None = None) -> int:
+    """Points per chunk for a pass of ``layers`` over ``x`` with :func:`gemm_convolutions`
+    (``outputs``: every layer's output on ``x[:1]``, if the caller has them already).
     On the CPU, torch unfolds a convolution's whole batch (im2col) before its GEMMs; past the
     last-level cache that buffer makes a float64 pass memory-bound (certification of 2000
     points at once: 2.3-2.9x slower, benchmarks/certify_chunks.py). Off the CPU: every point
     at once."""
     if x.device.type != "cpu" or len(x) <= 1:
         return max(1, len(x))
-    widest = 1
-    h = x[:1]
-    with torch.no_grad():
-        for layer in layers:
-            out = layer(h)
-            unfolded = (layer.weight[0].numel() * out[0, 0].numel()
-                        if isinstance(layer, nn.Conv2d) else 0)
-            widest = max(widest, out[0].numel(), unfolded)
-            h = out
+    if outputs is None:
+        outputs, h = [], x[:1]
+        with torch.no_grad():
+            for layer in layers:
+                h = layer(h)
+                outputs.append(h)
+    widest = max(1, *(out[0].numel() for out in outputs),
+                 *(layer.weight[0].numel() * out[0, 0].numel()
+                   for layer, out in zip(layers, outputs, strict=True)
+                   if isinstance(layer, nn.Conv2d)))
     return max(1, GEMM_CHUNK_ELEMENTS // widest)

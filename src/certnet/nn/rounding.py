@@ -65,11 +65,11 @@ class RoundingBound:
 
     input: torch.Tensor | float | None = None
     output: torch.Tensor | float | None = None
-    per_position: torch.Tensor | float = 0.0
+    per_position: float = 0.0
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         positions = math.prod(y.shape[2:])
-        error = torch.full((x.shape[0],), float(self.per_position) * positions**0.5,
+        error = torch.full((x.shape[0],), self.per_position * positions**0.5,
                            dtype=torch.float64, device=x.device)
         if self.input is not None:
             error = error + self.input * _norms(x)
