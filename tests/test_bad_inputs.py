@@ -43,6 +43,7 @@ PY_CASES = {
     "wrong channels": (InputError, lambda m: m.certify(torch.rand(4, 3, 28, 28), 0.3)),
     "integer dtype": (InputError, lambda m: m.certify(torch.zeros(4, *SHAPE, dtype=torch.long),
                                                       0.3)),
+    "float8 dtype": (InputError, lambda m: m.certify(_x().to(torch.float8_e4m3fn), 0.3)),
     "not a tensor": (InputError, lambda m: m.certify([[0.5]], 0.3)),
     "NaN pixel": (InputError, lambda m: m.certify(_with(math.nan), 0.3)),
     "Inf pixel": (InputError, lambda m: m.certify(_with(math.inf), 0.3)),
@@ -141,7 +142,16 @@ CHECKPOINT_CASES = {
     "unknown method in config": lambda p: _edit_config(p, method="nope"),
     "norm in config disagrees with the model": lambda p: _edit_config(p, norm="linf"),
     "pickle renamed to .safetensors": _pickle_renamed,
+    "num_classes a float": lambda p: _edit_config(p, num_classes=10.0),
+    "layer spec with a device": lambda p: _edit_layer(p, -1, device="meta"),
+    "layer spec with an int bias": lambda p: _edit_layer(p, 0, bias=1),
 }
+
+
+def _edit_layer(path: Path, index: int, **changes) -> None:
+    config = json.loads((path / "config.json").read_text())
+    config["layers"][index].update(changes)
+    (path / "config.json").write_text(json.dumps(config))
 
 
 def _drop(path: Path, key: str) -> None:

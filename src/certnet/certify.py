@@ -9,6 +9,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from decimal import ROUND_FLOOR, Decimal
 from pathlib import Path
 from typing import Any, overload
 
@@ -58,7 +59,7 @@ class Report:
 
     def summary(self) -> str:
         q = self.radius_quantiles
-        radii = (f"radius p10/p50/p90 {q['p10']:.3f}/{q['p50']:.3f}/{q['p90']:.3f}"
+        radii = (f"radius p10/p50/p90 {_down(q['p10'])}/{_down(q['p50'])}/{_down(q['p90'])}"
                  if self.gives_radius else "radius: eps or nothing")
         by = ""
         if len(self.certified_by) > 1:
@@ -73,7 +74,7 @@ class Report:
         for i, (lab, p, c, r, b) in enumerate(zip(self.labels.tolist(), self.pred.tolist(),
                                                   self.certified.tolist(),
                                                   self.radius.tolist(), self.by, strict=True)):
-            rows.append([i, lab, p, int(c), f"{r:.6g}", b])
+            rows.append([i, lab, p, int(c), repr(r), b])  # exact: never rounded up
         buffer = io.StringIO()
         csv.writer(buffer).writerows(rows)
         atomic_write(path, buffer.getvalue())
@@ -181,7 +182,9 @@ def _report(model: CertifiedModel, certifier: str, norm: str, eps: float,
     radius = torch.cat(outcome["radius"])
     correct = pred == labels
     finite = radius.clamp_max(torch.finfo(radius.dtype).max)
-    q = torch.quantile(finite.double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))
+    # "lower": each quantile is a radius some point was proved, not an interpolation above it
+    q = torch.quantile(finite.double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64),
+                       interpolation="lower")
     by = outcome["by"]
     counts = dict(Counter(name for name in by if name))
     return Report(
@@ -218,3 +221,8 @@ def summary_table(reports: Sequence[Report]) -> str:
     lines += [f"{r.eps:>8g}  {100 * r.clean_accuracy:>8.2f}  {100 * r.vra:>8.2f}  "
               f"{100 * r.abstain_rate:>9.2f}" for r in reports]
     return "\n".join(lines)
+
+
+def _down(radius: float) -> str:
+    """``radius`` to 3 decimals, rounded down (a printed radius is never more than proved)."""
+    return str(Decimal(radius).quantize(Decimal("0.001"), rounding=ROUND_FLOOR))

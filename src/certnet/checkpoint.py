@@ -23,9 +23,10 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from certnet import __version__
-from certnet.errors import CertnetError, CheckpointError
+from certnet.errors import CertnetError, CheckpointError, UnsupportedLayerError
 from certnet.methods import get_method
 from certnet.methods.base import CertifiedModel
+from certnet.nn.integrity import check_certifiable
 from certnet.nn.spec import build_layers, describe_layers
 
 FORMAT = "certnet-checkpoint"
@@ -152,10 +153,18 @@ def load(directory: str | Path, device: str | torch.device = "cpu") -> Certified
         layers = build_layers(config["layers"], shape)
         model = get_method(config["method"])(layers, shape, config["num_classes"],
                                              **config.get("method_config", {}))
+    except (CertnetError, RuntimeError, TypeError, KeyError) as err:
+        raise CheckpointError(f"{directory}: config.json describes no valid model: "
+                              f"{str(err).splitlines()[0]}") from err
+    try:
         model.load_state_dict(state, strict=True)
     except (CertnetError, RuntimeError, TypeError, KeyError) as err:
         raise CheckpointError(f"{directory}: weights do not fit the architecture in "
                               f"config.json: {str(err).splitlines()[0]}") from err
+    try:
+        check_certifiable(model.layers)  # e.g. BatchNorm statistics with no sound affine map
+    except UnsupportedLayerError as err:
+        raise CheckpointError(f"{directory}: {err}") from err
     if config.get("norm", model.norm) != model.norm:
         raise CheckpointError(f"{directory}: config.json says norm {config['norm']!r}, but a "
                               f"{model.method} model is certified in {model.norm}")

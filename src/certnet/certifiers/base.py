@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from certnet.errors import ConfigError, InputError
+from certnet.floats import round_down
 from certnet.threat import ThreatModel, check_eps, check_norm
 
 if TYPE_CHECKING:
@@ -44,10 +45,12 @@ class Certificate:
     def eps_or_nothing(cls, pred: torch.Tensor, margin: torch.Tensor, eps: float
                        ) -> Certificate:
         """The certificate of a margin lower bound over the eps-ball: certified where it is
-        > 0, with radius eps there and 0 elsewhere."""
+        > 0, with radius eps (rounded down to float32: never more than proved) there and 0
+        elsewhere."""
         certified = margin > 0
-        radius = torch.where(certified, torch.tensor(float(eps)), torch.tensor(0.0))
-        return cls(pred=pred, certified=certified, radius=radius.float(), gives_radius=False,
+        proved = round_down(torch.tensor(float(eps), dtype=torch.float64)).to(certified.device)
+        radius = torch.where(certified, proved, torch.zeros_like(proved))
+        return cls(pred=pred, certified=certified, radius=radius, gives_radius=False,
                    margin=margin)
 
 
@@ -69,7 +72,7 @@ class Certifier:
 
     def certify(self, model: CertifiedModel, x: torch.Tensor, threat: ThreatModel
                 ) -> Certificate:
-        """Sound certificate for every point of the (already validated) batch ``x``."""
+        """Sound certificate for every point of the (already validated, float64) batch ``x``."""
         raise NotImplementedError
 
 
@@ -112,12 +115,18 @@ def resolve(model: CertifiedModel, certifier: str | None, norm: str | None
     return chosen, norm
 
 
+#: Input dtypes: each converts to float64 exactly (float8 types lack isfinite and min).
+INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def check_inputs(x: torch.Tensor, input_shape: tuple[int, ...]) -> None:
-    """Refuse anything that is not a non-empty float batch of pixels in [0, 1]."""
+    """Refuse anything that is not a non-empty batch of pixels in [0, 1] in one of
+    ``INPUT_DTYPES``."""
     if not isinstance(x, torch.Tensor):
         raise InputError(f"expected a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise InputError(f"expected a floating-point tensor, got dtype {x.dtype}")
+    if x.dtype not in INPUT_DTYPES:
+        raise InputError(f"expected a float16, bfloat16, float32 or float64 tensor, got dtype "
+                         f"{x.dtype}")
     if x.dim() != len(input_shape) + 1 or tuple(x.shape[1:]) != tuple(input_shape):
         raise InputError(f"expected input of shape (B, {', '.join(map(str, input_shape))}), "
                          f"got {tuple(x.shape)}")
@@ -137,6 +146,8 @@ def certify(model: CertifiedModel, x: torch.Tensor, eps: float, certifier: str |
     check_inputs(x, model.input_shape)
     check_eps(eps)
     chosen, norm = resolve(model, certifier, norm)
+    # exact from float16, bfloat16 and float32: no certifier computes in the input's dtype
+    x = x.to(torch.float64)
     cert = chosen.certify(model, x, ThreatModel(norm, float(eps)))
     if cert.by is None:
         cert.by = [chosen.name if c else "" for c in cert.certified.tolist()]

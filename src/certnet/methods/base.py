@@ -21,7 +21,14 @@ from certnet.nn.lipschitz import trace_shapes
 from certnet.threat import Norm, check_eps
 
 __all__ = ["METHODS", "Certificate", "CertifiedModel", "check_eps", "check_inputs",
-           "get_method", "register_method"]
+           "check_num_classes", "get_method", "register_method"]
+
+
+def check_num_classes(num_classes: Any) -> None:
+    """ConfigError unless ``num_classes`` is an int >= 2 (not a bool, not a float): with one
+    class every point is "certified" whatever the radius."""
+    if type(num_classes) is not int or num_classes < 2:
+        raise ConfigError(f"num_classes must be an integer >= 2, got {num_classes!r}")
 
 
 class CertifiedModel(nn.Module):
@@ -42,6 +49,7 @@ class CertifiedModel(nn.Module):
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int) -> None:
         super().__init__()
+        check_num_classes(num_classes)
         self.input_shape = tuple(input_shape)
         self.num_classes = num_classes
         self._twins: dict[str, Float64Twin] = {}

@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.modules import module as module_globals
 
 from certnet.errors import UnsupportedLayerError
-from certnet.nn.lipschitz import ESTIMATE_ONLY_BUFFERS
+from certnet.nn.lipschitz import ESTIMATE_ONLY_BUFFERS, LipschitzConv2d, check_batchnorm
 
 _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks")
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks")
@@ -41,6 +41,24 @@ def check_plain(model: nn.Module) -> None:
                 f"layer {name or type(m).__name__} ({type(m).__name__}) has a patched forward")
 
 
+def _square(pair: Any) -> bool:
+    return isinstance(pair, tuple) and len(pair) == 2 and pair[0] == pair[1]
+
+
+def check_certifiable(layers: nn.Module) -> None:
+    """Refuse (:class:`UnsupportedLayerError`) what no certifier bounds soundly: BatchNorm
+    statistics without a sound float64 affine map (:func:`check_batchnorm`) and Lipschitz
+    convolutions whose stride or padding was made non-square after construction (their
+    global bounds read one entry)."""
+    for name, m in layers.named_modules():
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
+            check_batchnorm(m, name)
+        elif isinstance(m, LipschitzConv2d) and not (_square(m.stride) and _square(m.padding)):
+            raise UnsupportedLayerError(
+                f"layer {name} ({type(m).__name__}) needs a square stride and padding, got "
+                f"stride {m.stride!r} and padding {m.padding!r}")
+
+
 def _attributes(m: nn.Module) -> dict[str, Any]:
     """Plain (non-tensor, non-private) attributes: stride, padding, alpha, input shape..."""
     return {k: v for k, v in vars(m).items()
@@ -57,12 +75,14 @@ class Float64Twin:
     """A float64 deep copy of ``layers`` in eval mode (certificates are about the network at
     inference: BatchNorm with its running statistics) and ``derive(copy)``, valid while
     ``layers`` still has the same types, attributes and weights (compared exactly, on every
-    use; the train/eval mode is not compared)."""
+    use; the train/eval mode is not compared). The copy is checked (:func:`check_certifiable`)
+    before anything is derived from it."""
 
     def __init__(self, layers: nn.Sequential, derive: Callable[[nn.Sequential], Any]) -> None:
         # contiguous whatever the training layout (channels_last certifies ~8% slower)
         self.layers = copy.deepcopy(layers).to(
             torch.float64, memory_format=torch.contiguous_format).eval()
+        check_certifiable(self.layers)
         self.derived = derive(self.layers)
 
     def matches(self, layers: nn.Sequential) -> bool:

@@ -275,6 +275,39 @@ def batchnorm_affine(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return scale, shift
 
 
+def check_batchnorm(m: nn.Module, name: str = "") -> None:
+    """Refuse (:class:`UnsupportedLayerError`) an eval-mode BatchNorm whose affine map has no
+    sound float64 form: ``eps`` must be a finite number >= 0; running_mean, weight and bias
+    finite; running_var >= 0 and, computed in float64, running_var + eps a normal float64
+    (>= 2.2e-308, the smallest) and finite. Below that, var + eps is subnormal or 0: it has
+    lost relative precision (the rounding bounds assume none) and rsqrt(var + eps) loses
+    more or is infinite; the resulting scale and shift must be finite too (a huge weight
+    times rsqrt overflows). A BatchNorm without running statistics is left to the rules."""
+    if m.running_var is None or m.running_mean is None:
+        return
+    where = f"layer {name or '?'} ({type(m).__name__})"
+    eps = m.eps
+    if type(eps) not in (int, float) or not math.isfinite(eps) or eps < 0:
+        raise UnsupportedLayerError(f"{where}: eps must be a finite number >= 0, got {eps!r}")
+    var = m.running_var.detach().double()
+    tensors = {"running_mean": m.running_mean, "weight": m.weight, "bias": m.bias}
+    for key, t in tensors.items():
+        if t is not None and not bool(torch.isfinite(t.detach()).all()):
+            raise UnsupportedLayerError(f"{where}: {key} is not finite")
+    if bool((var < 0).any()) or bool(torch.isnan(var).any()):
+        raise UnsupportedLayerError(f"{where}: running_var has negative or NaN entries")
+    total = var + eps
+    tiny = torch.finfo(torch.float64).tiny
+    if not bool(torch.isfinite(total).all()) or bool((total < tiny).any()):
+        raise UnsupportedLayerError(
+            f"{where}: running_var + eps must be finite and at least {tiny:.3g} (the smallest "
+            f"normal float64), got {float(total.min()):.3g} to {float(total.max()):.3g}")
+    scale, shift = batchnorm_affine(m)
+    if not bool(torch.isfinite(scale).all() and torch.isfinite(shift).all()):
+        raise UnsupportedLayerError(f"{where}: its affine map overflows float64 (weight / "
+                                    "sqrt(running_var + eps) or the shift is infinite)")
+
+
 def _batchnorm_bound(m: nn.Module) -> torch.Tensor:
     # a diagonal map: its norm is the largest |scale|, computed with a few roundings
     return batchnorm_affine(m)[0].abs().max() * (1 + 8 * FLOAT64_UNIT_ROUNDOFF)
