@@ -31,6 +31,7 @@ from certnet.bounds import margin_bounds
 from certnet.certifiers import applicable, certify
 from certnet.certifiers.base import CERTIFIERS
 from certnet.errors import ConfigError, UnsupportedLayerError
+from certnet.floats import round_down
 from certnet.methods.bound_prop import CrownIBPNet, IBPNet
 from certnet.methods.gloro import GloroNet
 from certnet.methods.linf_dist import LinfDistNet
@@ -258,8 +259,10 @@ def check_best(certs: dict, eps: float) -> bool:
         if cert.gives_radius:  # up to the float32 rounding (down) of the reported radius
             differ = cert.certified != (cert.radius > eps)
             assert bool(((cert.radius[differ].double() - eps).abs() <= 1e-6 * eps).all())
-        else:
-            assert torch.equal(cert.radius, torch.where(cert.certified, eps, 0.0).float())
+        else:  # eps rounded down to float32: never more than proved
+            proved = round_down(torch.tensor(eps, dtype=torch.float64))
+            assert float(proved) <= eps
+            assert torch.equal(cert.radius, torch.where(cert.certified, proved, 0.0))
     certs["best"] = best
     return bool((union & ~inter).any())
 

@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 
 from certnet.errors import ConfigError, InputError
+from certnet.floats import SQRT_TINY64, eta, gamma, outward
 
 Norm = Literal["l2", "linf"]
 NORMS: tuple[Norm, ...] = ("l2", "linf")
@@ -87,26 +88,51 @@ class ThreatModel:
 
     def box(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x +- eps clipped to [lower, upper]: the set itself for l_inf, the smallest box that
-        contains it for l2."""
+        contains it for l2 (each end rounded to nearest: training's box)."""
         return ((x - self.eps).clamp(self.lower, self.upper),
                 (x + self.eps).clamp(self.lower, self.upper))
 
-    def concretize(self, x: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    def enclosure(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`box` rounded outward: it contains every real x' of the set around x."""
+        lo, hi = outward(x - self.eps, x + self.eps)
+        return lo.clamp(self.lower, self.upper), hi.clamp(self.lower, self.upper)
+
+    def concretize(self, x: torch.Tensor, lam: torch.Tensor, rigorous: bool = False
+                   ) -> torch.Tensor:
         """A lower bound of lam . x' over the set around each point, lam of shape
         (B, S, *x.shape[1:]) -> (B, S). l_inf: the exact minimum over the clipped box,
         lam . c - |lam| . r; l2: lam . x - eps ||lam||_2 (the dual norm; the pixel box only
-        shrinks the set, so ignoring it stays sound)."""
+        shrinks the set, so ignoring it stays sound). ``rigorous``: minus a bound on the
+        rounding of the float evaluation itself (so the value is below the real minimum)."""
         flat = lam.flatten(2)
         if self.norm == "linf":
-            lo, hi = self.box(x)
-            return box_minimum(flat, lo, hi)
-        return (flat @ x.flatten(1).unsqueeze(2)).squeeze(2) - \
-            self.eps * flat.norm(dim=2)
+            lo, hi = self.enclosure(x) if rigorous else self.box(x)
+            return box_minimum(flat, lo, hi, rigorous)
+        dot = (flat @ x.flatten(1).unsqueeze(2)).squeeze(2)
+        norm = flat.norm(dim=2)
+        if not rigorous:
+            return dot - self.eps * norm
+        # |error| <= gamma_{n+3} (|lam| . |x| + eps ||lam||_1) (two dot products, the root of
+        # the squares, the product with eps, the subtraction) plus the squares' underflow
+        n = flat.shape[2]
+        size = x.flatten(1).abs() + self.eps
+        error = gamma(n + 6, lam.dtype) * (flat.abs() @ size.unsqueeze(2)).squeeze(2) + \
+            3 * (n + 2) * eta(lam.dtype)  # the products' underflow
+        return dot - self.eps * (norm + n**0.5 * SQRT_TINY64) - error
 
 
-def box_minimum(lam: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """Exact minimum of lam . h over the box [lo, hi]: lam (B, S, ...) -> (B, S)."""
+def box_minimum(lam: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, rigorous: bool = False
+                ) -> torch.Tensor:
+    """Exact minimum of lam . h over the box [lo, hi]: lam (B, S, ...) -> (B, S).
+    ``rigorous``: a float lower bound of it. The centre c and radius r round, and so do both
+    dot products and their difference: at most gamma_{n+3} |lam| . (|c| + r) in all, which is
+    paid for by taking the radius r + gamma_{n+5} (|c| + r) (no extra product)."""
     flat = lam.flatten(2)
     center = ((hi + lo) / 2).flatten(1).unsqueeze(2)
     radius = ((hi - lo) / 2).flatten(1).unsqueeze(2)
-    return (flat @ center).squeeze(2) - (flat.abs() @ radius).squeeze(2)
+    lost = 0.0
+    if rigorous:
+        n = flat.shape[2]
+        radius = radius + gamma(n + 5, lam.dtype) * (center.abs() + radius)
+        lost = 2 * (n + 2) * eta(lam.dtype)  # the products' underflow
+    return (flat @ center).squeeze(2) - (flat.abs() @ radius).squeeze(2) - lost

@@ -26,11 +26,13 @@ LEARNING_RATE = 0.1
 
 def optimized_bound(layers: nn.Sequential, seen: list[LayerInput], spec: torch.Tensor,
                     x: torch.Tensor, threat: ThreatModel, slope: Slope = "adaptive",
-                    steps: int = STEPS, lr: float = LEARNING_RATE) -> torch.Tensor:
+                    steps: int = STEPS, lr: float = LEARNING_RATE, rigorous: bool = False
+                    ) -> torch.Tensor:
     """Lower bound (B, S) on spec . output over the threat model around ``x`` (see
-    :func:`backward_bound`), the ReLU slopes optimised for ``steps`` steps."""
+    :func:`backward_bound`, also for ``rigorous``: then every iterate's bound is rigorous,
+    and so is their maximum), the ReLU slopes optimised for ``steps`` steps."""
     relus = [i for i, m in enumerate(layers) if type(rule_for(m)) is ReLURule]
-    best = backward_bound(layers, seen, spec, x, threat, slope)
+    best = backward_bound(layers, seen, spec, x, threat, slope, rigorous=rigorous)
     if not relus or steps < 1:
         return best
     rows = spec.shape[1]
@@ -42,7 +44,8 @@ def optimized_bound(layers: nn.Sequential, seen: list[LayerInput], spec: torch.T
     optimizer = Adam(params, lr=lr, maximize=True)
     for _ in range(steps):
         with torch.enable_grad():
-            bound = backward_bound(layers, seen, spec, x, threat, slope, alphas=alphas)
+            bound = backward_bound(layers, seen, spec, x, threat, slope, alphas=alphas,
+                                   rigorous=rigorous)
             # gradients for the slopes only (the weights may require grad: left untouched)
             grads = torch.autograd.grad(bound.sum(), params)
         best = torch.maximum(best, bound.detach())
@@ -54,5 +57,5 @@ def optimized_bound(layers: nn.Sequential, seen: list[LayerInput], spec: torch.T
                 param.clamp_(0.0, 1.0)
     with torch.no_grad():  # the last step's slopes
         best = torch.maximum(best, backward_bound(layers, seen, spec, x, threat, slope,
-                                                  alphas=alphas))
+                                                  alphas=alphas, rigorous=rigorous))
     return best

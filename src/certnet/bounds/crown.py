@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from certnet.bounds.ibp import interval_walk
+from certnet.bounds.ibp import drift_walk, interval_walk, layer_interval
 from certnet.bounds.rules import (
     BatchNormRule,
     ConvRule,
@@ -20,12 +20,16 @@ from certnet.bounds.rules import (
     LayerInput,
     NormalizeRule,
     ReLURule,
+    ResidualConvRule,
     Slope,
+    per_row_dot,
     relaxed_backward,
     relu_relaxation,
     rule_for,
+    sum_over,
 )
 from certnet.errors import UnsupportedLayerError
+from certnet.floats import SQRT_TINY64, eta, gamma
 from certnet.threat import ThreatModel, box_minimum
 
 #: Coefficient-tensor elements one backward pass of full CROWN may hold (chunked beyond it).
@@ -35,7 +39,8 @@ CHUNK_ELEMENTS = 2 ** 25
 def backward_bound(layers: nn.Sequential, seen: list[LayerInput], spec: torch.Tensor,
                    x: torch.Tensor, threat: ThreatModel, slope: Slope = "adaptive",
                    stop: int = 0, upto: int | None = None,
-                   alphas: Mapping[int, torch.Tensor] | None = None) -> torch.Tensor:
+                   alphas: Mapping[int, torch.Tensor] | None = None,
+                   rigorous: bool = False) -> torch.Tensor:
     """Lower bound (B, S) on spec . z over the threat model around ``x``, z the output of
     ``layers[:upto]``.
 
@@ -43,17 +48,86 @@ def backward_bound(layers: nn.Sequential, seen: list[LayerInput], spec: torch.Te
     to layer ``stop`` (raised to :func:`relaxation_floor`), using ``seen`` (each layer's input
     interval) for the activations, and concretizes on the threat model (``stop == 0``) or on
     the interval of layer ``stop``'s input. ``alphas[i]`` (optional): the lower slopes of
-    ReLU layer i per specification row (alpha-CROWN), in place of ``slope``."""
+    ReLU layer i per specification row (alpha-CROWN), in place of ``slope``.
+    ``rigorous``: a bound on the exact z in floating point (``seen`` must be rigorous too):
+    each step's rounding is charged to the bound (:class:`Rounding`)."""
     upto = len(layers) if upto is None else upto
     stop = max(stop, relaxation_floor(layers, upto))
     lam, const = spec, spec.new_zeros(spec.shape[:2])
+    rounding = Rounding(const) if rigorous else None
     for i in range(upto - 1, stop - 1, -1):
         choice = alphas[i] if alphas is not None and i in alphas else slope
-        lam, c = rule_for(layers[i]).backward(layers[i], lam, seen[i], choice)
+        rule = rule_for(layers[i])
+        if rounding is not None:
+            rounding.charge(lam, rule_rho(rule, layers[i], seen[i]), seen[i])
+        lam, c = rule.backward(layers[i], lam, seen[i], choice)
         const = const + c
-    base = threat.concretize(x, lam) if stop == 0 else \
-        box_minimum(lam, seen[stop].lo, seen[stop].hi)
-    return base + const
+        if rounding is not None:
+            rounding.constant(c)
+    base = threat.concretize(x, lam, rigorous) if stop == 0 else \
+        box_minimum(lam, seen[stop].lo, seen[stop].hi, rigorous)
+    return base + const if rounding is None else rounding.settle(base, const)
+
+
+def rule_rho(rule, m: nn.Module, inp: LayerInput) -> torch.Tensor | float:
+    """The rule's ``backward_error`` (an UnsupportedLayerError where it has none)."""
+    rho = rule.backward_error(m, inp)
+    if rho is None:
+        raise UnsupportedLayerError(f"{type(m).__name__}: no bound on the rounding of its "
+                                    "backward relaxation")
+    return rho
+
+
+class Rounding:
+    """What a backward pass's float evaluation may have lost, per point and specification row
+    (docs/rounding.md): sum over the steps of sum_j |lam_j| rho_j (the rules'
+    ``backward_error``), and the magnitudes of the constants, whose L additions and the final
+    one with the concretized term round by at most gamma_{L+1} of their sum."""
+
+    def __init__(self, like: torch.Tensor) -> None:
+        self.error = torch.zeros_like(like)
+        self.size = torch.zeros_like(like)
+        self.steps = 0
+        self.terms = 1
+
+    def charge(self, lam: torch.Tensor, rho: torch.Tensor | float, inp: LayerInput) -> None:
+        """Add sum_j |lam_j| rho_j over the step's outputs (lam (B, S, *z)), and
+        :meth:`underflow` for its input ``inp``."""
+        self.steps += 1
+        self.terms = max(self.terms, lam[0, 0].numel())
+        self.underflow(lam[0, 0].numel(), inp)
+        if isinstance(rho, torch.Tensor):
+            rho = rho.expand(rho.shape[0], *lam.shape[2:]).unsqueeze(1)
+            self.error = self.error + per_row_dot(lam.abs(), rho)
+        elif rho:
+            self.error = self.error + rho * sum_over(lam.abs())
+
+    def charge_sum(self, error: torch.Tensor, terms: int, inp: LayerInput) -> None:
+        """Add a step's charge computed by the caller (patches mode), on coefficients of
+        ``terms`` entries per row."""
+        self.steps += 1
+        self.terms = max(self.terms, terms)
+        self.underflow(terms, inp)
+        self.error = self.error + error
+
+    def underflow(self, terms: int, inp: LayerInput) -> None:
+        """What products may lose to underflow whatever lam: each new coefficient sums at most
+        ``terms`` + 16 products (eta each), and so does the constant, against inputs of size
+        at most the interval's magnitudes (sum_k H_k)."""
+        reach = inp.magnitude.flatten(1).sum(1) + 1
+        lost = (terms + 16) * eta(reach.dtype) * reach
+        self.error = self.error + lost.view(-1, *([1] * (self.error.dim() - 1)))
+
+    def constant(self, c: torch.Tensor) -> None:
+        self.size = self.size + c.abs()
+
+    def settle(self, base: torch.Tensor, const: torch.Tensor) -> torch.Tensor:
+        """base + const minus everything the evaluation may have lost, itself rounded up:
+        the charges (sums of at most ``terms`` products each, ``steps`` of them added) and
+        the additions of the constants and of the slack itself."""
+        error = self.error * (1 + 2 * gamma(self.terms + self.steps + 2, base.dtype))
+        slack = error + gamma(self.steps + 6, base.dtype) * (base.abs() + self.size + error)
+        return base + const - slack
 
 
 def relaxation_floor(layers: nn.Sequential, upto: int) -> int:
@@ -78,16 +152,21 @@ def needs_bounds(m: nn.Module) -> bool:
 
 
 def crown_walk(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
-               slope: Slope = "adaptive") -> tuple[list[LayerInput], torch.Tensor]:
+               slope: Slope = "adaptive", rigorous: bool = False
+               ) -> tuple[list[LayerInput], torch.Tensor]:
     """Full CROWN: IBP intervals, then every activation's input interval tightened (in layer
     order) by a backward pass from that layer, for the neurons IBP leaves unstable; the
     intervals after it are re-propagated from the tightened ones. Returns like
-    :func:`interval_walk`."""
+    :func:`interval_walk` (``rigorous``: as there, every interval holds the exact and the
+    float forward values)."""
     if any(type(m) in (nn.BatchNorm1d, nn.BatchNorm2d) and m.training for m in layers):
         raise UnsupportedLayerError("full CROWN bounds chunks of points, and a training-mode "
                                     "BatchNorm normalises by its batch: put the network in "
                                     "eval mode (certificates always are)")
-    seen, clean = interval_walk(layers, x, threat)
+    seen, clean = interval_walk(layers, x, threat, rigorous=rigorous)
+    # float forward - exact forward per neuron; the tightenings below only shrink the
+    # intervals these bounds were computed on, so they stay valid
+    drifts = drift_walk(layers, seen) if rigorous else []
     for i, m in enumerate(layers):
         if not needs_bounds(m):
             continue
@@ -95,7 +174,10 @@ def crown_walk(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
         rows = unstable.any(0).nonzero().squeeze(1)
         if len(rows) == 0:
             continue
-        lower, upper = _neuron_bounds(layers, seen, x, threat, slope, i, rows)
+        lower, upper = _neuron_bounds(layers, seen, x, threat, slope, i, rows, rigorous)
+        if rigorous:  # the float forward value lies within the drift of the exact one
+            drift = drifts[i].flatten(1)[:, rows]
+            lower, upper = lower - drift, upper + drift
         # tighten only where IBP left the neuron unstable for that point, so a point's bounds
         # never depend on the other points of its batch
         mine = unstable[:, rows]
@@ -106,7 +188,7 @@ def crown_walk(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
                                   hi[:, rows])
         seen[i] = LayerInput(lo.view_as(seen[i].lo), hi.view_as(seen[i].hi), seen[i].clean)
         for j in range(i, len(layers)):  # re-propagate the intervals after the tightening
-            lo_j, hi_j = rule_for(layers[j]).interval(layers[j], seen[j])
+            lo_j, hi_j = layer_interval(layers[j], seen[j], rigorous)
             nxt = seen[j + 1]
             seen[j + 1] = LayerInput(torch.maximum(lo_j, nxt.lo), torch.minimum(hi_j, nxt.hi),
                                      nxt.clean)
@@ -114,15 +196,15 @@ def crown_walk(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
 
 
 def _neuron_bounds(layers: nn.Sequential, seen: list[LayerInput], x: torch.Tensor,
-                   threat: ThreatModel, slope: Slope, upto: int, rows: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+                   threat: ThreatModel, slope: Slope, upto: int, rows: torch.Tensor,
+                   rigorous: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """CROWN lower and upper bounds (B, len(rows)) of the flattened neurons ``rows`` of layer
     ``upto``'s input, in chunks of points and neurons that bound the memory used. Behind a
     convolution the coefficients of a neuron live on its receptive field only: they are kept
     as patches over it (auto_LiRPA's "patches" mode) wherever that is smaller than the maps."""
     plan = _patch_plan(layers, seen, threat, upto)
     if plan is not None:
-        return _patch_neuron_bounds(layers, seen, x, threat, slope, upto, rows, plan)
+        return _patch_neuron_bounds(layers, seen, x, threat, slope, upto, rows, plan, rigorous)
     batch, shape = seen[upto].lo.shape[0], seen[upto].lo.shape[1:]
     widest = max(s.lo[0].numel() for s in seen[:upto + 1])
     per_point = max(1, CHUNK_ELEMENTS // (2 * widest))
@@ -140,7 +222,8 @@ def _neuron_bounds(layers: nn.Sequential, seen: list[LayerInput], x: torch.Tenso
             unit[torch.arange(len(idx)), idx] = 1.0
             unit = unit.view(1, len(idx), *shape)
             spec = torch.cat([unit, -unit], dim=1).expand(n, -1, *shape)
-            bound = backward_bound(layers, part, spec, x[points], threat, slope, upto=upto)
+            bound = backward_bound(layers, part, spec, x[points], threat, slope, upto=upto,
+                                   rigorous=rigorous)
             lower[points, r:r + len(idx)] = bound[:, :len(idx)]
             upper[points, r:r + len(idx)] = -bound[:, len(idx):]
     return lower, upper
@@ -148,7 +231,8 @@ def _neuron_bounds(layers: nn.Sequential, seen: list[LayerInput], x: torch.Tenso
 
 def _patch_neuron_bounds(layers: nn.Sequential, seen: list[LayerInput], x: torch.Tensor,
                          threat: ThreatModel, slope: Slope, upto: int, rows: torch.Tensor,
-                         plan: list[_Level]) -> tuple[torch.Tensor, torch.Tensor]:
+                         plan: list[_Level], rigorous: bool = False
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """_neuron_bounds on patches. The rows are laid out on a grid (positions x slots): the
     neurons at one spatial position share their windows, so the per-point maps are gathered
     once per position and broadcast over its channels; a slot past a position's own neurons
@@ -176,7 +260,7 @@ def _patch_neuron_bounds(layers: nn.Sequential, seen: list[LayerInput], x: torch
     lower = seen[upto].lo.new_empty(batch, len(rows))
     upper = torch.empty_like(lower)
     dense: dict = {}  # conv matrices of small patches, shared by the chunks
-    weights = [ConvRule.weight(m) if type(rule_for(m)) is ConvRule else None
+    weights = [rule_for(m).weight(m) if isinstance(rule_for(m), ConvRule) else None
                for m in layers[:upto]]  # computed once (effective weights are derived)
     for p in range(0, batch, point_chunk):
         points = slice(p, p + point_chunk)
@@ -186,7 +270,7 @@ def _patch_neuron_bounds(layers: nn.Sequential, seen: list[LayerInput], x: torch
                 channels = table[q:q + position_chunk, g:g + slot_chunk]
                 bound = _patch_bound(layers, part, x[points], threat, slope, upto,
                                      positions[q:q + position_chunk], channels, plan, dense,
-                                     weights)
+                                     weights, rigorous)
                 here = (row_position >= q) & (row_position < q + len(channels)) & \
                     (row_slot >= g) & (row_slot < g + channels.shape[1])
                 cols = here.nonzero().squeeze(1)
@@ -212,8 +296,9 @@ class _Level:
         return self.shape[0] * self.size[0] * self.size[1]
 
 
-#: Rules with a patches form, by exact type (a subclass may bound another function).
-_PATCH_RULES = (ConvRule, ReLURule, NormalizeRule, BatchNormRule, IdentityRule)
+#: Rules with a patches form (the folded residual conv's is its conv's).
+_PATCH_RULES = (ConvRule, ResidualConvRule, ReLURule, NormalizeRule, BatchNormRule,
+                IdentityRule)
 
 
 def _patch_plan(layers: nn.Sequential, seen: list[LayerInput], threat: ThreatModel,
@@ -232,8 +317,8 @@ def _patch_plan(layers: nn.Sequential, seen: list[LayerInput], threat: ThreatMod
             return None
         if type(rule) not in _PATCH_RULES:
             return None
-        if type(rule) is ConvRule:
-            k, s, pad = ConvRule.weight(m).shape[-2:], m.stride, m.padding
+        if isinstance(rule, ConvRule):
+            k, s, pad = rule.weight(m).shape[-2:], m.stride, m.padding
             size = tuple((size[d] - 1) * s[d] + k[d] for d in range(2))
             offset = tuple(offset[d] * s[d] + pad[d] for d in range(2))
             stride = tuple(stride[d] * s[d] for d in range(2))
@@ -316,12 +401,13 @@ def _conv_patches(lam: torch.Tensor, weight: torch.Tensor, stride: tuple[int, in
 def _patch_bound(layers: nn.Sequential, part: list[LayerInput], x: torch.Tensor,
                  threat: ThreatModel, slope: Slope, upto: int, positions: torch.Tensor,
                  channels: torch.Tensor, plan: list[_Level], dense: dict | None = None,
-                 weights: list | None = None) -> torch.Tensor:
+                 weights: list | None = None, rigorous: bool = False) -> torch.Tensor:
     """backward_bound, on patches, of the unit rows (neurons (channels[u, g], positions[u]) of
     layer ``upto``'s input) and their negatives: (B, U, 2G), the negatives last. The
     coefficients are (B * U, 2G, C, h, w): a batch of (point, position) pairs whose windows
     coincide, kept zero outside the maps (padding) and in channels-last memory order. They
-    stay one copy for all points until the first layer that depends on the point."""
+    stay one copy for all points until the first layer that depends on the point.
+    ``rigorous``: as :func:`backward_bound`'s, each step charged on its windows."""
     start = plan[upto].shape
     n, (u, g) = part[upto].lo.shape[0], channels.shape
     dtype = part[upto].lo.dtype
@@ -339,12 +425,18 @@ def _patch_bound(layers: nn.Sequential, part: list[LayerInput], x: torch.Tensor,
         return rows.reshape(n * u, *rows.shape[2:]).permute(0, 1, 4, 2, 3)
 
     windows = [_Windows(level, positions, start) for level in plan]
+    rounding = Rounding(lam.new_zeros(n, u, 2 * g)) if rigorous else None
     for i in range(upto - 1, -1, -1):
         m, rule, inp, win = layers[i], rule_for(layers[i]), part[i], windows[i]
-        if type(rule) is ConvRule:
+        c = None
+        if rounding is not None:
+            rounding.charge_sum(_patch_charge(lam, rule_rho(rule, m, inp), windows[i + 1],
+                                              plan[i + 1].shape, n, shared),
+                                lam[0, 0].numel(), inp)
+        if isinstance(rule, ConvRule):
             if m.bias is not None:
-                const = const + (lam.sum((-2, -1)) @ m.bias.to(dtype)).view(-1, u, 2 * g)
-            weight = ConvRule.weight(m) if weights is None else weights[i]
+                c = (lam.sum((-2, -1)) @ m.bias.to(dtype)).view(-1, u, 2 * g)
+            weight = rule.weight(m) if weights is None else weights[i]
             lam = _conv_patches(lam, weight, m.stride, dense, i)
             if not win.all_inside:
                 mask = win.inside.to(dtype).view(1, u, 1, 1, *win.inside.shape[1:])
@@ -358,7 +450,7 @@ def _patch_bound(layers: nn.Sequential, part: list[LayerInput], x: torch.Tensor,
                 hwc = (u, 2 * g, -1)
                 dot = torch.bmm(bias_w.permute(0, 1, 3, 4, 2).reshape(n, u, -1).transpose(0, 1),
                                 neg.permute(0, 1, 3, 4, 2).reshape(hwc).transpose(1, 2))
-                const = const + dot.transpose(0, 1)
+                c = dot.transpose(0, 1)
                 full = (n, u, *lam.shape[1:])
                 gap = (up_w - lo_w).view(n, u, 1, *lo_w.shape[2:])
                 out = lam.new_empty(*full[:3], *full[4:], full[3]).permute(0, 1, 2, 5, 3, 4)
@@ -367,19 +459,49 @@ def _patch_bound(layers: nn.Sequential, part: list[LayerInput], x: torch.Tensor,
                 lam = lam.view(n * u, *lam.shape[2:])
             else:
                 lam, c = relaxed_backward(lam, lo_w, up_w, bias_w)
-                const = const + c.view(n, u, 2 * g)
+                c = c.view(n, u, 2 * g)
         elif type(rule) in (NormalizeRule, BatchNormRule):
             scale, shift = rule.scale_shift(m, inp)
-            const = const + (lam.sum((-2, -1)) @ shift.to(dtype)).view(-1, u, 2 * g)
+            c = (lam.sum((-2, -1)) @ shift.to(dtype)).view(-1, u, 2 * g)
             lam = lam * scale.view(1, 1, -1, 1, 1)
+        if c is not None:
+            const = const + c
+            if rounding is not None:
+                rounding.constant(c)
     if shared:
         lam = per_point(lam)
     win = windows[0]
+    terms = lam[0, 0].numel()
     if threat.norm == "linf":
-        lo, hi = threat.box(x)
+        lo, hi = threat.enclosure(x) if rigorous else threat.box(x)
         center, radius = win.gather((hi + lo) / 2), win.gather((hi - lo) / 2)
-        base = (lam * center).sum((2, 3, 4)) - (lam.abs() * radius).sum((2, 3, 4))
+        base = (lam * center).sum((2, 3, 4))
+        if rigorous:  # as box_minimum's
+            radius = radius + gamma(terms + 5, dtype) * (center.abs() + radius)
+            base = base - 2 * (terms + 2) * eta(dtype)
+        base = base - (lam.abs() * radius).sum((2, 3, 4))
     else:
-        base = (lam * win.gather(x)).sum((2, 3, 4)) - \
-            threat.eps * lam.square().sum((2, 3, 4)).sqrt()
-    return base.view(n, u, 2 * g) + const
+        norm = lam.square().sum((2, 3, 4)).sqrt()
+        base = (lam * win.gather(x)).sum((2, 3, 4))
+        if rigorous:  # as ThreatModel.concretize's
+            norm = norm + terms**0.5 * SQRT_TINY64
+            base = base - gamma(terms + 6, dtype) * (
+                lam.abs() * (win.gather(x).abs() + threat.eps)).sum((2, 3, 4)) - \
+                3 * (terms + 2) * eta(dtype)
+        base = base - threat.eps * norm
+    base = base.view(n, u, 2 * g)
+    return base + const if rounding is None else rounding.settle(base, const)
+
+
+def _patch_charge(lam: torch.Tensor, rho: torch.Tensor | float, win: _Windows,
+                  shape: tuple[int, int, int], n: int, shared: bool) -> torch.Tensor:
+    """sum_j |lam_j| rho_j over each window (n, U, 2G), lam the patches (U, 2G, C, h, w) when
+    ``shared`` by the points, else (n * U, 2G, C, h, w), rho the step's per output maps."""
+    if not isinstance(rho, torch.Tensor):
+        total = sum_over(lam.abs()) * rho
+        return total.view(-1, *total.shape[-2:]) if shared else total.view(n, -1, lam.shape[1])
+    near = win.gather(rho.expand(n, *shape))  # (n * U, 1, C, h, w)
+    if shared:
+        near = near.reshape(n, lam.shape[0], -1)
+        return torch.einsum("uga,nua->nug", lam.abs().reshape(*lam.shape[:2], -1), near)
+    return (lam.abs() * near).sum((2, 3, 4)).view(n, -1, lam.shape[1])

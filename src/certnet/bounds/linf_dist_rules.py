@@ -5,14 +5,33 @@ For x in a box [lo, hi], ||x - w||_p is exactly bounded coordinate-wise (Zhang e
   lower = || max(lo - w, w - hi, 0) ||_p,   upper = || max(|lo - w|, |hi - w|) ||_p,
 each term from one rounded subtraction of the endpoints. The layers have no linear relaxation
 here (``relaxable = False``): backward passes end at their output interval.
+
+Rounding (docs/rounding.md). Each difference x_i - w_i rounds by at most u of itself. At
+p = inf the max and abs are exact, so an end (and the forward pass at any input of the box)
+is within u (M + W_o) of its exact value, M the row's largest |x|, W_o = max_i |w_oi|. At
+finite p (||t||_p = m (sum (t_i / m)^p)^(1/p), m = max t_i, in either grouping: the forward
+pass multiplies by a rounded 1/m) every term's relative error e becomes (1 + e)^p in the power
+and (1 + e) again after the root, so the result is within
+eps_p = (2 (n + 4) / p + 32) u of itself (pow within 2 ulps, as glibc's, Sleef's and CUDA's are;
+terms whose p-th power underflows lose under n 2^-1022 of a sum >= 1), provided 1/m does not
+overflow: where m may fall below 2^-1020 on the box the bound is infinite (nothing certified).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
-from certnet.bounds.rules import AffineRule, BoundRule, ChannelAffineRule, register_bound_rule
+from certnet.bounds.rules import (
+    AffineRule,
+    BoundRule,
+    ChannelAffineRule,
+    LayerInput,
+    register_bound_rule,
+)
+from certnet.floats import eta, unit_roundoff
 from certnet.nn.linf_dist import LinfDist, LinfDistConv2d, MeanShift, Negate
 from certnet.nn.linf_dist_kernels import linf_dist_interval
 
@@ -56,6 +75,41 @@ def dist_interval(lo: torch.Tensor, hi: torch.Tensor, weight: torch.Tensor, p: f
     return lower, upper
 
 
+#: Below this, 1/m of the forward pass at finite p may overflow.
+SMALLEST_SCALE = 2.0**-1020
+
+
+def dist_error(lo: torch.Tensor, hi: torch.Tensor, m: nn.Module) -> torch.Tensor:
+    """Per row and output, a bound on how far the computed distance bounds and the forward
+    pass's distance at any input of the rows' boxes [lo, hi] are from their exact values
+    (module docstring), bias additions included. Every distance is at most
+    n^(1/p) (M + W_o), which sizes the relative errors."""
+    u = unit_roundoff(lo.dtype)
+    reach = torch.maximum(lo.abs(), hi.abs()).amax(1, keepdim=True) + m.weight.abs().amax(1)
+    if math.isinf(m.p):
+        error, top = 8 * u * reach, reach
+    else:
+        n = m.weight.shape[1]
+        top = reach * n ** (1 / m.p) * (1 + 4 * u)
+        error = 3 * (2 * (n + 4) / m.p + 32) * u * top
+        # the forward's max term m = ||x - w||_inf over the box is at least its lower end
+        floor = dist_interval(lo, hi, m.weight, math.inf)[0]
+        error = torch.where(floor >= SMALLEST_SCALE, error, torch.inf)
+    if m.bias is not None:
+        error = error + 8 * u * (top + m.bias.abs())
+    return error + 8 * eta(lo.dtype)  # divisions and powers that underflow
+
+
+def dist_drift(error: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, m: nn.Module
+               ) -> torch.Tensor:
+    """|float - exact| of the distances (rows, out) given that of the inputs (rows, in):
+    ||.||_p is n^(1/p)-Lipschitz in l_inf (1 at p = inf), plus the layer's own rounding."""
+    n = m.weight.shape[1]
+    stretch = 1.0 if math.isinf(m.p) else n ** (1 / m.p)
+    spread = error.amax(1, keepdim=True) * stretch * (1 + 4 * unit_roundoff(error.dtype))
+    return spread + dist_error(lo, hi, m)
+
+
 class LinfDistRule(BoundRule):
     relaxable = False
 
@@ -64,6 +118,12 @@ class LinfDistRule(BoundRule):
         if m.bias is not None:
             lower, upper = lower + m.bias, upper + m.bias
         return lower, upper
+
+    def interval_error(self, m, inp):
+        return dist_error(inp.lo, inp.hi, m)
+
+    def drift(self, m, error, inp):
+        return dist_drift(error, inp.lo, inp.hi, m)
 
 
 class LinfDistConvRule(BoundRule):
@@ -80,6 +140,13 @@ class LinfDistConvRule(BoundRule):
             lower, upper = lower + bias, upper + bias
         return lower, upper
 
+    def interval_error(self, m, inp):
+        return m.fold(dist_error(m.patches(inp.lo), m.patches(inp.hi), m), inp.lo)
+
+    def drift(self, m, error, inp):
+        return m.fold(dist_drift(m.patches(error), m.patches(inp.lo), m.patches(inp.hi), m),
+                      inp.lo)
+
 
 class MeanShiftRule(ChannelAffineRule):
     """z = h - mu: the running mean in eval mode, the clean batch's mean in training (the map
@@ -95,6 +162,19 @@ class MeanShiftRule(ChannelAffineRule):
 
 class NegateRule(AffineRule):
     nonexpansive = True
+    exact_interval = True
+
+    def interval(self, m, inp):
+        return -inp.hi, -inp.lo
+
+    def interval_error(self, m, inp):
+        return 0.0
+
+    def backward_error(self, m, inp):
+        return 0.0
+
+    def drift(self, m, error, inp):
+        return error
 
     def row_norms(self, m, inp):
         return inp.lo.new_ones(())
@@ -120,6 +200,21 @@ class TanhRule(BoundRule):
 
     def interval(self, m, inp):
         return torch.tanh(inp.lo), torch.tanh(inp.hi)
+
+    @staticmethod
+    def _libm(m: nn.Module, inp: LayerInput) -> torch.Tensor:
+        """torch's tanh is within 4 ulps (Sleef's and glibc's are within 1-2, CUDA's 2): an
+        end and the forward pass at any input are within 16u |tanh| + the smallest subnormal
+        of the exact monotone image."""
+        top = torch.tanh(inp.magnitude)
+        return 16 * unit_roundoff(top.dtype) * top + torch.finfo(top.dtype).smallest_normal * \
+            torch.finfo(top.dtype).eps
+
+    def interval_error(self, m, inp):
+        return 2 * self._libm(m, inp)
+
+    def drift(self, m, error, inp):
+        return error + self._libm(m, inp)  # tanh is 1-Lipschitz
 
 
 register_bound_rule(LinfDist, LinfDistRule())

@@ -30,7 +30,6 @@ from certnet.nn.masked_spectral import (
     conv_schur,
     dense_frobenius,
 )
-from certnet.nn.rounding import ROUNDING_SLACK
 from certnet.threat import ThreatModel
 
 #: Layers that only reshape: a keep mask passes through them.
@@ -49,11 +48,11 @@ def has_masks(layers: nn.Sequential) -> bool:
     return any(type(rule_for(m)).jacobian_masks is not BoundRule.jacobian_masks for m in layers)
 
 
-def keep_masks(layers: nn.Sequential, seen: list[LayerInput], slack: torch.Tensor
-               ) -> tuple[Masks, Masks]:
+def keep_masks(layers: nn.Sequential, seen: list[LayerInput]) -> tuple[Masks, Masks]:
     """Per layer, 0/1 keep masks of its input and of its output (None: all kept), from the
-    intervals ``seen`` of :func:`interval_walk` widened by ``slack`` (B,) for rounding. A mask
-    reaches an affine layer only through reshaping layers; elsewhere it is dropped (sound)."""
+    intervals ``seen`` of :func:`interval_walk` (rigorous, for certificates: they hold every
+    exact value of the set). A mask reaches an affine layer only through reshaping layers;
+    elsewhere it is dropped (sound)."""
     ins: Masks = [None] * len(layers)
     outs: Masks = [None] * len(layers)
     pending = None  # keep mask of the last activation's output, in the current shape
@@ -63,8 +62,7 @@ def keep_masks(layers: nn.Sequential, seen: list[LayerInput], slack: torch.Tenso
             if pending is not None:
                 pending = pending.reshape(seen[i + 1].clean.shape)
             continue
-        pad = slack.view(-1, *([1] * (seen[i].lo.dim() - 1)))
-        masks = rule_for(m).jacobian_masks(m, seen[i].lo - pad, seen[i].hi + pad)
+        masks = rule_for(m).jacobian_masks(m, seen[i].lo, seen[i].hi)
         if masks is None:
             ins[i], pending, feeder = pending, None, i
             continue
@@ -95,7 +93,7 @@ def masked_bound(m: nn.Module, rows: torch.Tensor, cols: torch.Tensor,
             return None
         # the residual kernel alpha W + I is rounded: bound its entrywise majorant instead
         kernel = m.kernel_majorant() if type(m) is ResidualConv2d else m.weight
-        s, p = m.stride[0], m.padding[0]
+        s, p = m.stride, m.padding  # both entries: (2, 1) is not (2, 2)
         r, c = rows[sparse], cols[sparse]
         bound = torch.full((len(rows),), torch.inf, dtype=torch.float64, device=rows.device)
         bound[sparse] = torch.minimum(conv_frobenius(kernel, s, p, r, c),
@@ -149,10 +147,8 @@ def local_layer_bounds(layers: nn.Sequential, x: torch.Tensor, threat: ThreatMod
         radii = None if threat.norm != "l2" else affine_input_radii(
             layers, torch.full((len(x),), threat.eps, dtype=torch.float64, device=x.device),
             bounds)
-        seen, _ = interval_walk(layers, x, threat, radii, box_layers, outputs)
-        size = torch.stack([torch.maximum(s.lo.abs(), s.hi.abs()).flatten(1).amax(1)
-                            for s in seen]).amax(0)
-        ins, outs = keep_masks(layers, seen, ROUNDING_SLACK * (1 + size))
+        seen, _ = interval_walk(layers, x, threat, radii, box_layers, outputs, rigorous=True)
+        ins, outs = keep_masks(layers, seen)
         for i, m in enumerate(layers):
             masks = layer_masks(i, ins, outs, seen)
             if masks is None:
@@ -247,8 +243,7 @@ def local_training_constants(layers: nn.Sequential, x: torch.Tensor, threat: Thr
     lows = [s.lo.detach() for s in seen]
     highs = [s.hi.detach() for s in seen]
     ins, outs = keep_masks(layers, [LayerInput(lo, hi, s.clean)
-                                    for lo, hi, s in zip(lows, highs, seen, strict=True)],
-                           torch.zeros(len(x), dtype=x.dtype, device=x.device))
+                                    for lo, hi, s in zip(lows, highs, seen, strict=True)])
     bounds = list(estimates)
     gaps = []
     for i, m in enumerate(layers):

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from certnet.bounds.alpha_crown import optimized_bound
-from certnet.bounds.crown import affine_tail, backward_bound, crown_walk
-from certnet.bounds.ibp import interval_walk
+from certnet.bounds.crown import affine_tail, backward_bound, crown_walk, relaxation_floor
+from certnet.bounds.ibp import drift_walk, interval_walk
 from certnet.bounds.rules import LayerInput, Slope
 from certnet.threat import ThreatModel
 
@@ -36,19 +36,40 @@ def margin_bounds(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
 
 def margin_walk(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
                 ref: torch.Tensor | None, method: BoundMethod = "ibp",
-                slope: Slope = "adaptive"
+                slope: Slope = "adaptive", rigorous: bool = False
                 ) -> tuple[torch.Tensor, list[LayerInput], torch.Tensor | None]:
     """:func:`margin_bounds` with the walk it used: ``(lower, seen, logits)``; ``ref=None``
     takes the argmax of the clean logits. Given ``ref``, IBP and CROWN-IBP skip the clean
-    pass where their bounds do not use it (``logits`` is then None)."""
-    seen, logits = crown_walk(layers, x, threat, slope) if method in ("crown", "alpha-crown") \
-        else interval_walk(layers, x, threat, with_clean=ref is None)
+    pass where their bounds do not use it (``logits`` is then None).
+
+    ``rigorous`` (certificates; docs/rounding.md): ``lower`` bounds, in floating point, both
+    the exact margins and those of the float forward pass, anywhere in the threat set: the
+    bound on the exact margin, minus how far the float logits z_ref and z_j may drift from
+    the exact ones from the point where the bound concretizes on (the input, or the box of
+    the last layer the backward pass stops at, which holds the float values too)."""
+    if method in ("crown", "alpha-crown"):
+        seen, logits = crown_walk(layers, x, threat, slope, rigorous)
+    else:
+        seen, logits = interval_walk(layers, x, threat, with_clean=ref is None,
+                                     rigorous=rigorous)
     ref = logits.argmax(1) if ref is None else ref
     spec = margin_spec(ref, seen[-1].lo.shape[1]).to(seen[-1].lo.dtype)
-    if method == "alpha-crown":
-        return optimized_bound(layers, seen, spec, x, threat, slope), seen, logits
     stop = affine_tail(layers) if method == "ibp" else 0
-    return backward_bound(layers, seen, spec, x, threat, slope, stop=stop), seen, logits
+    if method == "alpha-crown":
+        lower = optimized_bound(layers, seen, spec, x, threat, slope, rigorous=rigorous)
+    else:
+        lower = backward_bound(layers, seen, spec, x, threat, slope, stop=stop,
+                               rigorous=rigorous)
+    if rigorous:
+        drift = drift_walk(layers, seen, max(stop, relaxation_floor(layers, len(layers))))[-1]
+        lower = lower - (drift.gather(1, ref.unsqueeze(1)) + _others(drift, ref))
+    return lower, seen, logits
+
+
+def _others(values: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """(B, K - 1): the entries j != ref of each row, in the order of :func:`margin_spec`."""
+    keep = torch.ones_like(values, dtype=torch.bool).scatter(1, ref.unsqueeze(1), False)
+    return values[keep].view(len(values), -1)
 
 
 def training_bounds(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,

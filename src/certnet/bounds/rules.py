@@ -11,6 +11,16 @@ A rule knows two things about its layer h -> z:
 Affine layers use their *effective* weight (e.g. the folded residual conv). Convolutions go
 backward as transposed convolutions on the coefficient tensors, never as dense matrices.
 Adding a layer type is one :func:`register_bound_rule` call.
+
+Rigorous in floating point (certificates; docs/rounding.md): every rule also bounds its own
+rounding, from the magnitudes that enter its operations (:mod:`certnet.floats`):
+
+* ``interval_error``: how far the computed interval may fall inside the exact one, and the
+  float forward pass of any input in it outside it: widened by it (and one ulp), the interval
+  holds the layer's exact AND float outputs;
+* ``backward_error``: rho (per output neuron) such that one ``backward`` step with any
+  coefficients lam is off by at most sum_j |lam_j| rho_j, over the input interval;
+* ``drift``: a bound on |float forward - exact forward| of the outputs, given that of the inputs.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ from torch import nn
 
 from certnet.distributed import batch_mean, batch_variance, distributed_run
 from certnet.errors import UnsupportedLayerError
+from certnet.floats import eta, gamma, unit_roundoff
 from certnet.nn import branchless
 from certnet.nn.activations import ClippedMinMax, ClippedReLU, MinMax
 from certnet.nn.lipschitz import LipschitzConv2d, LipschitzLinear, Normalize, ResidualConv2d
@@ -39,6 +50,17 @@ class LayerInput:
     lo: torch.Tensor
     hi: torch.Tensor
     clean: torch.Tensor
+
+    @property
+    def magnitude(self) -> torch.Tensor:
+        """max(|lo|, |hi|): the largest |h| of each input over the interval (exact)."""
+        return torch.maximum(self.lo.abs(), self.hi.abs())
+
+    @property
+    def largest(self) -> torch.Tensor:
+        """Each point's largest |h| over the interval, shaped (B, 1, ...) to broadcast."""
+        top = self.magnitude.flatten(1).amax(1)
+        return top.view(-1, *([1] * (self.lo.dim() - 1)))
 
 
 def channels_last(t: torch.Tensor) -> torch.Tensor:
@@ -82,9 +104,24 @@ class BoundRule:
 
     def interval_error(self, m: nn.Module, inp: LayerInput) -> torch.Tensor | float | None:
         """A bound, per output, on how far ``interval(m, inp)`` computed in the dtype of
-        ``inp`` may fall inside the exact interval of its input box: widening by it makes the
-        low-precision walk rigorous. 0 for rules computed exactly; None if unknown."""
+        ``inp`` may fall inside the exact interval of its input box, and the layer's float
+        forward pass of any input in the box outside it: widening by it makes a walk rigorous.
+        0 for rules computed exactly (and exact forward passes); None if unknown."""
         return 0.0 if self.exact_interval else None
+
+    def backward_error(self, m: nn.Module, inp: LayerInput) -> torch.Tensor | float | None:
+        """rho, broadcastable to (B, *z): one ``backward`` step computed in the dtype of
+        ``inp``, for any coefficients lam, satisfies lam . z >= lam_h . h + const - sum_j
+        |lam_j| rho_j for every h in the interval (its slopes, products and constant round).
+        None if unknown."""
+        return None
+
+    def drift(self, m: nn.Module, error: torch.Tensor, inp: LayerInput
+              ) -> torch.Tensor | None:
+        """Per output, a bound on |float forward - exact forward| of the layer at any input
+        in the interval whose float value is off by at most ``error`` (per input). None if
+        unknown."""
+        return None
 
     def jacobian_masks(self, m: nn.Module, lo: torch.Tensor, hi: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -132,23 +169,43 @@ class AffineRule(BoundRule):
         """Products summed per output (None: the weights themselves are rounded)."""
         return None
 
+    def size(self, m: nn.Module, inp: LayerInput) -> torch.Tensor:
+        """M |A| 1 + |b| (B, *z), M each point's largest |h| on the interval: at least
+        |A| |h| + |b| for every h in it, the magnitude that enters each output's dot product,
+        for the price of one single-row product."""
+        rows = self.linear_abs(m, torch.ones_like(inp.lo[:1]), inp)
+        size = inp.largest.view(-1, *([1] * (rows.dim() - 1))) * rows
+        bias = self.bias(m, inp)
+        return size if bias is None else size + bias.abs()
+
     def interval_error(self, m, inp):
-        """``interval`` rounds c, r, W c + b, |W| r and their sum: at most (2n + 3) u times
-        |W| (|c| + r) + |b| (n the fan-in, any summation order: Higham §3.1). With M each
-        point's largest max(|lo|, |hi|) >= |c| + r, that is at most M |W| 1 + |b|, which costs
-        one single-row product instead of a second full one; 2 gamma_{n+4} of its computed value
-        covers the rounding and that of this bound itself."""
+        """``interval`` rounds c, r (or hi + lo, hi - lo), A c + b, |A| r and their sum: at
+        most 2 gamma_{n+3} |A| (|c| + r) + |b| (n the fan-in, any summation order: Higham
+        §3.1), and the float forward pass of any h in the interval is off by at most
+        gamma_{n+1} (|A| |h| + |b|); both are below 3 gamma_{n+6} of :meth:`size`'s computed
+        value (whose own rounding the three extra terms pay for)."""
         n = self.fan_in(m)
         if n is None:
             return None
-        u = torch.finfo(inp.lo.dtype).eps / 2
-        largest = torch.maximum(inp.lo.abs(), inp.hi.abs()).flatten(1).amax(1)
-        row_sums = self.linear_abs(m, torch.ones_like(inp.lo[:1]), inp)
-        size = largest.view(-1, *([1] * (row_sums.dim() - 1))) * row_sums
-        bias = self.bias(m, inp)
-        if bias is not None:
-            size = size + bias.abs()
-        return 2 * (n + 4) * u / (1 - (n + 4) * u) * size
+        dtype = inp.lo.dtype
+        return 3 * gamma(n + 6, dtype) * self.size(m, inp) + 3 * (n + 6) * eta(dtype)
+
+    def backward_error(self, m, inp):
+        """``transpose`` sums at most N = z's size products per coefficient and the bias
+        constant N more: |lam A - lam_h| . |h| + |lam . b - const| <= gamma_N |lam| . size."""
+        if self.fan_in(m) is None:
+            return None
+        size = self.size(m, inp)
+        return gamma(size[0].numel() + 5, inp.lo.dtype) * size
+
+    def drift(self, m, error, inp):
+        """|A| e (rounded up) plus the rounding of this layer's own forward pass."""
+        n = self.fan_in(m)
+        if n is None:
+            return None
+        dtype = inp.lo.dtype
+        spread = self.linear_abs(m, error, inp) * (1 + gamma(n + 2, dtype))
+        return spread + gamma(n + 4, dtype) * self.size(m, inp) + (2 * n + 4) * eta(dtype)
 
     def interval(self, m, inp):
         center, radius = (inp.hi + inp.lo) / 2, (inp.hi - inp.lo) / 2
@@ -221,12 +278,8 @@ class ConvRule(WeightRule):
     """Zero-padded convolution, any stride; the transpose is ``conv_transpose2d`` with the
     output padding that restores the input size."""
 
-    @staticmethod
-    def weight(m: nn.Module) -> torch.Tensor:
-        return m.effective_weight() if hasattr(m, "effective_weight") else m.weight
-
     def fan_in(self, m):
-        return None if type(m) is ResidualConv2d else m.weight[0].numel()
+        return m.weight[0].numel()
 
     def apply(self, m, h, weight, bias):
         return F.conv2d(h, weight, bias, m.stride, m.padding)
@@ -249,6 +302,26 @@ class ConvRule(WeightRule):
         back = F.conv_transpose2d(flat, weight, None, m.stride, m.padding,
                                   output_padding=(in_h - pad, in_w - pad_w))
         return back.view(*lam.shape[:2], *back.shape[1:])
+
+
+class ResidualConvRule(ConvRule):
+    """The folded residual conv x + alpha conv(x) (LiResNet) as the conv with kernel
+    alpha W + I. That kernel is itself computed (two roundings per entry, at most 2u of
+    |alpha W| + I, the layer's ``kernel_majorant``): the size takes the majorant, and n + 2
+    terms in gamma pay for it."""
+
+    @staticmethod
+    def weight(m: nn.Module) -> torch.Tensor:
+        return m.effective_weight()
+
+    def fan_in(self, m):
+        return m.weight[0].numel() + 2
+
+    def size(self, m, inp):
+        majorant = m.kernel_majorant().to(inp.lo.dtype) * (1 + 2 * unit_roundoff(inp.lo.dtype))
+        rows = self.apply(m, torch.ones_like(inp.lo[:1]), majorant, None)
+        size = inp.largest * rows
+        return size if m.bias is None else size + self.bias(m, inp).abs()
 
 
 class ChannelAffineRule(AffineRule):
@@ -278,6 +351,38 @@ class ChannelAffineRule(AffineRule):
 
     def transpose(self, m, lam, inp):
         return lam * self._view(self.scale_shift(m, inp)[0], inp.lo).unsqueeze(0)
+
+    def magnitudes(self, m: nn.Module, inp: LayerInput) -> tuple[torch.Tensor, torch.Tensor]:
+        """(|a|, s) per channel for the exact map y = a (h - mu) + beta the layer stands for:
+        |a| and a bound s >= |a mu| + |beta| (here from the computed scale and shift)."""
+        scale, shift = self.scale_shift(m, inp)
+        return scale.abs(), shift.abs()
+
+    def size(self, m, inp):
+        """S = M |a| + |a mu| + |beta| per output (B, C, ...), M each point's largest |h|:
+        every computed value below is within a few u of S of its exact value."""
+        scale, shift = self.magnitudes(m, inp)
+        return inp.largest * self._view(scale, inp.lo) + self._view(shift, inp.lo)
+
+    def interval_error(self, m, inp):
+        """The scale a (a square root, a division, a product: 4u relative) and shift
+        (-mu a + beta: 7u of |a mu| + |beta|) are computed, and so are c a + shift, |a| r and
+        their sum; the layer's own forward pass ((h - mu) a + beta in any grouping) is within
+        8u S too: 32u S covers both with room for the evaluation of this bound (and 32 eta
+        what its products may lose to underflow)."""
+        dtype = inp.lo.dtype
+        return 32 * (unit_roundoff(dtype) * self.size(m, inp) + eta(dtype))
+
+    def backward_error(self, m, inp):
+        """lam a' (a' within 4u of a: 5u |lam| |a| |h|) and the constant's N-term dot with the
+        shift: gamma_{N+16} |lam| . S."""
+        size = self.size(m, inp)
+        return gamma(size[0].numel() + 16, inp.lo.dtype) * size
+
+    def drift(self, m, error, inp):
+        scale, _ = self.magnitudes(m, inp)
+        u, tiny = unit_roundoff(inp.lo.dtype), eta(inp.lo.dtype)
+        return error * self._view(scale, error) * (1 + 8 * u) + 32 * (u * self.size(m, inp) + tiny)
 
 
 class NormalizeRule(ChannelAffineRule):
@@ -315,6 +420,15 @@ class BatchNormRule(ChannelAffineRule):
             shift = shift + m.bias
         return scale, shift
 
+    def magnitudes(self, m, inp):
+        scale, _ = self.scale_shift(m, inp)
+        mean = inp.clean.mean([0, *range(2, inp.clean.dim())]) if self.uses_clean(m) else \
+            m.running_mean
+        shift = (mean * scale).abs()
+        if m.bias is not None:
+            shift = shift + m.bias.abs()
+        return scale.abs(), shift
+
 
 class AvgPoolRule(AffineRule):
     """Average pooling (zero padding counted, no ceil mode): a depthwise conv with weights
@@ -336,6 +450,10 @@ class AvgPoolRule(AffineRule):
         return F.avg_pool2d(h, m.kernel_size, m.stride, m.padding)
 
     linear_abs = linear
+
+    def fan_in(self, m):
+        k = m.kernel_size if isinstance(m.kernel_size, tuple) else (m.kernel_size,) * 2
+        return k[0] * k[1] + 1  # the k^2 terms and the division (or a rounded 1/k^2)
 
     def bias(self, m, inp):
         return None
@@ -364,6 +482,38 @@ class FlattenRule(BoundRule):
 
     def backward(self, m, lam, inp, slope):
         return lam.reshape(*lam.shape[:2], *inp.lo.shape[1:]), lam.new_zeros(lam.shape[:2])
+
+    def backward_error(self, m, inp):
+        return 0.0
+
+    def drift(self, m, error, inp):
+        return m(error)
+
+
+def _relaxation_error(inp: LayerInput, reach: torch.Tensor, relus: int) -> torch.Tensor:
+    """rho of a backward step through ``relus`` nested ReLU relaxations (CROWN's lines),
+    each of a difference of inputs and constants of magnitude at most ``reach`` per output
+    (broadcastable to the outputs), with coefficients at most the incoming |lam|:
+    ``relus`` gamma_{N+32} reach, N the outputs per point.
+
+    One relaxation of lam . relu(d), d in a computed [l, h] (each end within 2u of reach of
+    the exact one), is off by at most (gamma_N + 20u) |lam| reach: the lower lines
+    (slopes 0, 1 or alpha in [0, 1]) hold for every d exactly; the upper line's slope
+    h / (h - l) and intercept round (6u reach), and an end that rounded inward lets d leave
+    [l, h] by 2u reach, where the line (slope <= 1) falls below relu by at most that; the
+    coefficient lam- (s - l) + lam l rounds by 4u |lam|, and the constant is an N-term dot
+    with intercepts below reach. Underflow: the slope and intercept each lose at most eta
+    more, 8 eta (1 + reach) per relaxation; coefficients' products losing eta each, whatever
+    lam, are charged by :class:`certnet.bounds.crown.Rounding` for every step."""
+    dtype = inp.lo.dtype
+    return relus * (gamma(inp.lo[0].numel() + 32, dtype) * reach + 8 * eta(dtype) * (1 + reach))
+
+
+def _pairs_max(t: torch.Tensor) -> torch.Tensor:
+    """max over each channel pair (first half, second half), for both outputs of the pair."""
+    half = t.shape[1] // 2
+    top = torch.maximum(t[:, :half], t[:, half:])
+    return torch.cat([top, top], dim=1)
 
 
 def relu_relaxation(lo: torch.Tensor, hi: torch.Tensor, slope: Slope | torch.Tensor
@@ -438,17 +588,17 @@ def _order(t: torch.Tensor) -> list[int]:
     return sorted(range(2, t.dim()), key=lambda d: -t.stride(d))
 
 
-def _per_row_dot(t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def per_row_dot(t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """sum over all but the first two dims of t * v, t (B, S, *z), v (B or 1, 1, *z) or any
     shape broadcastable to t, as a matrix product where the shapes allow (no t-sized product)."""
     if t.dim() > 2 and v.dim() == t.dim() and v.shape[1] == 1 and \
             v.shape[0] in (1, t.shape[0]) and v.shape[2:] == t.shape[2:]:
         order = _order(t)
         return (_memory_flat(t, order) @ _memory_flat(v, order).transpose(1, 2)).squeeze(2)
-    return _sum_over(t * v)
+    return sum_over(t * v)
 
 
-def _sum_over(t: torch.Tensor) -> torch.Tensor:
+def sum_over(t: torch.Tensor) -> torch.Tensor:
     return t.sum(list(range(2, t.dim()))) if t.dim() > 2 else t
 
 
@@ -475,7 +625,7 @@ class _RelaxedBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, lam, lower, upper, upper_bias):
         coef = lam.clamp(max=0)
-        const = _per_row_dot(coef, upper_bias)
+        const = per_row_dot(coef, upper_bias)
         gap = upper - lower
         coef = coef.mul_(gap) if torch.broadcast_shapes(coef.shape, gap.shape) == coef.shape \
             else coef * gap
@@ -537,6 +687,12 @@ class ReLURule(BoundRule):
     def backward(self, m, lam, inp, slope):
         return relu_backward(lam, inp.lo, inp.hi, slope)
 
+    def backward_error(self, m, inp):
+        return _relaxation_error(inp, inp.magnitude, 1)
+
+    def drift(self, m, error, inp):
+        return error  # |relu(a) - relu(b)| <= |a - b|, and relu itself is exact
+
 
 class MinMaxRule(BoundRule):
     """MinMax on channel pairs (a, b): min = a - relu(a - b), max = b + relu(a - b), with
@@ -562,6 +718,14 @@ class MinMaxRule(BoundRule):
         hi_d = inp.hi[:, :half] - inp.lo[:, half:]
         lam_d, const = relu_backward(lam_max - lam_min, lo_d, hi_d, slope)
         return torch.cat([lam_min + lam_d, lam_max - lam_d], dim=2), const
+
+    def backward_error(self, m, inp):
+        """relu(a - b) with |a - b| <= 2 H of the pair, its coefficient lam_max - lam_min
+        (at most |lam_min| + |lam_max|, rounded) and the two output sums: twice one ReLU's."""
+        return _relaxation_error(inp, 2 * _pairs_max(inp.magnitude), 2)
+
+    def drift(self, m, error, inp):
+        return _pairs_max(error)  # min and max are 1-Lipschitz in the pair's l_inf norm
 
 
 class ClippedReLURule(BoundRule):
@@ -591,8 +755,16 @@ class ClippedReLURule(BoundRule):
         t = m.threshold.clamp(min=0)
         first, const = relu_backward(lam, inp.lo, inp.hi, slope)
         second, const2 = relu_backward(-lam, inp.lo - t, inp.hi - t, slope)
-        return first + second, const + const2 - _per_row_dot(second, t.expand_as(inp.lo[:1])
+        return first + second, const + const2 - per_row_dot(second, t.expand_as(inp.lo[:1])
                                                               .unsqueeze(1))
+
+    def backward_error(self, m, inp):
+        """Two relaxations, of h and of h - t (both within H + t), and the dot with t."""
+        reach = inp.magnitude + m.threshold.clamp(min=0).abs()
+        return _relaxation_error(inp, reach, 3)
+
+    def drift(self, m, error, inp):
+        return error
 
 
 class ClippedMinMaxRule(BoundRule):
@@ -646,11 +818,20 @@ class ClippedMinMaxRule(BoundRule):
         c_min, const = relu_backward(lam_min, *low, slope)
         # lam_max (U - relu(U - max)) >= lam_max U + c_max (U - max) + k
         c_max, k = relu_backward(-lam_max, *high, slope)
-        const = const + k + _per_row_dot(lam_min - c_min, m.lower.unsqueeze(0).unsqueeze(1)) + \
-            _per_row_dot(lam_max + c_max, m.upper.unsqueeze(0).unsqueeze(1))
+        const = const + k + per_row_dot(lam_min - c_min, m.lower.unsqueeze(0).unsqueeze(1)) + \
+            per_row_dot(lam_max + c_max, m.upper.unsqueeze(0).unsqueeze(1))
         # c_min min - c_max max = c_min a - c_max b - (c_min + c_max) r
         c_r, k = relu_backward(-(c_min + c_max), *diff, slope)
         return torch.cat([c_min + c_r, -c_max - c_r], dim=2), const + k
+
+    def backward_error(self, m, inp):
+        """Three relaxations (of a - b, min - L and U - max, each within 2 H + |L| + |U|),
+        the dots with L and U and the sums of the coefficients: 6 ReLUs' worth."""
+        bounds = torch.cat([m.lower.abs() + m.upper.abs()] * 2, dim=0)
+        return _relaxation_error(inp, 2 * _pairs_max(inp.magnitude) + bounds, 6)
+
+    def drift(self, m, error, inp):
+        return _pairs_max(error)
 
 
 class IdentityRule(BoundRule):
@@ -662,6 +843,12 @@ class IdentityRule(BoundRule):
 
     def backward(self, m, lam, inp, slope):
         return lam, lam.new_zeros(lam.shape[:2])
+
+    def backward_error(self, m, inp):
+        return 0.0
+
+    def drift(self, m, error, inp):
+        return error
 
 
 BOUND_RULES: dict[type[nn.Module], BoundRule] = {}
@@ -702,8 +889,9 @@ def check_supported(layers: nn.Sequential) -> None:
 
 for _cls in (nn.Linear, LipschitzLinear):
     register_bound_rule(_cls, LinearRule())
-for _cls in (nn.Conv2d, LipschitzConv2d, ResidualConv2d):
+for _cls in (nn.Conv2d, LipschitzConv2d):
     register_bound_rule(_cls, ConvRule())
+register_bound_rule(ResidualConv2d, ResidualConvRule())
 for _cls in (nn.BatchNorm1d, nn.BatchNorm2d):
     register_bound_rule(_cls, BatchNormRule())
 register_bound_rule(Normalize, NormalizeRule())

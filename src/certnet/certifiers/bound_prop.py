@@ -1,12 +1,12 @@
 """Certificates from bound propagation (:mod:`certnet.bounds`): IBP (Gowal et al. 2018), CROWN-IBP
 (Zhang et al. 2020), full CROWN (Zhang et al. 2018) and alpha-CROWN (Xu et al. 2021)
 lower-bound every margin z_pred - z_j over the threat model; a point is certified iff all of
-them are > 0 after the rounding slack.
+them are > 0.
 
-Sound at certification: a float64 copy of the network in eval mode, and a margin must exceed
-``ROUNDING_SLACK * (1 + M)`` (:mod:`certnet.nn.rounding`), M the largest magnitude of any logit
-or intermediate bound. These certificates prove "eps or nothing": the radius is
-eps where certified, 0 elsewhere.
+Rigorous in floating point (docs/rounding.md): a float64 copy of the network in eval mode,
+every interval and backward step widened by a proven bound on its own rounding, and the
+margins bound both the exact network's and the float64 forward pass's, anywhere in the set.
+These certificates prove "eps or nothing": the radius is eps where certified, 0 elsewhere.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from certnet.bounds.rules import check_supported
 from certnet.certifiers.base import Certificate, Certifier, register_certifier
 from certnet.errors import UnsupportedLayerError
 from certnet.nn.conv_algorithms import gemm_chunk
-from certnet.nn.rounding import ROUNDING_SLACK
 from certnet.threat import ThreatModel
 
 #: Coefficient-tensor elements one chunk of points may hold in a backward pass.
@@ -32,7 +31,8 @@ ALPHA_MEMORY = 8
 def margin_certificate(layers64: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
                        method: BoundMethod, slope: str = "adaptive") -> Certificate:
     """Certificate for a batch from a float64 eval-mode network ``layers64``: ``margin`` is a
-    lower bound on min_j z_pred - z_j over the threat model minus the rounding slack. The
+    rigorous lower bound on min_j z_pred - z_j over the threat model, of the exact network
+    and of its float64 forward pass (:func:`margin_walk`'s ``rigorous``). The
     prediction is the float64 forward pass's argmax; chunks of points bound the memory and, on
     the CPU, keep the convolutions' im2col buffers in cache (:func:`gemm_chunk`)."""
     x64 = x.double()
@@ -45,14 +45,10 @@ def margin_certificate(layers64: nn.Sequential, x: torch.Tensor, threat: ThreatM
     preds, margins = [], []
     for i in range(0, len(x64), chunk):
         part = x64[i:i + chunk]
-        lower, seen, logits = margin_walk(layers64, part, threat, None, method, slope)
+        lower, _, logits = margin_walk(layers64, part, threat, None, method, slope,
+                                       rigorous=True)
         preds.append(logits.argmax(1))
-        # the largest magnitude of any logit or interval endpoint sizes the rounding slack
-        size = torch.stack([torch.maximum(s.lo.abs(), s.hi.abs()).flatten(1).amax(1)
-                            for s in seen] + [logits.abs().amax(1)]).amax(0)
-        worst = lower.min(1).values if lower.shape[1] else \
-            torch.full((len(part),), torch.inf, dtype=torch.float64, device=x.device)
-        margins.append(worst - ROUNDING_SLACK * (1 + size))
+        margins.append(lower.min(1).values)
     pred, margin = torch.cat(preds), torch.cat(margins)
     margin = torch.where(torch.isnan(margin), torch.full_like(margin, -torch.inf), margin)
     return Certificate.eps_or_nothing(pred, margin, threat.eps)

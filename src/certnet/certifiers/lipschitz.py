@@ -18,6 +18,7 @@ from torch import nn
 
 from certnet.certifiers.base import Certificate, Certifier, register_certifier
 from certnet.errors import UnsupportedLayerError
+from certnet.floats import round_down
 from certnet.nn.lipschitz import LipschitzLinear, check_bounded, layer_bound, product
 from certnet.nn.rounding import check_rounding, float64_forward
 from certnet.nn.spectral import BOUND_SLACK
@@ -67,13 +68,6 @@ class SoundConstants:
         return cls(bounds, body, pairwise)
 
 
-def round_down_float32(value: torch.Tensor) -> torch.Tensor:
-    """float64 -> float32 rounding toward zero (values >= 0), so a radius never grows."""
-    down = value.float()
-    return torch.where(down.double() > value, torch.nextafter(down, torch.zeros_like(down)),
-                       down)
-
-
 class LipschitzCertifier(Certifier):
     name = "lipschitz"
     gives_radius = True
@@ -102,7 +96,7 @@ class LipschitzCertifier(Certifier):
         # certified from the float64 radius; the reported float32 radius is rounded down, so
         # certifying at exactly the reported radius succeeds too
         return Certificate(pred=pred, certified=radius > threat.eps,
-                           radius=round_down_float32(radius))
+                           radius=round_down(radius))
 
 
 def logit_gaps(logits: torch.Tensor, error: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -38,10 +38,11 @@ from certnet.certifiers.lipschitz import (
     others_than,
 )
 from certnet.errors import UnsupportedLayerError
+from certnet.floats import eta, gamma, outward
 from certnet.nn.conv_algorithms import gemm_chunk
 from certnet.nn.lipschitz import LipschitzLinear, product
 from certnet.nn.masked_spectral import GRAM_RANK, GramTail, dense_gram_tails
-from certnet.nn.rounding import ROUNDING_SLACK, float64_forward
+from certnet.nn.rounding import float64_forward
 from certnet.nn.spectral import BOUND_SLACK
 from certnet.threat import ThreatModel
 
@@ -97,29 +98,32 @@ def local_pairwise(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
 
 def local_margin(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
                  constants: LocalConstants, gap: torch.Tensor, pred: torch.Tensor,
-                 outputs: list[torch.Tensor] | None = None) -> torch.Tensor:
+                 drift: torch.Tensor, outputs: list[torch.Tensor] | None = None
+                 ) -> torch.Tensor:
     """Lower bound on min_{j != pred} of the margin over the threat set around each point:
     the gap minus the smaller of r K_j (local constants) and the shift of the margin when the
     head's input moves in its l2 ball (radius r * the body's local bound) and its interval
-    (:func:`ball_box_shift`). The box and ball are widened by the per-coordinate rounding
-    slack of the clean values they are centred on, and the shift by its own rounding (a sum of
-    nonnegative terms: relative) and that of its direction w_j - w_pred."""
+    (:func:`ball_box_shift`). The box and ball are widened by ``drift`` (B,), an l2 bound on
+    how far the clean head input they are centred on is from the exact one; the shift by its
+    own rounding and that of its direction a = w_j - w_pred (docs/rounding.md): in exact
+    arithmetic it is a sum of n non-negative terms, each computed within 9u of itself (their
+    parts are at most 3 times the term) plus 3 eta, summed within gamma_n; a rounds by u |a|,
+    which moves a . d by at most u ||a|| ||d||, ||d|| <= the radius."""
     k, body, head = local_pairwise(layers, x, threat, constants, outputs)
     rows = torch.arange(len(x), device=x.device)
     r = l2_radius_of(threat, x[0].numel())
     weight = layers[-1].weight
     moves = weight.unsqueeze(0) - weight[pred].unsqueeze(1)  # (B, C, n): w_j - w_pred
-    size = torch.maximum(head.lo.abs(), head.hi.abs()).flatten(1).amax(1)
-    pad = (ROUNDING_SLACK * (1 + size)).unsqueeze(1)
-    spread = pad.squeeze(1) * head.clean[0].numel() ** 0.5  # l2 size of the padding
+    pad = drift.unsqueeze(1)  # each coordinate's drift is at most the l2 one
     clean = head.clean.flatten(1)
-    radius = r * body * (1 + BOUND_SLACK) + spread
-    shift = ball_box_shift(moves, radius, (head.lo.flatten(1) - clean - pad).clamp(max=0),
-                           (head.hi.flatten(1) - clean + pad).clamp(min=0))
-    # + ||a|| times the padding's size (the centre's rounding) and the rounding of a = w_j - w_p
-    # itself (under 2u ||a|| per coordinate, on moves of size <= radius)
-    shift = shift * (1 + ROUNDING_SLACK) + moves.norm(dim=-1) * (
-        spread + ROUNDING_SLACK * radius).unsqueeze(1)
+    radius = (r * body * (1 + BOUND_SLACK) + drift) * (1 + gamma(2))
+    low, high = outward(head.lo.flatten(1) - clean - pad, head.hi.flatten(1) - clean + pad)
+    shift = ball_box_shift(moves, radius, low.clamp(max=0), high.clamp(min=0))
+    n = clean.shape[1]
+    # + ||a|| times the drift (the centre's offset from the exact one) and the rounding of
+    # the shift and of a = w_j - w_pred (module docstring)
+    shift = shift * (1 + gamma(n + 16)) + (3 * n + 8) * eta() + \
+        moves.norm(dim=-1) * (1 + gamma(n + 2)) * (drift + 2 * gamma(1) * radius).unsqueeze(1)
     return worst_margin(gap, torch.minimum(r * k[rows, pred] * (1 + BOUND_SLACK), shift), pred)
 
 
@@ -171,7 +175,9 @@ class LocalLipschitzCertifier(Certifier):
         for i in range(0, len(x64), chunk):
             part = x64[i:i + chunk]
             outputs: list[torch.Tensor] = []
-            logits, error = float64_forward(twin.layers, part, constants.sound.layers, outputs)
+            errors: list[torch.Tensor] = []
+            logits, error = float64_forward(twin.layers, part, constants.sound.layers, outputs,
+                                            errors)
             pred, gap = logit_gaps(logits, error)
             margin = ball_margin(gap, constants.sound.pairwise[pred], pred, r)
             # local constants never exceed the global ones: only the points the global
@@ -181,7 +187,8 @@ class LocalLipschitzCertifier(Certifier):
                 every = len(todo) == len(part)
                 margin[todo] = local_margin(
                     twin.layers, part if every else part[todo], threat, constants,
-                    gap[todo], pred[todo], outputs if every else [h[todo] for h in outputs])
+                    gap[todo], pred[todo], errors[-2][todo],
+                    outputs if every else [h[todo] for h in outputs])
             preds.append(pred)
             margins.append(margin)
         return Certificate.eps_or_nothing(torch.cat(preds), torch.cat(margins), threat.eps)

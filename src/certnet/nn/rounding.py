@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from certnet.errors import UnsupportedLayerError
+from certnet.floats import eta, gamma
 from certnet.nn.conv_algorithms import gemm_chunk, gemm_convolutions
 from certnet.nn.lipschitz import (
     ONE_LIPSCHITZ,
@@ -38,19 +39,9 @@ from certnet.nn.lipschitz import (
 )
 from certnet.nn.spectral import FLOAT64_UNIT_ROUNDOFF, magnitude_bound
 
-#: Relative safety factor on the computed error bound (its own float64 evaluation rounds).
+#: Relative safety factor on the computed error bound: its own float64 evaluation takes a few
+#: roundings per layer (under gamma_{5L} < 1e-6 for any L < 10^9 layers).
 ERROR_SAFETY = 1 + 1e-6
-#: Relative slack on float64 margins and interval bounds whose rounding is not tracked
-#: rigorously: ``ROUNDING_SLACK * (1 + M)``, M the largest magnitude of any value computed for
-#: the point. Rounding is ~1e-16 relative per operation, accumulated over fan-ins up to ~1e5 and
-#: a few dozen layers; this is orders of magnitude above it.
-ROUNDING_SLACK = 1e-9
-
-
-def gamma(n: int) -> float:
-    """gamma_n = n u / (1 - n u): the relative error bound of an n-term float64 dot product."""
-    nu = n * FLOAT64_UNIT_ROUNDOFF
-    return nu / (1 - nu)
 
 
 def _norms(t: torch.Tensor) -> torch.Tensor:
@@ -66,11 +57,13 @@ class RoundingBound:
     input: torch.Tensor | float | None = None
     output: torch.Tensor | float | None = None
     per_position: float = 0.0
+    #: per output entry (what products may lose to underflow, floats.py)
+    per_entry: float = 0.0
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         positions = math.prod(y.shape[2:])
-        error = torch.full((x.shape[0],), self.per_position * positions**0.5,
-                           dtype=torch.float64, device=x.device)
+        fixed = self.per_position * positions**0.5 + self.per_entry * math.prod(y.shape[1:])**0.5
+        error = torch.full((x.shape[0],), fixed, dtype=torch.float64, device=x.device)
         if self.input is not None:
             error = error + self.input * _norms(x)
         if self.output is not None:
@@ -92,9 +85,12 @@ def register_rounding_rule(cls: type[nn.Module]) -> Callable[[Rule], Rule]:
 
 
 def _affine(magnitude: torch.Tensor, terms: int, bias: torch.Tensor | None) -> RoundingBound:
+    """gamma_terms (||abs(W)|| ||x|| + ||b||) and, per output, terms * eta for products that
+    underflow (floats.py)."""
     g = gamma(terms)
     bias_norm = 0.0 if bias is None else float(bias.detach().double().norm())
-    return RoundingBound(input=g * magnitude, per_position=g * bias_norm)
+    return RoundingBound(input=g * magnitude, per_position=g * bias_norm,
+                         per_entry=terms * eta())
 
 
 @register_rounding_rule(LipschitzLinear)
@@ -116,8 +112,8 @@ def _residual_conv(layer: ResidualConv2d) -> RoundingBound:
 
 @register_rounding_rule(Normalize)
 def _normalize(layer: Normalize) -> RoundingBound:
-    # fl(fl(x - m) / s) = (x - m) / s * (1 + d), |d| <= 2u + u^2
-    return RoundingBound(output=3 * FLOAT64_UNIT_ROUNDOFF)
+    # fl(fl(x - m) / s) = (x - m) / s * (1 + d) + e, |d| <= 2u + u^2, |e| <= eta
+    return RoundingBound(output=3 * FLOAT64_UNIT_ROUNDOFF, per_entry=2 * eta())
 
 
 @register_rounding_rule(nn.BatchNorm1d)
@@ -130,7 +126,7 @@ def _batchnorm(layer: nn.Module) -> RoundingBound:
     beta = layer.bias.detach().double().abs() if layer.bias is not None else 0.0
     u8 = 8 * FLOAT64_UNIT_ROUNDOFF
     return RoundingBound(input=u8 * scale.abs().max(),
-                         per_position=u8 * float((mean_part + beta).norm()))
+                         per_position=u8 * float((mean_part + beta).norm()), per_entry=8 * eta())
 
 
 def check_rounding(layer: nn.Module) -> None:
@@ -150,11 +146,13 @@ def rounding_bound(layer: nn.Module) -> RoundingBound | None:
 
 @torch.no_grad()
 def float64_forward(layers: nn.Sequential, x: torch.Tensor, lipschitz: list[torch.Tensor],
-                    outputs: list[torch.Tensor] | None = None
+                    outputs: list[torch.Tensor] | None = None,
+                    errors: list[torch.Tensor] | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits of the float64 ``layers`` on ``x`` and, per point, a bound on their l2 distance
     to the exact-arithmetic logits; ``lipschitz[i]`` is a sound bound of layer i. Every
-    layer's output is appended to ``outputs`` if given.
+    layer's output is appended to ``outputs`` if given, and the bound on its distance to the
+    exact one (per point) to ``errors``.
 
     Convolutions run as im2col + GEMM (:func:`gemm_convolutions`: oneDNN, which has no
     float64 kernels anyway, and cuDNN off), so no FFT or Winograd algorithm (whose error the
@@ -167,21 +165,25 @@ def float64_forward(layers: nn.Sequential, x: torch.Tensor, lipschitz: list[torc
                  for part in x.split(gemm_chunk(layers, x))]
     if outputs is not None:
         outputs.extend(torch.cat(seen) for seen in zip(*(p[2] for p in parts), strict=True))
+    if errors is not None:
+        errors.extend(torch.cat(e) * ERROR_SAFETY for e in zip(*(p[3] for p in parts),
+                                                                 strict=True))
     logits, error = (torch.cat(t) for t in zip(*(p[:2] for p in parts), strict=True))
     return logits, error * ERROR_SAFETY
 
 
 def _forward(layers: nn.Sequential, x: torch.Tensor, lipschitz: list[torch.Tensor],
              bounds: list[RoundingBound | None], keep: bool
-             ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+             ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """:func:`float64_forward` on one chunk: logits, error bound, and (if ``keep``) every
-    layer's output."""
+    layer's output, and every layer's error bound."""
     error = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
-    seen = []
+    seen, errors = [], []
     for layer, lip, bound in zip(layers, lipschitz, bounds, strict=True):
         y = layer(x)
         error = lip * error if bound is None else lip * error + bound(x, y)
         x = y
+        errors.append(error)
         if keep:
             seen.append(y)
-    return x, error, seen
+    return x, error, seen, errors
