@@ -144,8 +144,8 @@ class _OverclaimCertifier(Certifier):
         return None if isinstance(model, _Overclaiming) else "not an overclaiming model"
 
     @torch.no_grad()
-    def certify(self, model, x, threat):
-        pred = model(x).argmax(1)
+    def certify(self, model, x, threat):  # certifiers receive float64 batches
+        pred = model(x.float()).argmax(1)
         return Certificate(pred, torch.ones_like(pred, dtype=torch.bool),
                            torch.full(pred.shape, float("inf")))
 

@@ -22,11 +22,9 @@ from certnet.bounds.rules import (
     ReLURule,
     ResidualConvRule,
     Slope,
-    per_row_dot,
     relaxed_backward,
     relu_relaxation,
     rule_for,
-    sum_over,
 )
 from certnet.errors import UnsupportedLayerError
 from certnet.floats import SQRT_TINY64, eta, gamma
@@ -80,9 +78,11 @@ def rule_rho(rule, m: nn.Module, inp: LayerInput) -> torch.Tensor | float:
 
 class Rounding:
     """What a backward pass's float evaluation may have lost, per point and specification row
-    (docs/rounding.md): sum over the steps of sum_j |lam_j| rho_j (the rules'
-    ``backward_error``), and the magnitudes of the constants, whose L additions and the final
-    one with the concretized term round by at most gamma_{L+1} of their sum."""
+    (docs/rounding.md): sum over the steps of sum_j |lam_j| rho_j <= ||lam||_1 max_j rho_j
+    (the rules' ``backward_error``; the l1 norm is one read of lam, with no temporary, and
+    the charges are ~1e-13 of the bounds, so the max costs nothing that matters), and the
+    magnitudes of the constants, whose L additions and the final one with the concretized term
+    round by at most gamma_{L+1} of their sum."""
 
     def __init__(self, like: torch.Tensor) -> None:
         self.error = torch.zeros_like(like)
@@ -96,11 +96,8 @@ class Rounding:
         self.steps += 1
         self.terms = max(self.terms, lam[0, 0].numel())
         self.underflow(lam[0, 0].numel(), inp)
-        if isinstance(rho, torch.Tensor):
-            rho = rho.expand(rho.shape[0], *lam.shape[2:]).unsqueeze(1)
-            self.error = self.error + per_row_dot(lam.abs(), rho)
-        elif rho:
-            self.error = self.error + rho * sum_over(lam.abs())
+        if isinstance(rho, torch.Tensor) or rho:
+            self.error = self.error + l1_rows(lam) * largest(rho)
 
     def charge_sum(self, error: torch.Tensor, terms: int, inp: LayerInput) -> None:
         """Add a step's charge computed by the caller (patches mode), on coefficients of
@@ -113,8 +110,8 @@ class Rounding:
     def underflow(self, terms: int, inp: LayerInput) -> None:
         """What products may lose to underflow whatever lam: each new coefficient sums at most
         ``terms`` + 16 products (eta each), and so does the constant, against inputs of size
-        at most the interval's magnitudes (sum_k H_k)."""
-        reach = inp.magnitude.flatten(1).sum(1) + 1
+        at most the interval's magnitudes (sum_k H_k <= their number times the largest)."""
+        reach = inp.largest.flatten() * inp.lo[0].numel() + 1
         lost = (terms + 16) * eta(reach.dtype) * reach
         self.error = self.error + lost.view(-1, *([1] * (self.error.dim() - 1)))
 
@@ -176,7 +173,7 @@ def crown_walk(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
             continue
         lower, upper = _neuron_bounds(layers, seen, x, threat, slope, i, rows, rigorous)
         if rigorous:  # the float forward value lies within the drift of the exact one
-            drift = drifts[i].flatten(1)[:, rows]
+            drift = drifts[i].expand_as(seen[i].lo).flatten(1)[:, rows]
             lower, upper = lower - drift, upper + drift
         # tighten only where IBP left the neuron unstable for that point, so a point's bounds
         # never depend on the other points of its batch
@@ -430,8 +427,7 @@ def _patch_bound(layers: nn.Sequential, part: list[LayerInput], x: torch.Tensor,
         m, rule, inp, win = layers[i], rule_for(layers[i]), part[i], windows[i]
         c = None
         if rounding is not None:
-            rounding.charge_sum(_patch_charge(lam, rule_rho(rule, m, inp), windows[i + 1],
-                                              plan[i + 1].shape, n, shared),
+            rounding.charge_sum(_patch_charge(lam, rule_rho(rule, m, inp), n, shared),
                                 lam[0, 0].numel(), inp)
         if isinstance(rule, ConvRule):
             if m.bias is not None:
@@ -493,15 +489,26 @@ def _patch_bound(layers: nn.Sequential, part: list[LayerInput], x: torch.Tensor,
     return base + const if rounding is None else rounding.settle(base, const)
 
 
-def _patch_charge(lam: torch.Tensor, rho: torch.Tensor | float, win: _Windows,
-                  shape: tuple[int, int, int], n: int, shared: bool) -> torch.Tensor:
-    """sum_j |lam_j| rho_j over each window (n, U, 2G), lam the patches (U, 2G, C, h, w) when
-    ``shared`` by the points, else (n * U, 2G, C, h, w), rho the step's per output maps."""
+def _patch_charge(lam: torch.Tensor, rho: torch.Tensor | float, n: int, shared: bool
+                  ) -> torch.Tensor:
+    """An upper bound on sum_j |lam_j| rho_j over each window (n, U, 2G) (as
+    :class:`Rounding`'s: ||lam||_1 max rho), lam the patches (U, 2G, C, h, w) when ``shared``
+    by the points, else (n * U, 2G, C, h, w), rho the step's, per point."""
+    top = largest(rho)
+    total = l1_rows(lam)
+    return total.unsqueeze(0) * top.view(-1, 1, 1) if shared else \
+        total.view(n, -1, lam.shape[1]) * top.view(-1, 1, 1)
+
+
+def l1_rows(lam: torch.Tensor) -> torch.Tensor:
+    """||lam[b, s]||_1 (B, S), one read of lam whatever its strides, no temporary; rounded
+    up (n-term sums of non-negative terms: gamma_n)."""
+    norm = torch.linalg.vector_norm(lam, 1, dim=tuple(range(2, lam.dim())))
+    return norm * (1 + gamma(lam[0, 0].numel() + 1, lam.dtype))
+
+
+def largest(rho: torch.Tensor | float) -> torch.Tensor | float:
+    """max_j rho_j per point (B, 1) (rho (B, ...)), or the scalar."""
     if not isinstance(rho, torch.Tensor):
-        total = sum_over(lam.abs()) * rho
-        return total.view(-1, *total.shape[-2:]) if shared else total.view(n, -1, lam.shape[1])
-    near = win.gather(rho.expand(n, *shape))  # (n * U, 1, C, h, w)
-    if shared:
-        near = near.reshape(n, lam.shape[0], -1)
-        return torch.einsum("uga,nua->nug", lam.abs().reshape(*lam.shape[:2], -1), near)
-    return (lam.abs() * near).sum((2, 3, 4)).view(n, -1, lam.shape[1])
+        return rho
+    return rho.flatten(1).amax(1, keepdim=True) if rho.dim() > 1 else rho.amax().view(1, 1)

@@ -141,8 +141,8 @@ def _rigorous_interval(rule, m: nn.Module, inp: LayerInput
     if error is None:
         raise UnsupportedLayerError(f"{type(m).__name__}: no bound on its interval's rounding")
     if isinstance(error, torch.Tensor) or error:
-        # each of the two operations rounds by at most half an ulp: one ulp outward covers it
-        lo, hi = outward(lo - error, hi + error)
+        # every rule's error also covers these two roundings (u of the interval's magnitude)
+        lo, hi = lo - error, hi + error
     return lo, hi
 
 

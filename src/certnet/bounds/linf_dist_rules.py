@@ -144,7 +144,8 @@ class LinfDistConvRule(BoundRule):
         return m.fold(dist_error(m.patches(inp.lo), m.patches(inp.hi), m), inp.lo)
 
     def drift(self, m, error, inp):
-        return m.fold(dist_drift(m.patches(error), m.patches(inp.lo), m.patches(inp.hi), m),
+        return m.fold(dist_drift(m.patches(error.expand_as(inp.lo)), m.patches(inp.lo),
+                                 m.patches(inp.hi), m),
                       inp.lo)
 
 

@@ -59,7 +59,7 @@ class LayerInput:
     @property
     def largest(self) -> torch.Tensor:
         """Each point's largest |h| over the interval, shaped (B, 1, ...) to broadcast."""
-        top = self.magnitude.flatten(1).amax(1)
+        top = torch.maximum(self.hi.flatten(1).amax(1), self.lo.flatten(1).amin(1).neg())
         return top.view(-1, *([1] * (self.lo.dim() - 1)))
 
 
@@ -105,8 +105,9 @@ class BoundRule:
     def interval_error(self, m: nn.Module, inp: LayerInput) -> torch.Tensor | float | None:
         """A bound, per output, on how far ``interval(m, inp)`` computed in the dtype of
         ``inp`` may fall inside the exact interval of its input box, and the layer's float
-        forward pass of any input in the box outside it: widening by it makes a walk rigorous.
-        0 for rules computed exactly (and exact forward passes); None if unknown."""
+        forward pass of any input in the box outside it, plus the rounding of the widening
+        itself (u of the interval's magnitude): widening by it makes a walk rigorous. 0 for
+        rules computed exactly (and exact forward passes); None if unknown."""
         return 0.0 if self.exact_interval else None
 
     def backward_error(self, m: nn.Module, inp: LayerInput) -> torch.Tensor | float | None:
@@ -169,42 +170,55 @@ class AffineRule(BoundRule):
         """Products summed per output (None: the weights themselves are rounded)."""
         return None
 
+    def abs_row_sums(self, m: nn.Module, inp: LayerInput) -> torch.Tensor:
+        """|A| 1 (rounded up), or an upper bound broadcastable to (1, *z): one single-row
+        product."""
+        rows = self.linear_abs(m, torch.ones_like(inp.lo[:1]), inp)
+        return rows * (1 + gamma(inp.lo[0].numel(), rows.dtype))
+
+    def outputs(self, m: nn.Module, inp: LayerInput) -> int:
+        """The number of outputs per point."""
+        return self.linear(m, inp.lo[:1], inp)[0].numel()
+
     def size(self, m: nn.Module, inp: LayerInput) -> torch.Tensor:
         """M |A| 1 + |b| (B, *z), M each point's largest |h| on the interval: at least
-        |A| |h| + |b| for every h in it, the magnitude that enters each output's dot product,
-        for the price of one single-row product."""
-        rows = self.linear_abs(m, torch.ones_like(inp.lo[:1]), inp)
-        size = inp.largest.view(-1, *([1] * (rows.dim() - 1))) * rows
+        |A| |h| + |b| for every h in it, the magnitude that enters each output's dot product."""
+        rows = self.abs_row_sums(m, inp)
+        size = inp.largest.flatten().view(-1, *([1] * (rows.dim() - 1))) * rows
         bias = self.bias(m, inp)
         return size if bias is None else size + bias.abs()
 
     def interval_error(self, m, inp):
         """``interval`` rounds c, r (or hi + lo, hi - lo), A c + b, |A| r and their sum: at
         most 2 gamma_{n+3} |A| (|c| + r) + |b| (n the fan-in, any summation order: Higham
-        §3.1), and the float forward pass of any h in the interval is off by at most
-        gamma_{n+1} (|A| |h| + |b|); both are below 3 gamma_{n+6} of :meth:`size`'s computed
-        value (whose own rounding the three extra terms pay for)."""
+        §3.1), the float forward pass of any h in the interval is off by at most
+        gamma_{n+1} (|A| |h| + |b|), and the widening rounds by u of the ends, which are below
+        size: all below 3 gamma_{n+8} of :meth:`size`'s computed value (whose own rounding the
+        extra terms pay for), plus what products lose to underflow."""
         n = self.fan_in(m)
         if n is None:
             return None
         dtype = inp.lo.dtype
-        return 3 * gamma(n + 6, dtype) * self.size(m, inp) + 3 * (n + 6) * eta(dtype)
+        return 3 * gamma(n + 8, dtype) * self.size(m, inp) + 3 * (n + 8) * eta(dtype)
 
     def backward_error(self, m, inp):
         """``transpose`` sums at most N = z's size products per coefficient and the bias
         constant N more: |lam A - lam_h| . |h| + |lam . b - const| <= gamma_N |lam| . size."""
         if self.fan_in(m) is None:
             return None
-        size = self.size(m, inp)
-        return gamma(size[0].numel() + 5, inp.lo.dtype) * size
+        return gamma(self.outputs(m, inp) + 5, inp.lo.dtype) * self.size(m, inp)
 
     def drift(self, m, error, inp):
-        """|A| e (rounded up) plus the rounding of this layer's own forward pass."""
+        """|A| e <= max(e) |A| 1 (no product: the drifts are ~u of the values, so the l_inf
+        operator norm's looseness costs nothing that matters) plus the rounding of this
+        layer's own forward pass; broadcastable to the outputs."""
         n = self.fan_in(m)
         if n is None:
             return None
         dtype = inp.lo.dtype
-        spread = self.linear_abs(m, error, inp) * (1 + gamma(n + 2, dtype))
+        rows = self.abs_row_sums(m, inp)
+        top = error.flatten(1).amax(1).view(-1, *([1] * (rows.dim() - 1)))
+        spread = top * rows * (1 + gamma(2, dtype))
         return spread + gamma(n + 4, dtype) * self.size(m, inp) + (2 * n + 4) * eta(dtype)
 
     def interval(self, m, inp):
@@ -264,6 +278,12 @@ class LinearRule(WeightRule):
     def fan_in(self, m):
         return m.in_features
 
+    def abs_row_sums(self, m, inp):
+        return m.weight.abs().sum(1, keepdim=True).T * (1 + gamma(m.in_features, m.weight.dtype))
+
+    def outputs(self, m, inp):
+        return m.out_features
+
     def row_norms(self, m, inp):
         return m.weight.norm(dim=1)
 
@@ -280,6 +300,17 @@ class ConvRule(WeightRule):
 
     def fan_in(self, m):
         return m.weight[0].numel()
+
+    def abs_row_sums(self, m, inp):
+        """Each output channel's sum of |W| (the zero padding only drops terms): no conv."""
+        weight = self.weight(m)
+        rows = weight.abs().flatten(1).sum(1) * (1 + gamma(weight[0].numel(), weight.dtype))
+        return rows.view(1, -1, 1, 1)
+
+    def outputs(self, m, inp):
+        size = [(n + 2 * p - k) // s + 1 for n, p, k, s in
+                zip(inp.lo.shape[-2:], m.padding, m.weight.shape[-2:], m.stride, strict=True)]
+        return m.weight.shape[0] * size[0] * size[1]
 
     def apply(self, m, h, weight, bias):
         return F.conv2d(h, weight, bias, m.stride, m.padding)
@@ -317,11 +348,10 @@ class ResidualConvRule(ConvRule):
     def fan_in(self, m):
         return m.weight[0].numel() + 2
 
-    def size(self, m, inp):
-        majorant = m.kernel_majorant().to(inp.lo.dtype) * (1 + 2 * unit_roundoff(inp.lo.dtype))
-        rows = self.apply(m, torch.ones_like(inp.lo[:1]), majorant, None)
-        size = inp.largest * rows
-        return size if m.bias is None else size + self.bias(m, inp).abs()
+    def abs_row_sums(self, m, inp):
+        majorant = m.kernel_majorant().to(inp.lo.dtype)
+        rows = majorant.flatten(1).sum(1) * (1 + gamma(majorant[0].numel() + 2, majorant.dtype))
+        return rows.view(1, -1, 1, 1)
 
 
 class ChannelAffineRule(AffineRule):
@@ -487,7 +517,7 @@ class FlattenRule(BoundRule):
         return 0.0
 
     def drift(self, m, error, inp):
-        return m(error)
+        return m(error.expand_as(inp.lo))
 
 
 def _relaxation_error(inp: LayerInput, reach: torch.Tensor, relus: int) -> torch.Tensor:
