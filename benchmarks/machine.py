@@ -9,10 +9,11 @@ from pathlib import Path
 import certnet
 
 
-def certnet_commit() -> str:
-    """The git commit of the certnet source measured, with "+changes" if it differs."""
+def certnet_commit(package: Path | None = None) -> str:
+    """The git commit of the certnet source measured (the imported one, or the ``package``
+    folder given), with "+changes" if it differs."""
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=Path(certnet.__file__).parent,
+        return subprocess.run(["git", *args], cwd=package or Path(certnet.__file__).parent,
                               capture_output=True, text=True).stdout.strip()
     return git("rev-parse", "HEAD") + ("+changes" if git("status", "--porcelain", ".") else "")
 

@@ -24,37 +24,22 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
+from contextlib import ExitStack
 from pathlib import Path
 
+from checkouts import ROOT, run_certnet, worktree
 from machine import certnet_commit, cpu_model
 
 from certnet.checkpoint import write_json
 
-ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results" / "whole_job.json"
 TRAIN = ["train", "--method", "gloro", "--arch", "2c2f", "--dataset", "mnist", "--eps", "0.3",
          "--quiet"]
 #: phases reported per process, in this order
 PHASES = ("start-up", "data", "build", "train", "evaluate", "checkpoint", "plot", "report",
           "certify", "other")
-
-
-def run_process(src: Path, args: list[str]) -> tuple[float, float]:
-    """Run ``certnet ARGS`` with ``src`` first on the path: (wall seconds, peak RSS in MiB)."""
-    env = {**os.environ, "PYTHONPATH": str(src)}
-    start = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "certnet.cli", *args], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    wall = time.perf_counter() - start
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode:
-        raise RuntimeError(f"certnet {' '.join(args)} failed: {process.stderr.read().decode()}")
-    return wall, usage.ru_maxrss / 1024
 
 
 def split(wall: float, phases: dict[str, float] | None, train_steps: float) -> dict[str, float]:
@@ -70,11 +55,11 @@ def split(wall: float, phases: dict[str, float] | None, train_steps: float) -> d
 
 def job(src: Path, work: Path, epochs: int) -> dict:
     out = work / "run"
-    train_wall, train_mib = run_process(src, [*TRAIN, "--epochs", str(epochs),
-                                              "--out", str(out)])
+    train_wall, train_mib, _ = run_certnet(src, [*TRAIN, "--epochs", str(epochs),
+                                                 "--out", str(out)])
     certify_json = work / "certify.json"
-    certify_wall, certify_mib = run_process(src, ["certify", str(out), "--json",
-                                                  str(certify_json)])
+    certify_wall, certify_mib, _ = run_certnet(src, ["certify", str(out), "--json",
+                                                     str(certify_json)])
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_steps = sum(m["train_seconds"] for m in metrics)
     results = json.loads((out / "results.json").read_text())
@@ -99,12 +84,6 @@ def median_job(runs: list[dict]) -> dict:
             return {k: med([v[k] for v in values if k in v]) for k in sorted(keys)}
         return statistics.median(values)
     return {k: med([r[k] for r in runs]) for k in runs[0]}
-
-
-def worktree(rev: str, where: Path) -> Path:
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(where), rev],
-                   check=True, capture_output=True)
-    return where / "src"
 
 
 def table(variants: dict[str, dict]) -> str:
@@ -134,22 +113,18 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         sources = {"this checkout": ROOT / "src"}
         if args.baseline:
-            sources[f"commit {args.baseline}"] = worktree(args.baseline, Path(tmp) / "baseline")
+            root = stack.enter_context(worktree(args.baseline))
+            sources[f"commit {args.baseline}"] = root / "src"
         runs: dict[str, list[dict]] = {name: [] for name in sources}
-        try:
-            for repeat in range(args.repeats):
-                for name, src in sources.items():
-                    work = Path(tmp) / f"{len(runs[name])}-{name.replace(' ', '-')}"
-                    runs[name].append(job(src, work, args.epochs))
-                    print(f"repeat {repeat + 1}, {name}: {runs[name][-1]['seconds']:.1f} s",
-                          flush=True)
-        finally:
-            if args.baseline:
-                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force",
-                                str(Path(tmp) / "baseline")], check=False)
+        for repeat in range(args.repeats):
+            for name, src in sources.items():
+                work = Path(tmp) / f"{len(runs[name])}-{name.replace(' ', '-')}"
+                runs[name].append(job(src, work, args.epochs))
+                print(f"repeat {repeat + 1}, {name}: {runs[name][-1]['seconds']:.1f} s",
+                      flush=True)
     variants = {name: median_job(r) for name, r in runs.items()}
     result = {"variants": variants, "runs": runs, "epochs": args.epochs,
               "threads": os.environ.get("OMP_NUM_THREADS", "certnet default"),
