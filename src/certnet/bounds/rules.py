@@ -191,15 +191,17 @@ class AffineRule(BoundRule):
     def interval_error(self, m, inp):
         """``interval`` rounds c, r (or hi + lo, hi - lo), A c + b, |A| r and their sum: at
         most 2 gamma_{n+3} |A| (|c| + r) + |b| (n the fan-in, any summation order: Higham
-        §3.1), the float forward pass of any h in the interval is off by at most
-        gamma_{n+1} (|A| |h| + |b|), and the widening rounds by u of the ends, which are below
-        size: all below 3 gamma_{n+8} of :meth:`size`'s computed value (whose own rounding the
-        extra terms pay for), plus what products lose to underflow."""
+        §3.1) and the widening rounds by u of the ends, which are below size: below
+        2 gamma_{n+8} of :meth:`size`'s computed value (whose own rounding the extra terms pay
+        for), in the walk's dtype; the float64 forward pass of any h in the interval is off by
+        at most gamma_{n+1} (|A| |h| + |b|) (float64's u, whatever the walk's dtype); plus what
+        products lose to underflow."""
         n = self.fan_in(m)
         if n is None:
             return None
         dtype = inp.lo.dtype
-        return 3 * gamma(n + 8, dtype) * self.size(m, inp) + 3 * (n + 8) * eta(dtype)
+        factor = 2 * gamma(n + 8, dtype) + gamma(n + 2)
+        return factor * self.size(m, inp) + 3 * (n + 8) * eta(dtype)
 
     def backward_error(self, m, inp):
         """``transpose`` sums at most N = z's size products per coefficient and the bias
