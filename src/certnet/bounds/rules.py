@@ -211,16 +211,14 @@ class AffineRule(BoundRule):
         return gamma(self.outputs(m, inp) + 5, inp.lo.dtype) * self.size(m, inp)
 
     def drift(self, m, error, inp):
-        """|A| e <= max(e) |A| 1 (no product: the drifts are ~u of the values, so the l_inf
-        operator norm's looseness costs nothing that matters) plus the rounding of this
-        layer's own forward pass; broadcastable to the outputs."""
+        """|A| e (a product, rounded up: the l_inf operator norm max(e) |A| 1 compounds over
+        the layers, to 1e-2 on IBP-trained nets) plus the rounding of this layer's own forward
+        pass."""
         n = self.fan_in(m)
         if n is None:
             return None
         dtype = inp.lo.dtype
-        rows = self.abs_row_sums(m, inp)
-        top = error.flatten(1).amax(1).view(-1, *([1] * (rows.dim() - 1)))
-        spread = top * rows * (1 + gamma(2, dtype))
+        spread = self.linear_abs(m, error.expand_as(inp.lo), inp) * (1 + gamma(n + 2, dtype))
         return spread + gamma(n + 4, dtype) * self.size(m, inp) + (2 * n + 4) * eta(dtype)
 
     def interval(self, m, inp):
