@@ -47,18 +47,14 @@ def outward(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 def round_down(value: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``value`` (>= 0) in ``dtype``, rounded toward zero, so a radius never grows."""
+    """``value`` in ``dtype``, rounded toward -inf (toward zero for a radius: it never
+    grows)."""
     down = value.to(dtype)
-    return torch.where(down.to(value.dtype) > value, torch.nextafter(down, torch.zeros_like(down)),
-                       down)
+    return torch.where(down.to(value.dtype) > value,
+                       torch.nextafter(down, torch.full_like(down, -torch.inf)), down)
 
 
 def outward_to(lo: torch.Tensor, hi: torch.Tensor, dtype: torch.dtype
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """[lo, hi] in ``dtype``, rounded outward (never narrower)."""
-    low, high = lo.to(dtype), hi.to(dtype)
-    low = torch.where(low.to(lo.dtype) > lo, torch.nextafter(low, torch.full_like(low, -torch.inf)),
-                      low)
-    high = torch.where(high.to(hi.dtype) < hi,
-                       torch.nextafter(high, torch.full_like(high, torch.inf)), high)
-    return low, high
+    return round_down(lo, dtype), -round_down(-hi, dtype)

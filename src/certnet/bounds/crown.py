@@ -93,13 +93,10 @@ class Rounding:
     def charge(self, lam: torch.Tensor, rho: torch.Tensor | float, inp: LayerInput) -> None:
         """Add sum_j |lam_j| rho_j over the step's outputs (lam (B, S, *z)), and
         :meth:`underflow` for its input ``inp``."""
-        self.steps += 1
-        self.terms = max(self.terms, lam[0, 0].numel())
-        self.underflow(lam[0, 0].numel(), inp)
-        if isinstance(rho, torch.Tensor) or rho:
-            self.error = self.error + l1_rows(lam) * largest(rho)
+        exact = not isinstance(rho, torch.Tensor) and not rho  # no read of lam for nothing
+        self.charge_sum(0.0 if exact else l1_rows(lam) * largest(rho), lam[0, 0].numel(), inp)
 
-    def charge_sum(self, error: torch.Tensor, terms: int, inp: LayerInput) -> None:
+    def charge_sum(self, error: torch.Tensor | float, terms: int, inp: LayerInput) -> None:
         """Add a step's charge computed by the caller (patches mode), on coefficients of
         ``terms`` entries per row."""
         self.steps += 1

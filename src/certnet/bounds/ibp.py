@@ -35,8 +35,9 @@ def interval_walk(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
     ``radii[i]`` (optional, l2 threats only) is a sound bound, per point or shared, on the l2
     distance of layer i's input from its clean value over the threat set; the input's is eps.
     ``rigorous``: every interval contains the layer's exact outputs and its float forward
-    outputs for every input of the set (each widened by its rule's ``interval_error``, then
-    rounded outward; convolutions as im2col + GEMM, whose rounding those bounds cover), and
+    outputs for every input of the set (the input box rounded outward, each layer's interval
+    widened by its rule's ``interval_error``, which covers the widening's own rounding;
+    convolutions as im2col + GEMM, whose rounding those bounds cover), and
     each ball is widened by its own rounding and by how far the clean pass it is centred on
     may have drifted from the exact one.
     ``box_layers`` (optional; implies ``rigorous``): the same network with the same weights in
@@ -71,7 +72,7 @@ def interval_walk(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
                 lo, hi = rule.interval(m, inp)
             out = None if clean is None else m(clean) if outputs is None else outputs[i]
             if drift is not None:
-                drift = _clean_drift(rule, m, drift, clean) if radius is not None or \
+                drift = _clean_drift(rule, m, drift, clean, out) if radius is not None or \
                     any(k > i for k in known) else None
             if radius is not None and isinstance(rule, AffineRule):
                 # row norms need only the input's shape and the clean pass's dtype
@@ -95,12 +96,13 @@ def interval_walk(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
     return seen, clean
 
 
-def _clean_drift(rule, m: nn.Module, drift: torch.Tensor, clean: torch.Tensor
-                 ) -> torch.Tensor:
-    """How far the clean pass's output may be from the exact one (the rule's ``drift`` on
-    the clean point); infinite where the rule does not know (no ball is then trusted)."""
+def _clean_drift(rule, m: nn.Module, drift: torch.Tensor, clean: torch.Tensor,
+                 out: torch.Tensor) -> torch.Tensor:
+    """How far the clean pass's output ``out`` may be from the exact one (the rule's
+    ``drift`` on the clean point); infinite where the rule does not know (no ball is then
+    trusted)."""
     moved = rule.drift(m, drift, LayerInput(clean, clean, clean))
-    return torch.full_like(m(clean), torch.inf) if moved is None else moved
+    return torch.full_like(out, torch.inf) if moved is None else moved
 
 
 def supports_low_precision(layers: nn.Sequential) -> bool:
@@ -126,12 +128,17 @@ def drift_walk(layers: nn.Sequential, seen: list[LayerInput], start: int = 0
     drifts = [torch.zeros_like(seen[start].lo)]
     with gemm_convolutions():
         for i in range(start, len(layers)):
-            moved = rule_for(layers[i]).drift(layers[i], drifts[-1], seen[i])
-            if moved is None:
-                raise UnsupportedLayerError(f"{type(layers[i]).__name__}: no bound on the "
-                                            "rounding of its forward pass")
-            drifts.append(moved)
+            drifts.append(layer_drift(layers[i], drifts[-1], seen[i]))
     return drifts
+
+
+def layer_drift(m: nn.Module, error: torch.Tensor, inp: LayerInput) -> torch.Tensor:
+    """The rule's ``drift`` of ``m`` (an UnsupportedLayerError where it has none)."""
+    moved = rule_for(m).drift(m, error, inp)
+    if moved is None:
+        raise UnsupportedLayerError(f"{type(m).__name__}: no bound on the rounding of its "
+                                    "forward pass")
+    return moved
 
 
 def _rigorous_interval(rule, m: nn.Module, inp: LayerInput

@@ -25,9 +25,9 @@ import math
 import torch
 from torch import nn
 
-from certnet.bounds.rules import LayerInput, rule_for
+from certnet.bounds.ibp import layer_drift
+from certnet.bounds.rules import LayerInput
 from certnet.certifiers.base import Certificate, Certifier, register_certifier
-from certnet.errors import UnsupportedLayerError
 from certnet.floats import gamma, round_down
 from certnet.nn.conv_algorithms import gemm_convolutions
 from certnet.nn.linf_dist import LinfDist, LinfDistConv2d, MeanShift, Negate
@@ -132,11 +132,7 @@ def ball_drift(layers: nn.Sequential, outputs: list[torch.Tensor], prefix: list[
             h = outputs[i]
             width = 2 * error + (prefix[i] * reach * (1 + gamma(2))).view(
                 -1, *([1] * (h.dim() - 1)))
-            moved = rule_for(m).drift(m, error, LayerInput(h - width, h + width, h))
-            if moved is None:
-                raise UnsupportedLayerError(f"{type(m).__name__}: no bound on the rounding of "
-                                            "its forward pass")
-            error = moved
+            error = layer_drift(m, error, LayerInput(h - width, h + width, h))
     return error
 
 
