@@ -626,7 +626,9 @@ def test_spec_errors_and_registered_layer_types(monkeypatch):
         def forward(self, x):
             return x / 2
 
-    monkeypatch.setitem(spec.LAYER_TYPES, "halve", (Halve, lambda m: {}))
+    monkeypatch.setattr(spec, "LAYER_TYPES", dict(spec.LAYER_TYPES))
+    monkeypatch.setattr(spec, "LAYER_SCHEMAS", dict(spec.LAYER_SCHEMAS))
+    spec.register_layer("halve", Halve)
     layers = build_layers([{"type": "halve"}, {"type": "linear", "in_features": 4,
                                                 "out_features": 2, "bias": True}], (4,))
     assert describe_layers(layers)[0] == {"type": "halve"}

@@ -295,7 +295,7 @@ def test_layer_spec_fields_outside_the_schema_are_refused(case):
     specs, shape, field = BAD_SPECS[case]
     index = next(i for i, s in enumerate(specs) if field in s)
     kind = specs[index]["type"]
-    with pytest.raises(ConfigError, match=rf"layer {index} \({kind}\).*'{field}'"):
+    with pytest.raises(ConfigError, match=rf"layer {index} \({kind}\).*'{field}[.']"):
         build_layers(specs, shape)
 
 

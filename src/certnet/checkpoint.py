@@ -15,24 +15,56 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
+from annotated_types import Len
+from pydantic import BaseModel, Field
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from certnet import __version__
-from certnet.errors import CertnetError, CheckpointError, UnsupportedLayerError
+from certnet.config import TrainConfig
+from certnet.errors import CertnetError, CheckpointError, ConfigError, UnsupportedLayerError
 from certnet.methods import get_method
 from certnet.methods.base import CertifiedModel
 from certnet.nn.integrity import check_certifiable
-from certnet.nn.spec import build_layers, describe_layers
+from certnet.nn.spec import build_layers, check_specs, describe_layers
+from certnet.schema import STRICT, Count, NonNegative, Positive, validate
 
 FORMAT = "certnet-checkpoint"
-FORMAT_VERSION = 1
+#: 2: ``method_config`` names every option of the method (1: missing ones take defaults) and
+#: ``description_sha256`` seals the model's description
+FORMAT_VERSION = 2
+#: the fields of config.json that define the model (with the weights)
+DESCRIPTION = ("method", "norm", "input_shape", "num_classes", "layers", "method_config")
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+
+
+class CheckpointConfig(BaseModel):
+    """The schema of ``config.json``; ``layers``, ``method_config`` and ``train`` are
+    checked further against their layer types', method's and training schemas."""
+
+    model_config = STRICT
+    format: Literal["certnet-checkpoint"]
+    format_version: Positive
+    certnet_version: Annotated[str, Field(pattern=r"^\d+\.\d+\.\d+")]
+    method: str
+    norm: Literal["l2", "linf"] | None = None
+    input_shape: Annotated[list[Positive], Len(1, 4)]
+    num_classes: Annotated[int, Field(ge=2)]
+    layers: Annotated[list[dict[str, Any]], Len(1)]
+    method_config: dict[str, Any] = {}
+    model_sha256: Annotated[str, Field(pattern="^[0-9a-f]{64}$")]
+    description_sha256: Annotated[str, Field(pattern="^[0-9a-f]{64}$")] | None = None
+    eps: NonNegative | None = None
+    dataset: str | None = None
+    data_checksum: str | None = None
+    epoch: Count | None = None
+    train: dict[str, Any] | None = None
+    last_metrics: dict[str, float | str | None] | None = None
 
 
 _UMASK = os.umask(0)
@@ -78,16 +110,28 @@ def _tensor_blob(tensors: dict[str, torch.Tensor]) -> tuple[bytes, str]:
     return blob, hashlib.sha256(blob).hexdigest()
 
 
-def _version_tuple(version: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(p) for p in version.split(".")[:3])
-    except ValueError as err:
-        raise CheckpointError(f"unreadable certnet version {version!r} in checkpoint") from err
+def _version_tuple(version: Any) -> tuple[int, ...]:
+    """The leading numbers of a version string (none for anything else)."""
+    numbers = []
+    for part in str(version).split(".")[:3] if isinstance(version, str) else ():
+        if not part.isdigit():
+            break
+        numbers.append(int(part))
+    return tuple(numbers)
+
+
+def description_sha256(config: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of the model-defining fields (``DESCRIPTION``): an edit
+    that describes another model (a layer dropped, a mean changed) is refused like a changed
+    weight."""
+    described = {key: config.get(key) for key in DESCRIPTION}
+    return hashlib.sha256(json.dumps(described, sort_keys=True, separators=(",", ":"),
+                                     allow_nan=False).encode()).hexdigest()
 
 
 def model_config(model: CertifiedModel, **extra: Any) -> dict[str, Any]:
     """The JSON description that, with the weights, rebuilds ``model``."""
-    return {
+    config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "certnet_version": __version__,
@@ -99,6 +143,7 @@ def model_config(model: CertifiedModel, **extra: Any) -> dict[str, Any]:
         "method_config": model.method_config(),
         **extra,
     }
+    return {**config, "description_sha256": description_sha256(config)}
 
 
 def save_model(directory: str | Path, model: CertifiedModel, **extra: Any) -> None:
@@ -110,6 +155,8 @@ def save_model(directory: str | Path, model: CertifiedModel, **extra: Any) -> No
 
 
 def read_config(directory: str | Path) -> dict[str, Any]:
+    """``config.json`` of a checkpoint, checked against its schema (:class:`CheckpointConfig`,
+    each layer's, the method's and the training config's) before anything is built."""
     path = Path(directory) / CONFIG_FILE
     if not Path(directory).is_dir():
         raise CheckpointError(f"{directory} is not a checkpoint directory")
@@ -121,15 +168,42 @@ def read_config(directory: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not valid JSON: {err}") from err
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a certnet checkpoint config")
-    if _version_tuple(config.get("certnet_version", "0")) > _version_tuple(__version__) or \
-            config.get("format_version", 0) > FORMAT_VERSION:
+    format_version = config.get("format_version")
+    if _version_tuple(config.get("certnet_version")) > _version_tuple(__version__) or (
+            type(format_version) is int and format_version > FORMAT_VERSION):
         raise CheckpointError(
             f"{directory} was written by certnet {config.get('certnet_version')}, newer than "
             f"this certnet {__version__}; upgrade certnet to load it")
-    for key in ("method", "input_shape", "num_classes", "layers", "model_sha256"):
-        if key not in config:
-            raise CheckpointError(f"{path} lacks the field {key!r}")
+    try:
+        validate(CheckpointConfig, config, str(path))
+        validate(get_method(config["method"]).options_schema(config["format_version"] > 1),
+                 config.get("method_config", {}), f"{path}: method_config")
+        check_specs(config["layers"])
+        if config.get("train") is not None:
+            TrainConfig.from_dict(config["train"], f"{path}: train")
+    except ConfigError as err:
+        raise CheckpointError(f"{err}" if str(path) in str(err) else f"{path}: {err}") from None
+    if config["format_version"] > 1 and \
+            config.get("description_sha256") != description_sha256(config):
+        raise CheckpointError(f"{path}: the model description ({', '.join(DESCRIPTION)}) does "
+                              "not match its description_sha256: edited after saving")
     return config
+
+
+def _check_fit(directory: Path, config: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
+    """CheckpointError unless the layers ``config`` describes take exactly the layer tensors
+    of ``state``: a dry run on the meta device, which allocates nothing, so an absurd width or
+    stride in an edited config.json is refused before any real tensor is made."""
+    layer_state = {k.removeprefix("layers."): v for k, v in state.items()
+                   if k.startswith("layers.")}
+    try:
+        with torch.device("meta"):
+            probe = build_layers(config["layers"], tuple(config["input_shape"]))
+        probe.load_state_dict(layer_state, strict=True, assign=True)
+    except Exception as err:  # whatever torch makes of an untrusted description
+        raise CheckpointError(f"{directory}: the layers in config.json do not take the weights "
+                              f"in {MODEL_FILE}: {(str(err) or type(err).__name__).splitlines()[0]}"
+                              ) from err
 
 
 def load(directory: str | Path, device: str | torch.device = "cpu") -> CertifiedModel:
@@ -148,6 +222,7 @@ def load(directory: str | Path, device: str | torch.device = "cpu") -> Certified
         state = st_load(blob)
     except (SafetensorError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"{weights} is not a valid safetensors file: {err}") from err
+    _check_fit(directory, config, state)
     try:
         shape = tuple(config["input_shape"])
         layers = build_layers(config["layers"], shape)

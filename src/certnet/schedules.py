@@ -12,44 +12,53 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 from certnet.errors import ConfigError
+from certnet.schema import Fraction, dataclass_schema, validate
 
 SHAPES = ("constant", "linear", "log", "exp", "cosine", "smooth")
 #: The smooth ramp's polynomial phase: exponent and the fraction of the ramp it lasts.
 SMOOTH_POWER, SMOOTH_PHASE = 4, 0.25
 
 
+#: the log shape takes exp of its ends: beyond this they overflow a float64
+LOG_LIMIT = 700.0
+
+
 @dataclass(frozen=True)
 class Ramp:
+    """The field annotations are the schema of a schedule in a config."""
+
     start: float = 1.0
     end: float = 1.0
-    begin: float = 0.0
-    finish: float = 1.0
-    shape: str = "constant"
+    begin: Fraction = 0.0
+    finish: Fraction = 1.0
+    shape: Literal[SHAPES] = "constant"
 
     def __post_init__(self) -> None:
-        if self.shape not in SHAPES:
-            raise ConfigError(f"unknown schedule shape {self.shape!r}; choose from {SHAPES}")
-        if not 0 <= self.begin <= self.finish <= 1:
+        validate(dataclass_schema(Ramp), asdict(self), "schedule")
+        if self.begin > self.finish:
             raise ConfigError(f"schedule needs 0 <= begin <= finish <= 1, got {self}")
         if self.shape == "exp" and (self.start <= 0 or self.end <= 0):
             raise ConfigError("an exp schedule needs positive start and end")
+        if self.shape == "log" and max(abs(self.start), abs(self.end)) > LOG_LIMIT:
+            raise ConfigError(f"a log schedule needs |start|, |end| <= {LOG_LIMIT:g}")
 
     @classmethod
-    def parse(cls, value: Any) -> Ramp:
-        """A number (constant), a dict of fields, or a Ramp."""
+    def parse(cls, value: Any, where: str = "schedule") -> Ramp:
+        """A number (constant), a dict of fields, or a Ramp; ConfigError naming ``where``."""
         if isinstance(value, Ramp):
             return value
-        if isinstance(value, (int, float)):
-            return cls(float(value), float(value))
-        if isinstance(value, dict):
-            unknown = set(value) - set(cls.__dataclass_fields__)
-            if unknown:
-                raise ConfigError(f"unknown schedule fields {sorted(unknown)}")
+        if type(value) in (int, float):
+            value = {"start": value, "end": value}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: cannot read a schedule from {value!r}")
+        validate(dataclass_schema(cls), value, where)
+        try:
             return cls(**value)
-        raise ConfigError(f"cannot read a schedule from {value!r}")
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

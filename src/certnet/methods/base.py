@@ -12,12 +12,14 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
+from pydantic import BaseModel
 from torch import nn
 
 from certnet.certifiers.base import Certificate, check_inputs
 from certnet.errors import ConfigError
 from certnet.nn.integrity import Float64Twin, check_plain
 from certnet.nn.lipschitz import trace_shapes
+from certnet.schema import signature_schema
 from certnet.threat import Norm, check_eps
 
 __all__ = ["METHODS", "Certificate", "CertifiedModel", "check_eps", "check_inputs",
@@ -105,6 +107,14 @@ class CertifiedModel(nn.Module):
         """Optimizer parameter groups; a group's ``lr_scale`` multiplies the scheduled learning
         rate for it (default: one group of every parameter)."""
         return [{"params": list(self.parameters())}]
+
+    @classmethod
+    def options_schema(cls, complete: bool = False) -> type[BaseModel]:
+        """The schema of the constructor's options (its typed keyword arguments besides the
+        layers, input shape and classes): ``method_kwargs``, and with every option required
+        (``complete``) a checkpoint's ``method_config``."""
+        return signature_schema(cls.__init__, ("self", "layers", "input_shape", "num_classes"),
+                                complete)
 
     def method_config(self) -> dict[str, Any]:
         """JSON-serialisable constructor arguments besides the layers (saved in config.json)."""

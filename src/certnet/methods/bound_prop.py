@@ -12,7 +12,7 @@ backward pass instead of one per margin (:func:`certnet.bounds.margins.fused_tra
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +45,7 @@ class IBPNet(CertifiedModel):
     loss_fusion = False
 
     def __init__(self, layers: nn.Sequential, input_shape: tuple[int, ...], num_classes: int,
-                 slope: str = "adaptive") -> None:
+                 slope: Literal[SLOPES] = "adaptive") -> None:
         super().__init__(input_shape, num_classes)
         check_supported(layers)
         if slope not in SLOPES:
@@ -89,7 +89,7 @@ class CrownIBPNet(IBPNet):
     method = "crown-ibp"
 
     def __init__(self, layers: nn.Sequential, input_shape: tuple[int, ...], num_classes: int,
-                 slope: str = "adaptive", loss_fusion: bool = False) -> None:
+                 slope: Literal[SLOPES] = "adaptive", loss_fusion: bool = False) -> None:
         super().__init__(layers, input_shape, num_classes, slope)
         self.loss_fusion = bool(loss_fusion)
 

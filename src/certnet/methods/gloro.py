@@ -39,6 +39,7 @@ from certnet.nn.lipschitz import (
     layer_estimate,
     product,
 )
+from certnet.schema import Iterations, NonNegative
 from certnet.threat import ThreatModel
 
 __all__ = ["GAP_SLACK", "GloroNet", "SoundConstants", "bottom_logit", "pairwise_lipschitz",
@@ -83,9 +84,9 @@ class GloroNet(CertifiedModel):
     default_certifier = "lipschitz"
 
     def __init__(self, layers: nn.Sequential, input_shape: tuple[int, ...], num_classes: int,
-                 power_iterations: int = 10, loss: LossName = "ce",
-                 lipschitz: Literal["global", "local"] = "global", sparsity: float = 0.0,
-                 local_iterations: int = 2) -> None:
+                 power_iterations: Iterations = 10, loss: LossName = "ce",
+                 lipschitz: Literal[BOUNDS] = "global", sparsity: NonNegative = 0.0,
+                 local_iterations: Iterations = 2) -> None:
         super().__init__(input_shape, num_classes)
         if lipschitz not in BOUNDS:
             raise ConfigError(f"unknown GloRo lipschitz {lipschitz!r}; choose from {BOUNDS}")

@@ -20,10 +20,11 @@ margin is gone; ``loss="hinge"`` (v1) leaves the hinge unclipped.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from certnet.bounds import margin_bounds
@@ -39,9 +40,12 @@ from certnet.nn.linf_dist import (
     p_to_json,
 )
 from certnet.schedules import Ramp
+from certnet.schema import Fraction, NonNegative
 from certnet.threat import ThreatModel
 
 LOSSES = ("mixture", "hinge")
+#: an end of the p ramp: a finite p (p is inf once the ramp is done)
+PRamp = Annotated[float, Field(ge=1)]
 
 
 def body_end(layers: nn.Sequential) -> int:
@@ -66,9 +70,9 @@ class LinfDistNet(CertifiedModel):
     skips_parameters = True  # the output scale, without the CE term (lam = 0)
 
     def __init__(self, layers: nn.Sequential, input_shape: tuple[int, ...], num_classes: int,
-                 loss: str = "mixture", p_start: float = 8.0, p_end: float = 1000.0,
-                 p_begin: float = 0.0, p_finish: float = 0.9, p_pow2: bool = True,
-                 scale_lr: float = 0.2) -> None:
+                 loss: Literal[LOSSES] = "mixture", p_start: PRamp = 8.0, p_end: PRamp = 1000.0,
+                 p_begin: Fraction = 0.0, p_finish: Fraction = 0.9, p_pow2: bool = True,
+                 scale_lr: NonNegative = 0.2) -> None:
         super().__init__(input_shape, num_classes)
         if loss not in LOSSES:
             raise ConfigError(f"unknown l_inf-dist loss {loss!r}; choose from {LOSSES}")

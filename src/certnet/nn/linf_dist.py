@@ -11,14 +11,19 @@ checkpoints store it.
 from __future__ import annotations
 
 import math
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from certnet import distributed
 from certnet.errors import ConfigError, InputError
 from certnet.nn.linf_dist_kernels import linf_dist
+
+#: a p as a spec or method option states it: a number >= 1 or "inf"
+P = Annotated[float, Field(ge=1)] | Literal["inf"]
 
 
 def check_p(p: float | str) -> float:

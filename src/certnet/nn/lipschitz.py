@@ -226,8 +226,8 @@ class Normalize(nn.Module):
         if mean_t.numel() != std_t.numel() or mean_t.numel() == 0:
             raise InputError(f"Normalize: mean and std need the same non-zero length, got "
                              f"{mean_t.numel()} and {std_t.numel()}")
-        if not (torch.isfinite(mean_t).all() and torch.isfinite(std_t).all()) or \
-                (std_t == 0).any():
+        values = torch.tensor([mean, std], device="cpu").flatten().tolist()  # also on "meta"
+        if not all(map(math.isfinite, values)) or 0 in values[len(values) // 2:]:
             raise InputError("Normalize: mean and std must be finite and std non-zero")
         self.register_buffer("mean", mean_t.view(1, -1, 1, 1))
         self.register_buffer("std", std_t.view(1, -1, 1, 1))

@@ -3,21 +3,21 @@
 Each entry is ``{"type": ..., **hyperparameters}``; :func:`build_layers` turns a list into an
 ``nn.Sequential`` of Lipschitz layers, :func:`describe_layers` does the reverse. A method that
 brings its own layer (e.g. an l_inf-dist neuron) calls :func:`register_layer` once, with the
-schema of the hyperparameters a spec may set: nothing else reaches the constructor.
+schema of the hyperparameters a spec sets: nothing else reaches the constructor.
 """
 
 from __future__ import annotations
 
-import math
-import types
 from collections.abc import Callable
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any
 
+from annotated_types import Len
+from pydantic import BaseModel, Field
 from torch import nn
 
 from certnet.errors import ConfigError, UnsupportedLayerError
 from certnet.nn.activations import ClippedMinMax, ClippedReLU, MinMax
-from certnet.nn.linf_dist import LinfDist, LinfDistConv2d, MeanShift, Negate, p_to_json
+from certnet.nn.linf_dist import LinfDist, LinfDistConv2d, MeanShift, Negate, P, p_to_json
 from certnet.nn.lipschitz import (
     LipschitzConv2d,
     LipschitzLinear,
@@ -25,129 +25,109 @@ from certnet.nn.lipschitz import (
     ResidualConv2d,
     trace_shapes,
 )
+from certnet.schema import Count, Fraction, Positive, fields_schema, validate
 
 LayerSpec = dict[str, Any]
-#: A spec field's declared type: ``int``, ``bool``, ``float`` (finite; an int is accepted),
-#: ``str``, ``Literal[...]``, ``list[T]`` / ``tuple[T, ...]`` / ``tuple[T, T]`` (JSON arrays of
-#: T) or a union ``A | B``. A bool is never an int or a float.
-Schema = dict[str, Any]
 #: spec type -> (module class, hyperparameters of a module)
 LAYER_TYPES: dict[str, tuple[type[nn.Module], Callable[[Any], dict[str, Any]]]] = {}
-#: spec type -> the fields a spec may set and their types (none for a type without a schema)
-LAYER_SCHEMAS: dict[str, Schema] = {}
+#: spec type -> the schema of its fields (every field required: ``describe`` writes them all)
+LAYER_SCHEMAS: dict[str, type[BaseModel]] = {}
 
 
 def register_layer(name: str, cls: type[nn.Module],
                    describe: Callable[[Any], dict[str, Any]] = lambda m: {},
-                   schema: Schema | None = None) -> None:
+                   schema: dict[str, Any] | None = None) -> None:
     """Make ``cls`` storable in checkpoints as ``{"type": name, **describe(module)}``; it is
-    rebuilt as ``cls(**hyperparameters)`` once every field conforms to ``schema`` (field ->
-    declared type, see ``Schema``; fields it does not name are refused)."""
+    rebuilt as ``cls(**fields)`` once the fields fit ``schema`` (field -> type, with
+    :mod:`certnet.schema`'s constraints; no other field is accepted)."""
     LAYER_TYPES[name] = (cls, describe)
-    LAYER_SCHEMAS[name] = dict(schema or {})
+    LAYER_SCHEMAS[name] = fields_schema(f"{name} layer", schema or {})
 
 
-#: an int or a pair of ints (a pooling window, stride or padding)
-PAIR = int | tuple[int, int]
+#: a window, stride (>= 1) or padding (>= 0): one int or a pair
+PAIR = Positive | Annotated[list[Positive], Len(2, 2)]
+PAD = Count | Annotated[list[Count], Len(2, 2)]
+#: a non-empty list of finite numbers; of positive ones
+NUMBERS = Annotated[list[float], Len(1)]
+SCALES = Annotated[list[Annotated[float, Field(gt=0)]], Len(1)]
 register_layer("conv", LipschitzConv2d, lambda m: {
     "in_channels": m.in_channels, "out_channels": m.out_channels,
     "kernel_size": m.kernel_size[0], "stride": m.stride[0], "padding": m.padding[0],
     "bias": m.bias is not None},
-    {"in_channels": int, "out_channels": int, "kernel_size": int, "stride": int, "padding": int,
-     "bias": bool})
+    {"in_channels": Positive, "out_channels": Positive, "kernel_size": Positive,
+     "stride": Positive, "padding": Count, "bias": bool})
 register_layer("residual_conv", ResidualConv2d, lambda m: {
     "channels": m.in_channels, "kernel_size": m.kernel_size[0], "alpha": m.alpha,
     "bias": m.bias is not None},
-    {"channels": int, "kernel_size": int, "alpha": float, "bias": bool})
+    {"channels": Positive, "kernel_size": Positive, "alpha": float, "bias": bool})
 register_layer("linear", LipschitzLinear, lambda m: {
     "in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None},
-    {"in_features": int, "out_features": int, "bias": bool})
+    {"in_features": Positive, "out_features": Positive, "bias": bool})
 register_layer("normalize", Normalize, lambda m: {
     "mean": m.mean.flatten().tolist(), "std": m.std.flatten().tolist()},
-    {"mean": list[float], "std": list[float]})
+    {"mean": NUMBERS, "std": SCALES})
 register_layer("batchnorm2d", nn.BatchNorm2d, lambda m: {"num_features": m.num_features},
-               {"num_features": int})
+               {"num_features": Positive})
 register_layer("batchnorm1d", nn.BatchNorm1d, lambda m: {"num_features": m.num_features},
-               {"num_features": int})
+               {"num_features": Positive})
 register_layer("avgpool", nn.AvgPool2d, lambda m: {
     "kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding},
-    {"kernel_size": PAIR, "stride": PAIR, "padding": PAIR})
+    {"kernel_size": PAIR, "stride": PAIR, "padding": PAD})
 register_layer("linf_dist", LinfDist, lambda m: {
     "in_features": m.in_features, "out_features": m.out_features, "p": p_to_json(m.p),
     "bias": m.bias is not None},
-    {"in_features": int, "out_features": int, "p": float | Literal["inf"], "bias": bool})
+    {"in_features": Positive, "out_features": Positive, "p": P, "bias": bool})
 register_layer("linf_dist_conv", LinfDistConv2d, lambda m: {
     "in_channels": m.in_channels, "out_channels": m.out_channels,
     "kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding,
     "p": p_to_json(m.p), "bias": m.bias is not None},
-    {"in_channels": int, "out_channels": int, "kernel_size": int, "stride": int,
-     "padding": int, "p": float | Literal["inf"], "bias": bool})
+    {"in_channels": Positive, "out_channels": Positive, "kernel_size": Positive,
+     "stride": Positive, "padding": Count, "p": P, "bias": bool})
 register_layer("mean_shift", MeanShift, lambda m: {
     "num_features": m.num_features, "momentum": m.momentum},
-    {"num_features": int, "momentum": float})
+    {"num_features": Positive, "momentum": Fraction})
 register_layer("negate", Negate)
 register_layer("tanh", nn.Tanh)
 register_layer("relu", nn.ReLU)
 register_layer("minmax", MinMax)
 register_layer("clipped_relu", ClippedReLU, lambda m: {"shape": list(m.shape)},
-               {"shape": list[int]})
+               {"shape": Annotated[list[Positive], Len(1)]})
 register_layer("clipped_minmax", ClippedMinMax, lambda m: {"shape": list(m.shape)},
-               {"shape": list[int]})
+               {"shape": Annotated[list[Positive], Len(1)]})
 register_layer("flatten", nn.Flatten)
 register_layer("identity", nn.Identity)
 
 
-def conforms(value: Any, kind: Any) -> bool:
-    """Whether a (JSON) value has the declared type ``kind`` (see ``Schema``)."""
-    origin, args = get_origin(kind), get_args(kind)
-    if origin in (types.UnionType, Union):  # A | B; Union when B is a Literal
-        return any(conforms(value, k) for k in args)
-    if origin is Literal:
-        return any(type(value) is type(a) and value == a for a in args)
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            return False
-        if origin is tuple and args[-1] is not Ellipsis:
-            return len(value) == len(args) and all(map(conforms, value, args))
-        return all(conforms(v, args[0]) for v in value)
-    if kind is float:
-        return type(value) is int or (type(value) is float and math.isfinite(value))
-    return type(value) is kind
+def check_specs(specs: Any) -> None:
+    """ConfigError unless ``specs`` is a non-empty list of layer specs, each of a registered
+    type and fitting its schema."""
+    if not isinstance(specs, list) or not specs:
+        raise ConfigError("a layer spec must be a non-empty list")
+    for index, spec in enumerate(specs):
+        kind = spec.get("type") if isinstance(spec, dict) else None
+        if not isinstance(kind, str) or kind not in LAYER_TYPES:
+            raise ConfigError(f"unknown layer spec {repr(spec)[:80]} at layer {index}; known "
+                              f"types: {sorted(LAYER_TYPES)}")
+        validate(LAYER_SCHEMAS[kind], _fields(spec), f"bad layer spec: layer {index} ({kind})")
 
 
-def _type_name(kind: Any) -> str:
-    if get_origin(kind) in (types.UnionType, Union):
-        return " | ".join(_type_name(k) for k in get_args(kind))
-    return kind.__name__ if isinstance(kind, type) else str(kind).replace("typing.", "")
+def _fields(spec: LayerSpec) -> dict[str, Any]:
+    return {k: v for k, v in spec.items() if k != "type"}
 
 
 def _make(spec: LayerSpec, index: int) -> nn.Module:
-    kind = spec.get("type") if isinstance(spec, dict) else None
-    if not isinstance(kind, str) or kind not in LAYER_TYPES:
-        raise ConfigError(f"unknown layer spec {repr(spec)[:80]} at layer {index}; known "
-                          f"types: {sorted(LAYER_TYPES)}")
-    schema = LAYER_SCHEMAS.get(kind, {})
-    where = f"bad layer spec: layer {index} ({kind})"
-    fields = {k: v for k, v in spec.items() if k != "type"}
-    for key, value in fields.items():
-        if key not in schema:
-            raise ConfigError(f"{where}: unknown field {key!r}; allowed: {sorted(schema)}")
-        if not conforms(value, schema[key]):
-            raise ConfigError(f"{where}: field {key!r} must be {_type_name(schema[key])}, got "
-                              f"{repr(value)[:60]}")
-    cls, _ = LAYER_TYPES[kind]
+    cls, _ = LAYER_TYPES[spec["type"]]
     try:
-        return cls(**fields)
+        return cls(**_fields(spec))
     except (TypeError, ValueError, RuntimeError) as err:
-        raise ConfigError(f"{where}: {(str(err) or type(err).__name__).splitlines()[0]}"
-                          ) from err
+        raise ConfigError(f"bad layer spec: layer {index} ({spec['type']}): "
+                          f"{(str(err) or type(err).__name__).splitlines()[0]}") from err
 
 
 def build_layers(specs: list[LayerSpec], input_shape: tuple[int, ...]) -> nn.Sequential:
-    """Build the layers (each spec checked against its type's schema) and record every
-    conv's true input shape."""
-    if not isinstance(specs, list) or not specs:
-        raise ConfigError("a layer spec must be a non-empty list")
+    """Build the layers (every spec first checked against its type's schema) and record
+    every conv's true input shape."""
+    check_specs(specs)
     layers = nn.Sequential(*[_make(s, i) for i, s in enumerate(specs)])
     trace_shapes(layers, input_shape)
     return layers
