@@ -155,9 +155,9 @@ def test_magnitude_bound_is_an_upper_bound_and_tight_where_schur_is(case):
 def test_gram_tail_bounds_masks_that_remove_the_dominant_columns(rank, delta):
     """Aimed at ``GramTail`` without its rounding terms (in ``tail``): with the dominant
     columns masked the kept norm is small next to the rounding of the full Gram, and the
-    bound must still lie above the exact masked norm. (It does not kill that mutant: the
-    ``error`` term, >= 2 gamma_{n+2} ||D||, and the 1e-9 slack cover every rounding a float64
-    BLAS shows at test sizes.)"""
+    bound must still lie above the exact masked norm. (The bound alone does not kill that
+    mutant: the ``error`` term, >= 2 gamma_{n+2} ||D||, and the 1e-9 slack cover every rounding
+    a float64 BLAS shows at test sizes; the next test checks the tail's own contract.)"""
     g = gen(11)
     a = torch.randn(400, 12, generator=g, dtype=F64)
     a[:, 2:] *= delta
@@ -172,6 +172,43 @@ def test_gram_tail_bounds_masks_that_remove_the_dominant_columns(rank, delta):
     bound = GramTail.of(a, rank).bound(keep)
     exact = torch.stack([torch.linalg.matrix_norm(a * k, 2) for k in keep])
     assert (bound >= exact).all(), bound / exact
+
+
+def _psd(matrix: list[list[Fraction]]) -> bool:
+    """Whether a symmetric rational matrix is positive semidefinite (exact elimination)."""
+    m = [row[:] for row in matrix]
+    for i in range(len(m)):
+        if m[i][i] < 0 or (m[i][i] == 0 and any(m[i][i + 1:])):
+            return False
+        for j in range(i + 1, len(m)):
+            f = m[j][i] / m[i][i] if m[i][i] else Fraction(0)
+            m[j] = [a - f * b for a, b in zip(m[j], m[i], strict=True)]
+    return True
+
+
+def test_gram_tail_covers_the_rounding_of_the_gram_itself():
+    """Kills ``GramTail`` without its rounding terms: the contract ||G - V d V^T||_2 <= tail
+    in exact arithmetic. Here fl(A^T A) is diagonal and eigh reproduces it exactly, so the
+    computed rest is 0, but the exact Gram differs from fl(A^T A) by 2^-60: only the rounding
+    terms cover that."""
+    a = torch.tensor([[1 + 2**-30, 0.0], [0.0, 1.0]], dtype=F64)
+    split = GramTail.of(a, rank=2)
+    k = split.scale.numel()
+    rows = [[Fraction(float(v)) / Fraction(float(split.magnitude)) for v in row]
+            for row in a.tolist()]  # the split is of A / magnitude (a power of two)
+    gram = [[sum(r[i] * r[j] for r in rows) for j in range(2)] for i in range(2)]
+    vectors = split.outer.view(2, k, k)  # v_s v_s^T per coordinate s: recover V d V^T exactly
+    scale = [Fraction(float(v)) for v in split.scale]
+    assert set(split.outer.abs().flatten().tolist()) <= {0.0, 1.0}  # V: a signed permutation
+    low_rank = [[sum(scale[p] ** 2 * Fraction(float(vectors[i, p, p])) for p in range(k))
+                 if i == j else Fraction(0) for j in range(2)] for i in range(2)]
+    rest = [[gram[i][j] - low_rank[i][j] for j in range(2)] for i in range(2)]
+    tail = Fraction(float(split.tail))
+    eye = [[Fraction(int(i == j)) for j in range(2)] for i in range(2)]
+    assert max(abs(rest[0][0]), abs(rest[1][1])) > 0  # the rounding is really there
+    for sign in (1, -1):
+        assert _psd([[tail * eye[i][j] - sign * rest[i][j] for j in range(2)]
+                     for i in range(2)])
 
 
 # -- 5. checkpoint.py load_train_state: the training-state checksum skipped -------------------
