@@ -137,6 +137,58 @@ def test_nan_input_gives_nan(backend, p):
     assert torch.equal(u.isnan(), nan)
 
 
+def integers(seed=0):
+    """x (5, 6) and w (4, 6), float64 integers in [-40, 40] (column 0 of w is 0, as is x[0, 0]),
+    to be scaled exactly by a power of two."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(-40, 41, (5, 6), generator=gen).double()
+    w = torch.randint(-40, 41, (4, 6), generator=gen).double()
+    w[:, 0] = 0
+    x[0, 0] = 0
+    return x, w
+
+
+@pytest.mark.parametrize("p", [2, 8, 2**30, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+def test_subnormal_distances_are_finite_and_accurate(backend, dtype, p):
+    """Every |x_i - w_i| subnormal (below 2^-1045 resp. 2^-135, where 1/m overflows): the
+    forward is the exact distance (the reference on the integers, times 2**exponent) to
+    rounding and two subnormal spacings, not inf."""
+    if backend == "numba":
+        numba_or_skip()
+        if p == 3:
+            pytest.skip("numba takes p = 2**k")
+    exponent = -142 if dtype == torch.float32 else -1052
+    x, w = integers()
+    u = linf_dist((x * 2.0**exponent).to(dtype), (w * 2.0**exponent).to(dtype), p, backend)
+    want = linf_dist_reference(x, w, p)
+    tiny = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
+    torch.testing.assert_close(u.double(), want * 2.0**exponent, rtol=1e-5, atol=2 * tiny)
+
+
+@pytest.mark.parametrize("p", [2, 8, 2**30])
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+def test_distances_near_overflow_are_accurate(backend, p):
+    """float32 differences near 2**127, where 1/m is subnormal (21 bits) and its rounding to
+    the power p = 2**30 gave 0 or inf: the forward is the exact distance (the reference on
+    the integers, times 2**120) to rounding; gradients are finite and match it."""
+    if backend == "numba":
+        numba_or_skip()
+    x, w = integers(seed=1)
+    g = torch.ones(5, 4, dtype=torch.float64)
+    u, gx, gw = value_and_grads(lambda a, b: linf_dist(a, b, p, backend),
+                                *((t * 2.0**120).float().requires_grad_() for t in (x, w)),
+                                g.float())
+    want, wx, ww = value_and_grads(lambda a, b: linf_dist_reference(a, b, p),
+                                   x.requires_grad_(), w.requires_grad_(), g)
+    assert u.isfinite().all()
+    torch.testing.assert_close(u.double(), want * 2.0**120, rtol=1e-5, atol=0)
+    if p < 2**30:  # at p = 2**30 the backward's 1/u is subnormal too (left as it was)
+        torch.testing.assert_close(gx.double(), wx, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(gw.double(), ww, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("backend", ["numba", "torch"])
 def test_empty_batch_and_empty_output(backend):
     if backend == "numba":

@@ -12,10 +12,13 @@ backends:
   ``TORCH_CHUNK_ELEMENTS`` elements (the full B x out x in difference is never built).
 
 Numerics. For finite p the norm is normalised by its largest term, u = m (sum_i
-(|d_i| / m)**p)**(1/p), m = max_i |d_i| (u = 0 and a zero gradient where m = 0), and
-du/dx_i = sign(d_i) (|d_i| / u)**(p - 1) = -du/dw_i. At p = inf the forward records the
-FIRST index attaining the max (torch.argmax's tie rule) and the backward sends g * sign(d) to
-that index only (sign(0) = 0). A NaN input gives a NaN output.
+(|d_i| / m)**p)**(1/p), m = max_i |d_i| (u = 0 and a zero gradient where m = 0; u = m where m
+is inf or NaN). 1/m overflows at a subnormal m: the torch backend divides by m, the numba
+backend scales d and m by an exact power of two first where m is very small or large (both
+finite and within docs/rounding.md's error for every m). du/dx_i = sign(d_i) (|d_i| / u)**(p - 1)
+= -du/dw_i. At p = inf the forward records the FIRST index attaining the max (torch.argmax's
+tie rule) and the backward sends g * sign(d) to that index only (sign(0) = 0). A NaN input
+gives a NaN output.
 
 numba is optional: it is imported on first use, never by ``import certnet``.
 """
@@ -55,6 +58,11 @@ NUMBA_MAX_LOG2P = 30
 #: reordered, so results can differ from the reference in the last bits. numba's on-disk
 #: cache does not notice a change here: clear __pycache__/linf_dist_kernels*.nb* after one.
 NUMBA_FASTMATH = frozenset({"reassoc", "contract", "nsz", "arcp"})
+
+#: Flags of the numba forward at finite p: without "reassoc" and "arcp", which would let LLVM
+#: fold the row scale into the reciprocal (t = (d sc) (1 / (m sc)) into d (1 / m), which
+#: overflows at a subnormal m); its loops vectorize without them.
+NUMBA_FORWARD_FASTMATH = frozenset({"contract", "nsz"})
 
 #: Input features per block of the numba backward at finite p.
 _IBLOCK = 8
@@ -260,15 +268,17 @@ def _torch_forward(x: torch.Tensor, w: torch.Tensor, p: float
                 a = (xb[..., i0:i0 + bi] - wb[..., i0:i0 + bi]).abs_()
                 am = a.amax(-1, keepdim=True)
                 m = am if m is None else torch.maximum(m, am)  # propagates NaN
-            inv = torch.where(m > 0, 1 / m, torch.zeros_like(m))
+            # a division, not a product with 1 / m (inf for m < 2^-1024); m = 0: 0 / 1
+            top = torch.where(m > 0, m, torch.ones_like(m))
             s = None
             for i0 in range(0, n_in, bi):
                 if bi < n_in:  # several in-blocks: recompute (else reuse the one block's a)
                     a = (xb[..., i0:i0 + bi] - wb[..., i0:i0 + bi]).abs_()
-                part = _pow_(a.mul_(inv), p).sum(-1)
+                part = _pow_(a.div_(top), p).sum(-1)
                 s = part if s is None else s + part
                 del a
-            u[b0:b0 + bb, o0:o0 + bo] = m.squeeze(-1) * s.pow(1 / p)
+            m = m.squeeze(-1)
+            u[b0:b0 + bb, o0:o0 + bo] = torch.where(m < torch.inf, m * s.pow(1 / p), m)
     return u, idx
 
 
@@ -441,12 +451,16 @@ def _pow_kernels(k: int) -> tuple[Any, Any]:
     inv_p = 1.0 / 2**k
     iblock = _IBLOCK  # a closure variable is part of numba's cache key, a global is not
 
-    @njit(parallel=True, fastmath=set(NUMBA_FASTMATH), cache=True, boundscheck=False)
-    def forward(xT, w, u, flush):
+    @njit(parallel=True, fastmath=set(NUMBA_FORWARD_FASTMATH), cache=True, boundscheck=False)
+    def forward(xT, w, u, flush, scale):
         # flush: t**2 below it would make t**p subnormal, which adds nothing to s >= 1:
-        # such t are set to 0 so the squarings never run on subnormals (slow on x86)
+        # such t are set to 0 so the squarings never run on subnormals (slow on x86).
+        # scale: 2**(maxexp / 2); rows with m outside [1 / scale, scale] use t = (d sc) / (m sc)
+        # with sc = scale or 1 / scale, so that m sc and its reciprocal are normal numbers
         n_in, n_b = xT.shape
         zero = flush - flush
+        one = zero + 1
+        shrink = one / scale
         for o in prange(w.shape[0]):
             m = np.full(n_b, -1.0, xT.dtype)
             for i in range(n_in):
@@ -456,21 +470,24 @@ def _pow_kernels(k: int) -> tuple[Any, Any]:
                     d = abs(xi[b] - wi)
                     m[b] = d if (d > m[b]) | (d != d) else m[b]
             inv = np.empty(n_b, xT.dtype)
+            sc = np.empty(n_b, xT.dtype)
             for b in range(n_b):
-                inv[b] = 1 / m[b] if m[b] > 0 else 0
+                mb = m[b]
+                sc[b] = scale if mb < shrink else (shrink if mb > scale else one)
+                inv[b] = one / (mb * sc[b]) if mb > 0 else zero
             s = np.zeros(n_b, xT.dtype)
             for i in range(n_in):
                 wi = w[o, i]
                 xi = xT[i]
                 for b in range(n_b):
-                    t = (xi[b] - wi) * inv[b]
+                    t = (xi[b] - wi) * sc[b] * inv[b]  # sc exact: a power of two
                     t = t * t
                     t = t if t >= flush else zero
                     for _ in range(k - 1):
                         t = t * t
                     s[b] += t
             for b in range(n_b):
-                u[b, o] = m[b] * s[b] ** inv_p
+                u[b, o] = m[b] * s[b] ** inv_p if m[b] < np.inf else m[b]  # inf, NaN: m
 
     @njit(parallel=True, fastmath=set(NUMBA_FASTMATH), cache=True, boundscheck=False)
     def backward(xT, w, gT, inv_uT, gxT, gw, flush):
@@ -521,6 +538,14 @@ def _flush(dtype: torch.dtype, exponent: float) -> np.floating:
     return npd(float(np.finfo(npd).tiny) ** exponent)
 
 
+def _scale(dtype: torch.dtype) -> np.floating:
+    """2**(maxexp // 2) in the numpy dtype matching ``dtype`` (2**512 in float64, 2**64 in
+    float32): m scaled by it or by its reciprocal, when m lies outside [1 / it, it], is normal
+    with a normal reciprocal."""
+    npd = np.float32 if dtype == torch.float32 else np.float64
+    return np.ldexp(npd(1), np.finfo(npd).maxexp // 2)
+
+
 class _NumbaLinfDist(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, p: float) -> torch.Tensor:
@@ -534,7 +559,8 @@ class _NumbaLinfDist(torch.autograd.Function):
             ctx.save_for_backward(x.detach().contiguous(), w, idxT)
         else:
             k = _log2_p(p)
-            _pow_kernels(k)[0](xT.numpy(), w.numpy(), u.numpy(), _flush(x.dtype, 2 / p))
+            _pow_kernels(k)[0](xT.numpy(), w.numpy(), u.numpy(), _flush(x.dtype, 2 / p),
+                               _scale(x.dtype))
             ctx.save_for_backward(xT, w, _inverse(u).T.contiguous())  # not u: see torch's
         return u
 
