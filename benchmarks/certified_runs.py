@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from machine import certnet_commit
 
-from certnet.attacks import attack_report
+from certnet.audit import attack_report
 from certnet.certify import evaluate
 from certnet.checkpoint import load, write_json
 from certnet.data import load_dataset

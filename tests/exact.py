@@ -5,14 +5,16 @@ Every stored weight and every float64 point is a rational number, so the network
 ``fractions.Fraction`` and no rounding at all. This module holds that exact forward pass, the
 exact l_inf Lipschitz constant of the margin certificate, and the threat sets: float64 points
 that provably lie in a norm ball intersected with the pixel box (decided exactly, in integer
-multiples of 2^-1074 against the rational radius).
+multiples of 2^-1074 against the rational radius). The one irrational step, the p-th root of an
+l_p-dist layer at finite p, is taken to a relative 10^-60 (``lp_norm``).
 """
 
 from __future__ import annotations
 
+import decimal
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -115,16 +117,34 @@ def _affine(weight: np.ndarray, bias: np.ndarray | None) -> Callable[[np.ndarray
     return apply
 
 
+#: Relative accuracy of ``lp_norm`` at finite p.
+LP_ACCURACY = Fraction(1, 10**60)
+
+
+def lp_norm(values: Sequence[Fraction], p: float) -> Fraction:
+    """||values||_p (Zhang et al. 2021's l_p-dist neuron): exact at p = inf, else within a
+    relative ``LP_ACCURACY`` (m (sum (|v| / m)^p)^(1/p), m = max |v|, in 80-digit decimals:
+    the quotients and the sum rounded, the root as exp(ln(s) / p), each correctly rounded)."""
+    m = max(abs(v) for v in values)
+    if math.isinf(p) or m == 0:
+        return m
+    with decimal.localcontext() as ctx:
+        ctx.prec, ctx.Emin = 80, -(10**9)
+        power = decimal.Decimal(p)
+        s = sum((decimal.Decimal(q.numerator) / q.denominator) ** power
+                for q in (abs(v) / m for v in values))
+        root = (s.ln() / power).exp()
+    return m * Fraction(root)
+
+
 def _linf_dist(m: LinfDist) -> Callable[[np.ndarray], np.ndarray]:
-    """u_o = max_i |v_i - w_oi| (+ b_o): the l_inf-dist neuron at p = inf."""
-    if not math.isinf(m.p):
-        raise TypeError("exact LinfDist: p = inf only")
+    """u_o = ||v - w_o||_p (+ b_o): the l_p-dist neuron (``lp_norm``)."""
     w = rationals(m.weight)
     bias = None if m.bias is None else rationals(m.bias)
 
     def apply(v: np.ndarray) -> np.ndarray:
-        out = np.array([max(abs(a - b) for a, b in zip(v, row, strict=True)) for row in w],
-                       dtype=object)
+        out = np.array([lp_norm([a - b for a, b in zip(v, row, strict=True)], m.p)
+                        for row in w], dtype=object)
         return out if bias is None else out + bias
     return apply
 

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from certnet.archs import build_arch
-from certnet.attacks import PGD, attack_report, margin_loss, perturbation_norm
+from certnet.attacks import PGD, margin_loss, perturbation_norm
+from certnet.audit import attack_report
 from certnet.certifiers import CERTIFIERS, Certificate, Certifier, register_certifier
 from certnet.errors import CertnetError, ConfigError, DataError, InputError
 from certnet.methods.base import CertifiedModel

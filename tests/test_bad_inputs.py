@@ -16,9 +16,10 @@ import torch
 import certnet
 from certnet.archs import build_arch
 from certnet.cli import main
+from certnet.device import resolve_device
 from certnet.errors import CheckpointError, ConfigError, DataError, InputError
 from certnet.methods.gloro import GloroNet
-from certnet.train import TrainConfig, resolve_device
+from certnet.train import TrainConfig
 
 SHAPE = (1, 28, 28)
 
@@ -184,10 +185,10 @@ def test_checkpoint_case(name, checkpoint, tmp_path, capsys):
 def test_dataset_labels_out_of_range(tmp_path):
     import numpy as np
 
-    from certnet.data import _to_dataset
+    from certnet.data.dataset import to_dataset
 
     with pytest.raises(DataError, match="labels"):
-        _to_dataset("x", np.zeros((2, 1, 2, 2), np.uint8), np.array([0, 10]), 10, "sum")
+        to_dataset("x", np.zeros((2, 1, 2, 2), np.uint8), np.array([0, 10]), 10, "sum")
 
 
 def test_failing_write_keeps_previous_output_and_says_so(checkpoint, tmp_path, monkeypatch,
@@ -225,12 +226,16 @@ CLI_CASES = {
     "misspelled arch_kwargs key": ([*TRAIN, "--config", "yaml:arch_kwargs: {activations: relu}"],
                                    "'activations': unknown key (did you mean 'activation'?)"),
     "unknown method in YAML": ([*TRAIN, "--config", "yaml:method: glorot"], "unknown method"),
-    "epochs as a word": ([*TRAIN, "--config", "yaml:epochs: one"], "'epochs': input should be a valid integer"),
-    "quoted eps": ([*TRAIN, "--config", 'yaml:eps: "0.3"'], "'eps': input should be a valid number"),
+    "epochs as a word": ([*TRAIN, "--config", "yaml:epochs: one"],
+                         "'epochs': input should be a valid integer"),
+    "quoted eps": ([*TRAIN, "--config", 'yaml:eps: "0.3"'],
+                   "'eps': input should be a valid number"),
     "fractional batch size": ([*TRAIN, "--config", "yaml:batch_size: 2.5"],
                               "'batch_size': input should be a valid integer"),
-    "boolean epochs": ([*TRAIN, "--config", "yaml:epochs: true"], "'epochs': input should be a valid integer"),
-    "kwargs not a mapping": ([*TRAIN, "--config", "yaml:method_kwargs: [1]"], "should be an object"),
+    "boolean epochs": ([*TRAIN, "--config", "yaml:epochs: true"],
+                       "'epochs': input should be a valid integer"),
+    "kwargs not a mapping": ([*TRAIN, "--config", "yaml:method_kwargs: [1]"],
+                             "should be an object"),
     "certify another dataset": (["certify", "{ckpt}", "--dataset", "fashion-mnist"],
                                 "--allow-dataset-mismatch"),
     "attack another dataset": (["attack", "{ckpt}", "--dataset", "fashion-mnist"],

@@ -306,7 +306,7 @@ def test_fused_relu_relaxation_has_the_plain_formulas_value_and_gradient(shape):
     """relaxed_backward (a custom autograd Function) = lam+ * lower + lam- * upper and
     sum(lam- * upper_bias), with the gradient autograd takes through that formula, for lam with
     exact zeros and slopes broadcast over the spec dim (and in channels-last order, float32)."""
-    from certnet.bounds.rules import _like, relaxed_backward
+    from certnet.bounds.rules.relaxation import _like, relaxed_backward
 
     g = gen(len(shape))
     for dtype in (F64, torch.float32):
@@ -575,13 +575,14 @@ def test_the_sampling_check_catches_a_broken_relu_rule(method, monkeypatch):
     """Teeth: a ReLU rule whose upper line is 10% too low (and whose interval lost 30% at each
     end) must be caught by the same sampled-points check on the ReLU MLP."""
     import certnet.bounds.rules as rules
+    import certnet.bounds.rules.relaxation as relaxation
 
     layers, x = NETS["mlp-relu"][0](), inputs((4,), 4, 11)
     ref = layers(x).argmax(1).detach()
     threat = ThreatModel("linf", NETS["mlp-relu"][2])
     points = threat_points(x, threat, 300, 5)
     assert max_violation(layers, x, threat, ref, points, [method]) <= 1e-9
-    relax = rules.relu_relaxation
+    relax = relaxation.relu_relaxation
 
     def low_upper(lo, hi, slope):
         lower, upper, upper_bias = relax(lo, hi, slope)
@@ -591,7 +592,7 @@ def test_the_sampling_check_catches_a_broken_relu_rule(method, monkeypatch):
         lo, hi = inp.lo.clamp(min=0), inp.hi.clamp(min=0)
         return lo + 0.3 * (hi - lo), hi - 0.3 * (hi - lo)
 
-    monkeypatch.setattr(rules, "relu_relaxation", low_upper)
+    monkeypatch.setattr(relaxation, "relu_relaxation", low_upper)
     monkeypatch.setattr(rules.ReLURule, "interval", low_interval)
     assert max_violation(layers, x, threat, ref, points, [method]) > 1e-6
 

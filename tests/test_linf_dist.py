@@ -14,8 +14,8 @@ from torch import nn
 
 from certnet.archs import build_arch
 from certnet.bounds import margin_bounds
-from certnet.bounds.linf_dist_rules import dist_interval
 from certnet.bounds.rules import LayerInput, rule_for
+from certnet.bounds.rules.linf_dist import dist_interval
 from certnet.certifiers import applicable, certify
 from certnet.checkpoint import load, save_model
 from certnet.config import TrainConfig
@@ -144,7 +144,7 @@ def test_distance_interval_contains_every_point_and_is_attained(p):
 def test_the_interval_kernel_and_the_chunked_torch_path_agree_exactly(monkeypatch, dtype):
     """p = inf: the numba interval kernel equals the portable path bit for bit, and the
     portable path does not depend on its chunk size."""
-    import certnet.bounds.linf_dist_rules as rules
+    import certnet.bounds.rules.linf_dist as rules
 
     pytest.importorskip("numba")
     g = gen(6)

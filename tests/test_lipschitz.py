@@ -626,9 +626,11 @@ def test_spec_errors_and_registered_layer_types(monkeypatch):
         def forward(self, x):
             return x / 2
 
-    monkeypatch.setattr(spec, "LAYER_TYPES", dict(spec.LAYER_TYPES))
-    monkeypatch.setattr(spec, "LAYER_SCHEMAS", dict(spec.LAYER_SCHEMAS))
-    spec.register_layer("halve", Halve)
+    from certnet.nn import layer_types
+
+    monkeypatch.setattr(layer_types, "BY_CLASS", dict(layer_types.BY_CLASS))
+    monkeypatch.setattr(spec.LAYER_TYPES, "_entries", dict(spec.LAYER_TYPES._entries))
+    layer_types.register_layer_type(layer_types.LayerType(Halve, "halve"))
     layers = build_layers([{"type": "halve"}, {"type": "linear", "in_features": 4,
                                                 "out_features": 2, "bias": True}], (4,))
     assert describe_layers(layers)[0] == {"type": "halve"}

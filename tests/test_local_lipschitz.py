@@ -360,7 +360,7 @@ def test_nets_without_maskable_activations_skip_the_local_walk():
 
 
 def test_conv_masked_bounds_run_only_where_masks_are_sparse_and_stay_sound():
-    from certnet.bounds.local import CONV_KEPT_FRACTION
+    from certnet.nn.masked_spectral import CONV_KEPT_FRACTION
 
     conv = LipschitzConv2d(2, 3, 3, stride=1, padding=1).double()
     conv.set_input_shape((2, 5, 5))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from certnet.archs import build_arch
-from certnet.certifiers.lipschitz import SoundConstants
+from certnet.bounds.pairwise import SoundConstants
 from certnet.methods.gloro import GloroNet
 from certnet.nn import conv_algorithms
 from certnet.nn.conv_algorithms import gemm_chunk

@@ -4,7 +4,7 @@ campaign against a model trained on full MNIST."""
 import pytest
 import torch
 
-from certnet.attacks import attack_report
+from certnet.audit import attack_report
 from certnet.data import load_dataset
 from certnet.nn.lipschitz import LipschitzConv2d, LipschitzLinear
 from certnet.train import TrainConfig, Trainer

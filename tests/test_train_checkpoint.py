@@ -8,9 +8,10 @@ import torch
 
 import certnet
 from certnet.checkpoint import atomic_write, load, read_config, save_model
+from certnet.data.augment import crop_flip
 from certnet.errors import CheckpointError, ConfigError, TrainingError
 from certnet.schedules import Ramp
-from certnet.train import TrainConfig, Trainer, build_model, crop_flip, has_resumable_state
+from certnet.train import TrainConfig, Trainer, build_model, has_resumable_state
 
 SMALL = dict(epochs=2, train_limit=1024, eval_limit=256, batch_size=128, eps=0.3,
              eps_train_factor=1.5)

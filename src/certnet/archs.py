@@ -10,7 +10,6 @@ Zhang et al. 2020; CNN7 of Shi et al. 2021): ReLU, BatchNorm in CNN7.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 
 import torch
@@ -20,19 +19,17 @@ from certnet.errors import ConfigError
 from certnet.nn.linf_dist import dist_layers, identity_init
 from certnet.nn.lipschitz import LipschitzConv2d, LipschitzLinear
 from certnet.nn.spec import LayerSpec, build_layers
+from certnet.registry import Registry
 
 ArchFn = Callable[..., list[LayerSpec]]
-ARCHS: dict[str, ArchFn] = {}
+ARCHS: Registry[ArchFn] = Registry("architecture")
+#: name -> function initialising freshly built layers in place ("default": PyTorch's own)
+INITS: Registry[Callable[[nn.Sequential], None]] = Registry("init")
 
 
 def register_arch(name: str) -> Callable[[ArchFn], ArchFn]:
-    def decorator(fn: ArchFn) -> ArchFn:
-        if name in ARCHS:
-            warnings.warn(f"architecture {name!r} registered twice; the later one wins",
-                          stacklevel=2)
-        ARCHS[name] = fn
-        return fn
-    return decorator
+    """Decorator: make an architecture function reachable by name."""
+    return ARCHS.decorator(name)
 
 
 #: Activations of the conv/dense architectures (spec types; clipped ones carry thresholds per
@@ -202,8 +199,6 @@ def arch_linf_dist_hybrid(input_shape, num_classes, depth: int = 5, width: int =
 
 def arch_specs(name: str, input_shape: tuple[int, ...], num_classes: int,
                **kwargs) -> list[LayerSpec]:
-    if name not in ARCHS:
-        raise ConfigError(f"unknown architecture {name!r}; choose from {sorted(ARCHS)}")
     return ARCHS[name](tuple(input_shape), num_classes, **kwargs)
 
 
@@ -211,6 +206,7 @@ def _affine(layers: nn.Sequential) -> list[nn.Module]:
     return [m for m in layers if isinstance(m, (LipschitzConv2d, LipschitzLinear))]
 
 
+@INITS.decorator("orthogonal")
 def orthogonal_init(layers: nn.Sequential) -> None:
     """Orthogonal weights (conv kernels as (out, in*k*k) matrices), zero biases."""
     for m in _affine(layers):
@@ -219,6 +215,7 @@ def orthogonal_init(layers: nn.Sequential) -> None:
             nn.init.zeros_(m.bias)
 
 
+@INITS.decorator("ibp")
 def ibp_init(layers: nn.Sequential) -> None:
     """IBP initialisation (Shi et al. 2021, §3.1): weights N(0, 2 pi / fan_in^2) for every
     affine layer but the last, so interval widths neither explode nor vanish at the start;
@@ -228,6 +225,7 @@ def ibp_init(layers: nn.Sequential) -> None:
         nn.init.normal_(m.weight, 0.0, math.sqrt(2 * math.pi) / fan_in)
 
 
+@INITS.decorator("linf-dist")
 def linf_dist_init(layers: nn.Sequential) -> None:
     """l_p-dist layers: N(0, 1) weights (their constructor) with v2's identity initialisation
     (:func:`certnet.nn.linf_dist.identity_init`); other layers keep PyTorch's defaults."""
@@ -235,20 +233,16 @@ def linf_dist_init(layers: nn.Sequential) -> None:
         identity_init(m)
 
 
-#: name -> function initialising freshly built layers in place ("default": PyTorch's own).
-INITS: dict[str, Callable[[nn.Sequential], None]] = {
-    "orthogonal": orthogonal_init, "ibp": ibp_init, "linf-dist": linf_dist_init,
-    "default": lambda layers: None}
+INITS.register("default", lambda layers: None)
 
 
 def build_arch(name: str, input_shape: tuple[int, ...], num_classes: int,
                seed: int | None = None, init: str = "orthogonal", **kwargs) -> nn.Sequential:
     """Freshly initialised layers of a named architecture (``init`` names an ``INITS``
     entry)."""
-    if init not in INITS:
-        raise ConfigError(f"unknown init {init!r}; choose from {sorted(INITS)}")
+    initialise = INITS[init]
     if seed is not None:
         torch.manual_seed(seed)
     layers = build_layers(arch_specs(name, input_shape, num_classes, **kwargs), input_shape)
-    INITS[init](layers)
+    initialise(layers)
     return layers

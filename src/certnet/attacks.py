@@ -2,28 +2,20 @@
 
 :class:`PGD` is projected gradient descent (Madry et al. 2018, "Towards Deep Learning Models
 Resistant to Adversarial Attacks") on the CW-style margin loss max_{j != y} z_j - z_y, in l2 or
-l_inf, with random (and boundary) restarts and step-size decay. :func:`attack_report` certifies
-a dataset and attacks it with the model's own norm: a certified point whose prediction PGD
-changes inside the certified ball is a soundness bug and is reported in ``violations``.
+l_inf, with random (and boundary) restarts and step-size decay. It needs only a module and the
+threat model, so methods may use it in their losses and verifiers as a refuter;
+:func:`certnet.audit.attack_report` sets it against certificates.
 """
 
 from __future__ import annotations
 
 import math
-import time
-from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from certnet.certifiers.base import check_inputs, resolve
 from certnet.errors import ConfigError, InputError
-from certnet.methods.base import CertifiedModel
-from certnet.threat import NORMS, check_eps, norm_of, project
-
-#: Relative tolerance on the perturbation norm when counting certificate violations.
-NORM_TOLERANCE = 1e-6
+from certnet.threat import NORMS, check_eps, check_inputs, norm_of, project
 
 
 def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -214,82 +206,3 @@ class PGD:
                 adv = self._project(adv + st * g, xa, ea)
         fitted = self._exact_fit(best, x, eps)
         return fitted.detach()
-
-
-def attack_report(model: CertifiedModel, x: torch.Tensor, y: torch.Tensor, eps: float,
-                  steps: int = 100, restarts: int = 10, batch_size: int = 256,
-                  certifier: str | None = None, seed: int = 0, progress: bool = False,
-                  norm: str | None = None) -> dict[str, Any]:
-    """Certify ``x`` at ``eps`` with ``certifier`` and attack it with :class:`PGD`, both in
-    ``norm`` (defaults: the model's).
-
-    The attack targets the certificate's prediction, so every point (correct or not) tests the
-    certificate. Returns a JSON-serialisable dict: ``n``, ``clean_accuracy``,
-    ``robust_accuracy`` (empirical: correct on x and on the PGD point), ``vra``,
-    ``certified_rate``, ``attack_success_rate`` (prediction changed), ``flipped_certified``
-    (certified points whose prediction changed within ``eps * (1 + 1e-6)``; must be 0),
-    ``violations`` (their indices) and ``violation_details``.
-    """
-    check_eps(eps)
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if not isinstance(y, torch.Tensor) or y.dim() != 1 or len(y) != len(x):
-        raise InputError("labels must be a 1-D tensor with one entry per input")
-    if len(x) == 0:
-        raise InputError("empty dataset")
-    chosen, norm = resolve(model, certifier, norm)
-    name = chosen.name
-    device = next(model.parameters()).device
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    preds, certs, radii, clean_preds, adv_preds, dists = [], [], [], [], [], []
-    certify_s = attack_s = 0.0
-    try:
-        for i in tqdm(range(0, len(x), batch_size), desc=f"PGD {norm} eps={eps:g}",
-                      unit="batch", disable=None if progress else True):
-            xb = x[i:i + batch_size].to(device)
-            start = time.perf_counter()
-            cert = model.certify(xb, eps, name, norm)
-            certify_s += time.perf_counter() - start
-            start = time.perf_counter()
-            attack = PGD(model, eps, norm, steps, restarts, seed=seed + i)
-            x_adv = attack(xb, cert.pred)
-            with torch.no_grad():
-                clean_preds.append(model(xb).argmax(1).cpu())
-                adv_preds.append(model(x_adv).argmax(1).cpu())
-            attack_s += time.perf_counter() - start
-            dists.append(perturbation_norm(x_adv - xb, norm).cpu())
-            preds.append(cert.pred.cpu())
-            certs.append(cert.certified.cpu())
-            radii.append(cert.radius.cpu())
-    finally:
-        for m, mode in modes:
-            m.training = mode
-    pred, certified, radius = torch.cat(preds), torch.cat(certs), torch.cat(radii)
-    clean_pred, adv_pred, dist = torch.cat(clean_preds), torch.cat(adv_preds), torch.cat(dists)
-    labels = y.cpu()
-    correct = pred == labels
-    inside = dist <= eps * (1 + NORM_TOLERANCE)
-    changed = (adv_pred != pred) & inside
-    # A zero perturbation counts too: the float32 forward must agree with the certificate.
-    changed |= clean_pred != pred
-    violation = certified & changed
-    indices = violation.nonzero().squeeze(1).tolist()
-    details = [{"index": j, "label": int(labels[j]), "pred": int(pred[j]),
-                "clean_pred": int(clean_pred[j]), "adv_pred": int(adv_pred[j]),
-                "radius": float(radius[j]), "distance": float(dist[j])} for j in indices]
-    return {
-        "method": model.method, "certifier": name, "norm": norm, "eps": float(eps),
-        "steps": steps, "restarts": restarts, "n": len(labels),
-        "clean_accuracy": float(correct.float().mean()),
-        "robust_accuracy": float((correct & (clean_pred == labels) & (adv_pred == labels))
-                                 .float().mean()),
-        "vra": float((correct & certified).float().mean()),
-        "certified_rate": float(certified.float().mean()),
-        "attack_success_rate": float(changed.float().mean()),
-        "flipped_certified": len(indices),
-        "violations": indices,
-        "violation_details": details,
-        "certify_seconds": certify_s,
-        "attack_seconds": attack_s,
-    }

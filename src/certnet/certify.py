@@ -15,12 +15,13 @@ from typing import Any, overload
 
 import torch
 
-from certnet.certifiers.base import resolve
+from certnet.certifiers.base import resolve, run
 from certnet.checkpoint import atomic_write
 from certnet.data import Dataset
 from certnet.distributed import World
 from certnet.errors import InputError
-from certnet.methods.base import CertifiedModel, check_eps
+from certnet.methods.base import CertifiedModel
+from certnet.threat import ThreatModel, check_eps, check_inputs
 
 
 @dataclass
@@ -129,7 +130,8 @@ def evaluate(model: CertifiedModel, data: Dataset, eps: float | Sequence[float],
              world: World | None = None) -> Report | list[Report]:
     """Certify every point of ``data`` at radius ``eps`` (a :class:`Report`), or at each radius
     of a sequence in one pass over the data (a list of Reports in the same order), by
-    ``certifier`` in ``norm`` (defaults: the model's). Each batch is certified once per radius;
+    ``certifier`` in ``norm`` (defaults: the model's), resolved once. Each batch is checked once
+    and certified once per radius;
     a report's ``seconds`` counts its own certify calls. With a distributed ``world`` each rank
     certifies its contiguous share of the points and every rank gets the whole report (the
     same per-point results as one process; ``seconds`` is the slowest rank's)."""
@@ -149,9 +151,10 @@ def evaluate(model: CertifiedModel, data: Dataset, eps: float | Sequence[float],
     share = world.shard(data.y)
     for i in range(share.start, share.stop, batch_size):
         x = data.images(slice(i, min(i + batch_size, share.stop))).to(device)
+        check_inputs(x, model.input_shape)
         for e, out in zip(radii, outcomes, strict=True):
             start = time.perf_counter()
-            cert = model.certify(x, e, chosen.name, norm)
+            cert = run(chosen, model, x, ThreatModel(norm, float(e)))
             out["gives_radius"] &= cert.gives_radius
             out["by"] += cert.by
             out["pred"].append(cert.pred.cpu())

@@ -21,10 +21,6 @@ from certnet.memory import keep_freed_memory
 from certnet.timing import Phases
 
 PRESET_DIR = Path(__file__).parent / "configs"
-#: The built-in certifiers (certnet.certifiers), named here so --help needs no torch;
-#: `certnet methods` lists the registry itself.
-CERTIFIER_NAMES = ("lipschitz", "local-lipschitz", "linf-lipschitz", "ibp", "crown-ibp", "crown",
-                   "alpha-crown", "best")
 
 
 def default_threads() -> int:
@@ -146,8 +142,8 @@ def _load_eval(args: argparse.Namespace):
     and the distributed world (torchrun; one process otherwise)."""
     from certnet.checkpoint import load
     from certnet.data import load_dataset
+    from certnet.device import resolve_device
     from certnet.distributed import setup
-    from certnet.train import resolve_device
 
     world, device = setup(resolve_device(args.device))
     model = load(args.model, device=device)
@@ -188,7 +184,8 @@ def cmd_certify(args: argparse.Namespace) -> int:
         return 0
     print(reports[0].summary() if len(reports) == 1 else summary_table(reports), flush=True)
     lipschitz = model.lipschitz_report()
-    print(_lipschitz_line(lipschitz))
+    if model.lipschitz_summary(lipschitz):
+        print(model.lipschitz_summary(lipschitz))
     if args.json:
         payload = reports[0].to_dict() if len(reports) == 1 else reports_to_dict(reports)
         write_json(args.json, {**payload, "dataset": dataset, "model": str(args.model),
@@ -202,17 +199,9 @@ def cmd_certify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _lipschitz_line(report: dict[str, float]) -> str:
-    if "body_bound" not in report:
-        return ""
-    return (f"Lipschitz constant (all layers but the last): power-iteration estimate "
-            f"{report['body_estimate']:.5g}, sound bound {report['body_bound']:.5g} "
-            f"(bound/estimate {report['bound_over_estimate']:.4f})")
-
-
 # -- attack -------------------------------------------------------------------------------------
 def cmd_attack(args: argparse.Namespace) -> int:
-    from certnet.attacks import attack_report
+    from certnet.audit import attack_report
     from certnet.checkpoint import write_json
 
     model, data, eps, dataset, world = _load_eval(args)
@@ -314,11 +303,15 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``certnet`` argument parser (every option has a help text)."""
+    """The ``certnet`` argument parser (every option has a help text; every list of names is
+    read from a registry)."""
+    from certnet.certifiers import CERTIFIERS
+    from certnet.methods import METHODS
+
     parser = argparse.ArgumentParser(
         prog="certnet", formatter_class=_HelpFormatter,
         description="certnet: train, certify and attack certifiably robust neural networks "
-        "(GloRo; more methods plug in). CPU threads: OMP_NUM_THREADS if set, else one fewer "
+        f"({', '.join(METHODS)}). CPU threads: OMP_NUM_THREADS if set, else one fewer "
         f"than the cores available ({default_threads()} here).")
     parser.add_argument("--version", action="version", version=_version(),
                         help="print the version and exit")
@@ -347,7 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     override("--method", "certification method", metavar="NAME")
     override("--arch", "architecture (`certnet methods` lists them with their options)",
              metavar="NAME")
-    override("--dataset", "mnist, fashion-mnist, cifar10 or tiny-imagenet", metavar="NAME")
+    from certnet.data import DATASETS  # the registry alone: no torch
+
+    override("--dataset", ", ".join(DATASETS.names()), metavar="NAME")
     override("--data-dir", "read the dataset from this directory (default: cache or download)",
              metavar="DIR")
     override("--eps", "certification radius", type=_positive_float, metavar="E")
@@ -395,9 +390,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="auto (CUDA if available), cpu, cuda or cuda:N")
         p.add_argument("--json", metavar="FILE", help="write the results as JSON to this file")
         p.add_argument("--certifier", metavar="NAME",
-                       help="certificate to use: " + ", ".join(CERTIFIER_NAMES) +
-                       " (best: every one that applies, per point) (default: the model's; "
-                       "GloRo: lipschitz, IBP/CROWN-IBP: ibp)")
+                       help="certificate to use: " + ", ".join(CERTIFIERS.names()) +
+                       " (best: every one that applies, per point) (default: the model's; " +
+                       ", ".join(f"{n}: {c.default_certifier}" for n, c in METHODS.items()) +
+                       ")")
         p.add_argument("--norm", choices=("l2", "linf"), help="threat model (default: the "
                        "model's training norm)")
         p.set_defaults(func=func)

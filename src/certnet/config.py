@@ -25,7 +25,6 @@ from certnet.schema import (
     validate,
 )
 
-AUGMENTATIONS = ("none", "crop-flip")
 PRECISIONS = ("float32", "bfloat16", "float16")
 OPTIMIZERS = ("adam", "sgd")
 #: optimizer arguments certnet passes itself
@@ -76,19 +75,17 @@ class TrainConfig:
     eval_limit: Count | None = None
     monitor_limit: Count | None = 1000
     train_limit: Count | None = None
-    augment: Literal[AUGMENTATIONS] = "none"
+    augment: str = "none"
     device: str = "auto"
     precision: Literal[PRECISIONS] = "float32"
 
     def __post_init__(self) -> None:
         from certnet.archs import ARCHS, INITS  # these import torch: only once a config is built
+        from certnet.data.augment import AUGMENTATIONS
         from certnet.methods import get_method
 
         validate(dataclass_schema(type(self)), dataclasses.asdict(self), "")
-        if self.arch not in ARCHS:
-            raise ConfigError(f"unknown architecture {self.arch!r}; choose from {sorted(ARCHS)}")
-        if self.init is not None and self.init not in INITS:
-            raise ConfigError(f"unknown init {self.init!r}; choose from {sorted(INITS)}")
+        ARCHS[self.arch], INITS[self.init or "default"], AUGMENTATIONS[self.augment]  # known
         validate(signature_schema(self.optimizer_class().__init__, OPTIMIZER_SUPPLIED),
                  self.optimizer_kwargs, "optimizer_kwargs")
         validate(get_method(self.method).options_schema(), self.method_kwargs, "method_kwargs")

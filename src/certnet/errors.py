@@ -28,3 +28,10 @@ class TrainingError(CertnetError):
 
 class UnsupportedLayerError(CertnetError, TypeError):
     """A layer has no known Lipschitz bound; certnet never assumes 1.0 silently."""
+
+
+class UnknownNameError(ConfigError, KeyError):
+    """A name no registry holds (a KeyError too, so registries are plain mappings)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""

@@ -136,3 +136,27 @@ def box_minimum(lam: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, rigorous:
         radius = radius + gamma(n + 5, lam.dtype) * (center.abs() + radius)
         lost = 2 * (n + 2) * eta(lam.dtype)  # the products' underflow
     return (flat @ center).squeeze(2) - (flat.abs() @ radius).squeeze(2) - lost
+
+
+#: Input dtypes: each converts to float64 exactly (float8 types lack isfinite and min).
+INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_inputs(x: torch.Tensor, input_shape: tuple[int, ...]) -> None:
+    """Refuse anything that is not a non-empty batch of pixels in [0, 1] in one of
+    ``INPUT_DTYPES``."""
+    if not isinstance(x, torch.Tensor):
+        raise InputError(f"expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in INPUT_DTYPES:
+        raise InputError(f"expected a float16, bfloat16, float32 or float64 tensor, got dtype "
+                         f"{x.dtype}")
+    if x.dim() != len(input_shape) + 1 or tuple(x.shape[1:]) != tuple(input_shape):
+        raise InputError(f"expected input of shape (B, {', '.join(map(str, input_shape))}), "
+                         f"got {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise InputError("empty batch")
+    if not torch.isfinite(x).all():
+        raise InputError("input contains NaN or Inf")
+    if x.min() < 0 or x.max() > 1:
+        raise InputError(f"pixels must lie in [0, 1] (epsilon is measured there); got range "
+                         f"[{float(x.min()):.4g}, {float(x.max()):.4g}]")

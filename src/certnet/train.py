@@ -27,53 +27,13 @@ from certnet.checkpoint import (
 )
 from certnet.config import TrainConfig
 from certnet.data import Dataset, load_dataset
+from certnet.data.augment import AUGMENTATIONS
+from certnet.device import resolve_device
 from certnet.errors import ConfigError, TrainingError
 from certnet.methods import get_method
 from certnet.methods.base import CertifiedModel
 from certnet.optim import Optimizer
 from certnet.timing import Phases
-
-
-def crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Standard CIFAR augmentation: random translation by up to ``pad`` pixels (zero fill,
-    i.e. a random crop of the padded image) and a random horizontal flip."""
-    n, _, h, w = x.shape
-    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    rows = (dy.view(n, 1) + torch.arange(h)).view(n, 1, h, 1).expand(-1, x.shape[1], h, w)
-    cols = (dx.view(n, 1) + torch.arange(w)).view(n, 1, 1, w).expand(-1, x.shape[1], h, w)
-    out = padded[torch.arange(n).view(n, 1, 1, 1), torch.arange(x.shape[1]).view(1, -1, 1, 1),
-                 rows, cols]
-    flip = torch.rand(n, generator=generator) < 0.5
-    return torch.where(flip.view(n, 1, 1, 1), out.flip(3), out)
-
-
-DEVICES = "auto, cpu, cuda or cuda:N"
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` (CUDA if available, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``; anything
-    else, or a CUDA device this machine lacks, is a ConfigError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ConfigError(f"unknown device {name!r}; use {DEVICES}") from err
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"unsupported device {name!r} (certnet's sound bounds need float64); "
-                          f"use {DEVICES}")
-    if device.type == "cuda":
-        count = torch.cuda.device_count()
-        if count == 0:
-            build = "a CPU-only build" if torch.version.cuda is None else "no GPU is visible"
-            raise ConfigError(f"device {name!r}: CUDA is not available (torch "
-                              f"{torch.__version__}, {build}); use --device cpu or auto")
-        if device.index is not None and device.index >= count:
-            raise ConfigError(f"device {name!r}: this machine has {count} CUDA device(s), "
-                              f"cuda:0 to cuda:{count - 1}")
-    return device
 
 
 def build_model(config: TrainConfig, input_shape: tuple[int, ...],
@@ -232,30 +192,7 @@ class Trainer:
                 idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
                 if len(idx) < self.world.size:  # a last batch too small to share: every rank
                     continue  # skips it alike
-                x = self.train_data.images(idx)
-                if cfg.augment == "crop-flip":
-                    x = crop_flip(x, generator)  # the whole batch on every rank: same draws
-                part = self.world.shard(idx)
-                x = x[part].to(self.device, memory_format=self.memory_format)
-                y = y_all[idx][part].to(self.device)
-                with torch.autocast(self.device.type, dtype=self.autocast,
-                                    enabled=self.autocast is not None):
-                    loss, stats = self.loss(x, y, eps, **extra)
-                self.optimizer.zero_grad(set_to_none=True)
-                # DDP averages gradients over ranks: weighting each shard's mean loss by its
-                # share of the batch makes that the gradient of the whole batch's mean
-                self.scaler.scale(loss * (len(y) * self.world.size / len(idx))).backward()
-                if cfg.grad_clip is not None:
-                    self.scaler.unscale_(self.optimizer)
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.model.after_step()
-                with torch.no_grad():
-                    totals += torch.stack([loss.detach().double() * len(y),
-                                           stats["clean"].sum().double(),
-                                           stats["robust"].sum().double(),
-                                           totals.new_tensor(float(len(y)))])
+                self._step(idx, generator, eps, extra, totals)
                 if not bar.disable and step % 10 == 0:
                     t = totals.tolist()
                     bar.set_postfix(loss=f"{t[0] / t[3]:.3f}", acc=f"{t[1] / t[3]:.3f}",
@@ -274,25 +211,60 @@ class Trainer:
                       "train_vra_estimate": robust / n, "train_seconds": train_seconds,
                       **extra, **kept_values}
             self.start_epoch = epoch + 1
-            if not self.world.main:  # rank 0 alone evaluates, writes and logs
-                continue
-            last = epoch + 1 == cfg.epochs
-            if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
-                with self.phases("evaluate"):
-                    report = evaluate(self.model, self.test_data if last else self.monitor_data,
-                                      cfg.eps)
-                self.report = report if last else None
-                record.update(test_clean=report.clean_accuracy, test_vra=report.vra,
-                              test_abstain=report.abstain_rate, test_n=report.n,
-                              eval_seconds=report.seconds)
-            with self.phases("checkpoint"):
-                self._checkpoint(epoch, record)
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if self.progress:
-                print(epoch_line(record, cfg.epochs), flush=True)
+            if self.world.main:  # rank 0 alone evaluates, writes and logs
+                self._evaluate_and_log(epoch, record, metrics_path)
         self.world.barrier()  # every rank ends with rank 0's last checkpoint on disk
         return record
+
+    def _step(self, idx: torch.Tensor, generator: torch.Generator, eps: float,
+              extra: dict[str, float], totals: torch.Tensor) -> None:
+        """One optimiser step on the batch ``idx`` (this rank's share of it); its summed loss,
+        clean and robust counts and size are added to ``totals`` on the device (no host sync
+        per step)."""
+        cfg = self.config
+        # augmented whole, on every rank: the same draws
+        x = AUGMENTATIONS[cfg.augment](self.train_data.images(idx), generator)
+        part = self.world.shard(idx)
+        x = x[part].to(self.device, memory_format=self.memory_format)
+        y = self.train_data.y[idx][part].to(self.device)
+        with torch.autocast(self.device.type, dtype=self.autocast,
+                            enabled=self.autocast is not None):
+            loss, stats = self.loss(x, y, eps, **extra)
+        self.optimizer.zero_grad(set_to_none=True)
+        # DDP averages gradients over ranks: weighting each shard's mean loss by its share of
+        # the batch makes that the gradient of the whole batch's mean
+        self.scaler.scale(loss * (len(y) * self.world.size / len(idx))).backward()
+        if cfg.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.model.after_step()
+        with torch.no_grad():
+            totals += torch.stack([loss.detach().double() * len(y),
+                                   stats["clean"].sum().double(),
+                                   stats["robust"].sum().double(),
+                                   totals.new_tensor(float(len(y)))])
+
+    def _evaluate_and_log(self, epoch: int, record: dict[str, Any], metrics_path: Path) -> None:
+        """Certify the test set (monitor subset before the last epoch) when due, save the
+        checkpoint and training state, append ``record`` to metrics.jsonl and print it."""
+        cfg = self.config
+        last = epoch + 1 == cfg.epochs
+        if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
+            with self.phases("evaluate"):
+                report = evaluate(self.model, self.test_data if last else self.monitor_data,
+                                  cfg.eps)
+            self.report = report if last else None
+            record.update(test_clean=report.clean_accuracy, test_vra=report.vra,
+                          test_abstain=report.abstain_rate, test_n=report.n,
+                          eval_seconds=report.seconds)
+        with self.phases("checkpoint"):
+            self._checkpoint(epoch, record)
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.progress:
+            print(epoch_line(record, cfg.epochs), flush=True)
 
     def _checkpoint(self, epoch: int, record: dict[str, Any]) -> None:
         cfg = self.config

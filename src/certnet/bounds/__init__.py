@@ -2,7 +2,6 @@
 (:mod:`.ibp`), backward linear relaxation (:mod:`.crown`) and margin bounds
 (:mod:`.margins`) over a :class:`certnet.threat.ThreatModel`."""
 
-from certnet.bounds import linf_dist_rules  # noqa: F401  (registration)
 from certnet.bounds.crown import backward_bound, crown_walk
 from certnet.bounds.ibp import interval_walk
 from certnet.bounds.margins import (
@@ -14,7 +13,6 @@ from certnet.bounds.margins import (
     training_bounds,
 )
 from certnet.bounds.rules import (
-    BOUND_RULES,
     SLOPES,
     BoundRule,
     LayerInput,
@@ -23,7 +21,7 @@ from certnet.bounds.rules import (
     rule_for,
 )
 
-__all__ = ["BOUND_METHODS", "BOUND_RULES", "SLOPES", "BoundRule", "LayerInput",
+__all__ = ["BOUND_METHODS", "SLOPES", "BoundRule", "LayerInput",
            "backward_bound", "check_supported", "crown_walk", "fused_training_loss",
            "interval_walk", "margin_bounds",
            "margin_spec", "margin_walk", "register_bound_rule", "rule_for", "training_bounds"]

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from certnet.bounds.crown import backward_bound
-from certnet.bounds.rules import LayerInput, ReLURule, Slope, relu_relaxation, rule_for
+from certnet.bounds.rules import LayerInput, Slope, rule_for
 from certnet.optim import Adam
 from certnet.threat import ThreatModel
 
@@ -30,15 +30,17 @@ def optimized_bound(layers: nn.Sequential, seen: list[LayerInput], spec: torch.T
                     ) -> torch.Tensor:
     """Lower bound (B, S) on spec . output over the threat model around ``x`` (see
     :func:`backward_bound`, also for ``rigorous``: then every iterate's bound is rigorous,
-    and so is their maximum), the ReLU slopes optimised for ``steps`` steps."""
-    relus = [i for i, m in enumerate(layers) if type(rule_for(m)) is ReLURule]
+    and so is their maximum), the lower slopes optimised for ``steps`` steps."""
     best = backward_bound(layers, seen, spec, x, threat, slope, rigorous=rigorous)
-    if not relus or steps < 1:
+    starts = {i: rule_for(m).slopes(m, seen[i], slope) for i, m in enumerate(layers)} \
+        if steps >= 1 else {}
+    starts = {i: start for i, start in starts.items() if start is not None}  # CROWN's
+    if not starts:
         return best
     rows = spec.shape[1]
     alphas = {}
-    for i in relus:
-        start = relu_relaxation(seen[i].lo, seen[i].hi, slope)[0].unsqueeze(1)  # CROWN's
+    for i, start in starts.items():
+        start = start.unsqueeze(1)
         alphas[i] = start.expand(-1, rows, *start.shape[2:]).clone().requires_grad_()
     params = list(alphas.values())
     optimizer = Adam(params, lr=lr, maximize=True)

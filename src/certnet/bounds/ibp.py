@@ -48,7 +48,7 @@ def interval_walk(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
     the layers themselves (so BatchNorm updates its running statistics in training).
     ``with_clean=False``: the caller needs no clean values, so the clean pass is skipped (clean
     inputs and output are None) unless the bounds use it (l2 balls; layers whose rule
-    ``uses_clean``, e.g. BatchNorm in training)."""
+    ``uses_batch_statistics``, e.g. BatchNorm in training)."""
     check_supported(layers)
     rigorous = rigorous or box_layers is not None
     lo, hi = threat.enclosure(x) if rigorous else threat.box(x)
@@ -57,7 +57,8 @@ def interval_walk(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
     ball = threat.norm == "l2"
     known = {0: threat.eps, **(radii or {})} if ball else {}
     radius = known.get(0)
-    clean = x if with_clean or ball or any(rule_for(m).uses_clean(m) for m in layers) else None
+    batch = any(rule_for(m).uses_batch_statistics(m) for m in layers)
+    clean = x if with_clean or ball or batch else None
     # |clean - exact clean| per input, while a ball may still be centred on the clean pass
     drift = torch.zeros_like(x) if rigorous and ball else None
     seen: list[LayerInput] = []

@@ -23,20 +23,10 @@ from torch import nn
 
 from certnet.bounds.ibp import interval_walk
 from certnet.bounds.rules import AffineRule, BoundRule, LayerInput, rule_for
-from certnet.nn.lipschitz import LipschitzConv2d, LipschitzLinear, ResidualConv2d
-from certnet.nn.masked_spectral import (
-    GramTail,
-    conv_frobenius,
-    conv_schur,
-    dense_frobenius,
-)
+from certnet.nn.layer_types import layer_type
+from certnet.nn.masked_spectral import GramTail
 from certnet.threat import ThreatModel
 
-#: Layers that only reshape: a keep mask passes through them.
-PASS_THROUGH = (nn.Flatten, nn.Identity)
-#: Convolutions get masked bounds only at points keeping at most this fraction of their
-#: inputs or outputs (elsewhere they cannot beat the spectral norm: see masked_bound).
-CONV_KEPT_FRACTION = 0.25
 #: Interval walks per certificate (later ones use the local radii of the earlier one).
 PASSES = 1
 
@@ -58,7 +48,7 @@ def keep_masks(layers: nn.Sequential, seen: list[LayerInput]) -> tuple[Masks, Ma
     pending = None  # keep mask of the last activation's output, in the current shape
     feeder = None  # the layer whose output reaches the next activation through reshapes only
     for i, m in enumerate(layers):
-        if type(m) in PASS_THROUGH:
+        if (known := layer_type(m)) is not None and known.reshape_only:
             if pending is not None:
                 pending = pending.reshape(seen[i + 1].clean.shape)
             continue
@@ -76,30 +66,11 @@ def keep_masks(layers: nn.Sequential, seen: list[LayerInput]) -> tuple[Masks, Ma
 def masked_bound(m: nn.Module, rows: torch.Tensor, cols: torch.Tensor,
                  tails: tuple[GramTail, GramTail] | None) -> torch.Tensor | None:
     """The smallest sound bound on ||diag(rows) A diag(cols)||_2 per point for the linear
-    part A of layer ``m`` (masks shaped as its output and input), or None where none is
-    known (the global bound applies)."""
-    if type(m) is LipschitzLinear:
-        r, c = rows.flatten(1), cols.flatten(1)
-        bounds = [dense_frobenius(m.weight, r, c)]
-        if tails is not None:
-            bounds += [tails[0].bound(c), tails[1].bound(r)]
-        return torch.stack(bounds).amin(0)
-    if type(m) in (LipschitzConv2d, ResidualConv2d):
-        # Frobenius and Schur beat a convolution's spectral norm only for very sparse masks:
-        # they are computed (two float64 convolutions each) only where few neurons are kept
-        kept = torch.minimum(rows.flatten(1).double().mean(1), cols.flatten(1).double().mean(1))
-        sparse = (kept <= CONV_KEPT_FRACTION).nonzero().squeeze(1)
-        if len(sparse) == 0:
-            return None
-        # the residual kernel alpha W + I is rounded: bound its entrywise majorant instead
-        kernel = m.kernel_majorant() if type(m) is ResidualConv2d else m.weight
-        s, p = m.stride, m.padding  # both entries: (2, 1) is not (2, 2)
-        r, c = rows[sparse], cols[sparse]
-        bound = torch.full((len(rows),), torch.inf, dtype=torch.float64, device=rows.device)
-        bound[sparse] = torch.minimum(conv_frobenius(kernel, s, p, r, c),
-                                      conv_schur(kernel, s, p, r, c))
-        return bound
-    return None
+    part A of layer ``m`` (masks shaped as its output and input; its registration's
+    ``masked_bound``), or None where none is known (the global bound applies)."""
+    known = layer_type(m)
+    return None if known is None or known.masked_bound is None else \
+        known.masked_bound(m, rows, cols, tails)
 
 
 def affine_input_radii(layers: nn.Sequential, eps: torch.Tensor,

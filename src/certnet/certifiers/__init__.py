@@ -9,13 +9,13 @@ from certnet.certifiers import (  # noqa: F401  (registration)
 )
 from certnet.certifiers.base import (
     CERTIFIERS,
+    Certifiable,
     Certificate,
     Certifier,
     applicable,
     certify,
-    get_certifier,
     register_certifier,
 )
 
-__all__ = ["CERTIFIERS", "Certificate", "Certifier", "applicable", "certify", "get_certifier",
+__all__ = ["CERTIFIERS", "Certifiable", "Certificate", "Certifier", "applicable", "certify",
            "register_certifier"]

@@ -27,6 +27,7 @@ class BestCertifier(Certifier):
     name = "best"
     gives_radius = False
     cost = 100
+    combines = True
 
     def applies(self, model, norm):
         return None if applicable(model, norm) else "no certifier applies"

@@ -88,7 +88,7 @@ class BoundCertifier(Certifier):
     def certify(self, model, x, threat):
         twin = model.float64_copy("bounds", lambda layers: None)
         return margin_certificate(twin.layers, x, threat, self.method,
-                                  getattr(model, "slope", "adaptive"))
+                                  model.slope)
 
 
 for _cost, _name in enumerate(("ibp", "crown-ibp", "crown"), start=1):

@@ -25,54 +25,11 @@ import math
 import torch
 from torch import nn
 
-from certnet.bounds.ibp import layer_drift
-from certnet.bounds.rules import LayerInput
+from certnet.bounds.linf_lipschitz import ball_drift, linf_lipschitz, prefix_bounds
 from certnet.certifiers.base import Certificate, Certifier, register_certifier
 from certnet.floats import gamma, round_down
 from certnet.nn.conv_algorithms import gemm_convolutions
-from certnet.nn.linf_dist import LinfDist, LinfDistConv2d, MeanShift, Negate
-from certnet.nn.lipschitz import ONE_LIPSCHITZ, LipschitzLinear, Normalize
 from certnet.threat import ThreatModel
-
-#: 1-Lipschitz in l_inf too: the exact l2 ones (elementwise or pairwise sorts) and these.
-ONE_LIPSCHITZ_LINF = (*ONE_LIPSCHITZ, MeanShift, Negate, nn.Tanh)
-
-
-def linf_layer_bound(m: nn.Module) -> float | None:
-    """An upper bound of the layer's l_inf -> l_inf Lipschitz constant, None if unknown;
-    rounded up (each formula's float evaluation is covered by its gamma)."""
-    if type(m) in ONE_LIPSCHITZ_LINF:
-        return 1.0
-    if type(m) in (LinfDist, LinfDistConv2d):
-        if m.bias is not None and not torch.isfinite(m.bias).all():
-            return None
-        n = m.weight.shape[1]
-        # n^(1/p) by pow: within 2 ulps (module docstring of certnet.bounds.linf_dist_rules)
-        return 1.0 if math.isinf(m.p) else float(n) ** (1 / m.p) * (1 + gamma(4))
-    if type(m) is Normalize:
-        return float((1 / m.std.detach().double().abs()).max()) * (1 + gamma(2))
-    if type(m) in (LipschitzLinear, nn.Linear):
-        rows = m.weight.detach().double().abs().sum(1).max()
-        return float(rows) * (1 + gamma(m.weight.shape[1] + 1))
-    return None
-
-
-def linf_lipschitz(layers: nn.Sequential, dist_at_inf: bool = False) -> float:
-    """Product of the layers' bounds (ValueError naming a layer without one); with
-    ``dist_at_inf`` every l_p-dist layer counts as at p = inf (the training surrogate)."""
-    return prefix_bounds(layers, dist_at_inf)[-1]
-
-
-def prefix_bounds(layers: nn.Sequential, dist_at_inf: bool = False) -> list[float]:
-    """L_{<i} for every i (the last: the whole network's), rounded up."""
-    total = [1.0]
-    for i, m in enumerate(layers):
-        bound = 1.0 if dist_at_inf and type(m) in (LinfDist, LinfDistConv2d) else \
-            linf_layer_bound(m)
-        if bound is None or not math.isfinite(bound):
-            raise ValueError(f"layer {i} ({type(m).__name__}) has no l_inf Lipschitz bound")
-        total.append(total[-1] * bound * (1 + gamma(1)))
-    return total
 
 
 class LinfLipschitzCertifier(Certifier):
@@ -119,21 +76,6 @@ class LinfLipschitzCertifier(Certifier):
         ball = worst - 2 * threat.eps * lipschitz * (1 + gamma(2))
         return Certificate(pred=pred, certified=radius > threat.eps,
                            radius=round_down(radius), margin=ball)
-
-
-def ball_drift(layers: nn.Sequential, outputs: list[torch.Tensor], prefix: list[float],
-               reach: torch.Tensor) -> torch.Tensor:
-    """Per logit, a bound on |float64 forward - exact forward| anywhere in the l_inf ball of
-    radius ``reach`` (B,) around each point (module docstring): the rules' ``drift`` over
-    intervals around the computed values ``outputs`` (every layer's input, then the logits)."""
-    error = torch.zeros_like(outputs[0])
-    with gemm_convolutions():
-        for i, m in enumerate(layers):
-            h = outputs[i]
-            width = 2 * error + (prefix[i] * reach * (1 + gamma(2))).view(
-                -1, *([1] * (h.dim() - 1)))
-            error = layer_drift(m, error, LayerInput(h - width, h + width, h))
-    return error
 
 
 register_certifier(LinfLipschitzCertifier())

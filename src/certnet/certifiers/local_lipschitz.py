@@ -27,16 +27,11 @@ from torch import nn
 
 from certnet.bounds.ibp import supports_low_precision
 from certnet.bounds.local import ball_box_shift, has_masks, local_layer_bounds
+from certnet.bounds.pairwise import SoundConstants, logit_gaps, masked_pairwise, others_than
 from certnet.bounds.rules import LayerInput, check_supported
 from certnet.certifiers.base import Certificate, Certifier, register_certifier
 from certnet.certifiers.bound_prop import layer_outputs
-from certnet.certifiers.lipschitz import (
-    LipschitzCertifier,
-    SoundConstants,
-    logit_gaps,
-    masked_pairwise,
-    others_than,
-)
+from certnet.certifiers.lipschitz import LipschitzCertifier
 from certnet.errors import UnsupportedLayerError
 from certnet.floats import eta, gamma, outward
 from certnet.nn.conv_algorithms import gemm_chunk

@@ -7,7 +7,6 @@ checkpoint format and the CLI then serve it unchanged.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -15,15 +14,16 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
-from certnet.certifiers.base import Certificate, check_inputs
+from certnet.certificate import Certificate
 from certnet.errors import ConfigError
 from certnet.nn.integrity import Float64Twin, check_plain
 from certnet.nn.lipschitz import trace_shapes
+from certnet.registry import Registry
 from certnet.schema import signature_schema
-from certnet.threat import Norm, check_eps
+from certnet.threat import Norm
 
-__all__ = ["METHODS", "Certificate", "CertifiedModel", "check_eps", "check_inputs",
-           "check_num_classes", "get_method", "register_method"]
+__all__ = ["METHODS", "Certificate", "CertifiedModel", "check_num_classes", "get_method",
+           "register_method"]
 
 
 def check_num_classes(num_classes: Any) -> None:
@@ -45,6 +45,9 @@ class CertifiedModel(nn.Module):
     init: ClassVar[str] = "orthogonal"
     #: Name of the certifier ``certify`` uses when none is given (certnet.certifiers).
     default_certifier: ClassVar[str] = "best"
+    #: The ReLU lower-slope rule bound-propagation certifiers use (``certnet.bounds.SLOPES``;
+    #: IBP-family methods train with theirs).
+    slope: str = "adaptive"
     #: Whether a training step may leave a parameter without a gradient (DDP then searches
     #: for such parameters every step, and warns when told to search for nothing).
     skips_parameters: ClassVar[bool] = False
@@ -124,22 +127,23 @@ class CertifiedModel(nn.Module):
         """Estimate vs sound bound of the model's Lipschitz constants (for ``certnet info``)."""
         return {}
 
+    def lipschitz_summary(self, report: dict[str, float]) -> str:
+        """One line on ``lipschitz_report()`` for a person ("" where there is nothing)."""
+        return ""
 
-METHODS: dict[str, type[CertifiedModel]] = {}
+
+METHODS: Registry[type[CertifiedModel]] = Registry("method")
 
 
 def register_method(cls: type[CertifiedModel]) -> type[CertifiedModel]:
-    """Class decorator: make a method reachable by name from configs and the CLI (a name
-    registered twice warns; the later one wins)."""
-    if cls.method in METHODS and METHODS[cls.method] is not cls:
-        warnings.warn(f"method {cls.method!r} registered twice; the later one wins",
-                      stacklevel=2)
-    METHODS[cls.method] = cls
+    """Class decorator: make a method reachable by name from configs and the CLI (another
+    class registered under the same name warns; the later one wins)."""
+    if METHODS.get(cls.method) is not cls:
+        METHODS.register(cls.method, cls)
     return cls
 
 
 def get_method(name: str) -> type[CertifiedModel]:
-    if name not in METHODS:
-        raise ConfigError(f"unknown method {name!r}; choose from {sorted(METHODS)}")
+    """The method class registered as ``name`` (ConfigError naming the choices)."""
     return METHODS[name]
 

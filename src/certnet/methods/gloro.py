@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from certnet.bounds.local import ball_box_shift, local_training_constants
-from certnet.certifiers.lipschitz import (
+from certnet.bounds.pairwise import (
     GAP_SLACK,
     SoundConstants,
     masked_pairwise,
@@ -221,6 +221,11 @@ class GloroNet(CertifiedModel):
             pred = augmented.argmax(1)
             stats = {"clean": logits.argmax(1) == y, "robust": pred == y}
         return loss, stats
+
+    def lipschitz_summary(self, report: dict[str, float]) -> str:
+        return (f"Lipschitz constant (all layers but the last): power-iteration estimate "
+                f"{report['body_estimate']:.5g}, sound bound {report['body_bound']:.5g} "
+                f"(bound/estimate {report['bound_over_estimate']:.4f})")
 
     def lipschitz_report(self) -> dict[str, float]:
         """Power-iteration estimate (``REPORT_ITERATIONS`` steps from the stored iterates)

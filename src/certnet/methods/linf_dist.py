@@ -28,7 +28,7 @@ from pydantic import Field
 from torch import nn
 
 from certnet.bounds import margin_bounds
-from certnet.certifiers.linf_lipschitz import linf_lipschitz
+from certnet.bounds.linf_lipschitz import linf_lipschitz
 from certnet.errors import ConfigError
 from certnet.methods.base import CertifiedModel, register_method
 from certnet.nn.linf_dist import (

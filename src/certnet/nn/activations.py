@@ -1,11 +1,16 @@
 """1-Lipschitz activations, all exact in floating point (comparisons and clamps only)."""
 
+from typing import Annotated
+
 import torch
+from annotated_types import Len
 from torch import nn
 
 from certnet.errors import InputError
 from certnet.nn import branchless
 from certnet.nn.branchless import BITS, word_mask
+from certnet.nn.layer_types import LayerType, register_layer_type
+from certnet.schema import Positive
 
 
 class _PairSort(torch.autograd.Function):
@@ -125,3 +130,12 @@ class ClippedMinMax(nn.Module):
         a, b = x[:, :c], x[:, c:]
         return torch.cat([branchless.maximum(branchless.minimum(a, b), self.lower),
                           branchless.minimum(branchless.maximum(a, b), self.upper)], dim=1)
+
+
+#: the shape of a clipped activation's thresholds
+SHAPE = {"shape": Annotated[list[Positive], Len(1)]}
+register_layer_type(LayerType(MinMax, "minmax", exact=True))
+register_layer_type(LayerType(ClippedReLU, "clipped_relu", lambda m: {"shape": list(m.shape)},
+                              SHAPE, exact=True))
+register_layer_type(LayerType(ClippedMinMax, "clipped_minmax",
+                              lambda m: {"shape": list(m.shape)}, SHAPE, exact=True))

@@ -20,7 +20,10 @@ from torch import nn
 
 from certnet import distributed
 from certnet.errors import ConfigError, InputError
+from certnet.floats import gamma
+from certnet.nn.layer_types import LayerType, register_layer_type, unit_bound
 from certnet.nn.linf_dist_kernels import linf_dist
+from certnet.schema import Count, Fraction, Positive
 
 #: a p as a spec or method option states it: a number >= 1 or "inf"
 P = Annotated[float, Field(ge=1)] | Literal["inf"]
@@ -162,3 +165,30 @@ def identity_init(layer: LinfDist | LinfDistConv2d, value: float = 10.0) -> None
 
 def dist_layers(layers: nn.Module) -> list[LinfDist | LinfDistConv2d]:
     return [m for m in layers.modules() if type(m) in (LinfDist, LinfDistConv2d)]
+
+
+def _dist_linf_bound(m: LinfDist | LinfDistConv2d) -> float | None:
+    """||.||_p of n differences is n^(1/p)-Lipschitz in l_inf (Zhang et al. 2021, §3); n^(1/p)
+    by pow, within 2 ulps (module docstring of certnet.bounds.rules.linf_dist)."""
+    if m.bias is not None and not torch.isfinite(m.bias).all():
+        return None
+    n = m.weight.shape[1]
+    return 1.0 if math.isinf(m.p) else float(n) ** (1 / m.p) * (1 + gamma(4))
+
+
+register_layer_type(LayerType(LinfDist, "linf_dist", lambda m: {
+    "in_features": m.in_features, "out_features": m.out_features, "p": p_to_json(m.p),
+    "bias": m.bias is not None},
+    {"in_features": Positive, "out_features": Positive, "p": P, "bias": bool},
+    linf_bound=_dist_linf_bound))
+register_layer_type(LayerType(LinfDistConv2d, "linf_dist_conv", lambda m: {
+    "in_channels": m.in_channels, "out_channels": m.out_channels,
+    "kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding,
+    "p": p_to_json(m.p), "bias": m.bias is not None},
+    {"in_channels": Positive, "out_channels": Positive, "kernel_size": Positive,
+     "stride": Positive, "padding": Count, "p": P, "bias": bool},
+    linf_bound=_dist_linf_bound))
+register_layer_type(LayerType(MeanShift, "mean_shift", lambda m: {
+    "num_features": m.num_features, "momentum": m.momentum},
+    {"num_features": Positive, "momentum": Fraction}, linf_bound=unit_bound, batch_statistics=True))
+register_layer_type(LayerType(Negate, "negate", linf_bound=unit_bound))

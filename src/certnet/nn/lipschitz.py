@@ -16,23 +16,28 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+from annotated_types import Len
+from pydantic import Field
 from torch import nn
 
 from certnet.errors import ConfigError, InputError, UnsupportedLayerError
-from certnet.nn.activations import ClippedMinMax, ClippedReLU, MinMax
+from certnet.floats import eta, gamma
 from certnet.nn.conv_algorithms import without_onednn
+from certnet.nn.layer_types import LayerType, layer_type, register_layer_type, unit_bound
+from certnet.nn.masked_spectral import conv_masked_bound, dense_masked_bound
+from certnet.nn.rounding import RoundingBound, affine_rounding
 from certnet.nn.spectral import (
     FLOAT64_UNIT_ROUNDOFF,
     conv_spectral_bound,
     dense_spectral_bound,
     magnitude_bound,
 )
+from certnet.schema import Count, Positive
 
-#: Exact types that are 1-Lipschitz in every l_p norm and computed without rounding.
-ONE_LIPSCHITZ = (nn.ReLU, MinMax, ClippedReLU, ClippedMinMax, nn.Flatten, nn.Identity)
 #: Buffers that only feed the power-iteration estimate, never a forward pass or a bound.
 ESTIMATE_ONLY_BUFFERS = frozenset({"power_iterate"})
 
@@ -247,18 +252,6 @@ class Normalize(nn.Module):
         return bound * (1 + 4 * FLOAT64_UNIT_ROUNDOFF)
 
 
-#: Exact types whose ``lipschitz_bound()`` is trusted (a subclass may change ``forward``).
-LIPSCHITZ_LAYERS: set[type[nn.Module]] = {LipschitzLinear, LipschitzConv2d, ResidualConv2d,
-                                          Normalize}
-
-
-def register_lipschitz_layer(cls: type[nn.Module]) -> type[nn.Module]:
-    """Trust ``cls`` (exactly this type) to give a sound ``lipschitz_bound()`` and a
-    ``lipschitz_estimate(iterations)``; usable as a class decorator."""
-    LIPSCHITZ_LAYERS.add(cls)
-    return cls
-
-
 def batchnorm_affine(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (scale, shift) in float64 of an eval-mode BatchNorm: y = x * scale + shift.
     A BatchNorm without running statistics depends on the batch and has no such form."""
@@ -313,15 +306,10 @@ def _batchnorm_bound(m: nn.Module) -> torch.Tensor:
     return batchnorm_affine(m)[0].abs().max() * (1 + 8 * FLOAT64_UNIT_ROUNDOFF)
 
 
-#: Foreign exact types (not ours to give methods) and their sound bound, evaluated in eval
-#: mode (certificates always use the model in eval mode).
-BOUND_FUNCTIONS = {nn.BatchNorm1d: _batchnorm_bound, nn.BatchNorm2d: _batchnorm_bound}
-
-
 def check_bounded(module: nn.Module) -> None:
     """Raise :class:`UnsupportedLayerError` unless the layer's exact type has a known bound."""
-    if type(module) not in LIPSCHITZ_LAYERS and type(module) not in ONE_LIPSCHITZ and \
-            type(module) not in BOUND_FUNCTIONS:
+    known = layer_type(module)
+    if known is None or not (known.exact or known.l2_bound is not None):
         raise UnsupportedLayerError(
             f"no known Lipschitz bound for layer {type(module).__name__}")
 
@@ -330,7 +318,7 @@ def check_gloro_layer(module: nn.Module) -> None:
     """A layer GloRo can train: a known bound that holds in training too (BatchNorm's bound
     holds only for its running statistics, not for the batch statistics it trains with)."""
     check_bounded(module)
-    if type(module) in BOUND_FUNCTIONS:
+    if layer_type(module).batch_statistics:
         raise UnsupportedLayerError(f"GloRo cannot train through {type(module).__name__}: its "
                                     "training-mode function is not the one its bound covers")
 
@@ -339,23 +327,19 @@ def layer_estimate(module: nn.Module, iterations: int) -> torch.Tensor | float:
     """Power-iteration estimate of one layer's l2 Lipschitz constant (1.0 for 1-Lipschitz ops),
     always in the weights' own precision (outside any autocast of mixed-precision training)."""
     check_bounded(module)
-    if type(module) in BOUND_FUNCTIONS:
-        return BOUND_FUNCTIONS[type(module)](module).to(module.running_var.dtype)
-    if type(module) not in LIPSCHITZ_LAYERS:
+    estimate = layer_type(module).l2_estimate
+    if estimate is None:
         return 1.0
     device = next(module.buffers(), torch.zeros(())).device.type
     with torch.autocast(device, enabled=False):
-        return module.lipschitz_estimate(iterations)
+        return estimate(module, iterations)
 
 
 def layer_bound(module: nn.Module) -> torch.Tensor:
     """Sound float64 upper bound on one layer's l2 Lipschitz constant."""
     check_bounded(module)
-    if type(module) in BOUND_FUNCTIONS:
-        return BOUND_FUNCTIONS[type(module)](module)
-    if type(module) in LIPSCHITZ_LAYERS:
-        return module.lipschitz_bound()
-    return torch.ones((), dtype=torch.float64)
+    bound = layer_type(module).l2_bound
+    return torch.ones((), dtype=torch.float64) if bound is None else bound(module)
 
 
 def trace_shapes(model: nn.Sequential, input_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -449,3 +433,102 @@ def product(values: list[torch.Tensor | float]) -> torch.Tensor:
     for t in tensors:
         result = result * t
     return torch.as_tensor(result) if not tensors else result
+
+
+def _batchnorm_bound(m: nn.Module) -> torch.Tensor:
+    # a diagonal map: its norm is the largest |scale|, computed with a few roundings
+    return batchnorm_affine(m)[0].abs().max() * (1 + 8 * FLOAT64_UNIT_ROUNDOFF)
+
+
+def _batchnorm_rounding(m: nn.Module) -> RoundingBound:
+    # y = x * a + c with a, c computed in a few float64 steps from the running statistics:
+    # each entry is off by at most 8u (|x a| + |m a| + |beta|) (generous for any order)
+    scale, _ = batchnorm_affine(m)
+    mean_part = (m.running_mean.double() * scale).abs()
+    beta = m.bias.detach().double().abs() if m.bias is not None else 0.0
+    u8 = 8 * FLOAT64_UNIT_ROUNDOFF
+    return RoundingBound(input=u8 * scale.abs().max(),
+                         per_position=u8 * float((mean_part + beta).norm()), per_entry=8 * eta())
+
+
+def _normalize_rounding(m: Normalize) -> RoundingBound:
+    # fl(fl(x - m) / s) = (x - m) / s * (1 + d) + e, |d| <= 2u + u^2, |e| <= eta
+    return RoundingBound(output=3 * FLOAT64_UNIT_ROUNDOFF, per_entry=2 * eta())
+
+
+def _rows_linf_bound(m: nn.Linear) -> float:
+    """The l_inf operator norm of a dense map: its largest absolute row sum, rounded up."""
+    rows = m.weight.detach().double().abs().sum(1).max()
+    return float(rows) * (1 + gamma(m.weight.shape[1] + 1))
+
+
+def _bound(m: LipschitzModule) -> torch.Tensor:
+    return m.lipschitz_bound()
+
+
+def _estimate(m: LipschitzModule, iterations: int) -> torch.Tensor:
+    return m.lipschitz_estimate(iterations)
+
+
+def _conv_describe(m: LipschitzConv2d) -> dict[str, int | bool]:
+    return {"in_channels": m.in_channels, "out_channels": m.out_channels,
+            "kernel_size": m.kernel_size[0], "stride": m.stride[0], "padding": m.padding[0],
+            "bias": m.bias is not None}
+
+
+#: a window, stride (>= 1) or padding (>= 0): one int or a pair
+PAIR = Positive | Annotated[list[Positive], Len(2, 2)]
+PAD = Count | Annotated[list[Count], Len(2, 2)]
+#: a non-empty list of finite numbers; of positive ones
+NUMBERS = Annotated[list[float], Len(1)]
+SCALES = Annotated[list[Annotated[float, Field(gt=0)]], Len(1)]
+register_layer_type(LayerType(
+    LipschitzLinear, "linear", lambda m: {
+        "in_features": m.in_features, "out_features": m.out_features,
+        "bias": m.bias is not None},
+    {"in_features": Positive, "out_features": Positive, "bias": bool},
+    l2_bound=_bound, l2_estimate=_estimate, linf_bound=_rows_linf_bound,
+    rounding=lambda m: affine_rounding(magnitude_bound(m.weight), m.in_features + 1, m.bias),
+    masked_bound=lambda m, rows, cols, tails: dense_masked_bound(m.weight, rows, cols, tails)))
+register_layer_type(LayerType(
+    LipschitzConv2d, "conv", _conv_describe,
+    {"in_channels": Positive, "out_channels": Positive, "kernel_size": Positive,
+     "stride": Positive, "padding": Count, "bias": bool},
+    l2_bound=_bound, l2_estimate=_estimate,
+    rounding=lambda m: affine_rounding(magnitude_bound(m.weight), m.weight[0].numel() + 1,
+                                       m.bias),
+    masked_bound=lambda m, rows, cols, tails: conv_masked_bound(m.weight, m.stride, m.padding,
+                                                                rows, cols)))
+# the kernel alpha W + I is itself rounded (2u per entry): 2 more terms in gamma, and the
+# masked bounds take its entrywise majorant
+register_layer_type(LayerType(
+    ResidualConv2d, "residual_conv", lambda m: {
+        "channels": m.in_channels, "kernel_size": m.kernel_size[0], "alpha": m.alpha,
+        "bias": m.bias is not None},
+    {"channels": Positive, "kernel_size": Positive, "alpha": float, "bias": bool},
+    l2_bound=_bound, l2_estimate=_estimate,
+    rounding=lambda m: affine_rounding(magnitude_bound(m.kernel_majorant()),
+                                       m.weight[0].numel() + 3, m.bias),
+    masked_bound=lambda m, rows, cols, tails: conv_masked_bound(
+        m.kernel_majorant(), m.stride, m.padding, rows, cols)))
+register_layer_type(LayerType(
+    Normalize, "normalize", lambda m: {
+        "mean": m.mean.flatten().tolist(), "std": m.std.flatten().tolist()},
+    {"mean": NUMBERS, "std": SCALES}, l2_bound=_bound, l2_estimate=_estimate,
+    linf_bound=lambda m: float((1 / m.std.detach().double().abs()).max()) * (1 + gamma(2)),
+    rounding=_normalize_rounding))
+for _name, _cls in (("batchnorm1d", nn.BatchNorm1d), ("batchnorm2d", nn.BatchNorm2d)):
+    register_layer_type(LayerType(
+        _cls, _name, lambda m: {"num_features": m.num_features}, {"num_features": Positive},
+        l2_bound=_batchnorm_bound,
+        l2_estimate=lambda m, k: _batchnorm_bound(m).to(m.running_var.dtype),
+        rounding=_batchnorm_rounding, batch_statistics=True))
+register_layer_type(LayerType(nn.AvgPool2d, "avgpool", lambda m: {
+    "kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding},
+    {"kernel_size": PAIR, "stride": PAIR, "padding": PAD}))
+register_layer_type(LayerType(nn.Linear, linf_bound=_rows_linf_bound))
+register_layer_type(LayerType(nn.Conv2d))
+register_layer_type(LayerType(nn.Tanh, "tanh", linf_bound=unit_bound))
+register_layer_type(LayerType(nn.ReLU, "relu", exact=True))
+register_layer_type(LayerType(nn.Flatten, "flatten", exact=True, reshape_only=True))
+register_layer_type(LayerType(nn.Identity, "identity", exact=True, reshape_only=True))

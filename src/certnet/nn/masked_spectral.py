@@ -160,3 +160,34 @@ def dense_gram_tails(weight: torch.Tensor, rank: int = GRAM_RANK
     """The Gram splits of a dense weight (out, in) for masked columns (G = W^T W) and masked
     rows (H = W W^T)."""
     return GramTail.of(weight, rank), GramTail.of(weight.T, rank)
+
+
+#: Convolutions get masked bounds only at points keeping at most this fraction of their
+#: inputs or outputs (elsewhere they cannot beat the spectral norm).
+CONV_KEPT_FRACTION = 0.25
+
+
+def dense_masked_bound(weight: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                       tails: tuple[GramTail, GramTail] | None) -> torch.Tensor:
+    """The smallest of Frobenius and (given the Gram splits) both Gram-split bounds."""
+    r, c = rows.flatten(1), cols.flatten(1)
+    bounds = [dense_frobenius(weight, r, c)]
+    if tails is not None:
+        bounds += [tails[0].bound(c), tails[1].bound(r)]
+    return torch.stack(bounds).amin(0)
+
+
+def conv_masked_bound(kernel: torch.Tensor, stride: tuple[int, int], padding: tuple[int, int],
+                      rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor | None:
+    """Frobenius and Schur beat a convolution's spectral norm only for very sparse masks: they
+    are computed (two float64 convolutions each) only where few neurons are kept (inf
+    elsewhere; None where nowhere). ``kernel`` must dominate the exact kernel entrywise."""
+    kept = torch.minimum(rows.flatten(1).double().mean(1), cols.flatten(1).double().mean(1))
+    sparse = (kept <= CONV_KEPT_FRACTION).nonzero().squeeze(1)
+    if len(sparse) == 0:
+        return None
+    r, c = rows[sparse], cols[sparse]
+    bound = torch.full((len(rows),), torch.inf, dtype=torch.float64, device=rows.device)
+    bound[sparse] = torch.minimum(conv_frobenius(kernel, stride, padding, r, c),
+                                  conv_schur(kernel, stride, padding, r, c))
+    return bound

@@ -13,14 +13,13 @@ where r bounds the rounding of the layer itself. For an affine layer with fan-in
 whose l2 norm is at most gamma_{n+1} (||abs(W)||_2 ||x||_2 + ||b||_2 sqrt(positions)).
 Every such bound is linear in ||x||, ||y|| and sqrt(positions) with coefficients that depend on
 the layer alone (:class:`RoundingBound`), computed once per pass. ReLU, MinMax, their clipped
-forms, Flatten and Identity are exact and 1-Lipschitz. One rule per layer type (exact match); a
-method's own layer registers its rule with :func:`register_rounding_rule`.
+forms, Flatten and Identity are exact and 1-Lipschitz. Each layer type's rule (exact match) is
+the ``rounding`` of its registration (:mod:`certnet.nn.layer_types`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -29,15 +28,7 @@ from torch import nn
 from certnet.errors import UnsupportedLayerError
 from certnet.floats import eta, gamma
 from certnet.nn.conv_algorithms import gemm_chunk, gemm_convolutions
-from certnet.nn.lipschitz import (
-    ONE_LIPSCHITZ,
-    LipschitzConv2d,
-    LipschitzLinear,
-    Normalize,
-    ResidualConv2d,
-    batchnorm_affine,
-)
-from certnet.nn.spectral import FLOAT64_UNIT_ROUNDOFF, magnitude_bound
+from certnet.nn.layer_types import layer_type
 
 #: Relative safety factor on the computed error bound: its own float64 evaluation takes a few
 #: roundings per layer (under gamma_{5L} < 1e-6 for any L < 10^9 layers).
@@ -71,20 +62,8 @@ class RoundingBound:
         return error
 
 
-Rule = Callable[[nn.Module], RoundingBound]
-ROUNDING_RULES: dict[type[nn.Module], Rule] = {}
-
-
-def register_rounding_rule(cls: type[nn.Module]) -> Callable[[Rule], Rule]:
-    """Decorator: ``rule(layer)`` is the :class:`RoundingBound` of ``y = layer(x)`` computed in
-    float64 (exact type match)."""
-    def decorator(rule: Rule) -> Rule:
-        ROUNDING_RULES[cls] = rule
-        return rule
-    return decorator
-
-
-def _affine(magnitude: torch.Tensor, terms: int, bias: torch.Tensor | None) -> RoundingBound:
+def affine_rounding(magnitude: torch.Tensor, terms: int, bias: torch.Tensor | None
+                    ) -> RoundingBound:
     """gamma_terms (||abs(W)|| ||x|| + ||b||) and, per output, terms * eta for products that
     underflow (floats.py)."""
     g = gamma(terms)
@@ -93,55 +72,19 @@ def _affine(magnitude: torch.Tensor, terms: int, bias: torch.Tensor | None) -> R
                          per_entry=terms * eta())
 
 
-@register_rounding_rule(LipschitzLinear)
-def _linear(layer: LipschitzLinear) -> RoundingBound:
-    return _affine(magnitude_bound(layer.weight), layer.in_features + 1, layer.bias)
-
-
-@register_rounding_rule(LipschitzConv2d)
-def _conv(layer: LipschitzConv2d) -> RoundingBound:
-    return _affine(magnitude_bound(layer.weight), layer.weight[0].numel() + 1, layer.bias)
-
-
-@register_rounding_rule(ResidualConv2d)
-def _residual_conv(layer: ResidualConv2d) -> RoundingBound:
-    # the kernel alpha * W + I is itself rounded (2u per entry): 2 more terms in gamma
-    return _affine(magnitude_bound(layer.kernel_majorant()), layer.weight[0].numel() + 3,
-                   layer.bias)
-
-
-@register_rounding_rule(Normalize)
-def _normalize(layer: Normalize) -> RoundingBound:
-    # fl(fl(x - m) / s) = (x - m) / s * (1 + d) + e, |d| <= 2u + u^2, |e| <= eta
-    return RoundingBound(output=3 * FLOAT64_UNIT_ROUNDOFF, per_entry=2 * eta())
-
-
-@register_rounding_rule(nn.BatchNorm1d)
-@register_rounding_rule(nn.BatchNorm2d)
-def _batchnorm(layer: nn.Module) -> RoundingBound:
-    # y = x * a + c with a, c computed in a few float64 steps from the running statistics:
-    # each entry is off by at most 8u (|x a| + |m a| + |beta|) (generous for any order)
-    scale, _ = batchnorm_affine(layer)
-    mean_part = (layer.running_mean.double() * scale).abs()
-    beta = layer.bias.detach().double().abs() if layer.bias is not None else 0.0
-    u8 = 8 * FLOAT64_UNIT_ROUNDOFF
-    return RoundingBound(input=u8 * scale.abs().max(),
-                         per_position=u8 * float((mean_part + beta).norm()), per_entry=8 * eta())
-
-
 def check_rounding(layer: nn.Module) -> None:
     """UnsupportedLayerError unless the layer's exact type has a rounding rule."""
-    if type(layer) not in ONE_LIPSCHITZ and type(layer) not in ROUNDING_RULES:
+    known = layer_type(layer)
+    if known is None or not (known.exact or known.rounding is not None):
         raise UnsupportedLayerError(f"no rounding rule for layer {type(layer).__name__}")
 
 
 def rounding_bound(layer: nn.Module) -> RoundingBound | None:
-    """The bound on the l2 rounding error per point of ``layer`` computed in float64; None for
-    an exact layer."""
+    """The bound on the l2 rounding error per point of ``layer`` computed in float64 (its
+    registration's ``rounding``); None for an exact layer."""
     check_rounding(layer)
-    if type(layer) in ONE_LIPSCHITZ:
-        return None
-    return ROUNDING_RULES[type(layer)](layer)
+    rounding = layer_type(layer).rounding
+    return None if rounding is None else rounding(layer)
 
 
 @torch.no_grad()

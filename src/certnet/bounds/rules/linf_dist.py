@@ -9,12 +9,15 @@ here (``relaxable = False``): backward passes end at their output interval.
 Rounding (docs/rounding.md). Each difference x_i - w_i rounds by at most u of itself. At
 p = inf the max and abs are exact, so an end (and the forward pass at any input of the box)
 is within u (M + W_o) of its exact value, M the row's largest |x|, W_o = max_i |w_oi|. At
-finite p (||t||_p = m (sum (t_i / m)^p)^(1/p), m = max t_i, in either grouping: the forward
-pass multiplies by a rounded 1/m) every term's relative error e becomes (1 + e)^p in the power
-and (1 + e) again after the root, so the result is within
+finite p (||t||_p = m (sum (t_i / m)^p)^(1/p), m = max t_i, in either grouping: the bounds
+and the torch forward divide by m, the numba forward multiplies t_i sc by a rounded 1/(m sc),
+sc an exact power of two that keeps m sc normal) every term's relative error e becomes
+(1 + e)^p in the power and (1 + e) again after the root, so the result is within
 eps_p = (2 (n + 4) / p + 32) u of itself (pow within 2 ulps, as glibc's, Sleef's and CUDA's are;
-terms whose p-th power underflows lose under n 2^-1022 of a sum >= 1), provided 1/m does not
-overflow: where m may fall below 2^-1020 on the box the bound is infinite (nothing certified).
+terms whose p-th power underflows lose under n 2^-1022 of a sum >= 1), plus the smallest
+subnormal where the last product m s^(1/p) underflows (a subnormal m; its differences are
+exact). Where top + error overflows (top >= every distance on the box) the last product may
+overflow: the bound is infinite there (nothing certified).
 """
 
 from __future__ import annotations
@@ -24,15 +27,9 @@ import math
 import torch
 from torch import nn
 
-from certnet.bounds.rules import (
-    AffineRule,
-    BoundRule,
-    ChannelAffineRule,
-    LayerInput,
-    register_bound_rule,
-)
+from certnet.bounds.rules.affine import AffineRule, ChannelAffineRule
+from certnet.bounds.rules.base import BoundRule, LayerInput
 from certnet.floats import eta, unit_roundoff
-from certnet.nn.linf_dist import LinfDist, LinfDistConv2d, MeanShift, Negate
 from certnet.nn.linf_dist_kernels import linf_dist_interval
 
 #: Elements of the (rows, outputs, inputs) difference tensor one chunk may hold.
@@ -75,10 +72,6 @@ def dist_interval(lo: torch.Tensor, hi: torch.Tensor, weight: torch.Tensor, p: f
     return lower, upper
 
 
-#: Below this, 1/m of the forward pass at finite p may overflow.
-SMALLEST_SCALE = 2.0**-1020
-
-
 def dist_error(lo: torch.Tensor, hi: torch.Tensor, m: nn.Module) -> torch.Tensor:
     """Per row and output, a bound on how far the computed distance bounds and the forward
     pass's distance at any input of the rows' boxes [lo, hi] are from their exact values
@@ -92,9 +85,7 @@ def dist_error(lo: torch.Tensor, hi: torch.Tensor, m: nn.Module) -> torch.Tensor
         n = m.weight.shape[1]
         top = reach * n ** (1 / m.p) * (1 + 4 * u)
         error = 3 * (2 * (n + 4) / m.p + 32) * u * top
-        # the forward's max term m = ||x - w||_inf over the box is at least its lower end
-        floor = dist_interval(lo, hi, m.weight, math.inf)[0]
-        error = torch.where(floor >= SMALLEST_SCALE, error, torch.inf)
+        error = torch.where((top + error).isfinite(), error, torch.inf)  # m s^(1/p) may overflow
     if m.bias is not None:
         error = error + 8 * u * (top + m.bias.abs())
     return error + 8 * eta(lo.dtype)  # divisions and powers that underflow
@@ -153,7 +144,7 @@ class MeanShiftRule(ChannelAffineRule):
     """z = h - mu: the running mean in eval mode, the clean batch's mean in training (the map
     the layer applies to that batch)."""
 
-    def uses_clean(self, m):
+    def uses_batch_statistics(self, m):
         return m.training
 
     def scale_shift(self, m, inp):
@@ -216,10 +207,3 @@ class TanhRule(BoundRule):
 
     def drift(self, m, error, inp):
         return error + self._libm(m, inp)  # tanh is 1-Lipschitz
-
-
-register_bound_rule(LinfDist, LinfDistRule())
-register_bound_rule(LinfDistConv2d, LinfDistConvRule())
-register_bound_rule(MeanShift, MeanShiftRule())
-register_bound_rule(Negate, NegateRule())
-register_bound_rule(nn.Tanh, TanhRule())

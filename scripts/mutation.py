@@ -1,0 +1,225 @@
+"""Opt-in mutation testing of the soundness-critical modules with mutmut (docs/testing.md).
+
+Run through ``scripts/mutation.sh`` (which installs the pinned mutmut into .venv). Each module
+runs in its own scratch copy of the project, ``.mutation/<module>/`` (git-ignored): ``src/``
+(the working tree, or ``git HEAD`` with ``--head``), ``tests/``, ``pyproject.toml`` and a
+generated ``setup.cfg`` whose [mutmut] section mutates that one module and selects the test
+files of :data:`TARGETS`. mutmut then runs, per mutant, only those of the selected tests that
+call the mutated function. Results are merged into ``tests/mutation/results.json`` (one entry
+per module) and printed as a table; the surviving mutants' diffs go to
+``.mutation/<module>/survivors.diff``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from importlib.metadata import version
+from io import BytesIO
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / ".mutation"
+RESULTS = ROOT / "tests" / "mutation" / "results.json"
+#: the tests written against survivors (tests/mutation/survivors.md)
+SURVIVOR_TESTS = "tests/test_mutation_survivors.py"
+
+#: module name -> (source files to mutate, fast test files run against its mutants). The one
+#: place that maps code to tests; keep each list to files that pass quickly (no `slow` tests:
+#: pyproject's addopts deselects them anyway).
+TARGETS: dict[str, tuple[list[str], list[str]]] = {
+    # the rounding rules of the layers are registered beside them (nn/lipschitz.py)
+    "rounding": (["src/certnet/nn/rounding.py", "src/certnet/nn/layer_types.py"],
+                 ["tests/test_rounding.py", "tests/test_rule_rounding.py",
+                  "tests/test_exact_rounding.py", "tests/test_mutants.py",
+                  "tests/test_lipschitz.py", "tests/test_mutation_survivors.py"]),
+    "spectral": (["src/certnet/nn/spectral.py"],
+                 ["tests/test_lipschitz.py", "tests/test_rounding.py", "tests/test_mutants.py",
+                  "tests/test_mutation_survivors.py"]),
+    "masked_spectral": (["src/certnet/nn/masked_spectral.py"],
+                        ["tests/test_local_lipschitz.py", "tests/test_mutants.py",
+                         "tests/test_mutation_survivors.py"]),
+    "checkpoint": (["src/certnet/checkpoint.py"],
+                   ["tests/test_train_checkpoint.py", "tests/test_bad_inputs.py",
+                    # test_faults.py trains for minutes: only its checkpoint-write test
+                    "tests/test_faults.py::test_failing_checkpoint_write_keeps_the_previous_one",
+                    "tests/test_mutation_survivors.py"]),
+    "attacks": (["src/certnet/attacks.py"],
+                ["tests/test_attacks.py", "tests/test_mutants.py",
+                 "tests/test_mutation_survivors.py"]),
+    "bounds": (["src/certnet/bounds/*.py", "src/certnet/bounds/rules/*.py"],
+               ["tests/test_bounds.py", "tests/test_rule_rounding.py", "tests/test_mutants.py",
+                "tests/test_certifiers_soundness.py", "tests/test_refusals.py",
+                "tests/test_mutation_survivors.py"]),
+    "certifiers": (["src/certnet/certifiers/*.py"],
+                   ["tests/test_certifiers_soundness.py", "tests/test_refusals.py",
+                    "tests/test_lipschitz.py", "tests/test_local_lipschitz.py",
+                    "tests/test_mutants.py", "tests/test_gloro.py",
+                    "tests/test_mutation_survivors.py"]),
+}
+
+#: mutmut's per-mutant exit codes -> our three counts (anything else is reported as "other")
+KILLED = {"killed", "caught by type check"}
+TIMEOUT = {"timeout"}
+SURVIVED = {"survived"}
+
+
+def git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+def undecorate(code: str) -> str:
+    """``@d1 @d2 def f`` -> ``def f`` then ``f = d1(d2(f))``: the same module, but mutmut (which
+    skips decorated functions) mutates f. Left alone: a lone @staticmethod / @classmethod
+    (mutmut handles those), decorators on the function's own name (``@f.setter``) and jit
+    compilers (a trampoline cannot be compiled)."""
+    import libcst as cst
+
+    class Undecorate(cst.CSTTransformer):
+        def leave_FunctionDef(self, original: cst.FunctionDef, updated: cst.FunctionDef
+                              ) -> cst.FunctionDef | cst.FlattenSentinel:
+            decorators = [cst.Module([]).code_for_node(d.decorator) for d in updated.decorators]
+            name = updated.name.value
+            if not decorators or decorators in (["staticmethod"], ["classmethod"]) or any(
+                    d.startswith(name + ".") or "jit" in d for d in decorators):
+                return updated
+            value = name
+            for d in reversed(decorators):
+                value = f"({d})({value})"
+            assign = cst.parse_statement(f"{name} = {value}\n")
+            return cst.FlattenSentinel([updated.with_changes(decorators=[]), assign])
+
+    return cst.parse_module(code).visit(Undecorate()).code
+
+
+def prepare(name: str, head: bool) -> Path:
+    """A fresh scratch project for ``name`` with its generated mutmut config."""
+    sources, tests = TARGETS[name]
+    work = WORK / name
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    if head:  # committed src/ and tests/, plus the working tree's survivor tests
+        blob = subprocess.run(["git", "archive", "HEAD", "src", "tests"], cwd=ROOT,
+                              check=True, capture_output=True).stdout
+        with tarfile.open(fileobj=BytesIO(blob)) as tar:
+            tar.extractall(work, filter="data")
+        if (ROOT / SURVIVOR_TESTS).exists():
+            shutil.copy(ROOT / SURVIVOR_TESTS, work / SURVIVOR_TESTS)
+    else:
+        shutil.copytree(ROOT / "src", work / "src",
+                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        shutil.copytree(ROOT / "tests", work / "tests",
+                        ignore=shutil.ignore_patterns("__pycache__", "mutation"))
+    for source in sources:
+        for path in work.glob(source):
+            path.write_text(undecorate(path.read_text()))
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    if "[tool.mutmut]" in pyproject:
+        sys.exit("pyproject.toml has a [tool.mutmut] section, which would override the "
+                 "generated setup.cfg: keep the config in scripts/mutation.py")
+    (work / "pyproject.toml").write_text(pyproject)
+    tests = [t for t in tests if (work / t.split("::")[0]).exists()]
+    lines = ["[mutmut]", "source_paths = src", "only_mutate ="]
+    lines += [f"    {s}" for s in sources]
+    lines += ["pytest_add_cli_args_test_selection ="] + [f"    {t}" for t in tests]
+    lines += ["pytest_add_cli_args =", "    -p", "    no:cacheprovider",
+              "use_git_change_detection = false", ""]
+    (work / "setup.cfg").write_text("\n".join(lines))
+    return work
+
+
+def run_module(name: str, head: bool) -> dict:
+    from mutmut.stats import status_by_exit_code
+
+    work = prepare(name, head)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           "MKL_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    mutmut = str(Path(sys.executable).parent / "mutmut")
+    start = time.monotonic()
+    with open(work / "mutmut.log", "w") as log:
+        rc = subprocess.run([mutmut, "run", "--max-children", "1"], cwd=work, env=env,
+                            stdout=log, stderr=subprocess.STDOUT).returncode
+    seconds = round(time.monotonic() - start)
+    counts = {"killed": 0, "survived": 0, "timeout": 0, "other": 0}
+    survivors, others = [], []
+    for meta in sorted((work / "mutants" / "src").rglob("*.py.meta")):
+        for key, code in json.loads(meta.read_text())["exit_code_by_key"].items():
+            status = status_by_exit_code[code]
+            if status in KILLED:
+                counts["killed"] += 1
+            elif status in SURVIVED:
+                counts["survived"] += 1
+                survivors.append(key)
+            elif status in TIMEOUT:
+                counts["timeout"] += 1
+            else:
+                counts["other"] += 1
+                others.append(f"{key}: {status}")
+    if rc != 0 or not sum(counts.values()):
+        print(f"{name}: mutmut failed (exit {rc}); see {work / 'mutmut.log'}", file=sys.stderr)
+    with open(work / "survivors.diff", "w") as out:
+        for key in sorted(survivors):
+            out.write(subprocess.run([mutmut, "show", key], cwd=work, env=env,
+                                     capture_output=True, text=True).stdout + "\n")
+    total = sum(counts.values())
+    return {
+        "sources": TARGETS[name][0], "tests": TARGETS[name][1], **counts, "total": total,
+        "score": round((counts["killed"] + counts["timeout"]) / total, 4) if total else None,
+        "survivors": sorted(survivors), "other_statuses": sorted(others),
+        "mutmut_exit_code": rc, "seconds": seconds,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("modules", nargs="*", metavar="module",
+                        help=f"any of {', '.join(TARGETS)} (default: all)")
+    parser.add_argument("--head", action="store_true",
+                        help="use the committed src/ and tests/ (git HEAD), not the working tree "
+                        f"(the working tree's {SURVIVOR_TESTS} is still used)")
+    args = parser.parse_args()
+    unknown = [m for m in args.modules if m not in TARGETS]
+    if unknown:
+        parser.error(f"unknown module(s) {unknown}; known: {list(TARGETS)}")
+    dirty = git("status", "--porcelain", "--", "src", "tests").splitlines()
+    if args.head:
+        code = f"HEAD src/ and tests/, with the working tree's {SURVIVOR_TESTS}"
+    elif dirty:
+        code = "working tree, dirty: " + ", ".join(line[3:] for line in dirty)
+    else:
+        code = "working tree (clean)"
+    common = {
+        "commit": git("rev-parse", "HEAD"),
+        "code": code,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "tool": f"mutmut {version('mutmut')}",
+        "command": "scripts/mutation.sh " + " ".join(sys.argv[1:]),
+    }
+    for name in args.modules or list(TARGETS):
+        print(f"mutating {name} ...", flush=True)
+        entry = {**common, **run_module(name, args.head)}
+        # re-read just before writing: only this module's entry changes
+        results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"modules": {}}
+        results["modules"][name] = entry
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\n{'module':<16}{'killed':>8}{'survived':>10}{'timeout':>9}{'other':>7}"
+          f"{'score':>8}  commit")
+    for name, r in results["modules"].items():
+        score = "-" if r["score"] is None else f"{100 * r['score']:.1f}%"
+        print(f"{name:<16}{r['killed']:>8}{r['survived']:>10}{r['timeout']:>9}{r['other']:>7}"
+              f"{score:>8}  {r['commit'][:10]}")
+    print(f"\nresults: {RESULTS.relative_to(ROOT)}; survivor diffs: .mutation/<module>/"
+          "survivors.diff")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""The rounding of a backward linear relaxation pass (docs/rounding.md): what each step's float
+evaluation may lose, charged to the bound (CROWN's, and CROWN's patches mode)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from certnet.bounds.rules import LayerInput
+from certnet.errors import UnsupportedLayerError
+from certnet.floats import eta, gamma
+
+
+def rule_rho(rule, m: nn.Module, inp: LayerInput) -> torch.Tensor | float:
+    """The rule's ``backward_error`` (an UnsupportedLayerError where it has none)."""
+    rho = rule.backward_error(m, inp)
+    if rho is None:
+        raise UnsupportedLayerError(f"{type(m).__name__}: no bound on the rounding of its "
+                                    "backward relaxation")
+    return rho
+
+
+class Rounding:
+    """What a backward pass's float evaluation may have lost, per point and specification row
+    (docs/rounding.md): sum over the steps of sum_j |lam_j| rho_j <= ||lam||_1 max_j rho_j
+    (the rules' ``backward_error``; the l1 norm is one read of lam, with no temporary, and
+    the charges are ~1e-13 of the bounds, so the max costs nothing that matters), and the
+    magnitudes of the constants, whose L additions and the final one with the concretized term
+    round by at most gamma_{L+1} of their sum."""
+
+    def __init__(self, like: torch.Tensor) -> None:
+        self.error = torch.zeros_like(like)
+        self.size = torch.zeros_like(like)
+        self.steps = 0
+        self.terms = 1
+
+    def charge(self, lam: torch.Tensor, rho: torch.Tensor | float, inp: LayerInput) -> None:
+        """Add sum_j |lam_j| rho_j over the step's outputs (lam (B, S, *z)), and
+        :meth:`underflow` for its input ``inp``."""
+        exact = not isinstance(rho, torch.Tensor) and not rho  # no read of lam for nothing
+        self.charge_sum(0.0 if exact else l1_rows(lam) * largest(rho), lam[0, 0].numel(), inp)
+
+    def charge_sum(self, error: torch.Tensor | float, terms: int, inp: LayerInput) -> None:
+        """Add a step's charge computed by the caller (patches mode), on coefficients of
+        ``terms`` entries per row."""
+        self.steps += 1
+        self.terms = max(self.terms, terms)
+        self.underflow(terms, inp)
+        self.error = self.error + error
+
+    def underflow(self, terms: int, inp: LayerInput) -> None:
+        """What products may lose to underflow whatever lam: each new coefficient sums at most
+        ``terms`` + 16 products (eta each), and so does the constant, against inputs of size
+        at most the interval's magnitudes (sum_k H_k <= their number times the largest)."""
+        reach = inp.largest.flatten() * inp.lo[0].numel() + 1
+        lost = (terms + 16) * eta(reach.dtype) * reach
+        self.error = self.error + lost.view(-1, *([1] * (self.error.dim() - 1)))
+
+    def constant(self, c: torch.Tensor) -> None:
+        self.size = self.size + c.abs()
+
+    def settle(self, base: torch.Tensor, const: torch.Tensor) -> torch.Tensor:
+        """base + const minus everything the evaluation may have lost, itself rounded up:
+        the charges (sums of at most ``terms`` products each, ``steps`` of them added) and
+        the additions of the constants and of the slack itself."""
+        error = self.error * (1 + 2 * gamma(self.terms + self.steps + 2, base.dtype))
+        slack = error + gamma(self.steps + 6, base.dtype) * (base.abs() + self.size + error)
+        return base + const - slack
+
+
+def l1_rows(lam: torch.Tensor) -> torch.Tensor:
+    """||lam[b, s]||_1 (B, S), one read of lam whatever its strides, no temporary; rounded
+    up (n-term sums of non-negative terms: gamma_n)."""
+    norm = torch.linalg.vector_norm(lam, 1, dim=tuple(range(2, lam.dim())))
+    return norm * (1 + gamma(lam[0, 0].numel() + 1, lam.dtype))
+
+
+def largest(rho: torch.Tensor | float) -> torch.Tensor | float:
+    """max_j rho_j per point (B, 1) (rho (B, ...)), or the scalar."""
+    if not isinstance(rho, torch.Tensor):
+        return rho
+    return rho.flatten(1).amax(1, keepdim=True) if rho.dim() > 1 else rho.amax().view(1, 1)

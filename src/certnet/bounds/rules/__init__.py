@@ -1,0 +1,87 @@
+"""The bound rules (one per exact layer type, held by its registration
+:class:`certnet.nn.layer_types.LayerType`): interface (:mod:`.base`), affine rules (:mod:`.affine`),
+ReLU relaxation maths (:mod:`.relaxation`), activations (:mod:`.activations`), l_p-dist and
+companions (:mod:`.linf_dist`)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from certnet.bounds.rules.activations import (
+    ClippedMinMaxRule,
+    ClippedReLURule,
+    MinMaxRule,
+    ReLURule,
+)
+from certnet.bounds.rules.affine import (
+    AffineRule,
+    AvgPoolRule,
+    BatchNormRule,
+    ConvRule,
+    FlattenRule,
+    IdentityRule,
+    LinearRule,
+    NormalizeRule,
+    ResidualConvRule,
+)
+from certnet.bounds.rules.base import SLOPES, BoundRule, LayerInput, Slope
+from certnet.bounds.rules.linf_dist import (
+    LinfDistConvRule,
+    LinfDistRule,
+    MeanShiftRule,
+    NegateRule,
+    TanhRule,
+)
+from certnet.errors import UnsupportedLayerError
+from certnet.nn.activations import ClippedMinMax, ClippedReLU, MinMax
+from certnet.nn.layer_types import BY_CLASS, LayerType, layer_type, register_layer_type
+from certnet.nn.linf_dist import LinfDist, LinfDistConv2d, MeanShift, Negate
+from certnet.nn.lipschitz import LipschitzConv2d, LipschitzLinear, Normalize, ResidualConv2d
+
+__all__ = ["SLOPES", "AffineRule", "BoundRule", "LayerInput", "Slope", "check_supported",
+           "register_bound_rule", "rule_for"]
+
+
+def register_bound_rule(cls: type[nn.Module], rule: BoundRule) -> None:
+    """Bound layers of exactly type ``cls`` (never subclasses) with ``rule``: the ``rule`` of
+    its registration (a bare one if it has none)."""
+    (layer_type(cls) or register_layer_type(LayerType(cls))).rule = rule
+
+
+def rule_for(m: nn.Module) -> BoundRule:
+    known = layer_type(m)
+    if known is None or known.rule is None:
+        raise UnsupportedLayerError(
+            f"no bound rule for layer {type(m).__name__}; supported: "
+            f"{sorted(c.__name__ for c, t in BY_CLASS.items() if t.rule is not None)} "
+            "(certnet.bounds.register_bound_rule)")
+    return known.rule
+
+
+def check_supported(layers: nn.Sequential) -> None:
+    """UnsupportedLayerError naming the first layer without a bound rule or with settings its
+    rule does not cover (the rule's ``check``)."""
+    for i, m in enumerate(layers):
+        rule_for(m).check(m, f"layer {i} ({type(m).__name__})")
+
+
+for _cls in (nn.Linear, LipschitzLinear):
+    register_bound_rule(_cls, LinearRule())
+for _cls in (nn.Conv2d, LipschitzConv2d):
+    register_bound_rule(_cls, ConvRule())
+register_bound_rule(ResidualConv2d, ResidualConvRule())
+for _cls in (nn.BatchNorm1d, nn.BatchNorm2d):
+    register_bound_rule(_cls, BatchNormRule())
+register_bound_rule(Normalize, NormalizeRule())
+register_bound_rule(nn.AvgPool2d, AvgPoolRule())
+register_bound_rule(nn.Flatten, FlattenRule())
+register_bound_rule(nn.ReLU, ReLURule())
+register_bound_rule(MinMax, MinMaxRule())
+register_bound_rule(ClippedReLU, ClippedReLURule())
+register_bound_rule(ClippedMinMax, ClippedMinMaxRule())
+register_bound_rule(nn.Identity, IdentityRule())
+register_bound_rule(LinfDist, LinfDistRule())
+register_bound_rule(LinfDistConv2d, LinfDistConvRule())
+register_bound_rule(MeanShift, MeanShiftRule())
+register_bound_rule(Negate, NegateRule())
+register_bound_rule(nn.Tanh, TanhRule())

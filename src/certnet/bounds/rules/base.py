@@ -1,0 +1,150 @@
+"""The bound-rule interface (auto_LiRPA's ``operators/``: one bound class per operation with a
+uniform interface) and what a layer sees, :class:`LayerInput`.
+
+A rule knows two things about its layer h -> z:
+
+* ``interval(m, inp)``: an interval containing z for every h in [inp.lo, inp.hi] (IBP, Gowal et
+  al. 2018, Eq. 6: centre/radius form for affine maps, endpoints for monotone activations);
+* ``backward(m, lam, inp, slope)``: given coefficients ``lam`` (B, S, *z.shape) of a linear lower
+  bound lam . z, coefficients on h and a constant (B, S) with lam . z >= lam_h . h + const
+  for every h in the interval (CROWN, Zhang et al. 2018, Thm 3.2; CROWN-IBP, Zhang et al. 2020).
+
+Affine layers use their *effective* weight (e.g. the folded residual conv). Convolutions go
+backward as transposed convolutions on the coefficient tensors, never as dense matrices.
+A rule is the ``rule`` of its layer type's registration (:mod:`certnet.nn.layer_types`); what
+the engine may do with it, it asks the rule (capabilities), never the rule's type.
+
+Rigorous in floating point (certificates; docs/rounding.md): every rule also bounds its own
+rounding, from the magnitudes that enter its operations (:mod:`certnet.floats`):
+
+* ``interval_error``: how far the computed interval may fall inside the exact one, and the
+  float forward pass of any input in it outside it: widened by it (and one ulp), the interval
+  holds the layer's exact AND float outputs;
+* ``backward_error``: rho (per output neuron) such that one ``backward`` step with any
+  coefficients lam is off by at most sum_j |lam_j| rho_j, over the input interval;
+* ``drift``: a bound on |float forward - exact forward| of the outputs, given that of the inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+Slope = Literal["adaptive", "zero", "one", "same"]
+SLOPES = ("adaptive", "zero", "one", "same")
+
+
+@dataclass
+class LayerInput:
+    """What a layer sees: an interval [lo, hi] of its inputs and the unperturbed input."""
+
+    lo: torch.Tensor
+    hi: torch.Tensor
+    clean: torch.Tensor
+
+    @property
+    def magnitude(self) -> torch.Tensor:
+        """max(|lo|, |hi|): the largest |h| of each input over the interval (exact)."""
+        return torch.maximum(self.lo.abs(), self.hi.abs())
+
+    @property
+    def largest(self) -> torch.Tensor:
+        """Each point's largest |h| over the interval, shaped (B, 1, ...) to broadcast."""
+        top = torch.maximum(self.hi.flatten(1).amax(1), self.lo.flatten(1).amin(1).neg())
+        return top.view(-1, *([1] * (self.lo.dim() - 1)))
+
+
+def channels_last(t: torch.Tensor) -> torch.Tensor:
+    """A 4-d float32 / half coefficient tensor in channels-last memory order (same values):
+    oneDNN's transposed convolutions run about twice as fast on it, and the elementwise rules
+    keep the order, so a backward pass converts once. float64 (no oneDNN kernel) is left as is."""
+    if t.dim() == 4 and t.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return t.contiguous(memory_format=torch.channels_last)
+    return t
+
+
+class BoundRule:
+    """Interface of a layer's bound rules. Activation rules (``activation = True``) relax
+    using their input interval and say which neurons are ``unstable`` on it (where tighter
+    intermediate bounds would help). A rule without a linear relaxation (``relaxable =
+    False``: interval only) ends every backward pass at its output's interval.
+    ``l2_lipschitz`` is a cheap l2 Lipschitz bound of the layer where one is known (else None):
+    a ball of radius r around its clean input maps into one of radius r * L around its clean
+    output; it is 1 for ``nonexpansive`` layers. ``patches`` names the form of its backward
+    step in CROWN's patches mode (:mod:`certnet.bounds.crown_patches`: "conv", "relu",
+    "channel", "identity"), None where it has none."""
+
+    activation: bool = False
+    relaxable: bool = True
+    nonexpansive: bool = False
+    #: ``interval`` is computed without rounding in any dtype (comparisons, clamps, reshapes).
+    exact_interval: bool = False
+    patches: str | None = None
+
+    def l2_lipschitz(self, m: nn.Module, inp: LayerInput) -> torch.Tensor | float | None:
+        return 1.0 if self.nonexpansive else None
+
+    def uses_batch_statistics(self, m: nn.Module) -> bool:
+        """Whether the rules read ``LayerInput.clean``: the statistics of the clean batch
+        (BatchNorm, mean shift in training), so no bound of one input holds alone."""
+        return False
+
+    def check(self, m: nn.Module, where: str) -> None:
+        """UnsupportedLayerError (naming the layer as ``where``) if the rule does not cover
+        the module's settings."""
+
+    def slopes(self, m: nn.Module, inp: LayerInput, slope: Slope) -> torch.Tensor | None:
+        """The lower slopes (B, *h) of the relaxation that alpha-CROWN may optimise (Xu et al.
+        2021, §3.1: every value in [0, 1] is sound; ``backward`` takes them per specification
+        row (B, S, *h) as ``slope``), CROWN's choice ``slope`` as the start; None where it has
+        none."""
+        return None
+
+    def unstable(self, m: nn.Module, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(lo, dtype=torch.bool)
+
+    def interval_error(self, m: nn.Module, inp: LayerInput) -> torch.Tensor | float | None:
+        """A bound, per output, on how far ``interval(m, inp)`` computed in the dtype of
+        ``inp`` may fall inside the exact interval of its input box, and the layer's float
+        forward pass of any input in the box outside it, plus the rounding of the widening
+        itself (u of the interval's magnitude): widening by it makes a walk rigorous. 0 for
+        rules computed exactly (and exact forward passes); None if unknown."""
+        return 0.0 if self.exact_interval else None
+
+    def backward_error(self, m: nn.Module, inp: LayerInput) -> torch.Tensor | float | None:
+        """rho, broadcastable to (B, *z): one ``backward`` step computed in the dtype of
+        ``inp``, for any coefficients lam, satisfies lam . z >= lam_h . h + const - sum_j
+        |lam_j| rho_j for every h in the interval (its slopes, products and constant round).
+        None if unknown."""
+        return None
+
+    def drift(self, m: nn.Module, error: torch.Tensor, inp: LayerInput
+              ) -> torch.Tensor | None:
+        """Per output, a bound on |float forward - exact forward| of the layer at any input
+        in the interval whose float value is off by at most ``error`` (per input). None if
+        unknown."""
+        return None
+
+    def jacobian_masks(self, m: nn.Module, lo: torch.Tensor, hi: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Keep masks (of the input, of the output) such that the layer's Jacobian anywhere
+        in the box [lo, hi] is diag(keep_out) A diag(keep_in) with ||A||_2 <= 1: outputs that
+        are constant on the box, and inputs that only feed them, drop out of the local
+        Lipschitz bound (Huang et al. 2021, §3). None where no such form is known."""
+        return None
+
+    def constancy_gap(self, m: nn.Module, lo: torch.Tensor, hi: torch.Tensor
+                      ) -> torch.Tensor | None:
+        """A differentiable distance of each output from being constant on the box [lo, hi]
+        (0 where it is): the sparsity penalty of local-Lipschitz training. None if unknown."""
+        return None
+
+    def interval(self, m: nn.Module, inp: LayerInput) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def backward(self, m: nn.Module, lam: torch.Tensor, inp: LayerInput, slope: Slope
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
