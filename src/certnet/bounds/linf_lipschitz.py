@@ -15,7 +15,6 @@ from certnet.bounds.rules import LayerInput
 from certnet.floats import gamma
 from certnet.nn.conv_algorithms import gemm_convolutions
 from certnet.nn.layer_types import layer_type
-from certnet.nn.linf_dist import LinfDist, LinfDistConv2d
 
 
 def linf_layer_bound(m: nn.Module) -> float | None:
@@ -40,7 +39,8 @@ def prefix_bounds(layers: nn.Sequential, dist_at_inf: bool = False) -> list[floa
     """L_{<i} for every i (the last: the whole network's), rounded up."""
     total = [1.0]
     for i, m in enumerate(layers):
-        bound = 1.0 if dist_at_inf and type(m) in (LinfDist, LinfDistConv2d) else \
+        known = layer_type(m)
+        bound = 1.0 if dist_at_inf and known is not None and known.annealed_p else \
             linf_layer_bound(m)
         if bound is None or not math.isfinite(bound):
             raise ValueError(f"layer {i} ({type(m).__name__}) has no l_inf Lipschitz bound")

@@ -222,7 +222,7 @@ def local_training_constants(layers: nn.Sequential, x: torch.Tensor, threat: Thr
         if gap is not None:
             gaps.append(gap.mean())
         masks = layer_masks(i, ins, outs, seen)
-        if masks is None or not hasattr(m, "power_iterate"):
+        if masks is None or layer_type(m).masked_bound is None:  # no power iterate
             continue
         local = masked_estimate(m, seen[i], *masks, m.power_iterate, iterations)
         bounds[i] = torch.minimum(local, torch.as_tensor(estimates[i]))

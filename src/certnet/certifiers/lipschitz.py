@@ -18,7 +18,8 @@ from certnet.bounds.pairwise import SoundConstants, logit_gaps, pairwise_radius
 from certnet.certifiers.base import Certificate, Certifier, register_certifier
 from certnet.errors import UnsupportedLayerError
 from certnet.floats import round_down
-from certnet.nn.lipschitz import LipschitzLinear, check_bounded
+from certnet.nn.layer_types import is_dense
+from certnet.nn.lipschitz import check_bounded
 from certnet.nn.rounding import check_rounding, float64_forward
 from certnet.threat import ThreatModel, from_l2_radius
 
@@ -30,7 +31,7 @@ class LipschitzCertifier(Certifier):
 
     def applies(self, model, norm):
         layers = getattr(model, "layers", None)
-        if not isinstance(layers, nn.Sequential) or type(layers[-1]) is not LipschitzLinear:
+        if not isinstance(layers, nn.Sequential) or not is_dense(layers[-1]):
             return "it needs a network ending in a linear layer"
         try:
             for m in layers:

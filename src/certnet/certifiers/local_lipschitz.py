@@ -35,7 +35,8 @@ from certnet.certifiers.lipschitz import LipschitzCertifier
 from certnet.errors import UnsupportedLayerError
 from certnet.floats import eta, gamma, outward
 from certnet.nn.conv_algorithms import gemm_chunk
-from certnet.nn.lipschitz import LipschitzLinear, product
+from certnet.nn.layer_types import is_dense
+from certnet.nn.lipschitz import product
 from certnet.nn.masked_spectral import GRAM_RANK, GramTail, dense_gram_tails
 from certnet.nn.rounding import float64_forward
 from certnet.nn.spectral import BOUND_SLACK
@@ -60,7 +61,7 @@ class LocalConstants:
     @torch.no_grad()
     def of(cls, layers: nn.Sequential, rank: int = GRAM_RANK) -> LocalConstants:
         tails = {i: dense_gram_tails(m.weight, rank) for i, m in enumerate(layers[:-1])
-                 if type(m) is LipschitzLinear}
+                 if is_dense(m)}
         return cls(SoundConstants.of(layers), tails, float32_copy(layers))
 
 

@@ -41,6 +41,10 @@ class LayerType:
     diag(cols)||_2 for its linear part A, or None (Huang et al. 2021, §3).
     ``reshape_only``: only reshapes (keep masks pass through it).
     ``batch_statistics``: in training mode it normalises by the batch (no single-input bound).
+    ``dense``: x -> W x + b on flat inputs with W = ``m.weight`` (out, in): a Lipschitz
+    certificate's head (pairwise rows), and its Gram split serves local bounds.
+    ``annealed_p``: an l_p-dist layer whose p training anneals towards inf; the training
+    surrogate of its l_inf bound takes it at p = inf.
     """
 
     cls: type[nn.Module]
@@ -56,6 +60,8 @@ class LayerType:
     masked_bound: Callable[..., torch.Tensor | None] | None = None
     reshape_only: bool = False
     batch_statistics: bool = False
+    dense: bool = False
+    annealed_p: bool = False
     fields: type[BaseModel] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -84,3 +90,9 @@ def unit_bound(m: nn.Module) -> float:
 def layer_type(m: nn.Module | type[nn.Module]) -> LayerType | None:
     """The registration of ``m``'s exact type (or of the class ``m``), None if unregistered."""
     return BY_CLASS.get(m if isinstance(m, type) else type(m))
+
+
+def is_dense(m: nn.Module) -> bool:
+    """Whether ``m``'s exact type is registered as a dense affine layer (``LayerType.dense``)."""
+    known = layer_type(m)
+    return known is not None and known.dense

@@ -180,14 +180,14 @@ register_layer_type(LayerType(LinfDist, "linf_dist", lambda m: {
     "in_features": m.in_features, "out_features": m.out_features, "p": p_to_json(m.p),
     "bias": m.bias is not None},
     {"in_features": Positive, "out_features": Positive, "p": P, "bias": bool},
-    linf_bound=_dist_linf_bound))
+    linf_bound=_dist_linf_bound, annealed_p=True))
 register_layer_type(LayerType(LinfDistConv2d, "linf_dist_conv", lambda m: {
     "in_channels": m.in_channels, "out_channels": m.out_channels,
     "kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding,
     "p": p_to_json(m.p), "bias": m.bias is not None},
     {"in_channels": Positive, "out_channels": Positive, "kernel_size": Positive,
      "stride": Positive, "padding": Count, "p": P, "bias": bool},
-    linf_bound=_dist_linf_bound))
+    linf_bound=_dist_linf_bound, annealed_p=True))
 register_layer_type(LayerType(MeanShift, "mean_shift", lambda m: {
     "num_features": m.num_features, "momentum": m.momentum},
     {"num_features": Positive, "momentum": Fraction}, linf_bound=unit_bound, batch_statistics=True))

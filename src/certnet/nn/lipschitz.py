@@ -489,7 +489,8 @@ register_layer_type(LayerType(
     {"in_features": Positive, "out_features": Positive, "bias": bool},
     l2_bound=_bound, l2_estimate=_estimate, linf_bound=_rows_linf_bound,
     rounding=lambda m: affine_rounding(magnitude_bound(m.weight), m.in_features + 1, m.bias),
-    masked_bound=lambda m, rows, cols, tails: dense_masked_bound(m.weight, rows, cols, tails)))
+    masked_bound=lambda m, rows, cols, tails: dense_masked_bound(m.weight, rows, cols, tails),
+    dense=True))
 register_layer_type(LayerType(
     LipschitzConv2d, "conv", _conv_describe,
     {"in_channels": Positive, "out_channels": Positive, "kernel_size": Positive,
