@@ -1,5 +1,7 @@
+"""Shared fixtures. Threads follow the library's own rule (certnet.threads, applied on import),
+as for every user."""
+
 import pytest
-import torch
 
 from certnet.data import load_dataset
 from certnet.errors import DataError
@@ -12,13 +14,3 @@ def mnist_available() -> bool:
     except DataError:
         pytest.skip("MNIST is not available on this machine")
     return True
-
-
-@pytest.fixture(autouse=True, scope="session")
-def one_thread():
-    """Tests use small models: one intra-op thread avoids oversubscription (a float64 SVD with
-    2 threads next to another busy process was seen to take seconds instead of milliseconds)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

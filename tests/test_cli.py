@@ -7,18 +7,19 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import certnet
 from certnet.archs import build_arch
 from certnet.cli import (
     PRESET_DIR,
     build_parser,
-    default_threads,
     main,
     preset_description,
 )
 from certnet.config import TrainConfig
 from certnet.methods.gloro import GloroNet
+from certnet.threads import choose_threads, default_threads
 
 TRAIN = ["train", "--method", "gloro", "--arch", "2c2f", "--dataset", "mnist", "--eps", "0.3",
          "--epochs", "1", "--train-limit", "512", "--eval-limit", "200", "--quiet"]
@@ -132,11 +133,16 @@ def test_presets_print_whole_descriptions(capsys):
 
 def test_thread_default_yields_to_the_environment(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    main(["presets"])
+    choose_threads()
     assert os.environ["OMP_NUM_THREADS"] == "3"
     monkeypatch.delenv("OMP_NUM_THREADS")
-    main(["presets"])
-    assert os.environ["OMP_NUM_THREADS"] == str(default_threads())
+    threads = torch.get_num_threads()
+    try:
+        choose_threads()  # torch is loaded here: applied through torch as well
+        assert os.environ["OMP_NUM_THREADS"] == str(default_threads())
+        assert torch.get_num_threads() == default_threads()
+    finally:
+        torch.set_num_threads(threads)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     assert default_threads() == 3
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
@@ -147,6 +153,15 @@ def test_cli_import_does_not_load_torch():
     """The thread defaults only work if main() runs before torch is imported."""
     subprocess.run([sys.executable, "-c", "import sys, certnet.cli; "
                     "assert 'torch' not in sys.modules"], check=True)
+
+
+def test_the_python_api_chooses_the_same_threads_as_the_cli():
+    """`import certnet` in a fresh process sets torch's threads by the CLI's rule."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", "import certnet, torch; "
+                          "print(torch.get_num_threads())"], check=True, env=env,
+                         capture_output=True, text=True).stdout
+    assert int(out) == default_threads()
 
 
 def test_console_script_runs():
@@ -172,3 +187,17 @@ def test_local_lipschitz_trains_and_certifies_from_the_cli(trained, tmp_path, ca
     assert main(args) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["certifier"] == "local-lipschitz" and results["n"] == 50
+
+
+def test_a_radius_may_be_a_fraction_as_in_papers():
+    args = build_parser().parse_args(["certify", "ckpt", "--eps", "8/255,0.1"])
+    assert args.eps == [8 / 255, 0.1]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["certify", "ckpt", "--eps", "1/0"])
+
+
+def test_a_closed_pipe_ends_quietly():
+    """`certnet presets | head -1`: no traceback, status 0."""
+    done = subprocess.run(f"{sys.executable} -m certnet.cli presets | head -1", shell=True,
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() and "Traceback" not in done.stderr

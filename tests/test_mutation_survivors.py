@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
+import tempfile
 import warnings
 from fractions import Fraction
 
@@ -361,3 +363,221 @@ def test_a_checkpoint_restores_its_method_options_without_warnings(tmp_path):
         loaded = checkpoint.load(tmp_path / "m")
     assert loaded.method_config() == model.method_config()
     assert (loaded.power_iterations, loaded.sparsity, loaded.local_iterations) == (3, 0.5, 4)
+
+
+#: a one-layer GloRo net on 4 inputs: the smallest model a checkpoint can hold
+TINY_LAYERS = [{"type": "linear", "in_features": 4, "out_features": 2, "bias": True}]
+
+
+def _tiny_checkpoint(tmp_path, layers=None, method=None, **options):
+    from certnet.methods.gloro import GloroNet
+    from certnet.nn.spec import build_layers
+
+    torch.manual_seed(0)
+    method = method or GloroNet
+    model = method(build_layers(layers or TINY_LAYERS, (4,)), (4,), 2, **options)
+    checkpoint.save_model(tmp_path / "tiny", model)
+    return tmp_path / "tiny"
+
+
+def _edit_config(path, edit, seal: bool = True) -> None:
+    """Apply ``edit`` to config.json; ``seal``: recompute description_sha256, as a forger (or
+    a migration) would, so that only the check under test can refuse the edit."""
+    config = json.loads((path / "config.json").read_text())
+    edit(config)
+    if seal:
+        config["description_sha256"] = checkpoint.description_sha256(config)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(("version", "numbers"), [
+    ("0.1.0", (0, 1, 0)), ("1.22.3.4", (1, 22, 3)), ("1.2.dev0", (1, 2)), ("1.2.3rc1", (1, 2)),
+    ("x", ()), (99, ()), (None, ()), (1.5, ())])
+def test_version_tuple_reads_at_most_major_minor_patch_of_a_string(version, numbers):
+    """A fourth part (a local build) is the same release; a pre-release part ends the numbers;
+    a non-string (a hand-edited config.json) has none, so the schema, not the "newer"
+    refusal, names it."""
+    assert checkpoint._version_tuple(version) == numbers
+
+
+def _cfg(path):
+    return re.escape(str(path / "config.json"))
+
+
+#: (edit of config.json, whether to reseal the description, the whole message as a regex of
+#: the checkpoint directory D and its config.json C): one line naming the file and the field
+READ_CONFIG_REFUSALS = {
+    "no config.json": (lambda p: (p / "config.json").unlink(), None, "{C} is missing"),
+    "not JSON": (lambda p: (p / "config.json").write_text("{"), None,
+                 "{C} is not valid JSON: Expecting property name .*"),
+    "not a config": (lambda p: (p / "config.json").write_text("[]"), None,
+                     "{C} is not a certnet checkpoint config"),
+    "newer certnet": (lambda c: c.update(certnet_version="999.0.0"), True,
+                      "{D} was written by certnet 999\\.0\\.0, newer than this certnet "
+                      f"{re.escape(checkpoint.__version__)}; upgrade certnet to load it"),
+    "version not a string": (lambda c: c.update(certnet_version=99), True,
+                             "{C}: field 'certnet_version': input should be a valid string "
+                             "\\(got 99\\)"),
+    "bad option": (lambda c: c["method_config"].update(power_iterations="ten"), True,
+                   "{C}: method_config: field 'power_iterations': input should be a valid "
+                   "integer \\(got 'ten'\\)"),
+    "format 2 lacks an option": (lambda c: c["method_config"].pop("loss"), True,
+                                 "{C}: method_config: field 'loss': field required .*"),
+    "bad train config": (lambda c: c.update(train={"bogus": 1}), False,
+                         "{C}: train: field 'bogus': unknown key; .*"),
+    "bad layer spec": (lambda c: c.update(layers=[{"type": "nope"}]), True,
+                       "{C}: unknown layer spec \\{'type': 'nope'\\} at layer 0; .*"),
+    "edited description": (lambda c: c["method_config"].update(power_iterations=3), False,
+                           "{C}: the model description \\(method, norm, input_shape, "
+                           "num_classes, layers, method_config\\) does not match its "
+                           "description_sha256: edited after saving"),
+}
+
+
+@pytest.mark.parametrize("case", list(READ_CONFIG_REFUSALS))
+def test_read_config_refusals_name_the_file_and_the_field_once(tmp_path, case):
+    edit, seal, message = READ_CONFIG_REFUSALS[case]
+    path = _tiny_checkpoint(tmp_path)
+    if seal is None:
+        edit(path)
+    else:
+        _edit_config(path, edit, seal)
+    with pytest.raises(CheckpointError) as err:
+        checkpoint.read_config(path)
+    want = message.replace("{C}", _cfg(path)).replace("{D}", re.escape(str(path)))
+    assert re.fullmatch(want, str(err.value)), str(err.value)
+
+
+@pytest.mark.parametrize("method_config", [None, {"power_iterations": 3}])
+def test_a_format_1_checkpoint_loads_with_default_options(tmp_path, method_config):
+    """Format 1 had no description_sha256, could omit ``norm`` and gave only some options
+    (the rest take their defaults), or none."""
+    from certnet.methods.gloro import GloroNet
+
+    path = _tiny_checkpoint(tmp_path)
+
+    def to_format_1(config):
+        config["format_version"] = 1
+        del config["description_sha256"], config["norm"], config["method_config"]
+        if method_config is not None:
+            config["method_config"] = method_config
+
+    _edit_config(path, to_format_1, seal=False)
+    model = checkpoint.load(path)
+    defaults = GloroNet(checkpoint.build_layers(TINY_LAYERS, (4,)), (4,), 2).method_config()
+    assert model.method_config() == {**defaults, **(method_config or {})}
+
+
+def test_load_refuses_a_norm_the_method_does_not_certify(tmp_path):
+    path = _tiny_checkpoint(tmp_path)
+    _edit_config(path, lambda c: c.update(norm="linf"))
+    with pytest.raises(CheckpointError) as err:
+        checkpoint.load(path)
+    assert str(err.value) == (f"{path}: config.json says norm 'linf', but a gloro model is "
+                              "certified in l2")
+
+
+def test_load_refuses_options_the_method_refuses(tmp_path):
+    """Schema-valid options that the constructor refuses together (sparsity needs local
+    bounds): the method's own message, first line, after the directory."""
+    path = _tiny_checkpoint(tmp_path)
+    _edit_config(path, lambda c: c["method_config"].update(sparsity=0.5))
+    with pytest.raises(CheckpointError) as err:
+        checkpoint.load(path)
+    assert str(err.value) == (f"{path}: config.json describes no valid model: sparsity is a "
+                              "local-Lipschitz penalty: use lipschitz=local")
+
+
+def test_load_refuses_a_tensor_outside_the_layers(tmp_path):
+    """The dry run checks the ``layers.`` tensors only; the model's strict load refuses any
+    other tensor (the weights would not be the model's), keeping torch's first line."""
+    path = _tiny_checkpoint(tmp_path)
+    state = st_load((path / "model.safetensors").read_bytes())
+    state["extra"] = torch.zeros(1)
+    _rewrite_weights(path, st_save(state))
+    with pytest.raises(CheckpointError) as err:
+        checkpoint.load(path)
+    first = str(err.value.__cause__).splitlines()[0]
+    assert "Unexpected key" in str(err.value.__cause__)
+    assert str(err.value) == (f"{path}: weights do not fit the architecture in config.json: "
+                              f"{first}")
+
+
+def test_load_refuses_batchnorm_statistics_no_certifier_bounds(tmp_path):
+    from certnet.methods.bound_prop import IBPNet
+
+    layers = [{"type": "linear", "in_features": 4, "out_features": 3, "bias": True},
+              {"type": "batchnorm1d", "num_features": 3}, {"type": "relu"},
+              {"type": "linear", "in_features": 3, "out_features": 2, "bias": True}]
+    path = _tiny_checkpoint(tmp_path, layers, IBPNet)
+    state = st_load((path / "model.safetensors").read_bytes())
+    state["layers.1.running_var"][0] = -1.0
+    _rewrite_weights(path, st_save(state))
+    with pytest.raises(CheckpointError) as err:
+        checkpoint.load(path)
+    assert str(err.value) == (f"{path}: layer 1 (BatchNorm1d): running_var has negative or "
+                              "NaN entries")
+
+
+def test_load_puts_the_model_on_the_device(tmp_path):
+    """On a CPU-only machine the meta device stands in for a GPU."""
+    model = checkpoint.load(_tiny_checkpoint(tmp_path), device="meta")
+    assert {t.device.type for t in model.state_dict().values()} == {"meta"}
+    assert not model.training
+
+
+def test_the_dry_run_names_an_exception_without_a_message(tmp_path, monkeypatch):
+    """Whatever the dry build raises is one line; an exception with no message (e.g. a bare
+    MemoryError or AssertionError inside torch) is named by its type."""
+    path = _tiny_checkpoint(tmp_path)
+
+    def build(*args):
+        raise MemoryError
+
+    monkeypatch.setattr(checkpoint, "build_layers", build)
+    with pytest.raises(CheckpointError) as err:
+        checkpoint.load(path)
+    assert str(err.value) == (f"{path}: the layers in config.json do not take the weights in "
+                              "model.safetensors: MemoryError")
+
+
+def test_save_train_state_makes_its_directory_and_replaces_a_state_of_the_same_epoch(
+        tmp_path, monkeypatch):
+    """The output directory need not exist; the temp directory is made beside the final one
+    (a rename within one filesystem), wherever tempfile's default directory is."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no such dir"))
+    run = tmp_path / "new" / "run"
+    for value in (1.0, 2.0):
+        final = checkpoint.save_train_state(run, 1, {"w": torch.full((2,), value)}, {})
+        assert final == run / "state" / "epoch-0001"
+    tensors, meta = checkpoint.load_train_state(run)
+    assert tensors["w"].tolist() == [2.0, 2.0] and meta["epoch"] == 1
+    assert sorted(p.name for p in (run / "state").iterdir()) == ["epoch-0001"]
+
+
+def test_a_failed_train_state_write_leaves_nothing_and_raises_its_own_error(tmp_path,
+                                                                            monkeypatch):
+    checkpoint.save_train_state(tmp_path, 1, {"w": torch.ones(2)}, {})
+    root = tmp_path / "state"
+
+    def full(path, data):
+        raise OSError("disk full")
+
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint, "atomic_write", full)
+        with pytest.raises(OSError, match="^disk full$"):
+            checkpoint.save_train_state(tmp_path, 2, {"w": torch.ones(2)}, {})
+    assert sorted(p.name for p in root.iterdir()) == ["epoch-0001"]
+    # a failure after the rename (the directory's fsync): the temp directory is gone already,
+    # and the fsync's error, not the cleanup's, is what the caller sees
+    fsync_dir = checkpoint._fsync_dir
+
+    def failing_fsync(path):
+        if path == root:
+            raise OSError("fsync failed")
+        fsync_dir(path)
+
+    monkeypatch.setattr(checkpoint, "_fsync_dir", failing_fsync)
+    with pytest.raises(OSError, match="^fsync failed$"):
+        checkpoint.save_train_state(tmp_path, 2, {"w": torch.ones(2)}, {})
+    assert checkpoint.load_train_state(tmp_path)[1]["epoch"] == 2

@@ -1,7 +1,8 @@
 """certnet: certifiably robust neural networks (GloRo, l_inf-dist, local Lipschitz, IBP/CROWN).
 
-The public names are imported on first use (PEP 562), so ``import certnet.cli`` does not import
-torch: the CLI sets its thread defaults before torch (and its OpenMP runtime) loads.
+The public names are imported on first use (PEP 562), so ``import certnet`` does not import
+torch: the thread count (:mod:`certnet.threads`) is chosen here, before torch (and its OpenMP
+runtime) loads, for the Python API, the CLI and the tests alike.
 """
 
 from __future__ import annotations
@@ -9,7 +10,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from certnet.threads import choose_threads
+
 __version__ = "0.1.0"
+choose_threads()
 
 _EXPORTS = {"load": "certnet.checkpoint", "save_model": "certnet.checkpoint",
             "Certificate": "certnet.methods", "CertifiedModel": "certnet.methods",

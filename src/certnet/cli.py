@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import os
 import sys
@@ -18,20 +19,10 @@ from typing import Any, NoReturn
 from certnet.config import TrainConfig
 from certnet.errors import CertnetError, ConfigError
 from certnet.memory import keep_freed_memory
+from certnet.threads import default_threads
 from certnet.timing import Phases
 
 PRESET_DIR = Path(__file__).parent / "configs"
-
-
-def default_threads() -> int:
-    """Intra-op threads when OMP_NUM_THREADS is unset: one core fewer than this process may use.
-
-    More threads than free cores make torch's OpenMP threads spin in barriers; on the 2-core
-    reference machine one thread is never more than 1.6x slower than the fastest setting, idle
-    or beside a busy process, where the other settings lose up to 2.5x (benchmarks/threads.py).
-    """
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cpus or 1) - 1)
 
 
 def preset_path(name_or_path: str) -> Path:
@@ -44,16 +35,21 @@ def preset_path(name_or_path: str) -> Path:
     preset = PRESET_DIR / f"{name_or_path}.yaml"
     if not preset.is_file():
         names = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-        raise ConfigError(f"unknown preset {name_or_path!r}; choose from {names} or a .yaml file")
+        near = difflib.get_close_matches(name_or_path, names, 3)
+        hint = f"did you mean {' or '.join(map(repr, near))}? " if near else ""
+        raise ConfigError(f"unknown preset {name_or_path!r}; {hint}`certnet presets` lists "
+                          f"all {len(names)}, or pass a .yaml file")
     return preset
 
 
 def _number(kind: type, minimum: float):
-    """argparse type: a finite ``kind`` (int or float) >= ``minimum``."""
+    """argparse type: a finite ``kind`` (int or float) >= ``minimum``; a float may be written
+    as a fraction, as radii are in papers (``8/255``)."""
     def parse(text: str):
         try:
-            value = kind(text)
-        except ValueError as err:
+            top, slash, bottom = text.partition("/")
+            value = kind(float(top) / float(bottom)) if slash and kind is float else kind(text)
+        except (ValueError, ZeroDivisionError) as err:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from err
         if not (minimum <= value < float("inf")):
             raise argparse.ArgumentTypeError(f"{text!r} must be a finite number >= {minimum}")
@@ -456,13 +452,33 @@ def _interrupted(args: argparse.Namespace) -> str:
             "again (with or without --resume)")
 
 
+#: the options that name files a command writes
+OUTPUTS = ("json", "per_point", "curve")
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """ConfigError now, before any work, for an output file that could not be written: its
+    folder missing or not writable, or the path a folder."""
+    for name in OUTPUTS:
+        path = getattr(args, name, None)
+        if path is None:
+            continue
+        path = Path(path)
+        folder = path.parent if str(path.parent) else Path(".")
+        if path.is_dir():
+            raise ConfigError(f"--{name.replace('_', '-')} {path} is a folder, not a file")
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise ConfigError(f"--{name.replace('_', '-')} {path}: cannot write into "
+                              f"{folder} (missing or not writable); nothing was computed")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the ``certnet`` command line; returns the exit status."""
-    os.environ.setdefault("OMP_NUM_THREADS", str(default_threads()))  # before torch loads
     keep_freed_memory()
     args = build_parser().parse_args(argv)
     args.phases = Phases()  # wall time per phase, for results files
     try:
+        check_outputs(args)
         return args.func(args)
     except CertnetError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -473,6 +489,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"error: {_interrupted(args)}", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `certnet info ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     finally:
         if "certnet.distributed" in sys.modules:  # a torchrun rank: leave the group cleanly
             sys.modules["certnet.distributed"].shutdown()

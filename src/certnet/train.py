@@ -143,6 +143,9 @@ class Trainer:
             self.scaler = torch.amp.GradScaler(self.device.type,
                                                init_scale=float(tensors["scaler.scale"]))
         self.start_epoch = meta["epoch"] + 1
+        if self.progress:
+            print(f"resuming {self.out_dir} after epoch {self.start_epoch} of "
+                  f"{self.config.epochs}", flush=True)
         # metrics.jsonl may lack the checkpointed epoch or hold epochs after it: rebuild it
         path = self.out_dir / "metrics.jsonl"
         lines = path.read_text().splitlines() if path.exists() else []
