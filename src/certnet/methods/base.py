@@ -17,7 +17,7 @@ from torch import nn
 from certnet.certificate import Certificate
 from certnet.errors import ConfigError
 from certnet.nn.integrity import Float64Twin, check_plain
-from certnet.nn.lipschitz import trace_shapes
+from certnet.nn.lipschitz import convert_sequential, trace_shapes
 from certnet.registry import Registry
 from certnet.schema import signature_schema
 from certnet.threat import Norm
@@ -110,6 +110,21 @@ class CertifiedModel(nn.Module):
         """Optimizer parameter groups; a group's ``lr_scale`` multiplies the scheduled learning
         rate for it (default: one group of every parameter)."""
         return [{"params": list(self.parameters())}]
+
+    @classmethod
+    def from_sequential(cls, model: nn.Module, input_shape: tuple[int, ...],
+                        **options: Any) -> CertifiedModel:
+        """Bring your own network: this method's model of a plain trained ``nn.Sequential``
+        (Linear, Conv2d, ReLU, MinMax, Flatten, eval-mode dropout, ...; weights copied and the
+        function checked unchanged, see :func:`certnet.nn.lipschitz.convert_sequential`). The
+        classes are its output size; ``options`` are the method's (``options_schema``)."""
+        shape = tuple(input_shape)
+        layers = convert_sequential(model, shape)
+        out = trace_shapes(layers, shape)
+        if len(out) != 1:
+            raise ConfigError(f"the network must end in one logit per class, not outputs of "
+                              f"shape {out} (flatten before the dense layers)")
+        return cls(layers, shape, out[0], **options)
 
     @classmethod
     def options_schema(cls, complete: bool = False) -> type[BaseModel]:

@@ -35,7 +35,6 @@ from certnet.methods.base import CertifiedModel, register_method
 from certnet.nn.lipschitz import (
     LipschitzLinear,
     check_gloro_layer,
-    convert_sequential,
     layer_estimate,
     product,
 )
@@ -107,14 +106,6 @@ class GloroNet(CertifiedModel):
         self.local_iterations = local_iterations
         if lipschitz == "local":
             self.default_certifier = "local-lipschitz"
-
-    @classmethod
-    def from_sequential(cls, model: nn.Sequential, input_shape: tuple[int, ...],
-                        **kwargs: Any) -> GloroNet:
-        """A GloRo net from any plain ``nn.Sequential`` of supported layers (weights copied);
-        the number of classes is the last linear layer's output size."""
-        layers = convert_sequential(model, input_shape)
-        return cls(layers, input_shape, layers[-1].out_features, **kwargs)
 
     @property
     def head(self) -> LipschitzLinear:

@@ -380,16 +380,30 @@ def _same_function(original: nn.Module, converted: nn.Module,
     return a.shape == b.shape and bool(((a - b).abs() <= 1e-6 * scale).all())
 
 
+#: dropout layers: the identity in eval mode, dropped by :func:`convert_sequential`
+DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)
+
+
 def convert_sequential(model: nn.Sequential, input_shape: tuple[int, ...]) -> nn.Sequential:
-    """Turn a plain ``nn.Sequential`` of Linear / Conv2d / ReLU / MinMax / Flatten layers into
-    one whose layers know their Lipschitz constants (weights are copied). Unsupported layers,
+    """Turn a plain ``nn.Sequential`` of Linear / Conv2d / ReLU / MinMax / Flatten layers (and
+    eval-mode dropout, the identity) into one whose layers know their Lipschitz constants
+    (weights are copied). Unsupported layers,
     hooks (e.g. the hook-based ``weight_norm`` / ``spectral_norm``) and parametrizations raise
     :class:`UnsupportedLayerError`; the result must compute the same outputs as ``model``."""
     from certnet.nn.integrity import check_plain
 
+    if not isinstance(model, nn.Sequential):
+        raise UnsupportedLayerError(
+            f"expected an nn.Sequential, got {type(model).__name__}: certnet certifies "
+            "sequential networks (put the layers, flattening included, in an nn.Sequential)")
     check_plain(model)
     layers: list[nn.Module] = []
     for layer in model:
+        if type(layer) in DROPOUTS:
+            if layer.training:
+                raise UnsupportedLayerError(f"{type(layer).__name__} in training mode is "
+                                            "random: call model.eval() first")
+            continue  # the identity in eval mode
         if type(layer) is nn.Linear:
             new = LipschitzLinear(layer.in_features, layer.out_features, layer.bias is not None,
                                   dtype=layer.weight.dtype, device=layer.weight.device)
