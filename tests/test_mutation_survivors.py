@@ -319,7 +319,7 @@ def test_load_names_what_is_wrong_with_the_weights_file(tmp_path):
 
 def test_weights_missing_a_layer_are_refused_by_the_dry_run(tmp_path):
     """The meta-device dry run is strict: a layer the weights lack is refused there (before a
-    real, possibly huge, model is built), and the message keeps torch's first line only."""
+    real, possibly huge, model is built), on one line that names the missing key."""
     path = _checkpoint(tmp_path)
     state = st_load((path / "model.safetensors").read_bytes())
     dropped = sorted(k for k in state if k.startswith("layers."))[-1]
@@ -329,7 +329,8 @@ def test_weights_missing_a_layer_are_refused_by_the_dry_run(tmp_path):
         checkpoint.load(path)
     assert str(err.value).startswith(f"{path}: the layers in config.json do not take the "
                                      "weights in model.safetensors: ")
-    assert "\n" not in str(err.value) and str(err.value).endswith(":")
+    assert "\n" not in str(err.value) and str(err.value).endswith(
+        f'Missing key(s) in state_dict: "{dropped.removeprefix("layers.")}".')
 
 
 def test_training_state_errors_and_the_newest_state_wins(tmp_path):
@@ -407,27 +408,27 @@ def _cfg(path):
 #: (edit of config.json, whether to reseal the description, the whole message as a regex of
 #: the checkpoint directory D and its config.json C): one line naming the file and the field
 READ_CONFIG_REFUSALS = {
-    "no config.json": (lambda p: (p / "config.json").unlink(), None, "{C} is missing"),
-    "not JSON": (lambda p: (p / "config.json").write_text("{"), None,
+    "no-config-json": (lambda p: (p / "config.json").unlink(), None, "{C} is missing"),
+    "not-json": (lambda p: (p / "config.json").write_text("{"), None,
                  "{C} is not valid JSON: Expecting property name .*"),
-    "not a config": (lambda p: (p / "config.json").write_text("[]"), None,
+    "not-a-config": (lambda p: (p / "config.json").write_text("[]"), None,
                      "{C} is not a certnet checkpoint config"),
-    "newer certnet": (lambda c: c.update(certnet_version="999.0.0"), True,
+    "newer-certnet": (lambda c: c.update(certnet_version="999.0.0"), True,
                       "{D} was written by certnet 999\\.0\\.0, newer than this certnet "
                       f"{re.escape(checkpoint.__version__)}; upgrade certnet to load it"),
-    "version not a string": (lambda c: c.update(certnet_version=99), True,
+    "version-not-a-string": (lambda c: c.update(certnet_version=99), True,
                              "{C}: field 'certnet_version': input should be a valid string "
                              "\\(got 99\\)"),
-    "bad option": (lambda c: c["method_config"].update(power_iterations="ten"), True,
+    "bad-option": (lambda c: c["method_config"].update(power_iterations="ten"), True,
                    "{C}: method_config: field 'power_iterations': input should be a valid "
                    "integer \\(got 'ten'\\)"),
-    "format 2 lacks an option": (lambda c: c["method_config"].pop("loss"), True,
+    "format-2-lacks-an-option": (lambda c: c["method_config"].pop("loss"), True,
                                  "{C}: method_config: field 'loss': field required .*"),
-    "bad train config": (lambda c: c.update(train={"bogus": 1}), False,
+    "bad-train-config": (lambda c: c.update(train={"bogus": 1}), False,
                          "{C}: train: field 'bogus': unknown key; .*"),
-    "bad layer spec": (lambda c: c.update(layers=[{"type": "nope"}]), True,
+    "bad-layer-spec": (lambda c: c.update(layers=[{"type": "nope"}]), True,
                        "{C}: unknown layer spec \\{'type': 'nope'\\} at layer 0; .*"),
-    "edited description": (lambda c: c["method_config"].update(power_iterations=3), False,
+    "edited-description": (lambda c: c["method_config"].update(power_iterations=3), False,
                            "{C}: the model description \\(method, norm, input_shape, "
                            "num_classes, layers, method_config\\) does not match its "
                            "description_sha256: edited after saving"),
@@ -490,17 +491,17 @@ def test_load_refuses_options_the_method_refuses(tmp_path):
 
 def test_load_refuses_a_tensor_outside_the_layers(tmp_path):
     """The dry run checks the ``layers.`` tensors only; the model's strict load refuses any
-    other tensor (the weights would not be the model's), keeping torch's first line."""
+    other tensor (the weights would not be the model's), naming it on one line."""
     path = _tiny_checkpoint(tmp_path)
     state = st_load((path / "model.safetensors").read_bytes())
     state["extra"] = torch.zeros(1)
     _rewrite_weights(path, st_save(state))
     with pytest.raises(CheckpointError) as err:
         checkpoint.load(path)
-    first = str(err.value.__cause__).splitlines()[0]
-    assert "Unexpected key" in str(err.value.__cause__)
+    cause = " ".join(str(err.value.__cause__).split())
     assert str(err.value) == (f"{path}: weights do not fit the architecture in config.json: "
-                              f"{first}")
+                              f"{cause}")
+    assert str(err.value).endswith('Unexpected key(s) in state_dict: "extra".')
 
 
 def test_load_refuses_batchnorm_statistics_no_certifier_bounds(tmp_path):

@@ -190,6 +190,13 @@ def read_config(directory: str | Path) -> dict[str, Any]:
     return config
 
 
+def _one_line(err: BaseException, limit: int = 400) -> str:
+    """An exception's whole message on one line (torch's state-dict errors name the offending
+    key on their second line), shortened to ``limit`` characters."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _check_fit(directory: Path, config: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
     """CheckpointError unless the layers ``config`` describes take exactly the layer tensors
     of ``state``: a dry run on the meta device, which allocates nothing, so an absurd width or
@@ -202,7 +209,7 @@ def _check_fit(directory: Path, config: dict[str, Any], state: dict[str, torch.T
         probe.load_state_dict(layer_state, strict=True, assign=True)
     except Exception as err:  # whatever torch makes of an untrusted description
         raise CheckpointError(f"{directory}: the layers in config.json do not take the weights "
-                              f"in {MODEL_FILE}: {(str(err) or type(err).__name__).splitlines()[0]}"
+                              f"in {MODEL_FILE}: {_one_line(err)}"
                               ) from err
 
 
@@ -230,17 +237,17 @@ def load(directory: str | Path, device: str | torch.device = "cpu") -> Certified
                                              **config.get("method_config", {}))
     except (CertnetError, RuntimeError, TypeError, KeyError) as err:
         raise CheckpointError(f"{directory}: config.json describes no valid model: "
-                              f"{str(err).splitlines()[0]}") from err
+                              f"{_one_line(err)}") from err
     try:
         model.load_state_dict(state, strict=True)
     except (CertnetError, RuntimeError, TypeError, KeyError) as err:
         raise CheckpointError(f"{directory}: weights do not fit the architecture in "
-                              f"config.json: {str(err).splitlines()[0]}") from err
+                              f"config.json: {_one_line(err)}") from err
     try:
         check_certifiable(model.layers)  # e.g. BatchNorm statistics with no sound affine map
     except UnsupportedLayerError as err:
         raise CheckpointError(f"{directory}: {err}") from err
-    if config.get("norm", model.norm) != model.norm:
+    if config.get("norm") not in (None, model.norm):  # null: as if absent (same seal)
         raise CheckpointError(f"{directory}: config.json says norm {config['norm']!r}, but a "
                               f"{model.method} model is certified in {model.norm}")
     model.checkpoint_config = config
