@@ -14,7 +14,7 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "certnet"
 #: rank, or stay inside its own group
 LAYERS = {
     **dict.fromkeys(["errors", "floats", "registry", "schema", "timing", "memory", "device",
-                     "distributed", "optim", "schedules", "threat", "certificate"],
+                     "threads", "distributed", "optim", "schedules", "threat", "certificate"],
                     (0, "foundation")),
     "nn": (1, "nn"), "data": (1, "data"),
     "bounds": (2, "bounds"), "archs": (2, "archs"), "verify": (2, "verify"),
