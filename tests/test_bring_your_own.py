@@ -45,3 +45,29 @@ def test_training_mode_dropout_and_other_modules_are_refused_with_the_reason():
 
     with pytest.raises(UnsupportedLayerError, match="expected an nn.Sequential, got Graph"):
         IBPNet.from_sequential(Graph(), (1, 4, 4))
+
+
+def test_a_failed_save_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
+    """A network with a layer no spec describes, or a write failing half way: no directory,
+    nothing beside it."""
+    from certnet import checkpoint
+
+    model = IBPNet.from_sequential(_plain().eval(), (1, 4, 4))
+    model.layers.insert(1, _Unregistered())
+    with pytest.raises(UnsupportedLayerError, match="cannot describe"):
+        save_model(tmp_path / "ckpt", model)
+    assert list(tmp_path.iterdir()) == []
+
+    def full_disk(path, payload):
+        raise OSError(28, "No space left on device")
+
+    good = IBPNet.from_sequential(_plain().eval(), (1, 4, 4))
+    monkeypatch.setattr(checkpoint, "write_json", full_disk)
+    with pytest.raises(OSError):
+        save_model(tmp_path / "ckpt", good)
+    assert list(tmp_path.iterdir()) == []
+
+
+class _Unregistered(nn.Module):
+    def forward(self, x):
+        return x

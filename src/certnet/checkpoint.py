@@ -147,11 +147,28 @@ def model_config(model: CertifiedModel, **extra: Any) -> dict[str, Any]:
 
 
 def save_model(directory: str | Path, model: CertifiedModel, **extra: Any) -> None:
-    """Write ``model.safetensors`` then ``config.json`` (which names the weights' sha256)."""
+    """Write ``model.safetensors`` then ``config.json`` (which names the weights' sha256),
+    everything computed first. A new directory appears whole or not at all (written as a
+    temporary sibling, then renamed); in an existing one (a training run's) each file is
+    replaced atomically, and a crash between the two leaves a pair the sha256 refuses."""
     directory = Path(directory)
     blob, sha256 = _tensor_blob(model.state_dict())
-    atomic_write(directory / MODEL_FILE, blob)
-    write_json(directory / CONFIG_FILE, model_config(model, model_sha256=sha256, **extra))
+    config = model_config(model, model_sha256=sha256, **extra)  # e.g. an undescribable layer
+    if directory.exists():
+        atomic_write(directory / MODEL_FILE, blob)
+        write_json(directory / CONFIG_FILE, config)
+        return
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700; give the usual mode
+        atomic_write(tmp / MODEL_FILE, blob)
+        write_json(tmp / CONFIG_FILE, config)
+        os.replace(tmp, directory)
+        _fsync_dir(directory.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def read_config(directory: str | Path) -> dict[str, Any]:
