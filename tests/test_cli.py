@@ -201,3 +201,12 @@ def test_a_closed_pipe_ends_quietly():
     done = subprocess.run(f"{sys.executable} -m certnet.cli presets | head -1", shell=True,
                           capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip() and "Traceback" not in done.stderr
+
+
+def test_an_implausible_radius_is_warned_about(trained, capsys):
+    """eps = 76 on [0, 1] pixels: the ball holds the whole box; and the l2 checkpoint's radius
+    reused in l_inf: another scale. Both certify (exit 0) with a warning saying why."""
+    assert main(["certify", str(trained), "--limit", "10", "--eps", "76"]) == 0
+    assert "holds the whole pixel box" in capsys.readouterr().err
+    assert main(["certify", str(trained), "--limit", "10", "--norm", "linf"]) == 0
+    assert "the checkpoint's l2 radius" in capsys.readouterr().err

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, overload
 
 import torch
+from tqdm import tqdm
 
 from certnet.certifiers.base import resolve, run
 from certnet.checkpoint import atomic_write
@@ -68,7 +69,7 @@ class Report:
         return (f"{self.method}/{self.certifier} {self.norm} eps={self.eps:g} n={self.n}: "
                 f"clean accuracy {100 * self.clean_accuracy:.2f}%  VRA {100 * self.vra:.2f}%  "
                 f"abstain {100 * self.abstain_rate:.2f}%  {radii}{by}  "
-                f"{self.points_per_second:.0f} points/s")
+                f"{self.points_per_second:.3g} points/s")
 
     def write_per_point(self, path: str | Path) -> None:
         rows = [["index", "label", "pred", "certified", "radius", "certifier"]]
@@ -115,26 +116,27 @@ class Report:
 
 @overload
 def evaluate(model: CertifiedModel, data: Dataset, eps: float, certifier: str | None = None,
-             batch_size: int = 2000, norm: str | None = None, world: World | None = None
-             ) -> Report: ...
+             batch_size: int = 2000, norm: str | None = None, world: World | None = None,
+             progress: bool = False) -> Report: ...
 
 
 @overload
 def evaluate(model: CertifiedModel, data: Dataset, eps: Sequence[float],
              certifier: str | None = None, batch_size: int = 2000, norm: str | None = None,
-             world: World | None = None) -> list[Report]: ...
+             world: World | None = None, progress: bool = False) -> list[Report]: ...
 
 
 def evaluate(model: CertifiedModel, data: Dataset, eps: float | Sequence[float],
              certifier: str | None = None, batch_size: int = 2000, norm: str | None = None,
-             world: World | None = None) -> Report | list[Report]:
+             world: World | None = None, progress: bool = False) -> Report | list[Report]:
     """Certify every point of ``data`` at radius ``eps`` (a :class:`Report`), or at each radius
     of a sequence in one pass over the data (a list of Reports in the same order), by
     ``certifier`` in ``norm`` (defaults: the model's), resolved once. Each batch is checked once
     and certified once per radius;
     a report's ``seconds`` counts its own certify calls. With a distributed ``world`` each rank
     certifies its contiguous share of the points and every rank gets the whole report (the
-    same per-point results as one process; ``seconds`` is the slowest rank's)."""
+    same per-point results as one process; ``seconds`` is the slowest rank's). ``progress``: a
+    tqdm bar of points with its ETA, on a terminal only."""
     single = isinstance(eps, (int, float))
     radii = [eps] if single else list(eps)
     if not radii:
@@ -149,6 +151,8 @@ def evaluate(model: CertifiedModel, data: Dataset, eps: float | Sequence[float],
                  "gives_radius": chosen.gives_radius} for _ in radii]
     world = world or World()
     share = world.shard(data.y)
+    bar = tqdm(total=share.stop - share.start, unit="pt", leave=False,
+               desc=f"certify {chosen.name} {norm}", disable=None if progress else True)
     for i in range(share.start, share.stop, batch_size):
         x = data.images(slice(i, min(i + batch_size, share.stop))).to(device)
         check_inputs(x, model.input_shape)
@@ -161,6 +165,8 @@ def evaluate(model: CertifiedModel, data: Dataset, eps: float | Sequence[float],
             out["certified"].append(cert.certified.cpu())
             out["radius"].append(cert.radius.cpu())
             out["seconds"] += time.perf_counter() - start
+        bar.update(len(x))
+    bar.close()
     model.train(was_training)
     if world.active:
         outcomes = [_merge(parts) for parts in zip(*world.gather(outcomes), strict=True)]

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import math
 import os
 import sys
 import textwrap
@@ -163,7 +164,24 @@ def _load_eval(args: argparse.Namespace):
         print(f"warning: {mismatch} (--allow-dataset-mismatch)", file=sys.stderr)
     if args.limit:
         data.x, data.y = data.x[:args.limit], data.y[:args.limit]
+    _warn_about_radii(model, eps, args.norm or model.norm, args.eps is None)
     return model, data, eps, dataset, world
+
+
+def _warn_about_radii(model, eps: float | list[float], norm: str, trained: bool) -> None:
+    """A warning on stderr for a radius no point can be certified at, and for the
+    checkpoint's radius used in another norm than it was trained in."""
+    from certnet.threat import implausible
+
+    dim = math.prod(model.input_shape)
+    for e in eps if isinstance(eps, list) else [eps]:
+        reason = implausible(float(e), norm, dim)
+        if reason:
+            print(f"warning: {reason}", file=sys.stderr)
+    if trained and norm != model.norm:
+        print(f"warning: eps {eps} is the checkpoint's {model.norm} radius; a {norm} ball of "
+              f"that radius is another size (l_inf r lies in l2 r sqrt(d), d = {dim}): pass "
+              "--eps for this norm", file=sys.stderr)
 
 
 def cmd_certify(args: argparse.Namespace) -> int:
@@ -175,7 +193,8 @@ def cmd_certify(args: argparse.Namespace) -> int:
     radii = eps if isinstance(eps, list) else [float(eps)]
     with args.phases("certify"):
         reports = evaluate(model, data, radii, certifier=args.certifier,
-                           batch_size=args.batch_size, norm=args.norm, world=world)
+                           batch_size=args.batch_size, norm=args.norm, world=world,
+                           progress=world.main)
     if not world.main:  # torchrun: every rank certified its share; rank 0 reports
         return 0
     print(reports[0].summary() if len(reports) == 1 else summary_table(reports), flush=True)

@@ -58,6 +58,17 @@ def from_l2_radius(radius: torch.Tensor, norm: str, dim: int) -> torch.Tensor:
     return torch.nextafter(scaled, torch.zeros_like(scaled))
 
 
+def implausible(eps: float, norm: str, dim: int) -> str | None:
+    """Why a radius makes no sense for inputs in [0, 1]^dim (None if it may): a ball that
+    holds the whole pixel box, where nothing can be certified."""
+    diameter = 1.0 if norm == "linf" else math.sqrt(dim)
+    if eps >= diameter:
+        return (f"eps {eps:g} in {norm} holds the whole pixel box [0, 1]^{dim} (its diameter "
+                f"is {diameter:.4g}): no point can be certified; radii are in pixel units of "
+                "[0, 1], e.g. 8/255 for eight grey levels")
+    return None
+
+
 def project(delta: torch.Tensor, norm: str, eps: torch.Tensor) -> torch.Tensor:
     """The perturbations ``delta`` (B, ...) projected onto the ``norm`` balls of per-point
     radii ``eps`` (B,)."""
