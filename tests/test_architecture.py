@@ -20,7 +20,8 @@ LAYERS = {
     "bounds": (2, "bounds"), "archs": (2, "archs"), "verify": (2, "verify"),
     "attacks": (3, "attacks"),
     "methods": (4, "methods"), "certifiers": (4, "certifiers"),
-    **dict.fromkeys(["config", "checkpoint", "certify", "audit", "train"], (5, "engine")),
+    **dict.fromkeys(["config", "checkpoint", "certify", "audit", "train", "zoo"],
+                    (5, "engine")),
     "cli": (6, "cli"), "__init__": (7, "api"),
 }
 #: the one sideways import: ``CertifiedModel.certify``, sugar over ``certnet.certifiers``

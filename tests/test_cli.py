@@ -210,3 +210,22 @@ def test_an_implausible_radius_is_warned_about(trained, capsys):
     assert "holds the whole pixel box" in capsys.readouterr().err
     assert main(["certify", str(trained), "--limit", "10", "--norm", "linf"]) == 0
     assert "the checkpoint's l2 radius" in capsys.readouterr().err
+
+
+def test_committed_models_load_and_certify_by_name(capsys, tmp_path, mnist_available):
+    from certnet.zoo import card, names
+
+    assert "gloro-mnist-0.3-2c2f" in names()
+    model = certnet.load("gloro-mnist-0.3-2c2f")
+    assert model.method == "gloro" and model.checkpoint_config["eps"] == 0.3
+    info = card("gloro-mnist-0.3-2c2f")
+    assert info["certified_accuracy"] == model.checkpoint_config["last_metrics"]["test_vra"]
+    assert info["model_sha256"] == model.checkpoint_config["model_sha256"]
+    assert main(["models", "--json", str(tmp_path / "cards.json")]) == 0
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in names())
+    assert len(json.loads((tmp_path / "cards.json").read_text())) == len(names())
+    assert main(["certify", "gloro-mnist-0.3-2c2f", "--limit", "20"]) == 0
+    assert "gloro/lipschitz l2 eps=0.3 n=20" in capsys.readouterr().out
+    assert main(["certify", "no-such-model"]) == 2
+    assert "`certnet models` lists them" in capsys.readouterr().err

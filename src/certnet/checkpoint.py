@@ -176,7 +176,8 @@ def read_config(directory: str | Path) -> dict[str, Any]:
     each layer's, the method's and the training config's) before anything is built."""
     path = Path(directory) / CONFIG_FILE
     if not Path(directory).is_dir():
-        raise CheckpointError(f"{directory} is not a checkpoint directory")
+        raise CheckpointError(f"{directory} is not a checkpoint directory (nor a model name: "
+                              "`certnet models` lists them)")
     try:
         config = json.loads(path.read_text())
     except FileNotFoundError as err:
@@ -231,8 +232,11 @@ def _check_fit(directory: Path, config: dict[str, Any], state: dict[str, torch.T
 
 
 def load(directory: str | Path, device: str | torch.device = "cpu") -> CertifiedModel:
-    """Rebuild a model from a checkpoint directory; never unpickles anything."""
-    directory = Path(directory)
+    """Rebuild a model from a checkpoint directory, or a committed model's name
+    (:mod:`certnet.zoo`); never unpickles anything."""
+    from certnet.zoo import resolve  # the zoo reads checkpoints: resolved at call time
+
+    directory = resolve(directory)
     config = read_config(directory)
     weights = directory / MODEL_FILE
     try:

@@ -260,6 +260,23 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    from certnet.checkpoint import write_json
+    from certnet.zoo import card, names
+
+    cards = [card(name) for name in names()]
+    print(f"{'name':<48} {'method':<10} {'norm':<5} {'eps':>6} {'clean %':>8} {'VRA %':>7} "
+          "certifier")
+    for c in cards:
+        pct = ["-" if c[k] is None else f"{100 * c[k]:.2f}"
+               for k in ("clean_accuracy", "certified_accuracy")]
+        print(f"{c['name']:<48} {c['method']:<10} {c['norm'] or '-':<5} {c['eps']:>6g} "
+              f"{pct[0]:>8} {pct[1]:>7} {c['certifier']}")
+    if args.json:
+        write_json(args.json, cards)
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     """Methods with their options (--method-arg), scheduled loss weights and default
     certifier; then the certifiers and the architectures (with their arch_kwargs)."""
@@ -392,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "point flips")):
         p = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".",
                            formatter_class=_HelpFormatter)
-        p.add_argument("model", help="checkpoint directory")
+        p.add_argument("model", help="checkpoint directory, or a model name (certnet models)")
         p.add_argument("--dataset", metavar="NAME",
                        help="test set (default: the checkpoint's dataset)")
         p.add_argument("--allow-dataset-mismatch", action="store_true",
@@ -438,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
                           formatter_class=_HelpFormatter,
                           description="Print a checkpoint's config, parameter count, last "
                           "metrics and Lipschitz estimate vs sound bound as JSON.")
-    info.add_argument("model", help="checkpoint directory")
+    info.add_argument("model", help="checkpoint directory, or a model name (certnet models)")
     info.set_defaults(func=cmd_info)
 
     methods = sub.add_parser("methods", help="list the methods, their options and the "
@@ -446,6 +463,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "--method-arg options, scheduled loss weights and default "
                              "certifier) and the certifiers.")
     methods.set_defaults(func=cmd_methods)
+
+    models = sub.add_parser("models", help="list the committed models, loadable by name",
+                            description="List the committed checkpoints (certnet.zoo) with "
+                            "their model cards: data, radius, norm, certifier, the clean and "
+                            "certified accuracy their training run measured.")
+    models.add_argument("--json", metavar="FILE", help="also write the cards as JSON here")
+    models.set_defaults(func=cmd_models)
 
     presets = sub.add_parser("presets", help="list the bundled YAML presets",
                              description="List the bundled YAML presets with their "
