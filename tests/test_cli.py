@@ -73,9 +73,15 @@ def test_attack_finds_no_flipped_certified_point(trained, capsys):
 
 
 def test_info_reports_estimate_and_bound(trained, capsys):
-    assert main(["info", str(trained)]) == 0
+    assert main(["info", str(trained), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["method"] == "gloro" and info["lipschitz"]["bound_over_estimate"] >= 1.0
+    assert main(["info", str(trained)]) == 0
+    text = capsys.readouterr().out
+    assert "gloro, certified in l2 at eps" in text and "sound bound" in text
+    assert main(["info", "ibp-mnist-0.3-dm-medium-cpu"]) == 0  # no Lipschitz report there
+    text = capsys.readouterr().out
+    assert "certifiers (default ibp)" in text and "Lipschitz" not in text
 
 
 def test_certify_several_radii_in_one_pass(trained, tmp_path, capsys):

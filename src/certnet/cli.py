@@ -255,9 +255,38 @@ def cmd_info(args: argparse.Namespace) -> int:
     info["layers"] = [spec["type"] for spec in config["layers"]]
     info["default_certifier"] = model.default_certifier
     info["certifiers"] = {norm: applicable(model, norm) for norm in ("l2", "linf")}
-    info["lipschitz"] = model.lipschitz_report()  # the costly part, last
-    print(json.dumps(info, indent=2))
+    lipschitz = model.lipschitz_report()  # the costly part, last
+    if lipschitz:
+        info["lipschitz"] = lipschitz
+    print(json.dumps(info, indent=2) if args.json else _describe(args.model, info, model))
     return 0
+
+
+def _describe(name: str, info: dict[str, Any], model) -> str:
+    """``certnet info`` for a person: what the model is, how it was trained and certified."""
+    def layer(spec: dict[str, Any]) -> str:
+        text = ", ".join(f"{k}={v}" for k, v in spec.items() if k != "type")
+        return f"{spec['type']}({text[:70]}{'...' if len(text) > 70 else ''})"
+
+    options = ", ".join(f"{k}={v}" for k, v in (info["method_config"] or {}).items()) or "-"
+    train = model.checkpoint_config.get("train") or {}
+    metrics = info["last_metrics"] or {}
+    lines = [f"{name}: {info['method']}, certified in {info['norm']} at eps {info['eps']} on "
+             f"{info['dataset']} (epoch {info['epoch']}, certnet {info['certnet_version']})",
+             f"  inputs {tuple(info['input_shape'])} -> {info['num_classes']} classes, "
+             f"{info['parameters']:,} parameters",
+             "  layers:", *(f"    {i:>2}  {layer(spec)}"
+                            for i, spec in enumerate(model.checkpoint_config["layers"])),
+             f"  options: {options}"]
+    if "test_vra" in metrics:
+        lines.append(f"  last evaluation: clean {100 * metrics['test_clean']:.2f}%, certified "
+                     f"{100 * metrics['test_vra']:.2f}% (test points: "
+                     f"{metrics.get('test_n') or train.get('eval_limit') or 'all'})")
+    lines.append(f"  certifiers (default {info['default_certifier']}): " + "; ".join(
+        f"{norm}: {', '.join(names) or 'none'}" for norm, names in info["certifiers"].items()))
+    if "lipschitz" in info:
+        lines.append(f"  {model.lipschitz_summary(info['lipschitz'])}")
+    return "\n".join(lines)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -453,9 +482,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="describe a checkpoint and its Lipschitz bounds",
                           formatter_class=_HelpFormatter,
-                          description="Print a checkpoint's config, parameter count, last "
-                          "metrics and Lipschitz estimate vs sound bound as JSON.")
+                          description="Describe a checkpoint: method, radius, data, layers, "
+                          "options, last evaluation, the certifiers that apply and (GloRo) the "
+                          "Lipschitz estimate vs sound bound; --json for the raw form.")
     info.add_argument("model", help="checkpoint directory, or a model name (certnet models)")
+    info.add_argument("--json", action="store_true", help="print the raw description as JSON")
     info.set_defaults(func=cmd_info)
 
     methods = sub.add_parser("methods", help="list the methods, their options and the "
@@ -504,7 +535,7 @@ def check_outputs(args: argparse.Namespace) -> None:
     folder missing or not writable, or the path a folder."""
     for name in OUTPUTS:
         path = getattr(args, name, None)
-        if path is None:
+        if not isinstance(path, str):  # absent, or a flag (info --json prints to stdout)
             continue
         path = Path(path)
         folder = path.parent if str(path.parent) else Path(".")
