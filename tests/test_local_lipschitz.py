@@ -336,7 +336,7 @@ def test_local_options_are_checked_and_saved(tmp_path):
     from certnet.archs import build_arch
     from certnet.checkpoint import load, save_model
 
-    layers = build_arch("2c2f", (1, 12, 12), 4)
+    layers = build_arch("2c2f", (1, 12, 12), 4, activation="clipped-relu")
     with pytest.raises(ConfigError, match="lipschitz"):
         GloroNet(layers, (1, 12, 12), 4, lipschitz="semi")
     with pytest.raises(ConfigError, match="sparsity"):
@@ -407,3 +407,15 @@ def test_the_float32_copy_is_used_only_when_it_has_exactly_the_same_weights():
     with torch.no_grad():
         twin[1].weight[0, 0] = 0.1  # not a float32 number
     assert float32_copy(twin) is None
+
+
+def test_local_bounds_on_activations_that_are_never_constant_are_refused_with_the_fix():
+    """MinMax outputs are never constant on a ball: lipschitz=local would train with the
+    global bounds at several times the cost, silently (the first-hour report)."""
+    from certnet.archs import build_arch
+    from certnet.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="activation=clipped-relu"):
+        GloroNet(build_arch("2c2f", (1, 12, 12), 4), (1, 12, 12), 4, lipschitz="local")
+    GloroNet(build_arch("2c2f", (1, 12, 12), 4, activation="relu"), (1, 12, 12), 4,
+             lipschitz="local")

@@ -355,8 +355,8 @@ def test_a_checkpoint_restores_its_method_options_without_warnings(tmp_path):
     from certnet.archs import build_arch
     from certnet.methods.gloro import GloroNet
 
-    model = GloroNet(build_arch("2c2f", (1, 28, 28), 10, seed=0), (1, 28, 28), 10,
-                     power_iterations=3, lipschitz="local", sparsity=0.5,
+    model = GloroNet(build_arch("2c2f", (1, 28, 28), 10, seed=0, activation="clipped-relu"),
+                     (1, 28, 28), 10, power_iterations=3, lipschitz="local", sparsity=0.5,
                      local_iterations=4)
     checkpoint.save_model(tmp_path / "m", model)
     with warnings.catch_warnings():

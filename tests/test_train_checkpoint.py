@@ -307,3 +307,17 @@ def test_mixed_precision_trains_resumes_and_certifies_in_float64(tmp_path, mnist
 def test_unknown_precision_is_refused():
     with pytest.raises(ConfigError, match="precision"):
         TrainConfig(precision="int8")
+
+
+def test_interval_training_without_an_eps_ramp_is_warned_about(tmp_path, mnist_available):
+    """--method ibp without a preset trained at full eps from step one and collapsed to one
+    class (the first-hour report): the Trainer says so and how to ramp."""
+    import warnings
+
+    base = {"method": "ibp", "arch": "dm-small", "eps": 0.1, "epochs": 1, "train_limit": 64}
+    with pytest.warns(UserWarning, match="ramp it"):
+        Trainer(TrainConfig(**base), tmp_path / "a", progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Trainer(TrainConfig(**base, eps_schedule={"start": 0.0, "end": 1.0, "shape": "linear"}),
+                tmp_path / "b", progress=False)

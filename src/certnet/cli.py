@@ -14,6 +14,7 @@ import math
 import os
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -549,6 +550,7 @@ def check_outputs(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the ``certnet`` command line; returns the exit status."""
     keep_freed_memory()
+    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
     args = build_parser().parse_args(argv)
     args.phases = Phases()  # wall time per phase, for results files
     try:

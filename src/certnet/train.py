@@ -9,6 +9,7 @@ import json
 import signal
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,13 @@ class Trainer:
     def __init__(self, config: TrainConfig, out_dir: str | Path, resume: bool = False,
                  progress: bool = True, phases: Phases | None = None) -> None:
         self.config = config
+        ramp = config.eps_schedule
+        if get_method(config.method).needs_eps_ramp and config.eps > 0 and \
+                ramp.shape == "constant" and ramp.start == 1:
+            warnings.warn(f"{config.method} trains at the full eps {config.eps:g} from the "
+                          "first step, which tends to collapse to one class: ramp it, e.g. "
+                          "eps_schedule: {start: 0.0, end: 1.0, begin: 0.1, finish: 0.5, "
+                          "shape: smooth} (the crown-ibp/ibp presets do)", stacklevel=2)
         self.out_dir = Path(out_dir)
         self.phases = phases or Phases()
         self.world, self.device = distributed.setup(resolve_device(config.device))

@@ -51,6 +51,9 @@ class CertifiedModel(nn.Module):
     #: Whether a training step may leave a parameter without a gradient (DDP then searches
     #: for such parameters every step, and warns when told to search for nothing).
     skips_parameters: ClassVar[bool] = False
+    #: Whether training at full eps from the first step tends to collapse (interval bounds:
+    #: Gowal et al. 2018, Shi et al. 2021 ramp eps up); the Trainer warns without a ramp.
+    needs_eps_ramp: ClassVar[bool] = False
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int) -> None:
         super().__init__()

@@ -42,6 +42,7 @@ class IBPNet(CertifiedModel):
     norm = "linf"
     init = "ibp"
     default_certifier = "ibp"
+    needs_eps_ramp = True
     loss_fusion = False
 
     def __init__(self, layers: nn.Sequential, input_shape: tuple[int, ...], num_classes: int,

@@ -32,6 +32,7 @@ from certnet.bounds.pairwise import (
 )
 from certnet.errors import ConfigError
 from certnet.methods.base import CertifiedModel, register_method
+from certnet.nn.layer_types import layer_type
 from certnet.nn.lipschitz import (
     LipschitzLinear,
     check_gloro_layer,
@@ -91,6 +92,13 @@ class GloroNet(CertifiedModel):
             raise ConfigError(f"unknown GloRo lipschitz {lipschitz!r}; choose from {BOUNDS}")
         if lipschitz == "global" and sparsity:
             raise ConfigError("sparsity is a local-Lipschitz penalty: use lipschitz=local")
+        if lipschitz == "local" and not any(
+                (t := layer_type(m)) is not None and t.rule is not None and
+                t.rule.finds_constant_outputs() for m in layers):
+            raise ConfigError("lipschitz=local needs activations whose outputs can be constant "
+                              "on a ball (relu, clipped-relu, clipped-minmax): with these layers "
+                              "the local bounds equal the global ones at several times the cost; "
+                              "e.g. --arch-arg activation=clipped-relu")
         if type(layers[-1]) is not LipschitzLinear or layers[-1].out_features != num_classes:
             raise ConfigError(f"a GloRo net must end in a linear layer with {num_classes} outputs")
         if loss not in LOSSES:

@@ -136,6 +136,12 @@ class BoundRule:
         Lipschitz bound (Huang et al. 2021, §3). None where no such form is known."""
         return None
 
+    @classmethod
+    def finds_constant_outputs(cls) -> bool:
+        """Whether its ``jacobian_masks`` exist (the rule defines them): local Lipschitz
+        bounds gain only from layers whose outputs can be constant on a box."""
+        return cls.jacobian_masks is not BoundRule.jacobian_masks
+
     def constancy_gap(self, m: nn.Module, lo: torch.Tensor, hi: torch.Tensor
                       ) -> torch.Tensor | None:
         """A differentiable distance of each output from being constant on the box [lo, hi]
