@@ -321,3 +321,14 @@ def test_interval_training_without_an_eps_ramp_is_warned_about(tmp_path, mnist_a
         warnings.simplefilter("error")
         Trainer(TrainConfig(**base, eps_schedule={"start": 0.0, "end": 1.0, "shape": "linear"}),
                 tmp_path / "b", progress=False)
+
+
+def test_a_state_half_written_by_a_killed_process_is_cleaned_up(tmp_path):
+    """A hard kill mid-write leaves state/.epoch-*; the next save removes it (one writer)."""
+    from certnet.checkpoint import save_train_state
+
+    stale = tmp_path / "state" / ".epoch-abc123"
+    stale.mkdir(parents=True)
+    (stale / "state.safetensors").write_bytes(b"half")
+    save_train_state(tmp_path, 0, {"w": torch.zeros(2)}, {})
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["epoch-0000"]

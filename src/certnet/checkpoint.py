@@ -281,6 +281,8 @@ def save_train_state(directory: str | Path, epoch: int, tensors: dict[str, torch
     drop older states beyond ``keep``."""
     root = Path(directory) / "state"
     root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".epoch-*"):  # left by a process killed mid-write (one writer)
+        shutil.rmtree(stale, ignore_errors=True)
     final = root / f"epoch-{epoch:04d}"
     tmp = Path(tempfile.mkdtemp(prefix=".epoch-", dir=root))
     try:
