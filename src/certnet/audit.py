@@ -45,7 +45,7 @@ def attack_report(model: CertifiedModel, x: torch.Tensor, y: torch.Tensor, eps: 
     if len(x) == 0:
         raise InputError("empty dataset")
     report = evaluate(model, Dataset("attacked", x, y.cpu(), model.num_classes, ""), eps,
-                      certifier, batch_size, norm)
+                      certifier, batch_size, norm, progress=progress)
     pred, certified, radius = report.pred, report.certified, report.radius
     device = next(model.parameters()).device
     modes = [(m, m.training) for m in model.modules()]
