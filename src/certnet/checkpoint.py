@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -146,6 +147,23 @@ def model_config(model: CertifiedModel, **extra: Any) -> dict[str, Any]:
     return {**config, "description_sha256": description_sha256(config)}
 
 
+def _write_directory(final: Path, write: Callable[[Path], None], mode: int = 0o700) -> None:
+    """Make ``final`` appear whole or not at all: ``write`` fills a temporary sibling (named
+    ``.<final's name>.*``, permissions ``mode``), which then replaces ``final`` by a rename (an
+    old ``final`` removed first). On failure the sibling is removed and the error propagates."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        os.chmod(tmp, mode)
+        write(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_model(directory: str | Path, model: CertifiedModel, **extra: Any) -> None:
     """Write ``model.safetensors`` then ``config.json`` (which names the weights' sha256),
     everything computed first. A new directory appears whole or not at all (written as a
@@ -154,21 +172,16 @@ def save_model(directory: str | Path, model: CertifiedModel, **extra: Any) -> No
     directory = Path(directory)
     blob, sha256 = _tensor_blob(model.state_dict())
     config = model_config(model, model_sha256=sha256, **extra)  # e.g. an undescribable layer
+
+    def write(folder: Path) -> None:
+        atomic_write(folder / MODEL_FILE, blob)
+        write_json(folder / CONFIG_FILE, config)
+
     if directory.exists():
-        atomic_write(directory / MODEL_FILE, blob)
-        write_json(directory / CONFIG_FILE, config)
-        return
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700; give the usual mode
-        atomic_write(tmp / MODEL_FILE, blob)
-        write_json(tmp / CONFIG_FILE, config)
-        os.replace(tmp, directory)
-        _fsync_dir(directory.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write(directory)
+    else:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        _write_directory(directory, write, mode=0o777 & ~_UMASK)  # the usual mode
 
 
 def read_config(directory: str | Path) -> dict[str, Any]:
@@ -193,14 +206,14 @@ def read_config(directory: str | Path) -> dict[str, Any]:
             f"{directory} was written by certnet {config.get('certnet_version')}, newer than "
             f"this certnet {__version__}; upgrade certnet to load it")
     try:
-        validate(CheckpointConfig, config, str(path))
+        validate(CheckpointConfig, config, "")
         validate(get_method(config["method"]).options_schema(config["format_version"] > 1),
-                 config.get("method_config", {}), f"{path}: method_config")
+                 config.get("method_config", {}), "method_config")
         check_specs(config["layers"])
         if config.get("train") is not None:
-            TrainConfig.from_dict(config["train"], f"{path}: train")
+            TrainConfig.from_dict(config["train"], "train")
     except ConfigError as err:
-        raise CheckpointError(f"{err}" if str(path) in str(err) else f"{path}: {err}") from None
+        raise CheckpointError(f"{path}: {err}") from None
     if config["format_version"] > 1 and \
             config.get("description_sha256") != description_sha256(config):
         raise CheckpointError(f"{path}: the model description ({', '.join(DESCRIPTION)}) does "
@@ -284,18 +297,13 @@ def save_train_state(directory: str | Path, epoch: int, tensors: dict[str, torch
     for stale in root.glob(".epoch-*"):  # left by a process killed mid-write (one writer)
         shutil.rmtree(stale, ignore_errors=True)
     final = root / f"epoch-{epoch:04d}"
-    tmp = Path(tempfile.mkdtemp(prefix=".epoch-", dir=root))
-    try:
-        blob, sha256 = _tensor_blob(tensors)
-        atomic_write(tmp / "state.safetensors", blob)
-        write_json(tmp / "state.json", {**meta, "epoch": epoch, "sha256": sha256})
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    blob, sha256 = _tensor_blob(tensors)
+
+    def write(folder: Path) -> None:
+        atomic_write(folder / "state.safetensors", blob)
+        write_json(folder / "state.json", {**meta, "epoch": epoch, "sha256": sha256})
+
+    _write_directory(final, write)
     for old in sorted(root.glob("epoch-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -200,8 +200,9 @@ def cmd_certify(args: argparse.Namespace) -> int:
         return 0
     print(reports[0].summary() if len(reports) == 1 else summary_table(reports), flush=True)
     lipschitz = model.lipschitz_report()
-    if model.lipschitz_summary(lipschitz):
-        print(model.lipschitz_summary(lipschitz))
+    summary = model.lipschitz_summary(lipschitz)
+    if summary:
+        print(summary)
     if args.json:
         payload = reports[0].to_dict() if len(reports) == 1 else reports_to_dict(reports)
         write_json(args.json, {**payload, "dataset": dataset, "model": str(args.model),
@@ -259,7 +260,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     lipschitz = model.lipschitz_report()  # the costly part, last
     if lipschitz:
         info["lipschitz"] = lipschitz
-    print(json.dumps(info, indent=2) if args.json else _describe(args.model, info, model))
+    print(json.dumps(info, indent=2) if args.raw else _describe(args.model, info, model))
     return 0
 
 
@@ -487,7 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "options, last evaluation, the certifiers that apply and (GloRo) the "
                           "Lipschitz estimate vs sound bound; --json for the raw form.")
     info.add_argument("model", help="checkpoint directory, or a model name (certnet models)")
-    info.add_argument("--json", action="store_true", help="print the raw description as JSON")
+    info.add_argument("--json", action="store_true", dest="raw",
+                      help="print the raw description as JSON")
     info.set_defaults(func=cmd_info)
 
     methods = sub.add_parser("methods", help="list the methods, their options and the "
@@ -536,7 +538,7 @@ def check_outputs(args: argparse.Namespace) -> None:
     folder missing or not writable, or the path a folder."""
     for name in OUTPUTS:
         path = getattr(args, name, None)
-        if not isinstance(path, str):  # absent, or a flag (info --json prints to stdout)
+        if path is None:
             continue
         path = Path(path)
         folder = path.parent if str(path.parent) else Path(".")

@@ -24,6 +24,7 @@ def choose_threads() -> None:
     loads (its OpenMP runtime reads it once), through torch if it is already loaded."""
     if "OMP_NUM_THREADS" in os.environ:
         return
-    os.environ["OMP_NUM_THREADS"] = str(default_threads())
+    threads = default_threads()
+    os.environ["OMP_NUM_THREADS"] = str(threads)
     if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(default_threads())
+        sys.modules["torch"].set_num_threads(threads)
