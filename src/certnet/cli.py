@@ -301,7 +301,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     for c in cards:
         pct = ["-" if c[k] is None else f"{100 * c[k]:.2f}"
                for k in ("clean_accuracy", "certified_accuracy")]
-        print(f"{c['name']:<48} {c['method']:<10} {c['norm'] or '-':<5} {c['eps']:>6g} "
+        eps = "-" if c["eps"] is None else f"{c['eps']:g}"
+        print(f"{c['name']:<48} {c['method']:<10} {c['norm'] or '-':<5} {eps:>6} "
               f"{pct[0]:>8} {pct[1]:>7} {c['certifier']}")
     if args.json:
         write_json(args.json, cards)
