@@ -17,7 +17,8 @@ from torch import nn
 from torch.nn.modules import module as module_globals
 
 from certnet.errors import UnsupportedLayerError
-from certnet.nn.lipschitz import ESTIMATE_ONLY_BUFFERS, LipschitzConv2d, check_batchnorm
+from certnet.nn.layer_types import layer_type
+from certnet.nn.lipschitz import ESTIMATE_ONLY_BUFFERS
 
 _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks")
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks")
@@ -41,22 +42,14 @@ def check_plain(model: nn.Module) -> None:
                 f"layer {name or type(m).__name__} ({type(m).__name__}) has a patched forward")
 
 
-def _square(pair: Any) -> bool:
-    return isinstance(pair, tuple) and len(pair) == 2 and pair[0] == pair[1]
-
-
 def check_certifiable(layers: nn.Module) -> None:
-    """Refuse (:class:`UnsupportedLayerError`) what no certifier bounds soundly: BatchNorm
-    statistics without a sound float64 affine map (:func:`check_batchnorm`) and Lipschitz
-    convolutions whose stride or padding was made non-square after construction (their
-    global bounds read one entry)."""
+    """Refuse (:class:`UnsupportedLayerError`) what no certifier bounds soundly: every module
+    whose layer type has a ``check`` (e.g. BatchNorm statistics without a sound float64 affine
+    map, a Lipschitz convolution made non-square after construction) runs it."""
     for name, m in layers.named_modules():
-        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
-            check_batchnorm(m, name)
-        elif isinstance(m, LipschitzConv2d) and not (_square(m.stride) and _square(m.padding)):
-            raise UnsupportedLayerError(
-                f"layer {name} ({type(m).__name__}) needs a square stride and padding, got "
-                f"stride {m.stride!r} and padding {m.padding!r}")
+        known = layer_type(m)
+        if known is not None and known.check is not None:
+            known.check(m, name)
 
 
 def _attributes(m: nn.Module) -> dict[str, Any]:

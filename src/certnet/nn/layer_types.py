@@ -45,6 +45,11 @@ class LayerType:
     certificate's head (pairwise rows), and its Gram split serves local bounds.
     ``annealed_p``: an l_p-dist layer whose p training anneals towards inf; the training
     surrogate of its l_inf bound takes it at p = inf.
+    ``check(m, name)``: refuses (:class:`certnet.errors.UnsupportedLayerError`) a module whose
+    state the bounds above do not cover soundly (e.g. BatchNorm statistics with no float64 form).
+    ``convert(m)``: for a plain torch layer, the certnet layer computing the same function
+    whose bounds are known (weights copied; None: the identity, dropped), see
+    :func:`certnet.nn.lipschitz.convert_sequential`.
     """
 
     cls: type[nn.Module]
@@ -62,6 +67,8 @@ class LayerType:
     batch_statistics: bool = False
     dense: bool = False
     annealed_p: bool = False
+    check: Callable[[Any, str], None] | None = None
+    convert: Callable[[Any], nn.Module | None] | None = None
     fields: type[BaseModel] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -380,15 +380,12 @@ def _same_function(original: nn.Module, converted: nn.Module,
     return a.shape == b.shape and bool(((a - b).abs() <= 1e-6 * scale).all())
 
 
-#: dropout layers: the identity in eval mode, dropped by :func:`convert_sequential`
-DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)
-
-
 def convert_sequential(model: nn.Sequential, input_shape: tuple[int, ...]) -> nn.Sequential:
     """Turn a plain ``nn.Sequential`` of Linear / Conv2d / ReLU / MinMax / Flatten layers (and
-    eval-mode dropout, the identity) into one whose layers know their Lipschitz constants
-    (weights are copied). Unsupported layers,
-    hooks (e.g. the hook-based ``weight_norm`` / ``spectral_norm``) and parametrizations raise
+    eval-mode dropout, the identity) into one whose layers know their Lipschitz constants: each
+    layer whose type has a ``convert`` (:class:`certnet.nn.layer_types.LayerType`) is replaced
+    by it, the others are kept if they have a bound. Unsupported layers, hooks (e.g. the
+    hook-based ``weight_norm`` / ``spectral_norm``) and parametrizations raise
     :class:`UnsupportedLayerError`; the result must compute the same outputs as ``model``."""
     from certnet.nn.integrity import check_plain
 
@@ -399,45 +396,64 @@ def convert_sequential(model: nn.Sequential, input_shape: tuple[int, ...]) -> nn
     check_plain(model)
     layers: list[nn.Module] = []
     for layer in model:
-        if type(layer) in DROPOUTS:
-            if layer.training:
-                raise UnsupportedLayerError(f"{type(layer).__name__} in training mode is "
-                                            "random: call model.eval() first")
-            continue  # the identity in eval mode
-        if type(layer) is nn.Linear:
-            new = LipschitzLinear(layer.in_features, layer.out_features, layer.bias is not None,
-                                  dtype=layer.weight.dtype, device=layer.weight.device)
-        elif type(layer) is nn.Conv2d:
-            if isinstance(layer.padding, str):
-                raise UnsupportedLayerError("convert_sequential: use integer conv padding")
-            if layer.kernel_size[0] != layer.kernel_size[1]:
-                raise UnsupportedLayerError("convert_sequential: square kernels only")
-            new = LipschitzConv2d(
-                layer.in_channels, layer.out_channels, layer.kernel_size[0],
-                stride=layer.stride, padding=layer.padding, bias=layer.bias is not None,
-                dilation=layer.dilation, groups=layer.groups, padding_mode=layer.padding_mode,
-                dtype=layer.weight.dtype, device=layer.weight.device)
+        known = layer_type(layer)
+        if hasattr(layer, "parametrizations"):
+            raise UnsupportedLayerError(
+                f"{type(layer).__name__} is parametrized: remove its parametrizations "
+                "(torch.nn.utils.parametrize.remove_parametrizations) first")
+        if known is not None and known.convert is not None:
+            layers += [new for new in [known.convert(layer)] if new is not None]
         else:
-            if hasattr(layer, "parametrizations"):
-                raise UnsupportedLayerError(
-                    f"{type(layer).__name__} is parametrized: remove its parametrizations "
-                    "(torch.nn.utils.parametrize.remove_parametrizations) first")
             check_gloro_layer(layer)
             layers.append(layer)
-            continue
-        params = dict(layer.named_parameters())
-        if set(params) != {"weight", "bias"} - ({"bias"} if layer.bias is None else set()):
-            raise UnsupportedLayerError(
-                f"{type(layer).__name__} has parameters {sorted(params)}; expected weight "
-                "(and bias)")
-        new.load_state_dict({k: v.detach() for k, v in params.items()}, strict=False)
-        layers.append(new)
     converted = nn.Sequential(*layers)
     trace_shapes(converted, input_shape)
     if not _same_function(model, converted, input_shape):
         raise UnsupportedLayerError("convert_sequential: the converted network computes a "
                                     "different function than the given one")
     return converted
+
+
+def _copy_weights(plain: nn.Linear | nn.Conv2d, new: nn.Module) -> nn.Module:
+    params = dict(plain.named_parameters())
+    if set(params) != {"weight", "bias"} - ({"bias"} if plain.bias is None else set()):
+        raise UnsupportedLayerError(
+            f"{type(plain).__name__} has parameters {sorted(params)}; expected weight "
+            "(and bias)")
+    new.load_state_dict({k: v.detach() for k, v in params.items()}, strict=False)
+    return new
+
+
+def _from_linear(m: nn.Linear) -> LipschitzLinear:
+    return _copy_weights(m, LipschitzLinear(m.in_features, m.out_features, m.bias is not None,
+                                            dtype=m.weight.dtype, device=m.weight.device))
+
+
+def _from_conv(m: nn.Conv2d) -> LipschitzConv2d:
+    if isinstance(m.padding, str):
+        raise UnsupportedLayerError("convert_sequential: use integer conv padding")
+    if m.kernel_size[0] != m.kernel_size[1]:
+        raise UnsupportedLayerError("convert_sequential: square kernels only")
+    return _copy_weights(m, LipschitzConv2d(
+        m.in_channels, m.out_channels, m.kernel_size[0], stride=m.stride, padding=m.padding,
+        bias=m.bias is not None, dilation=m.dilation, groups=m.groups,
+        padding_mode=m.padding_mode, dtype=m.weight.dtype, device=m.weight.device))
+
+
+def _drop_in_eval(m: nn.Module) -> None:
+    if m.training:
+        raise UnsupportedLayerError(f"{type(m).__name__} in training mode is random: call "
+                                    "model.eval() first")
+    return None  # the identity in eval mode
+
+
+def _check_square(m: LipschitzConv2d, name: str) -> None:
+    # the global bounds read one entry of stride and padding
+    if not all(isinstance(p, tuple) and len(p) == 2 and p[0] == p[1]
+               for p in (m.stride, m.padding)):
+        raise UnsupportedLayerError(
+            f"layer {name} ({type(m).__name__}) needs a square stride and padding, got "
+            f"stride {m.stride!r} and padding {m.padding!r}")
 
 
 def product(values: list[torch.Tensor | float]) -> torch.Tensor:
@@ -513,7 +529,8 @@ register_layer_type(LayerType(
     rounding=lambda m: affine_rounding(magnitude_bound(m.weight), m.weight[0].numel() + 1,
                                        m.bias),
     masked_bound=lambda m, rows, cols, tails: conv_masked_bound(m.weight, m.stride, m.padding,
-                                                                rows, cols)))
+                                                                rows, cols),
+    check=_check_square))
 # the kernel alpha W + I is itself rounded (2u per entry): 2 more terms in gamma, and the
 # masked bounds take its entrywise majorant
 register_layer_type(LayerType(
@@ -525,7 +542,7 @@ register_layer_type(LayerType(
     rounding=lambda m: affine_rounding(magnitude_bound(m.kernel_majorant()),
                                        m.weight[0].numel() + 3, m.bias),
     masked_bound=lambda m, rows, cols, tails: conv_masked_bound(
-        m.kernel_majorant(), m.stride, m.padding, rows, cols)))
+        m.kernel_majorant(), m.stride, m.padding, rows, cols), check=_check_square))
 register_layer_type(LayerType(
     Normalize, "normalize", lambda m: {
         "mean": m.mean.flatten().tolist(), "std": m.std.flatten().tolist()},
@@ -537,12 +554,14 @@ for _name, _cls in (("batchnorm1d", nn.BatchNorm1d), ("batchnorm2d", nn.BatchNor
         _cls, _name, lambda m: {"num_features": m.num_features}, {"num_features": Positive},
         l2_bound=_batchnorm_bound,
         l2_estimate=lambda m, k: _batchnorm_bound(m).to(m.running_var.dtype),
-        rounding=_batchnorm_rounding, batch_statistics=True))
+        rounding=_batchnorm_rounding, batch_statistics=True, check=check_batchnorm))
 register_layer_type(LayerType(nn.AvgPool2d, "avgpool", lambda m: {
     "kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding},
     {"kernel_size": PAIR, "stride": PAIR, "padding": PAD}))
-register_layer_type(LayerType(nn.Linear, linf_bound=_rows_linf_bound))
-register_layer_type(LayerType(nn.Conv2d))
+register_layer_type(LayerType(nn.Linear, linf_bound=_rows_linf_bound, convert=_from_linear))
+register_layer_type(LayerType(nn.Conv2d, convert=_from_conv))
+for _cls in (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout):
+    register_layer_type(LayerType(_cls, convert=_drop_in_eval))
 register_layer_type(LayerType(nn.Tanh, "tanh", linf_bound=unit_bound))
 register_layer_type(LayerType(nn.ReLU, "relu", exact=True))
 register_layer_type(LayerType(nn.Flatten, "flatten", exact=True, reshape_only=True))
