@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import ROUND_FLOOR, Decimal
 from pathlib import Path
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
 
 import torch
 from tqdm import tqdm
@@ -23,6 +23,9 @@ from certnet.distributed import World
 from certnet.errors import InputError
 from certnet.methods.base import CertifiedModel
 from certnet.threat import ThreatModel, check_eps, check_inputs
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 @dataclass
@@ -63,9 +66,8 @@ class Report:
         q = self.radius_quantiles
         radii = (f"radius p10/p50/p90 {_down(q['p10'])}/{_down(q['p50'])}/{_down(q['p90'])}"
                  if self.gives_radius else "radius: eps or nothing")
-        by = ""
-        if len(self.certified_by) > 1:
-            by = "  certified by " + ", ".join(f"{k} {v}" for k, v in self.certified_by.items())
+        by = "  certified by " + ", ".join(f"{k} {v}" for k, v in self.certified_by.items()) \
+            if len(self.certified_by) > 1 else ""
         return (f"{self.method}/{self.certifier} {self.norm} eps={self.eps:g} n={self.n}: "
                 f"clean accuracy {100 * self.clean_accuracy:.2f}%  VRA {100 * self.vra:.2f}%  "
                 f"abstain {100 * self.abstain_rate:.2f}%  {radii}{by}  "
@@ -81,37 +83,71 @@ class Report:
         csv.writer(buffer).writerows(rows)
         atomic_write(path, buffer.getvalue())
 
-    def curve(self, eps_grid: torch.Tensor) -> torch.Tensor:
-        """Certified accuracy at each radius in ``eps_grid`` (fraction correct with radius > e)."""
-        correct = self.pred == self.labels
-        return torch.stack([((self.radius > e) & correct).float().mean() for e in eps_grid])
 
-    def plot_curve(self, path: str | Path, max_eps: float | None = None) -> bool:
-        """Certified accuracy against radius as a PNG; only for certifiers that compute radii
-        (returns False, writing nothing, for "eps or nothing" certificates)."""
-        if not self.gives_radius:
-            return False
-        import matplotlib
+#: The formats :func:`plot_curve` writes, named by the path's suffix.
+CURVE_FORMATS = ("png", "pdf", "svg")
+#: The x label's symbol for each norm (matplotlib mathtext).
+NORM_SYMBOLS = {"l2": r"\ell_2", "linf": r"\ell_\infty"}
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        top = max_eps or max(2 * self.eps, self.radius_quantiles["p90"], 1e-3)
-        grid = torch.linspace(0, top, 200)
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        ax.plot(grid.numpy(), 100 * self.curve(grid).numpy(), label=self.certifier)
-        ax.axvline(self.eps, color="gray", ls="--", lw=0.8, label=f"eps={self.eps:g}")
-        ax.set_xlabel(f"radius ({self.norm})")
-        ax.set_ylabel("certified accuracy (%)")
-        ax.set_ylim(0, 100)
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        tmp = Path(path).with_suffix(".tmp" + Path(path).suffix)
-        fig.savefig(tmp, dpi=120)
-        plt.close(fig)
-        tmp.replace(path)
-        return True
+def certified_curve(report: Report) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact certified accuracy against radius, a step function: ``(radius, accuracy)``
+    with ``accuracy[i]`` the fraction of points correct with a proved radius > r for every r in
+    ``[radius[i], radius[i + 1])``. It starts at radius 0 and ends at the largest finite radius
+    proved for a correct point, where it is 0 (unless some radius is infinite)."""
+    correct = report.pred == report.labels
+    proved = report.radius[correct].double().sort().values
+    steps = torch.unique(proved[torch.isfinite(proved) & (proved > 0)])
+    radius = torch.cat([proved.new_zeros(1), steps])
+    beyond = len(proved) - torch.searchsorted(proved, radius, right=True)
+    return radius, beyond.double() / report.n
+
+
+def curve_figure(reports: Sequence[Report], name: str = "") -> Figure:
+    """The figure :func:`plot_curve` writes (its first report must give radii)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    first = reports[0]
+    radius, accuracy = certified_curve(first)
+    fig = Figure(figsize=(5, 3.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.step(radius.numpy(), 100 * accuracy.numpy(), where="post", lw=1.6,
+            label=f"{first.method}, {first.certifier} certificate (n = {first.n})")
+    for i, report in enumerate(reports):
+        ax.plot(report.eps, 100 * report.vra, "o", color="C3", ms=5, zorder=3,
+                label="VRA at the requested $\\varepsilon$" if i == 0 else "_nolegend_")
+        ax.annotate(f"{100 * report.vra:.2f}% at $\\varepsilon$ = {report.eps:g}",
+                    (report.eps, 100 * report.vra), xytext=(6, 5),
+                    textcoords="offset points", fontsize=8)
+    top = max(float(radius[-1]), *(r.eps for r in reports))
+    ax.set_xlim(0, 1.05 * top if top > 0 else 1e-3)
+    ax.set_ylim(0, 100)
+    ax.set_xlabel(f"${NORM_SYMBOLS.get(first.norm, first.norm)}$ radius $\\varepsilon$")
+    ax.set_ylabel("certified accuracy (%)")
+    if name:
+        ax.set_title(name, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")
+    return fig
+
+
+def plot_curve(reports: Sequence[Report], path: str | Path, name: str = "") -> bool:
+    """Certified accuracy against radius (:func:`certified_curve` of the first report), each
+    report's eps marked with its VRA, titled ``name`` (e.g. the model's); written atomically in
+    the format of the path's suffix (:data:`CURVE_FORMATS`). Only for certifiers that compute
+    radii: returns False, writing nothing, for "eps or nothing" certificates."""
+    fmt = Path(path).suffix[1:].lower()
+    if fmt not in CURVE_FORMATS:
+        raise InputError(f"--curve {path}: the suffix must be one of "
+                         f"{', '.join('.' + f for f in CURVE_FORMATS)}")
+    if not reports[0].gives_radius:
+        return False
+    buffer = io.BytesIO()
+    curve_figure(reports, name).savefig(buffer, format=fmt, dpi=150)
+    atomic_write(path, buffer.getvalue())
+    return True
 
 
 @overload
@@ -132,11 +168,10 @@ def evaluate(model: CertifiedModel, data: Dataset, eps: float | Sequence[float],
     """Certify every point of ``data`` at radius ``eps`` (a :class:`Report`), or at each radius
     of a sequence in one pass over the data (a list of Reports in the same order), by
     ``certifier`` in ``norm`` (defaults: the model's), resolved once. Each batch is checked once
-    and certified once per radius;
-    a report's ``seconds`` counts its own certify calls. With a distributed ``world`` each rank
-    certifies its contiguous share of the points and every rank gets the whole report (the
-    same per-point results as one process; ``seconds`` is the slowest rank's). ``progress``: a
-    tqdm bar of points with its ETA, on a terminal only."""
+    and certified once per radius; a report's ``seconds`` counts its own certify calls. With a
+    distributed ``world`` each rank certifies its contiguous share of the points and every rank
+    gets the whole report (the same per-point results as one process; ``seconds`` is the
+    slowest rank's). ``progress``: a tqdm bar of points with its ETA, on a terminal only."""
     single = isinstance(eps, (int, float))
     radii = [eps] if single else list(eps)
     if not radii:
@@ -161,9 +196,8 @@ def evaluate(model: CertifiedModel, data: Dataset, eps: float | Sequence[float],
             cert = run(chosen, model, x, ThreatModel(norm, float(e)))
             out["gives_radius"] &= cert.gives_radius
             out["by"] += cert.by
-            out["pred"].append(cert.pred.cpu())
-            out["certified"].append(cert.certified.cpu())
-            out["radius"].append(cert.radius.cpu())
+            for key in ("pred", "certified", "radius"):
+                out[key].append(getattr(cert, key).cpu())
             out["seconds"] += time.perf_counter() - start
         bar.update(len(x))
     bar.close()
@@ -177,18 +211,14 @@ def evaluate(model: CertifiedModel, data: Dataset, eps: float | Sequence[float],
 
 def _merge(parts: tuple[dict[str, Any], ...]) -> dict[str, Any]:
     """One outcome from the ranks' outcomes for the same radius, in rank order."""
-    return {"pred": [t for p in parts for t in p["pred"]],
-            "certified": [t for p in parts for t in p["certified"]],
-            "radius": [t for p in parts for t in p["radius"]],
-            "by": [b for p in parts for b in p["by"]],
+    return {**{k: [t for p in parts for t in p[k]] for k in ("pred", "certified", "radius", "by")},
             "seconds": max(p["seconds"] for p in parts),
             "gives_radius": all(p["gives_radius"] for p in parts)}
 
 
 def _report(model: CertifiedModel, certifier: str, norm: str, eps: float,
             labels: torch.Tensor, outcome: dict[str, Any]) -> Report:
-    pred, certified = torch.cat(outcome["pred"]), torch.cat(outcome["certified"])
-    radius = torch.cat(outcome["radius"])
+    pred, certified, radius = (torch.cat(outcome[k]) for k in ("pred", "certified", "radius"))
     correct = pred == labels
     finite = radius.clamp_max(torch.finfo(radius.dtype).max)
     # "lower": each quantile is a radius some point was proved, not an interpolation above it

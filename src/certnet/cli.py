@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import itertools
 import json
 import math
 import os
@@ -18,6 +19,7 @@ import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
+from certnet import __version__
 from certnet.config import TrainConfig
 from certnet.errors import CertnetError, ConfigError
 from certnet.memory import keep_freed_memory
@@ -87,17 +89,13 @@ def _eps_list(text: str) -> list[float]:
 
 # -- train --------------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
-    from certnet.certify import evaluate
+    from certnet.certify import evaluate, plot_curve
     from certnet.checkpoint import read_config, write_json
     from certnet.train import Trainer
 
-    overrides = {"method": args.method, "arch": args.arch, "dataset": args.dataset,
-                 "eps": args.eps, "epochs": args.epochs, "batch_size": args.batch_size,
-                 "lr": args.lr, "seed": args.seed, "data_dir": args.data_dir,
-                 "device": args.device, "eps_train_factor": args.eps_train_factor,
-                 "precision": args.precision,
-                 "eval_every": args.eval_every, "eval_limit": args.eval_limit,
-                 "train_limit": args.train_limit}
+    overrides = {key: getattr(args, key) for key in (
+        "method", "arch", "dataset", "eps", "epochs", "batch_size", "lr", "seed", "data_dir",
+        "device", "eps_train_factor", "precision", "eval_every", "eval_limit", "train_limit")}
     if args.config:
         config = TrainConfig.from_yaml(preset_path(args.config), **overrides)
     elif args.resume and (Path(args.out) / "config.json").exists():
@@ -112,7 +110,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 **getattr(config, field), **dict(getattr(args, flag))}})
     phases = args.phases
     trainer = Trainer(config, args.out, resume=args.resume, progress=not args.quiet,
-                      phases=phases)
+                      phases=phases, tensorboard=args.tensorboard)
     trainer.fit()
     if not trainer.world.main:  # torchrun: rank 0 evaluates and writes
         return 0
@@ -122,7 +120,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     report = trainer.report
     files = ["model", "metrics.jsonl", "results.json"]
     with phases("plot"):
-        if report.plot_curve(Path(args.out) / "certified_accuracy.png"):
+        if plot_curve([report], Path(args.out) / "certified_accuracy.png",
+                      name=Path(args.out).resolve().name):
             files.append("certified_accuracy.png")
     with phases("report"):
         lipschitz = trainer.model.lipschitz_report()
@@ -186,7 +185,7 @@ def _warn_about_radii(model, eps: float | list[float], norm: str, trained: bool)
 
 
 def cmd_certify(args: argparse.Namespace) -> int:
-    from certnet.certify import evaluate, reports_to_dict, summary_table
+    from certnet.certify import evaluate, plot_curve, reports_to_dict, summary_table
     from certnet.checkpoint import write_json
 
     with args.phases("data"):
@@ -209,7 +208,8 @@ def cmd_certify(args: argparse.Namespace) -> int:
                                "lipschitz": lipschitz, "phase_seconds": args.phases.to_dict()})
     if args.per_point:
         reports[0].write_per_point(args.per_point)
-    if args.curve and not reports[0].plot_curve(args.curve):
+    if args.curve and not plot_curve(reports, args.curve,
+                                     name=Path(args.model).resolve().name):
         print(f"note: no curve written: the {reports[0].certifier} certificate proves eps or "
               "nothing, not a radius per point (use --certifier lipschitz for radii)",
               file=sys.stderr)
@@ -229,8 +229,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
                            restarts=args.restarts, batch_size=args.batch_size, progress=True,
                            certifier=args.certifier, norm=args.norm)
     print(f"{model.method}/{result['certifier']} {result['norm']} eps={eps:g} n={result['n']}: "
-          f"clean accuracy "
-          f"{100 * result['clean_accuracy']:.2f}%  PGD robust accuracy "
+          f"clean accuracy {100 * result['clean_accuracy']:.2f}%  PGD robust accuracy "
           f"{100 * result['robust_accuracy']:.2f}%  VRA {100 * result['vra']:.2f}%  "
           f"certified points flipped: {result['flipped_certified']}")
     if args.json:
@@ -244,6 +243,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
 # -- info ---------------------------------------------------------------------------------------
 def cmd_info(args: argparse.Namespace) -> int:
+    from certnet.certifiers import applicable
     from certnet.checkpoint import load
 
     model = load(args.model)
@@ -251,8 +251,6 @@ def cmd_info(args: argparse.Namespace) -> int:
     info = {key: config.get(key) for key in ("method", "norm", "eps", "dataset", "input_shape",
                                              "num_classes", "epoch", "certnet_version",
                                              "data_checksum", "method_config", "last_metrics")}
-    from certnet.certifiers import applicable
-
     info["parameters"] = sum(p.numel() for p in model.parameters())
     info["layers"] = [spec["type"] for spec in config["layers"]]
     info["default_certifier"] = model.default_certifier
@@ -338,12 +336,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 def preset_description(path: Path) -> str:
     """The comment block at the top of a preset file, as one paragraph."""
-    lines = []
-    for line in path.read_text().splitlines():
-        if not line.startswith("#"):
-            break
-        lines.append(line.lstrip("#").strip())
-    return " ".join(line for line in lines if line)
+    comments = itertools.takewhile(lambda line: line.startswith("#"), path.read_text().splitlines())
+    return " ".join(text for line in comments if (text := line.lstrip("#").strip()))
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
@@ -377,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="certnet: train, certify and attack certifiably robust neural networks "
         f"({', '.join(METHODS)}). CPU threads: OMP_NUM_THREADS if set, else one fewer "
         f"than the cores available ({default_threads()} here).")
-    parser.add_argument("--version", action="version", version=_version(),
+    parser.add_argument("--version", action="version", version=f"certnet {__version__}",
                         help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -432,6 +426,10 @@ def build_parser() -> argparse.ArgumentParser:
     override("--device", "auto (CUDA if available), cpu, cuda or cuda:N", metavar="D")
     override("--precision", "training precision: float32, bfloat16 or float16 (autocast; "
              "certification is always float64)", choices=("float32", "bfloat16", "float16"))
+    train.add_argument("--tensorboard", metavar="DIR",
+                       help="also log each epoch's metrics.jsonl numbers as TensorBoard "
+                       "scalars in DIR (pip install 'certnet[tensorboard]'; view with "
+                       "`tensorboard --logdir DIR`)")
     train.add_argument("--quiet", action="store_true",
                        help="no per-epoch lines and no progress bar; only the final summary")
     train.set_defaults(func=cmd_train)
@@ -469,8 +467,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--per-point", metavar="FILE.csv", help="write a per-point CSV "
                            "(label, prediction, certified, radius) here; with several --eps, at "
                            "the first")
-            p.add_argument("--curve", metavar="FILE.png", help="write a certified-accuracy-vs-"
-                           "radius PNG here; with several --eps, marked at the first")
+            p.add_argument("--curve", metavar="FILE", help="plot certified accuracy against "
+                           "radius here (.png, .pdf or .svg: the format follows the suffix), "
+                           "down to 0 at the largest certified radius, each --eps marked with "
+                           "its VRA; needs a certifier that computes radii")
             p.add_argument("--batch-size", type=_positive_int, default=2000, metavar="B",
                            help="points per certify call")
         else:
@@ -513,12 +513,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _version() -> str:
-    from certnet import __version__
-
-    return f"certnet {__version__}"
-
-
 def _interrupted(args: argparse.Namespace) -> str:
     if args.command != "train":
         return "interrupted"
@@ -532,22 +526,27 @@ def _interrupted(args: argparse.Namespace) -> str:
 
 #: the options that name files a command writes
 OUTPUTS = ("json", "per_point", "curve")
+#: the suffixes an output must have, where it matters (certnet.certify.CURVE_FORMATS)
+OUTPUT_SUFFIXES = {"curve": (".png", ".pdf", ".svg")}
 
 
 def check_outputs(args: argparse.Namespace) -> None:
     """ConfigError now, before any work, for an output file that could not be written: its
-    folder missing or not writable, or the path a folder."""
+    folder missing or not writable, the path a folder, or its suffix not a format written."""
     for name in OUTPUTS:
         path = getattr(args, name, None)
         if path is None:
             continue
-        path = Path(path)
-        folder = path.parent if str(path.parent) else Path(".")
+        path, flag = Path(path), f"--{name.replace('_', '-')}"
         if path.is_dir():
-            raise ConfigError(f"--{name.replace('_', '-')} {path} is a folder, not a file")
-        if not folder.is_dir() or not os.access(folder, os.W_OK):
-            raise ConfigError(f"--{name.replace('_', '-')} {path}: cannot write into "
-                              f"{folder} (missing or not writable); nothing was computed")
+            raise ConfigError(f"{flag} {path} is a folder, not a file")
+        suffixes = OUTPUT_SUFFIXES.get(name)
+        if suffixes and path.suffix.lower() not in suffixes:
+            raise ConfigError(f"{flag} {path}: the suffix must be one of {', '.join(suffixes)} "
+                              "(the format follows it); nothing was computed")
+        if not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
+            raise ConfigError(f"{flag} {path}: cannot write into {path.parent} (missing or not "
+                              "writable); nothing was computed")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,6 +34,7 @@ from certnet.errors import ConfigError, TrainingError
 from certnet.methods import get_method
 from certnet.methods.base import CertifiedModel
 from certnet.optim import Optimizer
+from certnet.tblog import EpochLog, check_log_dir
 from certnet.timing import Phases
 
 
@@ -62,10 +63,12 @@ class Trainer:
 
     ``progress`` prints one line per epoch (:func:`epoch_line`) and, on a terminal only, a
     progress bar. ``phases`` (optional) accumulates the wall time of data loading, training
-    steps, evaluation and checkpoints."""
+    steps, evaluation and checkpoints. ``tensorboard`` (a folder) also logs every metrics.jsonl
+    record as TensorBoard scalars (:mod:`certnet.tblog`); it is checked before any work."""
 
     def __init__(self, config: TrainConfig, out_dir: str | Path, resume: bool = False,
-                 progress: bool = True, phases: Phases | None = None) -> None:
+                 progress: bool = True, phases: Phases | None = None,
+                 tensorboard: str | Path | None = None) -> None:
         self.config = config
         ramp = config.eps_schedule
         if get_method(config.method).needs_eps_ramp and config.eps > 0 and \
@@ -78,6 +81,9 @@ class Trainer:
         self.phases = phases or Phases()
         self.world, self.device = distributed.setup(resolve_device(config.device))
         self.progress = progress and self.world.main
+        logs = tensorboard is not None and self.world.main  # rank 0 alone logs
+        if logs:
+            check_log_dir(tensorboard, fresh=not (resume and has_resumable_state(out_dir)))
         with self.phases("data"):
             self.train_data = load_dataset(config.dataset, "train", config.data_dir)
             self.test_data = load_dataset(config.dataset, "test", config.data_dir)
@@ -109,11 +115,14 @@ class Trainer:
                                            enabled=config.precision == "float16")
         self.start_epoch = 0
         self.report: Report | None = None
+        self._resumed_record: dict[str, Any] | None = None  # to log again in TensorBoard
         if has_resumable_state(self.out_dir):
             if not resume:
                 raise ConfigError(f"{self.out_dir} already holds a training run; pass --resume "
                                   "to continue it or choose another --out")
             self._resume()
+        # steps are 1-based epochs: a resume purges from its checkpointed epoch, logged again
+        self.tensorboard = EpochLog(tensorboard, self.start_epoch) if logs else None
 
     # -- state ---------------------------------------------------------------------------------
     def _state_tensors(self) -> dict[str, torch.Tensor]:
@@ -160,6 +169,7 @@ class Trainer:
         kept = [line for line in lines if json.loads(line)["epoch"] < self.start_epoch]
         atomic_write(path, "".join(f"{line}\n" for line in
                                    [*kept, json.dumps(meta["metrics"])]))
+        self._resumed_record = meta["metrics"]
 
     # -- loop ----------------------------------------------------------------------------------
     def fit(self, stop_after: int | None = None) -> dict[str, Any]:
@@ -171,8 +181,13 @@ class Trainer:
         if threading.current_thread() is threading.main_thread():
             restore = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
+            if self.tensorboard is not None and self._resumed_record:
+                self.tensorboard.write(self._resumed_record)
+                self._resumed_record = None
             return self._fit(stop_after)
         finally:
+            if self.tensorboard is not None:
+                self.tensorboard.close()
             if restore is not None:
                 signal.signal(signal.SIGTERM, restore)
 
@@ -181,7 +196,6 @@ class Trainer:
         y_all = self.train_data.y
         steps = (len(y_all) + cfg.batch_size - 1) // cfg.batch_size
         eps_train = cfg.eps * cfg.eps_train_factor
-        metrics_path = self.out_dir / "metrics.jsonl"
         self.out_dir.mkdir(parents=True, exist_ok=True)
         record: dict[str, Any] = {}
         for epoch in range(self.start_epoch, min(cfg.epochs, stop_after or cfg.epochs)):
@@ -223,7 +237,7 @@ class Trainer:
                       **extra, **kept_values}
             self.start_epoch = epoch + 1
             if self.world.main:  # rank 0 alone evaluates, writes and logs
-                self._evaluate_and_log(epoch, record, metrics_path)
+                self._evaluate_and_log(epoch, record)
         self.world.barrier()  # every rank ends with rank 0's last checkpoint on disk
         return record
 
@@ -257,9 +271,10 @@ class Trainer:
                                    stats["robust"].sum().double(),
                                    totals.new_tensor(float(len(y)))])
 
-    def _evaluate_and_log(self, epoch: int, record: dict[str, Any], metrics_path: Path) -> None:
+    def _evaluate_and_log(self, epoch: int, record: dict[str, Any]) -> None:
         """Certify the test set (monitor subset before the last epoch) when due, save the
-        checkpoint and training state, append ``record`` to metrics.jsonl and print it."""
+        checkpoint and training state, append ``record`` to metrics.jsonl (and TensorBoard)
+        and print it."""
         cfg = self.config
         last = epoch + 1 == cfg.epochs
         if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
@@ -271,20 +286,18 @@ class Trainer:
                           test_abstain=report.abstain_rate, test_n=report.n,
                           eval_seconds=report.seconds)
         with self.phases("checkpoint"):
-            self._checkpoint(epoch, record)
-        with open(metrics_path, "a") as f:
+            save_model(self.out_dir, self.model, eps=cfg.eps, dataset=cfg.dataset,
+                       data_checksum=self.train_data.checksum, epoch=epoch + 1,
+                       train=cfg.to_dict(), last_metrics=record)
+            groups = self.optimizer.state_dict()["param_groups"]
+            save_train_state(self.out_dir, epoch, self._state_tensors(),
+                             {"param_groups": groups, "metrics": record})
+        with open(self.out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            self.tensorboard.write(record)
         if self.progress:
             print(epoch_line(record, cfg.epochs), flush=True)
-
-    def _checkpoint(self, epoch: int, record: dict[str, Any]) -> None:
-        cfg = self.config
-        save_model(self.out_dir, self.model, eps=cfg.eps, dataset=cfg.dataset,
-                   data_checksum=self.train_data.checksum, epoch=epoch + 1,
-                   train=self.config.to_dict(), last_metrics=record)
-        groups = self.optimizer.state_dict()["param_groups"]
-        save_train_state(self.out_dir, epoch, self._state_tensors(),
-                         {"param_groups": groups, "metrics": record})
 
 
 def epoch_line(record: dict[str, Any], epochs: int) -> str:
@@ -313,9 +326,11 @@ def _subset(data: Dataset, index: slice) -> Dataset:
 
 
 def train(config: TrainConfig, out_dir: str | Path, resume: bool = False,
-          progress: bool = True) -> CertifiedModel:
-    """Train ``config`` into ``out_dir`` and return the model."""
-    trainer = Trainer(config, out_dir, resume=resume, progress=progress)
+          progress: bool = True, tensorboard: str | Path | None = None) -> CertifiedModel:
+    """Train ``config`` into ``out_dir`` and return the model; ``tensorboard``: a folder for
+    TensorBoard scalars of every epoch (needs ``pip install 'certnet[tensorboard]'``)."""
+    trainer = Trainer(config, out_dir, resume=resume, progress=progress,
+                      tensorboard=tensorboard)
     trainer.fit()
     return trainer.model
 
