@@ -81,58 +81,46 @@ def conv_mlp(input_shape: tuple[int, ...], num_classes: int, convs: list[tuple[i
     return specs
 
 
-@register_arch("2c2f")
-def arch_2c2f(input_shape, num_classes, activation="minmax"):
-    return conv_mlp(input_shape, num_classes, [(16, 4, 2), (32, 4, 2)], [100], activation)
+#: GloRo's architectures (App. B): convs (filters, kernel, stride) and dense widths.
+GLORO_ARCHS = {
+    "2c2f": ([(16, 4, 2), (32, 4, 2)], [100]),
+    "4c3f": ([(32, 3, 1), (32, 4, 2), (64, 3, 1), (64, 4, 2)], [512, 512]),
+    "6c2f": ([(32, 3, 1), (32, 3, 1), (32, 4, 2), (64, 3, 1), (64, 3, 1), (64, 4, 2)], [512]),
+    "8c2f": ([(64, 3, 1), (64, 3, 1), (64, 4, 2), (128, 3, 1), (128, 3, 1), (128, 4, 2),
+              (256, 3, 1), (256, 4, 2)], [256]),
+}
 
 
-@register_arch("4c3f")
-def arch_4c3f(input_shape, num_classes, activation="minmax"):
-    return conv_mlp(input_shape, num_classes,
-                    [(32, 3, 1), (32, 4, 2), (64, 3, 1), (64, 4, 2)], [512, 512], activation)
+def _gloro_arch(convs: list[tuple[int, ...]], dense: list[int]) -> ArchFn:
+    def arch(input_shape, num_classes, activation="minmax"):
+        return conv_mlp(input_shape, num_classes, convs, dense, activation)
+    return arch
 
 
-@register_arch("6c2f")
-def arch_6c2f(input_shape, num_classes, activation="minmax"):
-    return conv_mlp(input_shape, num_classes,
-                    [(32, 3, 1), (32, 3, 1), (32, 4, 2), (64, 3, 1), (64, 3, 1), (64, 4, 2)],
-                    [512], activation)
+for _name, (_convs, _dense) in GLORO_ARCHS.items():
+    register_arch(_name)(_gloro_arch(_convs, _dense))
 
 
-@register_arch("8c2f")
-def arch_8c2f(input_shape, num_classes, activation="minmax"):
-    return conv_mlp(input_shape, num_classes,
-                    [(64, 3, 1), (64, 3, 1), (64, 4, 2), (128, 3, 1), (128, 3, 1), (128, 4, 2),
-                     (256, 3, 1), (256, 4, 2)], [256], activation)
+#: DM-small, DM-medium and DM-large (Gowal et al. 2018; CROWN-IBP, Zhang et al. 2020): convs
+#: (filters, kernel, stride, padding) and dense widths; ``batchnorm`` adds BatchNorm before every
+#: activation (Shi et al. 2021); ``normalize`` ([mean, std]) normalises the input inside the
+#: model, as CROWN-IBP does on CIFAR-10.
+DM_ARCHS = {
+    "dm-small": ([(16, 4, 2, 0), (32, 4, 1, 0)], [100]),
+    "dm-medium": ([(32, 3, 1, 0), (32, 4, 2, 0), (64, 3, 1, 0), (64, 4, 2, 0)], [512, 512]),
+    "dm-large": ([(64, 3, 1, 1), (64, 3, 1, 1), (128, 3, 2, 1), (128, 3, 1, 1), (128, 3, 1, 1)],
+                 [512]),
+}
 
 
-@register_arch("dm-small")
-def arch_dm_small(input_shape, num_classes, activation="relu", batchnorm=False,
-                  normalize=None):
-    """DM-small (Gowal et al. 2018; CROWN-IBP): conv16 4/2, conv32 4/1, FC100, no padding;
-    ``batchnorm`` adds BatchNorm before every activation (Shi et al. 2021); ``normalize``
-    ([mean, std]) normalises the input inside the model, as CROWN-IBP does on CIFAR-10."""
-    return conv_mlp(input_shape, num_classes, [(16, 4, 2, 0), (32, 4, 1, 0)], [100],
-                    activation, batchnorm, normalize)
+def _dm_arch(convs: list[tuple[int, ...]], dense: list[int]) -> ArchFn:
+    def arch(input_shape, num_classes, activation="relu", batchnorm=False, normalize=None):
+        return conv_mlp(input_shape, num_classes, convs, dense, activation, batchnorm, normalize)
+    return arch
 
 
-@register_arch("dm-medium")
-def arch_dm_medium(input_shape, num_classes, activation="relu", batchnorm=False,
-                   normalize=None):
-    """DM-medium: conv32 3/1, conv32 4/2, conv64 3/1, conv64 4/2, FC512, FC512, no padding."""
-    return conv_mlp(input_shape, num_classes,
-                    [(32, 3, 1, 0), (32, 4, 2, 0), (64, 3, 1, 0), (64, 4, 2, 0)], [512, 512],
-                    activation, batchnorm, normalize)
-
-
-@register_arch("dm-large")
-def arch_dm_large(input_shape, num_classes, activation="relu", batchnorm=False,
-                  normalize=None):
-    """DM-large: conv64 3/1, conv64 3/1, conv128 3/2, conv128 3/1, conv128 3/1, FC512
-    (padding 1)."""
-    return conv_mlp(input_shape, num_classes,
-                    [(64, 3, 1, 1), (64, 3, 1, 1), (128, 3, 2, 1), (128, 3, 1, 1),
-                     (128, 3, 1, 1)], [512], activation, batchnorm, normalize)
+for _name, (_convs, _dense) in DM_ARCHS.items():
+    register_arch(_name)(_dm_arch(_convs, _dense))
 
 
 @register_arch("cnn7")

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from certnet.errors import ConfigError, InputError
-from certnet.threat import NORMS, check_eps, check_inputs, norm_of, project
+from certnet.threat import check_eps, check_inputs, check_norm, norm_of, project
 
 
 def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -51,12 +51,10 @@ class PGD:
     def __init__(self, model: nn.Module, eps: float | torch.Tensor, norm: str = "l2",
                  steps: int = 100, restarts: int = 10, step_size: float | None = None,
                  seed: int = 0) -> None:
-        if norm not in NORMS:
-            raise ConfigError(f"unknown norm {norm!r}; choose from {NORMS}")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ConfigError(f"steps must be a positive integer, got {steps!r}")
-        if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
-            raise ConfigError(f"restarts must be a positive integer, got {restarts!r}")
+        check_norm(norm)
+        for name, count in (("steps", steps), ("restarts", restarts)):
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {count!r}")
         if step_size is not None and not (math.isfinite(step_size) and step_size > 0):
             raise ConfigError(f"step_size must be a positive number, got {step_size!r}")
         if isinstance(eps, torch.Tensor):
@@ -159,10 +157,8 @@ class PGD:
             eps = self.eps.detach().to(device=x.device, dtype=x.dtype)
         else:
             eps = torch.full((batch,), float(self.eps), device=x.device, dtype=x.dtype)
-        if self.step_size is None:
-            step = 2.5 * eps / self.steps
-        else:
-            step = torch.full_like(eps, self.step_size)
+        step = 2.5 * eps / self.steps if self.step_size is None else \
+            torch.full_like(eps, self.step_size)
         generator = torch.Generator().manual_seed(self.seed)
 
         logits = self.model(x)

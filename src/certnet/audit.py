@@ -80,8 +80,7 @@ def attack_report(model: CertifiedModel, x: torch.Tensor, y: torch.Tensor, eps: 
                 "radius": float(radius[j]), "distance": float(dist[j])} for j in indices]
     return {
         "method": model.method, "certifier": report.certifier, "norm": report.norm,
-        "eps": float(eps),
-        "steps": steps, "restarts": restarts, "n": len(labels),
+        "eps": float(eps), "steps": steps, "restarts": restarts, "n": len(labels),
         "clean_accuracy": float(correct.float().mean()),
         "robust_accuracy": float((correct & (clean_pred == labels) & (adv_pred == labels))
                                  .float().mean()),

@@ -10,6 +10,7 @@ appear atomically (renamed from a temp directory once complete).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -113,12 +114,8 @@ def _tensor_blob(tensors: dict[str, torch.Tensor]) -> tuple[bytes, str]:
 
 def _version_tuple(version: Any) -> tuple[int, ...]:
     """The leading numbers of a version string (none for anything else)."""
-    numbers = []
-    for part in str(version).split(".")[:3] if isinstance(version, str) else ():
-        if not part.isdigit():
-            break
-        numbers.append(int(part))
-    return tuple(numbers)
+    parts = version.split(".")[:3] if isinstance(version, str) else []
+    return tuple(map(int, itertools.takewhile(str.isdigit, parts)))
 
 
 def description_sha256(config: dict[str, Any]) -> str:

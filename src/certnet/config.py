@@ -126,8 +126,6 @@ class TrainConfig:
         return cls.from_dict(values, str(path))
 
     def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["eps_schedule"] = self.eps_schedule.to_dict()
-        out["lr_schedule"] = self.lr_schedule.to_dict()
-        out["loss_schedules"] = {k: v.to_dict() for k, v in self.loss_schedules.items()}
-        return out
+        return {**dataclasses.asdict(self), "eps_schedule": self.eps_schedule.to_dict(),
+                "lr_schedule": self.lr_schedule.to_dict(),
+                "loss_schedules": {k: v.to_dict() for k, v in self.loss_schedules.items()}}

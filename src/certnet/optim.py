@@ -57,11 +57,9 @@ class Optimizer:
     def zero_grad(self, set_to_none: bool = True) -> None:
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is None:
-                    continue
                 if set_to_none:
                     p.grad = None
-                else:
+                elif p.grad is not None:
                     p.grad.detach_().zero_()
 
     @torch.no_grad()
@@ -144,12 +142,9 @@ class Adam(Optimizer):
         states = []
         for p in params:
             if p not in self.state:
-                zeros = [torch.zeros_like(p, memory_format=torch.preserve_format)
-                         for _ in range(3 if group["amsgrad"] else 2)]
-                self.state[p] = {"step": torch.tensor(0.0), "exp_avg": zeros[0],
-                                 "exp_avg_sq": zeros[1]}
-                if group["amsgrad"]:
-                    self.state[p]["max_exp_avg_sq"] = zeros[2]
+                moments = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")[:3 if group["amsgrad"] else 2]
+                self.state[p] = {"step": torch.tensor(0.0), **{
+                    k: torch.zeros_like(p, memory_format=torch.preserve_format) for k in moments}}
             states.append(self.state[p])
         exp_avgs = [s["exp_avg"] for s in states]
         exp_avg_sqs = [s["exp_avg_sq"] for s in states]

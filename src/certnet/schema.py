@@ -35,11 +35,6 @@ Iterations = Annotated[int, Field(ge=0, le=100_000)]
 _UNION_TAG = re.compile(r"^(int|float|str|bool|none|.*\[.*\]|function-.*|constrained-.*)$")
 
 
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def _path(error: Any) -> list[Any]:
     return [p for p in error["loc"] if not (isinstance(p, str) and _UNION_TAG.match(p))]
 
@@ -57,8 +52,9 @@ def problem(err: ValidationError, schema: type[BaseModel]) -> str:
         allowed = f"allowed: {sorted(schema.model_fields)}" if schema.model_fields else \
             "it takes none"
         what = f"unknown key{f' (did you mean {near[0]!r}?)' if near else ''}; {allowed}"
-    field = ".".join(map(str, path))
-    return f"{f'field {field!r}: ' if field else ''}{what} (got {_short(same[0].get('input'))})"
+    field, got = ".".join(map(str, path)), repr(same[0].get("input"))
+    got = got if len(got) <= 60 else got[:57] + "..."
+    return f"{f'field {field!r}: ' if field else ''}{what} (got {got})"
 
 
 def validate(schema: type[BaseModel], values: Any, where: str) -> None:

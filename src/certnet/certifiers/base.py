@@ -8,13 +8,14 @@ training norm) are resolved here and nowhere else.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
 
 from certnet.certificate import Certificate
-from certnet.errors import ConfigError
+from certnet.errors import ConfigError, UnsupportedLayerError
 from certnet.registry import Registry
 from certnet.threat import ThreatModel, check_eps, check_inputs, check_norm
 
@@ -61,6 +62,20 @@ class Certifier:
 
 
 CERTIFIERS: Registry[Certifier] = Registry("certifier")
+
+
+def layers_problem(model: Certifiable, check: Callable[[nn.Sequential], Any],
+                   errors: type[Exception] = UnsupportedLayerError) -> str | None:
+    """``Certifier.applies`` for a certifier that needs ``model.layers`` to be an
+    ``nn.Sequential`` that ``check`` accepts (raising ``errors`` otherwise)."""
+    layers = getattr(model, "layers", None)
+    if not isinstance(layers, nn.Sequential):
+        return "it needs the model's network as an nn.Sequential in .layers"
+    try:
+        check(layers)
+    except errors as err:
+        return str(err)
+    return None
 
 
 def register_certifier(certifier: Certifier) -> Certifier:

@@ -50,10 +50,8 @@ class BestCertifier(Certifier):
             gives_radius &= cert.gives_radius
             if pred is None:
                 pred, certified, radius = cert.pred, cert.certified, cert.radius
-                margin = torch.full((len(x),), -torch.inf, dtype=torch.float64,
-                                    device=x.device)
-                if cert.margin is not None:
-                    margin = cert.margin
+                margin = cert.margin if cert.margin is not None else \
+                    torch.full((len(x),), -torch.inf, dtype=torch.float64, device=x.device)
                 fresh = cert.certified
             else:
                 # every certifier predicts by the same float64 forward pass; should one ever

@@ -16,8 +16,7 @@ from torch import nn
 
 from certnet.bounds.margins import BoundMethod, margin_walk
 from certnet.bounds.rules import check_supported
-from certnet.certifiers.base import Certificate, Certifier, register_certifier
-from certnet.errors import UnsupportedLayerError
+from certnet.certifiers.base import Certificate, Certifier, layers_problem, register_certifier
 from certnet.nn.conv_algorithms import gemm_chunk
 from certnet.threat import ThreatModel
 
@@ -76,14 +75,7 @@ class BoundCertifier(Certifier):
         self.subsumes = subsumes
 
     def applies(self, model, norm):
-        layers = getattr(model, "layers", None)
-        if not isinstance(layers, nn.Sequential):
-            return "it needs the model's network as an nn.Sequential in .layers"
-        try:
-            check_supported(layers)
-        except UnsupportedLayerError as err:
-            return str(err)
-        return None
+        return layers_problem(model, check_supported)
 
     def certify(self, model, x, threat):
         twin = model.float64_copy("bounds", lambda layers: None)

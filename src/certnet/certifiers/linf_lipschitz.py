@@ -23,10 +23,9 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
 from certnet.bounds.linf_lipschitz import ball_drift, linf_lipschitz, prefix_bounds
-from certnet.certifiers.base import Certificate, Certifier, register_certifier
+from certnet.certifiers.base import Certificate, Certifier, layers_problem, register_certifier
 from certnet.floats import gamma, round_down
 from certnet.nn.conv_algorithms import gemm_convolutions
 from certnet.threat import ThreatModel
@@ -38,14 +37,7 @@ class LinfLipschitzCertifier(Certifier):
     cost = 0
 
     def applies(self, model, norm):
-        layers = getattr(model, "layers", None)
-        if not isinstance(layers, nn.Sequential):
-            return "it needs the model's network as an nn.Sequential in .layers"
-        try:
-            linf_lipschitz(layers)
-        except ValueError as err:
-            return str(err)
-        return None
+        return layers_problem(model, linf_lipschitz, ValueError)
 
     @torch.no_grad()
     def certify(self, model, x: torch.Tensor, threat: ThreatModel) -> Certificate:

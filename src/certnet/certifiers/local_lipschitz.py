@@ -29,10 +29,9 @@ from certnet.bounds.ibp import supports_low_precision
 from certnet.bounds.local import ball_box_shift, has_masks, local_layer_bounds
 from certnet.bounds.pairwise import SoundConstants, logit_gaps, masked_pairwise, others_than
 from certnet.bounds.rules import LayerInput, check_supported
-from certnet.certifiers.base import Certificate, Certifier, register_certifier
+from certnet.certifiers.base import Certificate, Certifier, layers_problem, register_certifier
 from certnet.certifiers.bound_prop import layer_outputs
 from certnet.certifiers.lipschitz import LipschitzCertifier
-from certnet.errors import UnsupportedLayerError
 from certnet.floats import eta, gamma, outward
 from certnet.nn.conv_algorithms import gemm_chunk
 from certnet.nn.layer_types import is_dense
@@ -149,14 +148,7 @@ class LocalLipschitzCertifier(Certifier):
     cost = 1
 
     def applies(self, model, norm):
-        reason = LipschitzCertifier().applies(model, norm)
-        if reason is not None:
-            return reason
-        try:
-            check_supported(model.layers)
-        except UnsupportedLayerError as err:
-            return str(err)
-        return None
+        return LipschitzCertifier().applies(model, norm) or layers_problem(model, check_supported)
 
     @torch.no_grad()
     def certify(self, model, x: torch.Tensor, threat: ThreatModel) -> Certificate:

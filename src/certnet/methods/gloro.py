@@ -45,7 +45,6 @@ from certnet.threat import ThreatModel
 __all__ = ["GAP_SLACK", "GloroNet", "SoundConstants", "bottom_logit", "pairwise_lipschitz",
            "shifted_logits"]
 
-LossName = Literal["ce", "trades", "emma"]
 LOSSES = ("ce", "trades", "emma")
 BOUNDS = ("global", "local")
 #: Power iterations (from the stored iterates) behind the estimate in ``lipschitz_report``.
@@ -84,7 +83,7 @@ class GloroNet(CertifiedModel):
     default_certifier = "lipschitz"
 
     def __init__(self, layers: nn.Sequential, input_shape: tuple[int, ...], num_classes: int,
-                 power_iterations: Iterations = 10, loss: LossName = "ce",
+                 power_iterations: Iterations = 10, loss: Literal[LOSSES] = "ce",
                  lipschitz: Literal[BOUNDS] = "global", sparsity: NonNegative = 0.0,
                  local_iterations: Iterations = 2) -> None:
         super().__init__(input_shape, num_classes)

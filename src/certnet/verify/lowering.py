@@ -65,8 +65,7 @@ def _linear(layer: nn.Linear, shape: tuple[int, ...]) -> tuple[list[Op], tuple[i
         raise UnsupportedLayerError(
             f"verify: Linear({layer.in_features}, ...) applied to shape {shape}; flatten first")
     w = layer.weight.detach().to(torch.float64).cpu().numpy()
-    b = np.zeros(w.shape[0]) if layer.bias is None else \
-        layer.bias.detach().to(torch.float64).cpu().numpy()
+    b = np.zeros(w.shape[0]) if layer.bias is None else _flat(layer.bias)
     return [("affine", w, b)], (layer.out_features,)
 
 
@@ -105,9 +104,8 @@ def _conv_affine(layer: nn.Conv2d, shape: tuple[int, ...]) -> tuple[list[Op], tu
     basis = torch.eye(n, dtype=torch.float64).view(n, *shape)
     with torch.no_grad():
         columns = F.conv2d(basis, weight, None, layer.stride, layer.padding)
-    positions = columns[0, 0].numel()
-    bias = np.zeros(columns[0].numel()) if layer.bias is None else np.repeat(
-        layer.bias.detach().to(torch.float64).cpu().numpy(), positions)
+    bias = np.zeros(columns[0].numel()) if layer.bias is None else \
+        np.repeat(_flat(layer.bias), columns[0, 0].numel())
     return [("affine", columns.reshape(n, -1).T.numpy(), bias)], tuple(columns.shape[1:])
 
 

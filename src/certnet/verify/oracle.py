@@ -106,16 +106,12 @@ def min_margin(layers: nn.Sequential, x: torch.Tensor, label: int, eps: float, n
         if d > max_dim:
             raise InputError(f"verify: exact enumeration supports inputs of at most {max_dim} "
                              f"dimensions (got {d}); raise max_dim at your own risk")
-        a0, b0 = np.zeros((0, d)), np.zeros(0)
-        if norm == "linf":  # the box as a polytope; a ball around it that cuts nothing
-            a0 = np.concatenate([np.eye(d), -np.eye(d)])
-            b0 = np.concatenate([hi, -lo])
-            radius = 2 * eps * np.sqrt(d) + 1.0
-        else:
-            radius = eps
-            if domain is not None:
-                a0 = np.concatenate([np.eye(d), -np.eye(d)])
-                b0 = np.concatenate([np.full(d, domain[1]), np.full(d, -domain[0])])
+        # l_inf: the box as a polytope, in a ball around it that cuts nothing; l2: the domain
+        box = (lo, hi) if norm == "linf" else None if domain is None else \
+            (np.full(d, domain[0]), np.full(d, domain[1]))
+        a0 = np.zeros((0, d)) if box is None else np.concatenate([np.eye(d), -np.eye(d)])
+        b0 = np.zeros(0) if box is None else np.concatenate([box[1], -box[0]])
+        radius = 2 * eps * np.sqrt(d) + 1.0 if norm == "linf" else eps
         bound, candidates = enumerate_regions(ops, x0, radius, a0, b0, label)
         if not candidates:
             raise RuntimeError("verify: region enumeration found no feasible point")
