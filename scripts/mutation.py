@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / ".mutation"
 RESULTS = ROOT / "tests" / "mutation" / "results.json"
 #: the tests written against survivors (tests/mutation/survivors.md)
-SURVIVOR_TESTS = "tests/test_mutation_survivors.py"
+SURVIVOR_TESTS = "tests/test_mutation_survivors*.py"
 
 #: module name -> (source files to mutate, fast test files run against its mutants). The one
 #: place that maps code to tests; keep each list to files that pass quickly (no `slow` tests:
@@ -45,7 +45,8 @@ TARGETS: dict[str, tuple[list[str], list[str]]] = {
                   "tests/test_mutation_survivors.py"]),
     "masked_spectral": (["src/certnet/nn/masked_spectral.py"],
                         ["tests/test_local_lipschitz.py", "tests/test_mutants.py",
-                         "tests/test_mutation_survivors.py"]),
+                         "tests/test_mutation_survivors.py",
+                         "tests/test_mutation_survivors_masked.py"]),
     "checkpoint": (["src/certnet/checkpoint.py"],
                    ["tests/test_train_checkpoint.py", "tests/test_bad_inputs.py",
                     # test_faults.py trains for minutes: only its checkpoint-write test
@@ -111,8 +112,8 @@ def prepare(name: str, head: bool) -> Path:
                               check=True, capture_output=True).stdout
         with tarfile.open(fileobj=BytesIO(blob)) as tar:
             tar.extractall(work, filter="data")
-        if (ROOT / SURVIVOR_TESTS).exists():
-            shutil.copy(ROOT / SURVIVOR_TESTS, work / SURVIVOR_TESTS)
+        for path in ROOT.glob(SURVIVOR_TESTS):
+            shutil.copy(path, work / path.relative_to(ROOT))
     else:
         shutil.copytree(ROOT / "src", work / "src",
                         ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
