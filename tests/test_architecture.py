@@ -14,13 +14,16 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "certnet"
 #: rank, or stay inside its own group
 LAYERS = {
     **dict.fromkeys(["errors", "floats", "registry", "schema", "timing", "memory", "device",
-                     "threads", "distributed", "optim", "schedules", "threat", "certificate"],
+                     "threads", "distributed", "optim", "schedules", "threat", "certificate",
+                     "properties"],
                     (0, "foundation")),
     "nn": (1, "nn"), "data": (1, "data"),
     "bounds": (2, "bounds"), "archs": (2, "archs"), "verify": (2, "verify"),
-    "attacks": (3, "attacks"),
+    "graph": (2, "graph"),
+    "attacks": (3, "attacks"), "falsify": (3, "attacks"),
     "methods": (4, "methods"), "certifiers": (4, "certifiers"),
-    **dict.fromkeys(["config", "checkpoint", "certify", "audit", "train", "tblog", "zoo"],
+    **dict.fromkeys(["config", "checkpoint", "certify", "audit", "train", "tblog", "zoo",
+                     "decide"],
                     (5, "engine")),
     "cli": (6, "cli"), "__init__": (7, "api"),
 }

@@ -340,6 +340,71 @@ def preset_description(path: Path) -> str:
     return " ".join(text for line in comments if (text := line.lstrip("#").strip()))
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Decide VNN-LIB properties of ONNX networks (one instance, or a whole instances.csv):
+    VNN-COMP result files and a JSON with the answers and timings."""
+    from certnet.checkpoint import write_json
+    from certnet.decide import decide
+    from certnet.graph.onnx_import import load_onnx
+    from certnet.properties import Instance, read_instances, read_vnnlib, write_result
+
+    if args.instances:
+        if args.model or args.property:
+            raise ConfigError("give either MODEL.onnx PROPERTY.vnnlib or --instances CSV")
+        instances = read_instances(args.instances)[:args.limit]
+    elif args.model and args.property:
+        instances = [Instance(Path(args.model), Path(args.property), args.timeout)]
+    else:
+        raise ConfigError("give MODEL.onnx PROPERTY.vnnlib, or --instances CSV")
+    if args.result and len(instances) > 1:
+        raise ConfigError("--result writes one instance's answer; with --instances use "
+                          "--results-dir")
+    methods = tuple(args.certifier.split(","))
+    if args.results_dir:
+        Path(args.results_dir).mkdir(parents=True, exist_ok=True)
+    rows, graphs = [], {}
+    for inst in tqdm_or_list(instances, len(instances) > 1):
+        try:
+            if inst.onnx not in graphs:
+                graphs[inst.onnx] = load_onnx(inst.onnx)
+            graph = graphs[inst.onnx]
+            verdict = decide(graph.sequential(), graph.input_shape, read_vnnlib(inst.vnnlib),
+                             methods, timeout=args.timeout or inst.timeout_s,
+                             attack=not args.no_attack)
+        except CertnetError as err:
+            if len(instances) == 1:
+                raise
+            rows.append({"onnx": str(inst.onnx), "vnnlib": str(inst.vnnlib), "result": "error",
+                         "error": str(err), "total_seconds": 0.0})
+            print(f"{inst.onnx.name} {inst.vnnlib.name}: error: {err}", flush=True)
+            continue
+        target = Path(args.result) if args.result else (
+            Path(args.results_dir) / f"{inst.onnx.stem}__{inst.vnnlib.stem}.txt"
+            if args.results_dir else None)
+        if target is not None:
+            write_result(target, verdict.result, verdict.x, verdict.y)
+        rows.append({"onnx": str(inst.onnx), "vnnlib": str(inst.vnnlib), **verdict.to_dict()})
+        by = sorted(set(filter(None, verdict.proved_by))) if verdict.status == "holds" else []
+        print(f"{inst.onnx.name} {inst.vnnlib.name}: {verdict.result} ({verdict.status}"
+              f"{''.join(', by ' + b for b in by)}, {sum(verdict.seconds.values()):.2f} s)",
+              flush=True)
+    counts = {r: sum(row["result"] == r for row in rows)
+              for r in ("unsat", "sat", "unknown", "timeout", "error")}
+    print("summary: " + ", ".join(f"{k} {v}" for k, v in counts.items()) +
+          f" of {len(rows)}; {sum(r['total_seconds'] for r in rows):.1f} s")
+    if args.json:
+        write_json(args.json, {"methods": methods, "counts": counts, "instances": rows})
+    return 0
+
+
+def tqdm_or_list(items: list, bar: bool):
+    """A progress bar over ``items`` on a terminal when there are several."""
+    if bar and sys.stderr.isatty():
+        from tqdm import tqdm
+        return tqdm(items, unit="instance")
+    return items
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     for path in sorted(PRESET_DIR.glob("*.yaml")):
         print(path.stem)
@@ -506,6 +571,31 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--json", metavar="FILE", help="also write the cards as JSON here")
     models.set_defaults(func=cmd_models)
 
+    verify = sub.add_parser(
+        "verify", help="decide VNN-LIB properties of an ONNX network",
+        formatter_class=_HelpFormatter,
+        description="Decide VNN-LIB properties of ONNX networks: unsat (holds: proved by "
+        "rigorous bounds), sat (violated: a counterexample whose float64 outputs satisfy the "
+        "violation exactly), unknown or timeout; VNN-COMP result files and a JSON with timings.")
+    verify.add_argument("model", nargs="?", help="the network, an ONNX file")
+    verify.add_argument("property", nargs="?", help="the property, a VNN-LIB file")
+    verify.add_argument("--instances", metavar="CSV", help="a VNN-COMP instances.csv (rows "
+                        "onnx,vnnlib,timeout_s relative to its folder) instead of one instance")
+    verify.add_argument("--limit", type=_positive_int, metavar="N",
+                        help="with --instances: the first N rows")
+    verify.add_argument("--certifier", default="ibp,crown,alpha-crown", metavar="M[,M...]",
+                        help="bound methods tried in order on the boxes still open")
+    verify.add_argument("--timeout", type=_positive_float, metavar="S",
+                        help="seconds per instance, checked between stages (default: the "
+                        "csv's, else none)")
+    verify.add_argument("--no-attack", action="store_true",
+                        help="skip the falsification search (never answers sat)")
+    verify.add_argument("--result", metavar="FILE", help="write the VNN-COMP result file here")
+    verify.add_argument("--results-dir", metavar="DIR",
+                        help="with --instances: one result file per instance here")
+    verify.add_argument("--json", metavar="FILE", help="write answers and timings as JSON")
+    verify.set_defaults(func=cmd_verify)
+
     presets = sub.add_parser("presets", help="list the bundled YAML presets",
                              description="List the bundled YAML presets with their "
                              "descriptions.")
@@ -525,7 +615,7 @@ def _interrupted(args: argparse.Namespace) -> str:
 
 
 #: the options that name files a command writes
-OUTPUTS = ("json", "per_point", "curve")
+OUTPUTS = ("json", "per_point", "curve", "result")
 #: the suffixes an output must have, where it matters (certnet.certify.CURVE_FORMATS)
 OUTPUT_SUFFIXES = {"curve": (".png", ".pdf", ".svg")}
 

@@ -10,6 +10,11 @@ class InputError(CertnetError, ValueError):
     """A tensor or argument is malformed: shape, dtype, NaN/Inf, pixel range, epsilon."""
 
 
+class PropertyError(InputError):
+    """A VNN-LIB property, VNN-COMP result or instances file is malformed or unsupported; the
+    message names ``file:line:column`` where the text is at fault."""
+
+
 class ConfigError(CertnetError, ValueError):
     """An unknown method / architecture / dataset / schedule, or an invalid option."""
 

@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 
 from certnet.errors import ConfigError, InputError
-from certnet.floats import SQRT_TINY64, eta, gamma, outward
+from certnet.floats import SQRT_TINY64, eta, gamma, outward, outward_to
 
 Norm = Literal["l2", "linf"]
 NORMS: tuple[Norm, ...] = ("l2", "linf")
@@ -43,11 +43,6 @@ def norm_of(v: torch.Tensor, norm: str) -> torch.Tensor:
     if norm == "l1":
         return flat.abs().sum(dim=1)
     raise ConfigError(f"unknown norm {norm!r}")
-
-
-def dual(norm: str) -> str:
-    """The dual norm: sup_{||d|| <= 1} <a, d> = ||a||_dual (l2 -> l2, linf -> l1)."""
-    return {"l2": "l2", "linf": "l1"}[check_norm(norm)]
 
 
 def from_l2_radius(radius: torch.Tensor, norm: str, dim: int) -> torch.Tensor:
@@ -93,10 +88,6 @@ class ThreatModel:
         check_norm(self.norm)
         check_eps(self.eps)
 
-    @property
-    def dual(self) -> str:
-        return dual(self.norm)
-
     def box(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x +- eps clipped to [lower, upper]: the set itself for l_inf, the smallest box that
         contains it for l2 (each end rounded to nearest: training's box)."""
@@ -130,6 +121,36 @@ class ThreatModel:
         error = gamma(n + 6, lam.dtype) * (flat.abs() @ size.unsqueeze(2)).squeeze(2) + \
             3 * (n + 2) * eta(lam.dtype)  # the products' underflow
         return dot - self.eps * (norm + n**0.5 * SQRT_TINY64) - error
+
+
+@dataclass(frozen=True, eq=False)
+class BoxThreat(ThreatModel):
+    """One box {x' : lo <= x' <= hi} (``lo``, ``hi`` of shape (1, *input), exact floats: a
+    VNN-LIB input constraint rounded outward), the same set for every point of a batch, which
+    only gives the clean points. The bounds engine bounds it as an l_inf set (``norm`` is
+    "linf"; ``eps`` is half its widest side, for reports). Build it with :meth:`of`."""
+
+    lo: torch.Tensor | None = None
+    hi: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, lo: torch.Tensor, hi: torch.Tensor) -> BoxThreat:
+        if lo.shape != hi.shape or not bool(torch.isfinite(lo).all() & torch.isfinite(hi).all()
+                                            & (lo <= hi).all()):
+            raise InputError("a box needs finite lo <= hi of the same shape")
+        eps = float(((hi - lo) / 2).max()) if lo.numel() else 0.0
+        return cls("linf", eps, -math.inf, math.inf, lo.unsqueeze(0), hi.unsqueeze(0))
+
+    def center(self) -> torch.Tensor:
+        """A point of the box (its centre, clamped into it against rounding), batch of one."""
+        return ((self.lo + self.hi) / 2).clamp(self.lo, self.hi)
+
+    def box(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lo.to(x).expand_as(x), self.hi.to(x).expand_as(x)
+
+    def enclosure(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi = outward_to(self.lo.to(x.device), self.hi.to(x.device), x.dtype)
+        return lo.expand_as(x), hi.expand_as(x)  # exact in float64: the set itself
 
 
 def box_minimum(lam: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, rigorous: bool = False

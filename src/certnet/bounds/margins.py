@@ -13,6 +13,7 @@ from certnet.bounds.alpha_crown import optimized_bound
 from certnet.bounds.crown import affine_tail, backward_bound, crown_walk, relaxation_floor
 from certnet.bounds.ibp import drift_walk, interval_walk
 from certnet.bounds.rules import LayerInput, Slope
+from certnet.floats import gamma
 from certnet.threat import ThreatModel
 
 BoundMethod = Literal["ibp", "crown-ibp", "crown", "alpha-crown"]
@@ -47,23 +48,59 @@ def margin_walk(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
     bound on the exact margin, minus how far the float logits z_ref and z_j may drift from
     the exact ones from the point where the bound concretizes on (the input, or the box of
     the last layer the backward pass stops at, which holds the float values too)."""
-    if method in ("crown", "alpha-crown"):
-        seen, logits = crown_walk(layers, x, threat, slope, rigorous)
-    else:
-        seen, logits = interval_walk(layers, x, threat, with_clean=ref is None,
-                                     rigorous=rigorous)
+    seen, logits = _walk(layers, x, threat, method, slope, rigorous, with_clean=ref is None)
     ref = logits.argmax(1) if ref is None else ref
     spec = margin_spec(ref, seen[-1].lo.shape[1]).to(seen[-1].lo.dtype)
+    lower, drift = _lower(layers, seen, spec, x, threat, method, slope, rigorous)
+    if rigorous:
+        lower = lower - (drift.gather(1, ref.unsqueeze(1)) + _others(drift, ref))
+    return lower, seen, logits
+
+
+def spec_bounds(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
+                spec: torch.Tensor, method: BoundMethod = "crown", slope: Slope = "adaptive",
+                rigorous: bool = False) -> torch.Tensor:
+    """Lower bounds (B, S) on spec . z over the threat set around ``x``, for any linear
+    specification ``spec`` (B, S, K) of the outputs z (a VNN-LIB property's rows).
+    ``rigorous``: below the exact value and that of the float forward pass, which differ by
+    at most |spec| . drift (the drift per output, :func:`drift_walk`), rounded up."""
+    seen, _ = _walk(layers, x, threat, method, slope, rigorous, with_clean=False)
+    spec = spec.to(seen[-1].lo.dtype)
+    lower, drift = _lower(layers, seen, spec, x, threat, method, slope, rigorous)
+    if not rigorous:
+        return lower
+    # the products and the sum round (gamma_{K+1} relative), the difference rounds down
+    spread = (spec.abs() * drift.unsqueeze(1)).sum(2) * (1 + gamma(spec.shape[2] + 2,
+                                                               lower.dtype))
+    difference = lower - spread
+    return torch.nextafter(difference, torch.full_like(difference, -torch.inf))
+
+
+def _walk(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel, method: BoundMethod,
+          slope: Slope, rigorous: bool, with_clean: bool
+          ) -> tuple[list[LayerInput], torch.Tensor | None]:
+    """The forward walk a method's last pass needs: intermediate bounds by CROWN (crown,
+    alpha-crown) or by intervals."""
+    if method in ("crown", "alpha-crown"):
+        return crown_walk(layers, x, threat, slope, rigorous)
+    return interval_walk(layers, x, threat, with_clean=with_clean, rigorous=rigorous)
+
+
+def _lower(layers: nn.Sequential, seen: list[LayerInput], spec: torch.Tensor, x: torch.Tensor,
+           threat: ThreatModel, method: BoundMethod, slope: Slope, rigorous: bool
+           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The method's lower bound on spec . z (exact network) and, if ``rigorous``, how far
+    each float output may drift from its exact value (B, K) from where the bound
+    concretizes on."""
     stop = affine_tail(layers) if method == "ibp" else 0
     if method == "alpha-crown":
         lower = optimized_bound(layers, seen, spec, x, threat, slope, rigorous=rigorous)
     else:
         lower = backward_bound(layers, seen, spec, x, threat, slope, stop=stop,
                                rigorous=rigorous)
-    if rigorous:
-        drift = drift_walk(layers, seen, max(stop, relaxation_floor(layers, len(layers))))[-1]
-        lower = lower - (drift.gather(1, ref.unsqueeze(1)) + _others(drift, ref))
-    return lower, seen, logits
+    if not rigorous:
+        return lower, None
+    return lower, drift_walk(layers, seen, max(stop, relaxation_floor(layers, len(layers))))[-1]
 
 
 def _others(values: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:

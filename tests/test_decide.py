@@ -1,0 +1,104 @@
+"""Deciding VNN-LIB properties (certnet.decide, certnet verify): never "holds" where the
+exact oracle finds a violation, a "violated" answer's counterexample replays exactly, box
+bounds contain sampled outputs, and the CLI writes VNN-COMP result files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from certnet.bounds.margins import spec_bounds
+from certnet.cli import main
+from certnet.decide import decide
+from certnet.errors import InputError
+from certnet.properties import linf_robustness, read_result, read_vnnlib
+from certnet.threat import BoxThreat
+from certnet.verify.oracle import exact_min_margin
+
+VNNCOMP = Path(__file__).resolve().parents[2] / "shared" / "benchmarks" / "vnncomp"
+
+
+def _net(seed: int, d: int = 3, width: int = 8, classes: int = 3) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+                         nn.Linear(width, classes)).double().eval()
+
+
+@pytest.mark.parametrize("method", ["ibp", "crown", "alpha-crown"])
+def test_box_bounds_contain_sampled_outputs(method):
+    generator = torch.Generator().manual_seed(1)
+    for seed in range(4):
+        net = _net(seed)
+        lo = torch.rand(3, generator=generator, dtype=torch.float64) - 0.5
+        hi = lo + torch.rand(3, generator=generator, dtype=torch.float64) * 0.4
+        threat = BoxThreat.of(lo, hi)
+        spec = torch.randn(1, 5, 3, generator=generator, dtype=torch.float64)
+        lower = spec_bounds(net, threat.center(), threat, spec, method, rigorous=True)[0]
+        samples = lo + (hi - lo) * torch.rand(2000, 3, generator=generator, dtype=torch.float64)
+        corners = torch.stack(torch.meshgrid(*[torch.stack([a, b]) for a, b in
+                                               zip(lo, hi, strict=True)], indexing="ij"), -1)
+        points = torch.cat([samples, corners.reshape(-1, 3)])
+        with torch.no_grad():
+            values = net(points) @ spec[0].T
+        assert (values >= lower).all()
+
+
+def test_decide_never_contradicts_the_exact_oracle():
+    """Random tiny ReLU nets, points and radii: every "holds" has an exact minimum margin > 0,
+    every "violated" a counterexample that satisfies the exact property, and both answers
+    occur (so the check can fail)."""
+    generator = torch.Generator().manual_seed(0)
+    seen = {"holds": 0, "violated": 0, "unknown": 0}
+    for seed in range(12):
+        net = _net(seed)
+        x = torch.rand(3, generator=generator, dtype=torch.float64)
+        with torch.no_grad():
+            label = int(net(x.unsqueeze(0)).argmax())
+        for eps in (0.01, 0.1, 0.4):
+            prop = linf_robustness(x, eps, label, 3)
+            verdict = decide(net, (3,), prop)
+            seen[verdict.status] += 1
+            exact = exact_min_margin(net, x, label, eps, "linf")
+            if verdict.status == "holds":
+                assert exact > 0, (seed, eps)
+            elif verdict.status == "violated":
+                assert prop.check_counterexample(verdict.x, verdict.y)
+                with torch.no_grad():
+                    assert torch.equal(net(verdict.x.view(1, 3))[0], verdict.y)
+    assert seen["holds"] and seen["violated"], seen
+
+
+def test_decide_refuses_a_property_of_another_size():
+    prop = linf_robustness(torch.zeros(4, dtype=torch.float64), 0.1, 0, 3)
+    with pytest.raises(InputError, match="4 inputs"):
+        decide(_net(0), (3,), prop)
+
+
+@pytest.mark.skipif(not (VNNCOMP / "mnist_fc").is_dir(), reason="no shared VNN-COMP files")
+def test_cli_verify_writes_vnncomp_results(tmp_path, capsys):
+    pytest.importorskip("onnx")
+    root = VNNCOMP / "mnist_fc"
+    net, prop = root / "onnx" / "mnist-net_256x2.onnx", root / "vnnlib" / "prop_1_0.03.vnnlib"
+    out, js = tmp_path / "r.txt", tmp_path / "r.json"
+    assert main(["verify", str(net), str(prop), "--result", str(out), "--json", str(js)]) == 0
+    result = read_result(out)
+    payload = json.loads(js.read_text())
+    assert payload["instances"][0]["result"] == result.status
+    if result.status == "sat":  # the witness replays exactly on the exact property
+        assert read_vnnlib(prop).check_counterexample(result.x, result.y)
+    csv = tmp_path / "instances.csv"
+    csv.write_text(f"{net},{prop},60\n{net},{root / 'vnnlib' / 'absent.vnnlib'},60\n")
+    assert main(["verify", "--instances", str(csv), "--results-dir", str(tmp_path / "res"),
+                 "--certifier", "ibp"]) == 0
+    printed = capsys.readouterr().out
+    assert "error" in printed and "summary:" in printed
+    assert len(list((tmp_path / "res").iterdir())) == 1
+    assert main(["verify", str(net)]) == 2
+    bad = tmp_path / "bad.vnnlib"
+    bad.write_text("(declare-const X_0 Real")
+    assert main(["verify", str(net), str(bad)]) == 2
+    assert "error:" in capsys.readouterr().err
