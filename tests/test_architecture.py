@@ -23,7 +23,7 @@ LAYERS = {
     "attacks": (3, "attacks"), "falsify": (3, "attacks"),
     "methods": (4, "methods"), "certifiers": (4, "certifiers"),
     **dict.fromkeys(["config", "checkpoint", "certify", "audit", "train", "tblog", "zoo",
-                     "decide"],
+                     "decide", "bounded"],
                     (5, "engine")),
     "cli": (6, "cli"), "__init__": (7, "api"),
 }

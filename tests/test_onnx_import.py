@@ -165,7 +165,7 @@ def test_graph_nodes_and_chains():
 
     branched = Graph([Node(lin, (INPUT,), "a"), Node(Add(), (0, INPUT), "res")], (3,))
     assert torch.equal(branched(x), lin(x) + x)
-    with pytest.raises(UnsupportedLayerError, match="node res takes 2 input"):
+    with pytest.raises(UnsupportedLayerError, match="res takes 2 input"):
         branched.sequential()
     with pytest.raises(UnsupportedLayerError, match="not earlier nodes"):
         Graph([Node(lin, (1,), "a"), Node(relu, (0,), "b")], (3,))

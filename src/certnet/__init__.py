@@ -17,9 +17,11 @@ choose_threads()
 
 _EXPORTS = {"load": "certnet.checkpoint", "save_model": "certnet.checkpoint",
             "Certificate": "certnet.methods", "CertifiedModel": "certnet.methods",
-            "GloroNet": "certnet.methods"}
+            "GloroNet": "certnet.methods", "bounded": "certnet.bounded",
+            "Bounded": "certnet.bounded"}
 
-__all__ = ["Certificate", "CertifiedModel", "GloroNet", "__version__", "load", "save_model"]
+__all__ = ["Bounded", "Certificate", "CertifiedModel", "GloroNet", "__version__", "bounded",
+           "load", "save_model"]
 
 
 def __getattr__(name: str) -> Any:

@@ -388,12 +388,89 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"{inst.onnx.name} {inst.vnnlib.name}: {verdict.result} ({verdict.status}"
               f"{''.join(', by ' + b for b in by)}, {sum(verdict.seconds.values()):.2f} s)",
               flush=True)
-    counts = {r: sum(row["result"] == r for row in rows)
-              for r in ("unsat", "sat", "unknown", "timeout", "error")}
+    answers = ("unsat", "sat", "unknown", "timeout", "error")
+    table = {}
+    for network in dict.fromkeys(Path(row["onnx"]).name for row in rows):
+        mine = [row for row in rows if Path(row["onnx"]).name == network]
+        table[network] = {**{r: sum(row["result"] == r for row in mine) for r in answers},
+                          "seconds": round(sum(row["total_seconds"] for row in mine), 2)}
+    if len(table) > 1:
+        print(f"\n| network | {' | '.join(answers)} | seconds |\n|---|{'---|' * 6}")
+        for network, c in table.items():
+            print(f"| {network} | {' | '.join(str(c[r]) for r in answers)} | {c['seconds']} |")
+    counts = {r: sum(c[r] for c in table.values()) for r in answers}
     print("summary: " + ", ".join(f"{k} {v}" for k, v in counts.items()) +
           f" of {len(rows)}; {sum(r['total_seconds'] for r in rows):.1f} s")
     if args.json:
-        write_json(args.json, {"methods": methods, "counts": counts, "instances": rows})
+        write_json(args.json, {"methods": methods, "counts": counts, "networks": table,
+                               "instances": rows})
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a checkpoint's network as ONNX (--onnx) and ℓ∞ robustness properties of its first
+    test points as VNN-LIB files with an instances.csv (--vnnlib), for other verifiers."""
+    from certnet.checkpoint import atomic_write, load
+    from certnet.export import check_export_dir, export_vnnlib, onnx_bytes
+
+    if not args.onnx and not args.vnnlib:
+        raise ConfigError("nothing to export: give --onnx FILE and/or --vnnlib DIR")
+    if args.vnnlib:
+        check_export_dir(args.vnnlib)
+    model = load(args.model)
+    network = onnx_bytes(model) if args.onnx else None  # every layer converted, or refused
+    if args.vnnlib:
+        config = model.checkpoint_config
+        norm = args.norm or model.norm
+        eps = args.eps if args.eps is not None else config.get("eps")
+        if norm != "linf":
+            raise ConfigError(f"--vnnlib writes l_inf properties, and the {model.method} model "
+                              f"is certified in {norm}: a VNN-LIB input set is a box, and no "
+                              "box is an l2 ball; pass --norm linf --eps E for l_inf "
+                              "properties")
+        if args.eps is None and (eps is None or norm != model.norm):
+            raise ConfigError(f"the checkpoint names no {norm} radius; pass --eps")
+        if config.get("dataset") is None:
+            raise ConfigError("the checkpoint names no dataset to take test points from")
+        from certnet.data import load_dataset
+
+        data = load_dataset(config["dataset"], "test", args.data_dir)
+        if data.input_shape != model.input_shape or data.num_classes != model.num_classes:
+            raise ConfigError(f"dataset {config['dataset']} has inputs {data.input_shape} and "
+                              f"{data.num_classes} classes; the model expects "
+                              f"{model.input_shape} and {model.num_classes}")
+        n = min(args.points, len(data))
+        export_vnnlib(model, data.images(slice(0, n)), data.y[:n], float(eps), args.vnnlib,
+                      norm, onnx=args.onnx, timeout_s=args.timeout)
+        print(f"wrote {n} l_inf robustness properties (eps {eps:g}, the first {n} "
+              f"{config['dataset']} test points, their true labels) and instances.csv to "
+              f"{args.vnnlib}" + ("" if args.onnx else ", with model.onnx"))
+    if network is not None:
+        atomic_write(args.onnx, network)
+        print(f"wrote {args.onnx}")
+    return 0
+    config = model.checkpoint_config
+    norm = args.norm or model.norm
+    eps = args.eps if args.eps is not None else config.get("eps")
+    if norm != "linf":
+        raise ConfigError(f"--vnnlib writes l_inf properties, and the {model.method} model "
+                          f"is certified in {norm}: a VNN-LIB input set is a box, no box is an "
+                          "l2 ball; pass --norm linf --eps E for l_inf properties")
+    if eps is None or config.get("dataset") is None:
+        raise ConfigError("the checkpoint names no eps or no dataset; pass --eps")
+    from certnet.data import load_dataset
+
+    data = load_dataset(config["dataset"], "test", args.data_dir)
+    if data.input_shape != model.input_shape or data.num_classes != model.num_classes:
+        raise ConfigError(f"dataset {config['dataset']} does not fit the model's inputs")
+    n = min(args.points, len(data))
+    export_vnnlib(model, data.images(slice(0, n)), data.y[:n], float(eps), args.vnnlib,
+                  norm, onnx=args.onnx, timeout_s=args.timeout)
+    if args.onnx:
+        atomic_write(args.onnx, network)
+        print(f"wrote {args.onnx}")
+    print(f"wrote {n} l_inf properties (eps {eps:g}, the first {n} {config['dataset']} test "
+          f"points, their true labels) and instances.csv to {args.vnnlib}")
     return 0
 
 
@@ -596,6 +673,31 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--json", metavar="FILE", help="write answers and timings as JSON")
     verify.set_defaults(func=cmd_verify)
 
+    export = sub.add_parser(
+        "export", help="export a checkpoint as ONNX and VNN-LIB robustness properties",
+        formatter_class=_HelpFormatter,
+        description="Export a checkpoint's network as ONNX (--onnx; float32 weights, standard "
+        "opset-17 operators, outputs equal to certnet's to float32 rounding) and l_inf "
+        "robustness properties of its first --points test points (their true labels) at "
+        "--eps as VNN-LIB files with a VNN-COMP instances.csv (--vnnlib), so other verifiers "
+        "can re-check certnet's certificates (`certnet verify --instances DIR/instances.csv`).")
+    export.add_argument("model", help="checkpoint directory, or a model name (certnet models)")
+    export.add_argument("--onnx", metavar="FILE.onnx", help="write the network here")
+    export.add_argument("--vnnlib", metavar="DIR", help="write prop_INDEX_EPS.vnnlib files and "
+                        "instances.csv into this new (or earlier export's) folder, with "
+                        "model.onnx unless --onnx is given")
+    export.add_argument("--points", type=_positive_int, default=10, metavar="N",
+                        help="with --vnnlib: the first N test points")
+    export.add_argument("--eps", type=_positive_float, metavar="E",
+                        help="with --vnnlib: the l_inf radius (default: the checkpoint's eps)")
+    export.add_argument("--norm", choices=("l2", "linf"), help="with --vnnlib: the threat "
+                        "model (default: the model's; only linf can be written)")
+    export.add_argument("--timeout", type=_positive_float, default=60.0, metavar="S",
+                        help="with --vnnlib: the timeout_s column of instances.csv")
+    export.add_argument("--data-dir", metavar="DIR", help="read the dataset from this "
+                        "directory (default: cache or download)")
+    export.set_defaults(func=cmd_export)
+
     presets = sub.add_parser("presets", help="list the bundled YAML presets",
                              description="List the bundled YAML presets with their "
                              "descriptions.")
@@ -615,7 +717,7 @@ def _interrupted(args: argparse.Namespace) -> str:
 
 
 #: the options that name files a command writes
-OUTPUTS = ("json", "per_point", "curve", "result")
+OUTPUTS = ("json", "per_point", "curve", "result", "onnx")
 #: the suffixes an output must have, where it matters (certnet.certify.CURVE_FORMATS)
 OUTPUT_SUFFIXES = {"curve": (".png", ".pdf", ".svg")}
 

@@ -38,7 +38,7 @@ class Graph(nn.Module):
         super().__init__()
         for i, node in enumerate(nodes):
             if not node.inputs or any(j != INPUT and not 0 <= j < i for j in node.inputs):
-                raise UnsupportedLayerError(f"node {node.name}: its inputs {node.inputs} are "
+                raise UnsupportedLayerError(f"{node.name}: its inputs {node.inputs} are "
                                             "not earlier nodes (the graph has a cycle?)")
         if not nodes:
             raise UnsupportedLayerError("the graph has no operator")
@@ -49,7 +49,7 @@ class Graph(nn.Module):
     @classmethod
     def from_sequential(cls, layers: nn.Sequential, input_shape: tuple[int, ...]) -> Graph:
         """The chain of ``layers``: node i takes node i - 1's output."""
-        return cls([Node(m, (i - 1 if i else INPUT,), f"{i} ({type(m).__name__})")
+        return cls([Node(m, (i - 1 if i else INPUT,), f"layer {i} ({type(m).__name__})")
                     for i, m in enumerate(layers)], input_shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -65,7 +65,7 @@ class Graph(nn.Module):
         for i, node in enumerate(self.nodes):
             if node.inputs != ((i - 1) if i else INPUT,):
                 raise UnsupportedLayerError(
-                    f"node {node.name} takes {len(node.inputs)} input(s) {node.inputs}, not "
+                    f"{node.name} takes {len(node.inputs)} input(s) {node.inputs}, not "
                     "the previous node's output: certnet bounds chains of operators today "
                     "(residual adds and concatenations come with the graph engine)")
         return nn.Sequential(*[node.op for node in self.nodes])

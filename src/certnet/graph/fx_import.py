@@ -1,0 +1,371 @@
+"""Any ``nn.Module`` as a :class:`certnet.graph.Graph`, traced with ``torch.fx`` (issue 27):
+a submodule of a registered layer type is kept as its node's operator (shared, not copied);
+functions and tensor methods become operator modules through one table, :data:`FX_OPS`
+(callable -> converter), as :data:`certnet.graph.onnx_import.ONNX_OPS` does for ONNX
+operators. The module must be in eval mode where that matters (dropout, BatchNorm), carry no
+hooks, and trace without data-dependent control flow; anything else is one
+:class:`UnsupportedLayerError` naming the node. The graph is checked to compute exactly the
+module's function (``torch.equal`` on random inputs).
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from certnet.errors import InputError, UnsupportedLayerError
+from certnet.graph.graph import INPUT, Graph, Node
+from certnet.graph.ops import Add, Concat
+from certnet.nn.integrity import check_plain
+from certnet.nn.layer_types import layer_type
+
+#: the batch size of the example input whose per-node outputs the converters read
+EXAMPLE_BATCH = 2
+#: the batch of random inputs on which graph and module must agree exactly
+CHECK_BATCH = 5
+#: dropout modules: the identity in eval mode, random in training mode
+DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+            nn.FeatureAlphaDropout)
+
+
+class Plumbing:
+    """A converter's answer for an integer read from a shape (``x.size(0)``, ``x.shape[0]``):
+    no graph node; the reshape reading it checks it is the batch size."""
+
+
+PLUMBING = Plumbing()
+
+
+@dataclass
+class Build:
+    """The graph under construction: its nodes, the graph node computing each traced value
+    (:data:`INPUT` for the input; constants and shape integers have none), and every traced
+    node's output on the example input (batch of :data:`EXAMPLE_BATCH`)."""
+
+    nodes: list[Node] = field(default_factory=list)
+    ids: dict[fx.Node, int] = field(default_factory=dict)
+    values: dict[fx.Node, Any] = field(default_factory=dict)
+
+    def example(self, arg: Any) -> Any:
+        """The example value of an argument: a traced node's output, or the literal."""
+        return self.values[arg] if isinstance(arg, fx.Node) else arg
+
+    def dynamic(self, node: fx.Node) -> list[fx.Node]:
+        """The node's arguments computed from the network input, in order (repeats kept)."""
+        found: list[fx.Node] = []
+        fx.node.map_arg((node.args, node.kwargs),
+                        lambda a: found.append(a) if a in self.ids else None)
+        return found
+
+
+Converter = Callable[[fx.Node, Build], "nn.Module | Plumbing | None"]
+#: function or ``torch.Tensor`` method -> converter(traced node, build): an operator module
+#: applied to the node's computed inputs, None (the identity on its one input), or
+#: :data:`PLUMBING`
+FX_OPS: dict[Callable[..., Any], Converter] = {}
+
+
+class _Tracer(fx.Tracer):
+    """fx's tracer, keeping every registered certnet layer as one call (not traced into)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return layer_type(m) is not None or super().is_leaf_module(m, qualname)
+
+
+class _Examples(fx.Interpreter):
+    """Runs the traced graph, keeping every node's output."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.values: dict[fx.Node, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        self.values[n] = super().run_node(n)
+        return self.values[n]
+
+
+def _name(fn: Any) -> str:
+    """``torch.relu``, ``torch.nn.functional.relu``, ``Tensor.relu``, ``operator.add``."""
+    if getattr(fn, "__qualname__", "").split(".")[0] in ("Tensor", "TensorBase"):
+        return f"Tensor.{fn.__name__}"
+    module = getattr(fn, "__module__", None) or ""
+    module = {"_operator": "operator", "builtins": "", "torch._C._VariableFunctions":
+              "torch", "torch._C._nn": "torch.nn.functional"}.get(module, module)
+    return f"{module}.{fn.__name__}" if module else fn.__name__
+
+
+def _key(node: fx.Node) -> Callable[..., Any] | None:
+    """The table key of a call_function / call_method node (``Tensor.view`` for x.view)."""
+    if node.op == "call_method":
+        return getattr(torch.Tensor, str(node.target), None)
+    return node.target if callable(node.target) else None
+
+
+def _where(node: fx.Node, root: nn.Module) -> str:
+    if node.op == "call_module":
+        what = f"{node.target}: {type(root.get_submodule(str(node.target))).__name__}"
+    elif node.op == "call_method":
+        what = f"Tensor.{node.target}"
+    else:
+        what = _name(node.target)
+    return f"fx node {node.name!r} ({what})"
+
+
+def _leaf(sub: nn.Module) -> nn.Module | None:
+    """A called submodule's operator: itself if its exact type is registered, None (dropped)
+    for dropout in eval mode."""
+    if hasattr(sub, "parametrizations"):
+        raise UnsupportedLayerError("parametrized: remove its parametrizations "
+                                    "(torch.nn.utils.parametrize.remove_parametrizations)")
+    if type(sub) in DROPOUTS:
+        if sub.training:
+            raise UnsupportedLayerError("dropout in training mode is random: call "
+                                        "module.eval() first")
+        return None
+    if isinstance(sub, _BatchNorm) and sub.training:
+        raise UnsupportedLayerError("BatchNorm in training mode normalises by the batch: call "
+                                    "module.eval() first")
+    if layer_type(sub) is None:
+        raise UnsupportedLayerError(f"layer type {type(sub).__name__} is not supported (no "
+                                    "registered bound)")
+    return sub
+
+
+def _trace(module: nn.Module) -> fx.GraphModule:
+    try:
+        graph = _Tracer().trace(module)
+    except Exception as err:  # fx's TraceError, TypeError, RuntimeError, ... from forward
+        why = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UnsupportedLayerError(
+            f"{type(module).__name__} could not be traced by torch.fx (data-dependent control "
+            f"flow or Python on tensor values?): {why}") from None
+    gm = fx.GraphModule(module, graph)
+    gm.graph.eliminate_dead_code()
+    return gm
+
+
+def from_module(module: nn.Module, input_shape: tuple[int, ...]) -> Graph:
+    """The graph of ``module``'s forward on inputs of shape ``(batch, *input_shape)``, with
+    the module's own registered submodules as operators. Call ``module.eval()`` first when it
+    holds dropout or BatchNorm."""
+    shape = tuple(input_shape)
+    if not shape or not all(isinstance(d, int) and d > 0 for d in shape):
+        raise InputError(f"input_shape {input_shape!r}: positive sizes, without the batch")
+    check_plain(module)
+    gm = _trace(module)
+    fx_nodes = list(gm.graph.nodes)
+    inputs = [n for n in fx_nodes if n.op == "placeholder"]
+    if len(inputs) != 1:
+        raise UnsupportedLayerError(f"{type(module).__name__}.forward takes {len(inputs)} "
+                                    "inputs; certnet reads networks of one input")
+    for node in fx_nodes:  # refuse before running anything (training-mode BatchNorm updates)
+        try:
+            if node.op == "call_module":
+                _leaf(gm.get_submodule(str(node.target)))
+            elif node.op in ("call_function", "call_method") and _key(node) not in FX_OPS:
+                raise UnsupportedLayerError("not supported; supported: " + ", ".join(
+                    sorted({_name(f) for f, c in FX_OPS.items() if c is not _scale})))
+        except UnsupportedLayerError as err:
+            raise UnsupportedLayerError(f"{_where(node, gm)}: {err}") from None
+    param = next((t for t in [*module.parameters(), *module.buffers()]
+                  if t.is_floating_point()), None)
+    dtype = param.dtype if param is not None else torch.get_default_dtype()
+    device = param.device if param is not None else torch.device("cpu")
+    generator = torch.Generator().manual_seed(0)
+    example = torch.randn(EXAMPLE_BATCH, *shape, generator=generator, dtype=dtype).to(device)
+    runner = _Examples(gm)
+    try:
+        with torch.no_grad():
+            runner.run(example)
+    except Exception as err:
+        raise InputError(f"{type(module).__name__} fails on inputs of shape (batch, "
+                         f"{', '.join(map(str, shape))}): {str(err).splitlines()[0]}") from None
+    build = Build(values=runner.values)
+    build.ids[inputs[0]] = INPUT
+    for node in fx_nodes:
+        if node.op in ("call_module", "call_function", "call_method"):
+            _convert(node, gm, build)
+        elif node.op == "output":
+            out = node.args[0]
+            if not isinstance(out, fx.Node) or out not in build.ids:
+                raise UnsupportedLayerError(f"{type(module).__name__}.forward returns "
+                                            f"{type(build.example(out)).__name__}, not one "
+                                            "tensor computed from its input")
+            if build.ids[out] == INPUT:
+                raise UnsupportedLayerError(f"{type(module).__name__}.forward returns its "
+                                            "input: no operator to certify")
+            if build.ids[out] != len(build.nodes) - 1:
+                raise UnsupportedLayerError(f"{type(module).__name__}: the output is not the "
+                                            "last operator's")
+    graph = Graph(build.nodes, shape)
+    _check_same(module, graph, shape, dtype, device, generator)
+    return graph
+
+
+def _convert(node: fx.Node, gm: fx.GraphModule, build: Build) -> None:
+    """Append ``node``'s operator to the graph (or map it to its input / to no value)."""
+    where = _where(node, gm)
+    try:
+        out = (_leaf(gm.get_submodule(str(node.target))) if node.op == "call_module"
+               else FX_OPS[_key(node)](node, build))  # type: ignore[index]
+    except UnsupportedLayerError as err:
+        raise UnsupportedLayerError(f"{where}: {err}") from None
+    if out is PLUMBING:
+        return
+    dynamic = build.dynamic(node)
+    if len(dynamic) != 1 and not isinstance(out, (Add, Concat)):
+        raise UnsupportedLayerError(f"{where}: {len(dynamic)} inputs computed from the "
+                                    "network input (certnet reads one here)")
+    if out is None:
+        build.ids[node] = build.ids[dynamic[0]]
+        return
+    assert isinstance(out, nn.Module)
+    build.nodes.append(Node(out, tuple(build.ids[a] for a in dynamic), where))
+    build.ids[node] = len(build.nodes) - 1
+
+
+def _check_same(module: nn.Module, graph: Graph, shape: tuple[int, ...],
+                dtype: torch.dtype, device: torch.device, generator: torch.Generator) -> None:
+    """Refuse unless graph and module give bit-identical outputs on random inputs: they run
+    the same operators on the same values in the same order, so no float reordering differs."""
+    x = torch.randn(CHECK_BATCH, *shape, generator=generator, dtype=dtype).to(device)
+    with torch.no_grad():
+        ours, theirs = graph(x), module(x)
+    if not (isinstance(theirs, torch.Tensor) and ours.shape == theirs.shape and
+            torch.equal(ours, theirs)):
+        raise UnsupportedLayerError(
+            f"the graph traced from {type(module).__name__} computes a different function "
+            "than its forward (in-place updates of values used elsewhere, e.g. `y += x`, or "
+            "state outside the trace?)")
+
+
+def _arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+
+def _relu(node: fx.Node, build: Build) -> nn.Module:
+    inplace = node.target in ("relu_", torch.relu_, F.relu_) or bool(_arg(node, 1, "inplace"))
+    return nn.ReLU(inplace=inplace)
+
+
+def _flatten_batch(node: fx.Node, build: Build) -> nn.Flatten:
+    """A Flatten, if ``node`` turns its input (B, ...) into (B, everything else) (checked on
+    the example outputs)."""
+    x, out = build.example(node.args[0]), build.values[node]
+    if tuple(out.shape) != (x.shape[0], x[0].numel()):
+        raise UnsupportedLayerError(
+            f"reshapes {tuple(x.shape)} to {tuple(out.shape)} (batch {EXAMPLE_BATCH}); certnet "
+            "flattens all dimensions but the batch only")
+    return nn.Flatten()
+
+
+def _is_batch_size(arg: Any) -> bool:
+    """``x.size(0)``, ``x.size()[0]`` or ``x.shape[0]`` in the trace."""
+    if not isinstance(arg, fx.Node):
+        return False
+    if arg.op == "call_method" and arg.target == "size":
+        return _arg(arg, 1, "dim") == 0
+    if arg.op == "call_function" and arg.target is operator.getitem and arg.args[1] == 0:
+        source = arg.args[0]
+        return isinstance(source, fx.Node) and (
+            (source.op == "call_method" and source.target == "size" and
+             _arg(source, 1, "dim") is None) or
+            (source.op == "call_function" and source.target is getattr and
+             source.args[1] == "shape"))
+    return False
+
+
+def _reshape(node: fx.Node, build: Build) -> nn.Flatten:
+    """``x.view(x.size(0), -1)``, ``x.reshape(x.shape[0], -1)``, ``x.view(-1, n)``: a
+    Flatten; the batch size must be read from a tensor or left to -1, never a literal."""
+    dims = list(node.args[1:]) or [node.kwargs.get("shape", node.kwargs.get("size"))]
+    if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+        dims = list(dims[0])
+    if len(dims) != 2 or not (dims[0] == -1 or _is_batch_size(dims[0])) or \
+            not isinstance(dims[1], int):
+        raise UnsupportedLayerError(
+            f"a reshape to {[a.name if isinstance(a, fx.Node) else a for a in dims]}; certnet "
+            "reads x.view(x.size(0), -1), x.reshape(x.shape[0], -1) or x.view(-1, n) only")
+    return _flatten_batch(node, build)
+
+
+def _plumbing(node: fx.Node, build: Build) -> Plumbing:
+    """``x.size()``, ``x.size(0)``, ``x.shape``, ``x.shape[0]``: integers for a reshape."""
+    if isinstance(build.values[node], torch.Tensor) or \
+            (node.target is getattr and node.args[1] != "shape"):
+        raise UnsupportedLayerError("indexing tensors and reading their attributes are not "
+                                    "supported (only sizes read to flatten)")
+    for user in node.users:
+        if _key(user) not in (operator.getitem, torch.Tensor.view, torch.Tensor.reshape,
+                              torch.reshape):
+            raise UnsupportedLayerError(f"a size used by {user.name!r}; certnet reads sizes "
+                                        "only to flatten")
+    return PLUMBING
+
+
+def _add(node: fx.Node, build: Build) -> Add:
+    if _arg(node, 2, "alpha", 1) != 1:
+        raise UnsupportedLayerError("an add with alpha")
+    a, b = node.args[:2]
+    if not (a in build.ids and b in build.ids):
+        raise UnsupportedLayerError("x + constant (or + a weight) is not supported yet; only "
+                                    "sums of two computed values (residual connections)")
+    if build.values[a].shape != build.values[b].shape:
+        raise UnsupportedLayerError(f"adding shapes {tuple(build.values[a].shape)} and "
+                                    f"{tuple(build.values[b].shape)}: broadcasting is not "
+                                    "supported")
+    return Add()
+
+
+def _scale(node: fx.Node, build: Build) -> nn.Module:
+    raise UnsupportedLayerError("products and quotients (x * constant, x / constant) are not "
+                                "supported yet")
+
+
+def _cat(node: fx.Node, build: Build) -> Concat:
+    tensors, dim = _arg(node, 0, "tensors"), _arg(node, 1, "dim", 0)
+    if not all(t in build.ids for t in tensors):
+        raise UnsupportedLayerError("concatenating a constant is not supported")
+    if dim % build.values[node].dim() != 1:
+        raise UnsupportedLayerError(f"concatenating along dim {dim}; certnet concatenates "
+                                    "along dim 1 (channels or features) only")
+    return Concat(1)
+
+
+def _dropout(node: fx.Node, build: Build) -> None:
+    call = inspect.signature(node.target).bind(  # type: ignore[arg-type]
+        *node.args, **node.kwargs)
+    call.apply_defaults()
+    if call.arguments["training"]:
+        raise UnsupportedLayerError("dropout in training mode is random: call module.eval() "
+                                    "first, or pass training=self.training")
+    return None
+
+
+def _flatten(node: fx.Node, build: Build) -> nn.Flatten:
+    return _flatten_batch(node, build)
+
+
+for _fns, _convert_fn in (
+        ((torch.relu, torch.relu_, F.relu, F.relu_, torch.Tensor.relu, torch.Tensor.relu_),
+         _relu),
+        ((torch.tanh, F.tanh, torch.Tensor.tanh), lambda node, build: nn.Tanh()),
+        ((torch.flatten, torch.Tensor.flatten), _flatten),
+        ((torch.Tensor.view, torch.Tensor.reshape, torch.reshape), _reshape),
+        ((torch.Tensor.size, getattr, operator.getitem), _plumbing),
+        ((operator.add, torch.add, torch.Tensor.add), _add),
+        ((operator.mul, torch.mul, torch.Tensor.mul, operator.truediv, torch.div,
+          torch.Tensor.div), _scale),
+        ((torch.cat, torch.concat, torch.concatenate), _cat),
+        ((F.dropout, F.dropout1d, F.dropout2d, F.alpha_dropout), _dropout),
+        ((torch.Tensor.contiguous,), lambda node, build: None)):
+    for _fn in _fns:
+        FX_OPS[_fn] = _convert_fn
