@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from certnet.graph.lower import Step
+from certnet.graph.ops import Add, Concat
 from certnet.nn.activations import MinMax
 from certnet.nn.linf_dist import LinfDist, MeanShift, Negate
 from certnet.nn.lipschitz import LipschitzConv2d, LipschitzLinear, Normalize
@@ -177,7 +179,29 @@ def exact_layer(m: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
         return lambda v: v - _per_channel(v.shape, mean)
     if kind is Negate:
         return lambda v: -v
+    if kind is Add:
+        return lambda a, b: a + b
+    if kind is Concat:
+        return lambda *parts: np.concatenate(parts, axis=m.dim - 1)  # no batch axis here
+    if kind is Step:
+        return _step(m)
     raise TypeError(f"no exact rule for {kind.__name__}")
+
+
+def _step(m: Step) -> Callable[[np.ndarray], np.ndarray]:
+    """A lowered graph node: its operator on its slots, the kept slots passed on."""
+    op = exact_layer(m.op)
+
+    def step(v: np.ndarray) -> np.ndarray:
+        flat, slots, start = v.reshape(-1), [], 0
+        for size, shape in zip(m.sizes, m.shapes, strict=True):
+            slots.append(flat[start:start + size].reshape(shape))
+            start += size
+        out = op(*[slots[i] for i in m.inputs])
+        if m.last:
+            return out
+        return np.concatenate([slots[k].reshape(-1) for k in m.keep] + [out.reshape(-1)])
+    return step
 
 
 class ExactNet:

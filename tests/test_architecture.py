@@ -18,14 +18,14 @@ LAYERS = {
                      "properties"],
                     (0, "foundation")),
     "nn": (1, "nn"), "data": (1, "data"),
-    "bounds": (2, "bounds"), "archs": (2, "archs"), "verify": (2, "verify"),
     "graph": (2, "graph"),
-    "attacks": (3, "attacks"), "falsify": (3, "attacks"),
-    "methods": (4, "methods"), "certifiers": (4, "certifiers"),
+    "bounds": (3, "bounds"), "archs": (3, "archs"), "verify": (3, "verify"),
+    "attacks": (4, "attacks"), "falsify": (4, "attacks"),
+    "methods": (5, "methods"), "certifiers": (5, "certifiers"),
     **dict.fromkeys(["config", "checkpoint", "certify", "audit", "train", "tblog", "zoo",
-                     "decide", "bounded"],
-                    (5, "engine")),
-    "cli": (6, "cli"), "__init__": (7, "api"),
+                     "decide", "bounded", "export"],
+                    (6, "engine")),
+    "cli": (7, "cli"), "__init__": (8, "api"),
 }
 #: the one sideways import: ``CertifiedModel.certify``, sugar over ``certnet.certifiers``
 #: that nothing inside the package calls, resolves the registry when called

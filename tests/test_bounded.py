@@ -86,12 +86,18 @@ class _Residual(_Chain):
         return self.head(torch.flatten(h + torch.relu(h), 1))
 
 
-def test_any_traceable_module_certifies_and_a_residual_one_is_refused_by_name():
-    torch.manual_seed(3)
-    module = _Chain().eval()
+def test_any_traceable_module_certifies_residual_ones_included():
     x = torch.rand(16, 1, 7, 7, generator=torch.Generator().manual_seed(3))
-    cert = certnet.bounded(module, (1, 7, 7)).certify(x, 0.01, certifier="crown")
-    with torch.no_grad():
-        assert torch.equal(cert.pred, module(x).argmax(1))
-    with pytest.raises(Exception, match="add"):
-        certnet.bounded(_Residual().eval(), (1, 7, 7))
+    for kind in (_Chain, _Residual):
+        torch.manual_seed(3)
+        module = kind().eval()
+        net = certnet.bounded(module, (1, 7, 7))
+        for eps in (0.003, 0.03):
+            cert = net.certify(x, eps, certifier="crown")
+            with torch.no_grad():
+                assert torch.equal(cert.pred, module(x).argmax(1))
+            adv = PGD(module, eps=eps, norm="linf", steps=40, restarts=2)(x, cert.pred)
+            with torch.no_grad():
+                flipped = module(adv).argmax(1) != cert.pred
+            assert not (flipped & cert.certified).any()
+        assert net.certify(x, 0.003, certifier="crown").certified.any()

@@ -26,9 +26,10 @@ from certnet.threat import check_norm
 
 
 class Bounded:
-    """A network as certifiers see it: ``layers`` (its chain of operators), input and output
-    shapes, a default norm and certifier (``crown``: bound propagation applies to any network
-    of ReLU-family chains). ``graph`` keeps the network's own structure."""
+    """A network as certifiers see it: ``layers`` (its chain, :meth:`Graph.chain`: residual
+    adds and concatenations included), input and output shapes, a default norm and certifier
+    (``crown``: bound propagation applies to every supported network). ``graph`` keeps the
+    network's own structure."""
 
     method = "bounded"
     slope = "adaptive"
@@ -36,7 +37,7 @@ class Bounded:
     def __init__(self, graph: Graph, norm: str = "linf", certifier: str = "crown") -> None:
         self.graph = graph
         self.input_shape = graph.input_shape
-        self.layers = graph.sequential()
+        self.layers = graph.chain()
         with torch.no_grad():
             out = self.layers(torch.zeros(1, *self.input_shape,
                                           dtype=next(graph.parameters()).dtype))

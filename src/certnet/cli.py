@@ -368,7 +368,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             if inst.onnx not in graphs:
                 graphs[inst.onnx] = load_onnx(inst.onnx)
             graph = graphs[inst.onnx]
-            verdict = decide(graph.sequential(), graph.input_shape, read_vnnlib(inst.vnnlib),
+            verdict = decide(graph.chain(), graph.input_shape, read_vnnlib(inst.vnnlib),
                              methods, timeout=args.timeout or inst.timeout_s,
                              attack=not args.no_attack)
         except CertnetError as err:

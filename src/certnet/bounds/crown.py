@@ -49,6 +49,9 @@ def backward_bound(layers: nn.Sequential, seen: list[LayerInput], spec: torch.Te
         const = const + c
         if rounding is not None:
             rounding.constant(c)
+            forked = rule.sum_error(layers[i], seen[i])
+            if forked is not None:
+                rounding.charge(lam, forked, seen[i])
     base = threat.concretize(x, lam, rigorous) if stop == 0 else \
         box_minimum(lam, seen[stop].lo, seen[stop].hi, rigorous)
     return base + const if rounding is None else rounding.settle(base, const)
@@ -58,7 +61,8 @@ def relaxation_floor(layers: nn.Sequential, upto: int) -> int:
     """Index just past the last layer below ``upto`` without a linear relaxation (an
     interval-only rule, e.g. l_p-dist neurons), 0 if every layer has one: backward passes
     from ``upto`` concretize there, on that layer's output interval."""
-    return max((i + 1 for i in range(upto) if not rule_for(layers[i]).relaxable), default=0)
+    return max((i + 1 for i in range(upto) if not rule_for(layers[i]).is_relaxable(layers[i])),
+               default=0)
 
 
 def affine_tail(layers: nn.Sequential) -> int:
@@ -72,7 +76,7 @@ def affine_tail(layers: nn.Sequential) -> int:
 
 def needs_bounds(m: nn.Module) -> bool:
     """Whether the layer's backward relaxation depends on its input interval."""
-    return rule_for(m).activation
+    return rule_for(m).needs_bounds(m)
 
 
 def crown_walk(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,

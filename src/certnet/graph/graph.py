@@ -2,9 +2,9 @@
 one bound class per operator): nodes in topological order, each an ``nn.Module`` operator
 applied to the outputs of earlier nodes (or the network input, :data:`INPUT`). Every operator
 is a module of a registered layer type, so it carries its own bound rule, rounding rule and
-spec (:class:`certnet.nn.layer_types.LayerType`). The bounds engine runs on chains, which
-:meth:`Graph.sequential` turns into the ``nn.Sequential`` every certifier takes; a node that
-joins branches is refused there by name until the engine walks graphs.
+spec (:class:`certnet.nn.layer_types.LayerType`). The bounds engine walks chains:
+:meth:`Graph.chain` is the graph's chain (its operators for a chain graph, else the
+lowering of :mod:`certnet.graph.lower`, whose steps carry the live values together).
 """
 
 from __future__ import annotations
@@ -58,6 +58,16 @@ class Graph(nn.Module):
             args = [x if j == INPUT else values[j] for j in node.inputs]
             values.append(node.op(*args))
         return values[-1]
+
+    def chain(self) -> nn.Sequential:
+        """The chain the bounds engine walks, computing the same function exactly: the
+        operators themselves for a chain graph (:meth:`sequential`), else one
+        :class:`certnet.graph.lower.Step` per node over the values still live."""
+        from certnet.graph.lower import lower
+
+        if all(node.inputs == ((i - 1) if i else INPUT,) for i, node in enumerate(self.nodes)):
+            return self.sequential()
+        return lower(self)
 
     def sequential(self) -> nn.Sequential:
         """The same function as an ``nn.Sequential`` (the graph must be a chain: each node

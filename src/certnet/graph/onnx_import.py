@@ -18,6 +18,7 @@ from torch import nn
 
 from certnet.errors import InputError, UnsupportedLayerError
 from certnet.graph.graph import INPUT, Graph, Node
+from certnet.graph.ops import Add, Concat
 from certnet.nn.lipschitz import Normalize
 from certnet.registry import Registry
 
@@ -142,6 +143,14 @@ def _apply(out: Value | nn.Module | None, args: list[Value], build: Build, where
     if isinstance(out, Value):
         return out
     dynamic = [a for a in args if a.const is None and a.example is not None]
+    if isinstance(out, (Add, Concat)):  # joins: every input computed
+        if len(dynamic) != len(args):
+            raise UnsupportedLayerError(f"{where}: joins computed values only")
+        with torch.no_grad():
+            example = out(*[a.example for a in dynamic])
+        build.nodes.append(Node(out, tuple(a.node for a in dynamic), where))
+        build.examples[len(build.nodes) - 1] = example
+        return Value(node=len(build.nodes) - 1, example=example)
     if len(dynamic) != 1:
         raise UnsupportedLayerError(f"{where}: {len(dynamic)} non-constant inputs (certnet "
                                     "reads operators of one input here)")
@@ -201,8 +210,7 @@ def _matmul(node, args, attrs, build):
 def _add(node, args, attrs, build):
     """x + c right after a bias-free MatMul read only here: the Linear's bias (exact)."""
     if all(a.const is None for a in args):
-        raise UnsupportedLayerError("2 non-constant inputs: adding two computed values (a "
-                                    "residual connection) comes with the graph engine")
+        return Add()  # a residual connection: a node of two inputs
     first = args[1].const is not None
     const, dynamic = (args[1], args[0]) if first else (args[0], args[1])
     last = build.nodes[-1].op if build.nodes and dynamic.node == len(build.nodes) - 1 else None
@@ -284,6 +292,13 @@ def _conv(node, args, attrs, build):
     return conv
 
 
+def _concat(node, args, attrs, build):
+    if attrs.get("axis") != 1:
+        raise UnsupportedLayerError(f"concatenation along axis {attrs.get('axis')} (axis 1 "
+                                    "only: channels or features)")
+    return Concat(1)
+
+
 def _identity(node, args, attrs, build):
     return None
 
@@ -297,7 +312,7 @@ def _constant(node, args, attrs, build):
 
 for _name, _convert in (("Gemm", _gemm), ("MatMul", _matmul), ("Add", _add), ("Sub", _sub),
                         ("Div", _div), ("Flatten", _flatten), ("Reshape", _reshape),
-                        ("Conv", _conv), ("Relu", lambda *a: nn.ReLU()),
+                        ("Conv", _conv), ("Relu", lambda *a: nn.ReLU()), ("Concat", _concat),
                         ("Identity", _identity), ("Dropout", _identity),
                         ("Constant", _constant)):
     ONNX_OPS.register(_name, _convert)

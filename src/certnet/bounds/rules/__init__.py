@@ -25,6 +25,7 @@ from certnet.bounds.rules.affine import (
     ResidualConvRule,
 )
 from certnet.bounds.rules.base import SLOPES, BoundRule, LayerInput, Slope
+from certnet.bounds.rules.graph_step import StepRule
 from certnet.bounds.rules.linf_dist import (
     LinfDistConvRule,
     LinfDistRule,
@@ -33,6 +34,7 @@ from certnet.bounds.rules.linf_dist import (
     TanhRule,
 )
 from certnet.errors import UnsupportedLayerError
+from certnet.graph.lower import Step
 from certnet.nn.activations import ClippedMinMax, ClippedReLU, MinMax
 from certnet.nn.layer_types import BY_CLASS, LayerType, layer_type, register_layer_type
 from certnet.nn.linf_dist import LinfDist, LinfDistConv2d, MeanShift, Negate
@@ -85,3 +87,4 @@ register_bound_rule(LinfDistConv2d, LinfDistConvRule())
 register_bound_rule(MeanShift, MeanShiftRule())
 register_bound_rule(Negate, NegateRule())
 register_bound_rule(nn.Tanh, TanhRule())
+register_bound_rule(Step, StepRule())

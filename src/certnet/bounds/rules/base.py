@@ -87,6 +87,21 @@ class BoundRule:
     def l2_lipschitz(self, m: nn.Module, inp: LayerInput) -> torch.Tensor | float | None:
         return 1.0 if self.nonexpansive else None
 
+    def needs_bounds(self, m: nn.Module) -> bool:
+        """Whether its backward relaxation depends on its input interval (``activation``)."""
+        return self.activation
+
+    def is_relaxable(self, m: nn.Module) -> bool:
+        """Whether it has a linear relaxation (``relaxable``)."""
+        return self.relaxable
+
+    def sum_error(self, m: nn.Module, inp: LayerInput) -> torch.Tensor | float | None:
+        """rho on the layer's input (broadcastable to (B, *h)) bounding what ``backward``
+        loses by summing coefficients that reach one input from several outputs of the
+        step (a fork): at most sum_i |lam_h_i| rho_i, charged after the step. None: no such
+        sum (every input coefficient is computed once)."""
+        return None
+
     def uses_batch_statistics(self, m: nn.Module) -> bool:
         """Whether the rules read ``LayerInput.clean``: the statistics of the clean batch
         (BatchNorm, mean shift in training), so no bound of one input holds alone."""
