@@ -1,5 +1,6 @@
 """Operators that join branches of a :class:`certnet.graph.Graph` (a residual sum, a
-concatenation). They are not registered layer types: the bounds engine walks chains, so
+concatenation). The bounds engine reaches them through the graph's lowered chain
+(:mod:`certnet.graph.lower`), whose step rules bound them (``certnet.bounds.rules.graph_step``);
 :meth:`Graph.sequential` refuses a node with more than one input, naming it."""
 
 from __future__ import annotations
