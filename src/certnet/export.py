@@ -297,13 +297,17 @@ def export_onnx(model: Any, path: str | os.PathLike) -> Path:
 
 
 def check_export_dir(out_dir: str | os.PathLike) -> Path:
-    """ConfigError unless ``out_dir`` can become an export directory: its parent an existing
-    writable folder, and ``out_dir`` missing, or a folder holding only files of an earlier
-    export (model.onnx, instances.csv, prop_*.vnnlib), which it replaces."""
+    """ConfigError unless ``out_dir`` can become an export directory: inside a writable folder
+    (missing parents are created), and ``out_dir`` missing, or a folder holding only files of
+    an earlier export (model.onnx, instances.csv, prop_*.vnnlib), which it replaces."""
     out = Path(out_dir)
-    if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
-        raise ConfigError(f"--vnnlib {out}: cannot write into {out.parent} (missing or not "
-                          "writable); nothing was computed")
+    existing = out.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise ConfigError(f"--vnnlib {out}: cannot write into {existing} (not a writable "
+                          "folder); nothing was computed")
+    out.parent.mkdir(parents=True, exist_ok=True)  # like train --out, missing parents appear
     if out.exists():
         if not out.is_dir():
             raise ConfigError(f"--vnnlib {out} exists and is not a folder")
