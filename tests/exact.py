@@ -27,6 +27,7 @@ from certnet.graph.ops import Add, Concat
 from certnet.nn.activations import MinMax
 from certnet.nn.linf_dist import LinfDist, MeanShift, Negate
 from certnet.nn.lipschitz import LipschitzConv2d, LipschitzLinear, Normalize
+from certnet.nn.reshape import Reshape
 
 ZERO = Fraction(0)
 
@@ -157,6 +158,8 @@ def exact_layer(m: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
     kind = type(m)
     if kind is nn.Flatten:
         return lambda v: v.reshape(-1)
+    if kind is Reshape:
+        return lambda v: v.reshape(m.shape)
     if kind is nn.Identity:
         return lambda v: v
     if kind in (nn.Linear, LipschitzLinear):

@@ -328,6 +328,7 @@ SAMPLES = {
     "clipped_relu": ({"type": "clipped_relu", "shape": [4]}, (4,)),
     "clipped_minmax": ({"type": "clipped_minmax", "shape": [4]}, (4,)),
     "flatten": ({"type": "flatten"}, (4,)),
+    "reshape": ({"type": "reshape", "shape": [2, 1, 2]}, (4,)),
     "identity": ({"type": "identity"}, (4,)),
 }
 

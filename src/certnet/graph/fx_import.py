@@ -26,6 +26,7 @@ from certnet.graph.graph import INPUT, Graph, Node
 from certnet.graph.ops import Add, Concat
 from certnet.nn.integrity import check_plain
 from certnet.nn.layer_types import layer_type
+from certnet.nn.reshape import Reshape
 
 #: the batch size of the example input whose per-node outputs the converters read
 EXAMPLE_BATCH = 2
@@ -283,18 +284,34 @@ def _is_batch_size(arg: Any) -> bool:
     return False
 
 
-def _reshape(node: fx.Node, build: Build) -> nn.Flatten:
+def _reshape(node: fx.Node, build: Build) -> nn.Module:
     """``x.view(x.size(0), -1)``, ``x.reshape(x.shape[0], -1)``, ``x.view(-1, n)``: a
-    Flatten; the batch size must be read from a tensor or left to -1, never a literal."""
+    Flatten; to other shapes keeping the batch, ``x.view(x.size(0), c, h, w)``, a
+    :class:`Reshape`. The batch size must be read from a tensor or left to -1, never a
+    literal, and no other size may be the batch's."""
     dims = list(node.args[1:]) or [node.kwargs.get("shape", node.kwargs.get("size"))]
     if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
         dims = list(dims[0])
-    if len(dims) != 2 or not (dims[0] == -1 or _is_batch_size(dims[0])) or \
-            not isinstance(dims[1], int):
+    if len(dims) < 2 or not (dims[0] == -1 or _is_batch_size(dims[0])) or \
+            not all(isinstance(d, int) or (isinstance(d, fx.Node) and not _is_batch_size(d))
+                    for d in dims[1:]):
         raise UnsupportedLayerError(
             f"a reshape to {[a.name if isinstance(a, fx.Node) else a for a in dims]}; certnet "
-            "reads x.view(x.size(0), -1), x.reshape(x.shape[0], -1) or x.view(-1, n) only")
-    return _flatten_batch(node, build)
+            "reads x.view(x.size(0), ...), x.reshape(x.shape[0], ...) or x.view(-1, ...) only")
+    if len(dims) == 2:
+        return _flatten_batch(node, build)
+    return _keep_batch(node, build)
+
+
+def _keep_batch(node: fx.Node, build: Build) -> Reshape:
+    """A Reshape, if ``node`` turns its input (B, ...) into (B, ...) of the same values in the
+    same order (checked on the example outputs)."""
+    x, out = build.example(node.args[0]), build.values[node]
+    if out.dim() < 2 or out.shape[0] != x.shape[0] or out[0].numel() != x[0].numel():
+        raise UnsupportedLayerError(
+            f"reshapes {tuple(x.shape)} to {tuple(out.shape)} (batch {EXAMPLE_BATCH}); certnet "
+            "reshapes within each point only")
+    return Reshape(list(out.shape[1:]))
 
 
 def _plumbing(node: fx.Node, build: Build) -> Plumbing:
@@ -350,8 +367,24 @@ def _dropout(node: fx.Node, build: Build) -> None:
     return None
 
 
-def _flatten(node: fx.Node, build: Build) -> nn.Flatten:
+def _flatten(node: fx.Node, build: Build) -> nn.Module:
+    """``x.flatten(1)``: a Flatten; ``x.flatten(k)`` for k > 1 (the batch kept): a Reshape."""
+    x, out = build.example(node.args[0]), build.values[node]
+    if out.dim() > 2 and out.shape[0] == x.shape[0]:
+        return _keep_batch(node, build)
     return _flatten_batch(node, build)
+
+
+def _avg_pool2d(node: fx.Node, build: Build) -> nn.AvgPool2d:
+    """``F.avg_pool2d``: the AvgPool2d module with its settings (it calls F.avg_pool2d)."""
+    try:
+        pool = nn.AvgPool2d(*node.args[1:], **node.kwargs)
+    except TypeError as err:
+        raise UnsupportedLayerError(f"arguments not read: {err}") from None
+    if pool.ceil_mode or not pool.count_include_pad or pool.divisor_override:
+        raise UnsupportedLayerError("average pooling with ceil_mode, count_include_pad=False "
+                                    "or divisor_override: certnet has no bound for it")
+    return pool
 
 
 for _fns, _convert_fn in (
@@ -366,6 +399,7 @@ for _fns, _convert_fn in (
           torch.Tensor.div), _scale),
         ((torch.cat, torch.concat, torch.concatenate), _cat),
         ((F.dropout, F.dropout1d, F.dropout2d, F.alpha_dropout), _dropout),
-        ((torch.Tensor.contiguous,), lambda node, build: None)):
+        ((torch.Tensor.contiguous,), lambda node, build: None),
+        ((F.avg_pool2d,), _avg_pool2d)):
     for _fn in _fns:
         FX_OPS[_fn] = _convert_fn

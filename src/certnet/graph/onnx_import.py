@@ -3,11 +3,14 @@
 rounding and spec rules are registered with its layer type. Parsed with the ``onnx`` package
 (protobuf: loading executes nothing); external tensor data, unknown operators and attributes
 certnet does not model are refused naming the node. The converters are one table,
-:data:`ONNX_OPS` (operator type -> converter).
+:data:`ONNX_OPS` (operator type -> converter); before them, :func:`_fuse` replaces the node
+groups certnet's own export writes for MinMax, ClippedMinMax, ClippedReLU and l_p-dist layers
+by those layers, so certnet's exports read back as the networks they came from.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +22,10 @@ from torch import nn
 from certnet.errors import InputError, UnsupportedLayerError
 from certnet.graph.graph import INPUT, Graph, Node
 from certnet.graph.ops import Add, Concat
-from certnet.nn.lipschitz import Normalize
+from certnet.nn.activations import ClippedMinMax, ClippedReLU, MinMax
+from certnet.nn.linf_dist import LinfDist, MeanShift, Negate
+from certnet.nn.lipschitz import Normalize, check_batchnorm
+from certnet.nn.reshape import Reshape
 from certnet.registry import Registry
 
 #: the largest ONNX file read (bytes): the shared VNN-COMP networks are a few MB
@@ -106,16 +112,22 @@ def load_onnx(path: str | Path) -> Graph:
     shape = tuple(dims[1:])
     example = torch.rand(1, *shape, dtype=torch.float64)
     values = {**consts, inputs[0].name: Value(node=INPUT, example=example)}
+    nodes = _fuse(list(graph.node), consts, graph.output[0].name)
     uses: dict[str, int] = {}
-    for node in graph.node:
+    for node in nodes:
         for name in node.input:
             uses[name] = uses.get(name, 0) + 1
     build = Build([], {INPUT: example}, uses)
-    for node in graph.node:
+    for node in nodes:
         where = f"ONNX node {node.name or node.output[0]!r} ({node.op_type})"
-        if node.op_type not in ONNX_OPS:
+        if isinstance(node, Fused):
+            convert = node.convert
+        elif node.domain not in ("", "ai.onnx") or node.op_type not in ONNX_OPS:
             raise UnsupportedLayerError(
-                f"{where}: operator not supported; supported: {', '.join(ONNX_OPS.names())}")
+                f"{where}: operator {'of domain ' + node.domain + ' ' if node.domain else ''}"
+                f"not supported; supported: {', '.join(ONNX_OPS.names())}")
+        else:
+            convert = ONNX_OPS[node.op_type]
         if len(node.output) != 1:
             raise UnsupportedLayerError(f"{where}: {len(node.output)} outputs")
         missing = [n for n in node.input if n and n not in values]
@@ -124,7 +136,7 @@ def load_onnx(path: str | Path) -> Graph:
         args = [values[n] if n else Value() for n in node.input]
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         try:
-            out = ONNX_OPS[node.op_type](node, args, attrs, build)
+            out = convert(node, args, attrs, build)
         except (UnsupportedLayerError, InputError) as err:
             raise type(err)(f"{where}: {err}") from None
         values[node.output[0]] = _apply(out, args, build, where)
@@ -134,6 +146,190 @@ def load_onnx(path: str | Path) -> Graph:
     if result.node != len(build.nodes) - 1:
         raise UnsupportedLayerError(f"{path}: the output is not the last operator's")
     return Graph(build.nodes, shape).double()
+
+
+@dataclass
+class Fused:
+    """A group of ONNX nodes that certnet's export (:mod:`certnet.export`) writes for one of
+    its layers, read back as that layer by ``convert`` (a :data:`Converter`) from the group's
+    outer ``input`` s: the value, then constants."""
+
+    op_type: str
+    input: list[str]
+    output: list[str]
+    name: str
+    convert: Converter
+    attribute: tuple = ()
+
+
+def _fuse(nodes: list[Any], consts: dict[str, Value], output: str) -> list[Any]:
+    """``nodes`` with each of export's node groups for MinMax (Split, Min, Max, Concat),
+    ClippedMinMax (Split, Min, Max, Max/Min with thresholds, Concat), ClippedReLU (Min with
+    thresholds, Clip at 0) and l_p-dist at p = inf, 1, 2 (Unsqueeze, Sub, Abs, ReduceMax /
+    ReduceL1 / ReduceL2, optional Add of the bias) replaced by one :class:`Fused` node at
+    the group's last position. A group is taken only where its inner values are read by the
+    group alone, so the rest of the graph computes what it did."""
+    users: dict[str, list[int]] = {}
+    for i, node in enumerate(nodes):
+        for name in node.input:
+            users.setdefault(name, []).append(i)
+    taken: set[int] = set()
+
+    def only(name: str, op: str | tuple[str, ...]) -> int | None:
+        """The one node reading ``name`` (once), if of type ``op`` and free; else None."""
+        readers = users.get(name, [])
+        ops = (op,) if isinstance(op, str) else op
+        if name == output or len(readers) != 1 or readers[0] in taken or \
+                nodes[readers[0]].op_type not in ops or nodes[readers[0]].domain not in \
+                ("", "ai.onnx"):
+            return None
+        return readers[0]
+
+    def attr(node: Any, key: str, default: Any = None) -> Any:
+        return next((_onnx().helper.get_attribute_value(a) for a in node.attribute
+                     if a.name == key), default)
+
+    def const_of(node: Any, value: str) -> str | None:
+        """The other input of a two-input node, if it is an initializer."""
+        other = [n for n in node.input if n != value]
+        return other[0] if len(node.input) == 2 and len(other) == 1 and other[0] in consts \
+            else None
+
+    def ints(node: Any, key: str, index: int) -> list[int] | None:
+        """An integer list given as attribute ``key`` or as constant input ``index``."""
+        if attr(node, key) is not None:
+            return [int(v) for v in attr(node, key)]
+        if len(node.input) > index and node.input[index] in consts:
+            return [int(v) for v in consts[node.input[index]].const.flatten().tolist()]
+        return None
+
+    fused: dict[int, Fused] = {}
+
+    def take(group: list[int], op_type: str, inputs: list[str], convert: Converter) -> None:
+        last = max(group)
+        taken.update(group)
+        fused[last] = Fused(op_type, inputs, list(nodes[last].output),
+                            nodes[last].name or nodes[last].output[0], convert)
+
+    for i, node in enumerate(nodes):  # MinMax and ClippedMinMax: from their Split
+        if node.op_type != "Split" or len(node.output) != 2 or attr(node, "axis", 0) != 1 or \
+                node.domain not in ("", "ai.onnx"):
+            continue
+        sizes = ints(node, "split", 1)
+        if sizes is not None and (len(sizes) != 2 or sizes[0] != sizes[1]):
+            continue
+        low, high = node.output
+        readers = sorted(users.get(low, []))
+        if readers != sorted(users.get(high, [])) or len(readers) != 2 or \
+                {nodes[j].op_type for j in readers} != {"Min", "Max"} or \
+                any(sorted(nodes[j].input) != sorted([low, high]) or j in taken
+                    for j in readers) or output in (low, high):
+            continue
+        mn, mx = sorted(readers, key=lambda j: nodes[j].op_type != "Min")
+        cat = only(nodes[mn].output[0], "Concat")
+        if cat is not None and list(nodes[cat].input) == [nodes[mn].output[0],
+                                                          nodes[mx].output[0]] and \
+                attr(nodes[cat], "axis") == 1 and cat == only(nodes[mx].output[0], "Concat"):
+            take([i, mn, mx, cat], "Split/Min/Max/Concat: MinMax", [node.input[0]], _minmax)
+            continue
+        clip_low, clip_high = only(nodes[mn].output[0], "Max"), only(nodes[mx].output[0], "Min")
+        if clip_low is None or clip_high is None:
+            continue
+        lower = const_of(nodes[clip_low], nodes[mn].output[0])
+        upper = const_of(nodes[clip_high], nodes[mx].output[0])
+        cat = only(nodes[clip_low].output[0], "Concat")
+        if lower and upper and cat is not None and \
+                cat == only(nodes[clip_high].output[0], "Concat") and \
+                list(nodes[cat].input) == [nodes[clip_low].output[0],
+                                           nodes[clip_high].output[0]] and \
+                attr(nodes[cat], "axis") == 1:
+            take([i, mn, mx, clip_low, clip_high, cat],
+                 "Split/Min/Max/Max/Min/Concat: ClippedMinMax", [node.input[0], lower, upper],
+                 _clipped_minmax)
+    for i, node in enumerate(nodes):  # ClippedReLU: Min with thresholds, then Clip at 0
+        threshold = const_of(node, node.input[0]) if len(node.input) == 2 else None
+        if node.op_type != "Min" or i in taken or threshold is None or \
+                node.domain not in ("", "ai.onnx"):
+            continue
+        clip = only(node.output[0], "Clip")
+        if clip is not None and len(nodes[clip].input) == 2 and \
+                nodes[clip].input[0] == node.output[0] and nodes[clip].input[1] in consts and \
+                not bool(consts[nodes[clip].input[1]].const.any()) and not nodes[clip].attribute:
+            take([i, clip], "Min/Clip: ClippedReLU", [node.input[0], threshold], _clipped_relu)
+    for i, node in enumerate(nodes):  # l_p-dist: from the Unsqueeze
+        if node.op_type != "Unsqueeze" or i in taken or ints(node, "axes", 1) != [1] or \
+                node.domain not in ("", "ai.onnx"):
+            continue
+        sub = only(node.output[0], "Sub")
+        if sub is None or nodes[sub].input[0] != node.output[0] or \
+                const_of(nodes[sub], node.output[0]) is None:
+            continue
+        absolute = only(nodes[sub].output[0], "Abs")
+        reduce = None if absolute is None else \
+            only(nodes[absolute].output[0], ("ReduceMax", "ReduceL1", "ReduceL2"))
+        if reduce is None or ints(nodes[reduce], "axes", 1) != [2] or \
+                attr(nodes[reduce], "keepdims", 1) != 0:
+            continue
+        group, inputs = [i, sub, absolute, reduce], [node.input[0], nodes[sub].input[1]]
+        add = only(nodes[reduce].output[0], "Add")
+        bias = None if add is None else const_of(nodes[add], nodes[reduce].output[0])
+        if bias is not None:
+            group, inputs = [*group, add], [*inputs, bias]
+        p = {"ReduceMax": math.inf, "ReduceL1": 1.0, "ReduceL2": 2.0}[nodes[reduce].op_type]
+        take(group, f"Unsqueeze/Sub/Abs/{nodes[reduce].op_type}: LinfDist",
+             inputs, lambda n, a, at, b, p=p: _linf_dist(a, p))
+    return [fused.get(i, node) for i, node in enumerate(nodes)
+            if i in fused or i not in taken]
+
+
+def _thresholds(value: Value, shape: tuple[int, ...], what: str) -> torch.Tensor:
+    """A constant broadcast to one point's ``shape`` (never over the batch)."""
+    c = _const(value, what).double()
+    try:
+        if torch.broadcast_shapes(c.shape, (1, *shape)) != (1, *shape):
+            raise RuntimeError
+    except RuntimeError:
+        raise UnsupportedLayerError(f"{what} of shape {tuple(c.shape)} for values of shape "
+                                    f"{shape}") from None
+    return torch.broadcast_to(c, (1, *shape))[0]
+
+
+def _minmax(node, args, attrs, build):
+    return MinMax()
+
+
+def _clipped_minmax(node, args, attrs, build):
+    shape = tuple(args[0].example.shape[1:])
+    half = (shape[0] // 2, *shape[1:])
+    layer = ClippedMinMax(list(shape)).double()
+    with torch.no_grad():
+        layer.lower.copy_(_thresholds(args[1], half, "the lower thresholds"))
+        layer.upper.copy_(_thresholds(args[2], half, "the upper thresholds"))
+    return layer
+
+
+def _clipped_relu(node, args, attrs, build):
+    shape = tuple(args[0].example.shape[1:])
+    layer = ClippedReLU(list(shape)).double()
+    with torch.no_grad():
+        layer.threshold.copy_(_thresholds(args[1], shape, "the thresholds"))
+    return layer
+
+
+def _linf_dist(args: list[Value], p: float) -> LinfDist:
+    weight = _const(args[1], "the weights").double()
+    example = args[0].example
+    if example is None or example.dim() != 2 or weight.dim() != 2 or \
+            weight.shape[1] != example.shape[1]:
+        raise UnsupportedLayerError(f"weights of shape {tuple(weight.shape)} for inputs "
+                                    f"{tuple(example.shape) if example is not None else None}"
+                                    "; l_p-dist layers on (batch, features) only")
+    layer = LinfDist(weight.shape[1], weight.shape[0], p, bias=len(args) > 2).double()
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if layer.bias is not None:
+            layer.bias.copy_(_thresholds(args[2], (weight.shape[0],), "the bias"))
+    return layer
 
 
 def _apply(out: Value | nn.Module | None, args: list[Value], build: Build, where: str
@@ -245,6 +441,13 @@ def _per_channel(value: Value, dynamic: Value, what: str) -> torch.Tensor:
 def _sub(node, args, attrs, build):
     if args[1].const is None:
         raise UnsupportedLayerError("subtracting a non-constant")
+    example = args[0].example
+    if example is not None and example.dim() == 2:  # (batch, features) - per feature
+        shift = MeanShift(example.shape[1]).double().eval()
+        with torch.no_grad():
+            shift.running_mean.copy_(_thresholds(args[1], tuple(example.shape[1:]),
+                                                 "the subtracted term"))
+        return shift
     return _normalize(_per_channel(args[1], args[0], "the subtracted term"),
                       torch.ones(1, dtype=torch.float64))
 
@@ -263,14 +466,141 @@ def _flatten(node, args, attrs, build):
     return nn.Flatten()
 
 
+def _view(example: torch.Tensor | None, shape: list[int], what: str) -> nn.Module | None:
+    """The reshape of (1, *s) values to (1, *shape): a Flatten to (batch, n) (as before
+    Reshape existed, even from (batch, n)), None where nothing else changes, else a
+    :class:`Reshape`."""
+    if example is None or math.prod(shape) != example[0].numel() or min(shape, default=1) < 1:
+        raise UnsupportedLayerError(f"{what}: {tuple(shape)} does not hold the values of one "
+                                    "point")
+    if len(shape) == 1:
+        return nn.Flatten()
+    return None if tuple(shape) == tuple(example.shape[1:]) else Reshape(shape)
+
+
 def _reshape(node, args, attrs, build):
-    """A reshape to (batch, everything else): a Flatten."""
+    """A reshape keeping the batch (first) dimension: 0 copies an input size, -1 is inferred;
+    a batch entry of 1, 0 or -1 (the file's batch is 1 or symbolic)."""
+    _no_attributes(attrs, {"allowzero": 0})
     target = [int(v) for v in _const(args[1], "the shape").flatten().tolist()]
     example = args[0].example
-    if example is None or len(target) != 2 or target[0] not in (1, -1, 0) or \
-            target[1] not in (-1, example[0].numel()):
-        raise UnsupportedLayerError(f"reshape to {target}: only flattening to (batch, -1)")
-    return nn.Flatten()
+    if example is None or not target or target[0] not in (1, -1, 0):
+        raise UnsupportedLayerError(f"reshape to {target}: the first dimension must stay the "
+                                    "batch (1, 0 or -1)")
+    rest = [example.shape[i] if v == 0 and i < example.dim() else v
+            for i, v in enumerate(target)][1:]
+    if rest.count(-1) + (target[0] == -1) > 1 or 0 in rest:
+        raise UnsupportedLayerError(f"reshape to {target}: more than one -1, or a 0 past the "
+                                    "input's dimensions")
+    if -1 in rest:
+        known = math.prod(v for v in rest if v != -1)
+        if example[0].numel() % known:
+            raise UnsupportedLayerError(f"reshape of {tuple(example.shape)} to {target}")
+        rest[rest.index(-1)] = example[0].numel() // known
+    return _view(example, rest, f"reshape to {target}")
+
+
+def _axes(args: list[Value], attrs: dict[str, Any], rank: int | None, what: str) -> list[int]:
+    """The ``axes`` (an attribute before opset 13, else a constant second input), made
+    non-negative for ``rank`` dimensions (None: the input's rank plus their number, as
+    Unsqueeze's output has); the batch (axis 0) is refused."""
+    if "axes" in attrs:
+        axes = [int(a) for a in attrs["axes"]]
+    elif len(args) > 1 and args[1].const is not None:
+        axes = [int(v) for v in _const(args[1], "the axes").flatten().tolist()]
+    else:
+        raise UnsupportedLayerError(f"{what} without constant axes (it would take the batch "
+                                    "of 1 too)")
+    _no_attributes({k: v for k, v in attrs.items() if k != "axes"}, {})
+    rank = args[0].example.dim() + len(axes) if rank is None else rank
+    found = sorted(a + rank if a < 0 else a for a in axes)
+    if len(set(found)) != len(found) or not all(0 < a < rank for a in found):
+        raise UnsupportedLayerError(f"{what} axes {axes}: each once, never the batch (axis 0)")
+    return found
+
+
+def _squeeze(node, args, attrs, build):
+    example = args[0].example
+    axes = _axes(args, attrs, example.dim(), "Squeeze")
+    if any(example.shape[a] != 1 for a in axes):
+        raise UnsupportedLayerError(f"squeezing axes {axes} of {tuple(example.shape)}: not of "
+                                    "size 1")
+    return _view(example, [d for i, d in enumerate(example.shape) if i not in axes][1:],
+                 "Squeeze")
+
+
+def _unsqueeze(node, args, attrs, build):
+    example = args[0].example
+    shape = list(example.shape)
+    for a in _axes(args, attrs, None, "Unsqueeze"):  # ascending: positions in the output
+        shape.insert(a, 1)
+    return _view(example, shape[1:], "Unsqueeze")
+
+
+def _transpose(node, args, attrs, build):
+    """A permutation that moves only axes of size 1 (the order of the elements stays): a
+    reshape."""
+    example = args[0].example
+    perm = [int(p) for p in attrs.get("perm", reversed(range(example.dim())))]
+    _no_attributes(attrs, {"perm": attrs.get("perm")})
+    big = [p for p in perm if p < example.dim() and example.shape[p] != 1]
+    if sorted(perm) != list(range(example.dim())) or perm[0] != 0 or big != sorted(big):
+        raise UnsupportedLayerError(f"transpose {perm} of {tuple(example.shape)} moves data "
+                                    "(only permutations of size-1 axes after the batch)")
+    return _view(example, [example.shape[p] for p in perm][1:], "Transpose")
+
+
+def _batchnorm(node, args, attrs, build):
+    """Inference BatchNormalization: an eval-mode BatchNorm1d/2d with the file's scale, bias,
+    mean, variance and epsilon (momentum only matters in training)."""
+    _no_attributes(attrs, {"epsilon": attrs.get("epsilon"), "momentum": attrs.get("momentum"),
+                           "training_mode": 0, "spatial": 1})
+    example = args[0].example
+    if example is None or example.dim() not in (2, 4) or len(args) != 5:
+        raise UnsupportedLayerError("BatchNormalization of 5 inputs on (batch, C) or (batch, "
+                                    "C, H, W) only")
+    scale, bias, mean, var = (_const(a, w).double().flatten() for a, w in zip(
+        args[1:5], ("the scale", "the bias", "the mean", "the variance"), strict=True))
+    channels = example.shape[1]
+    if not all(t.numel() == channels for t in (scale, bias, mean, var)):
+        raise UnsupportedLayerError(f"statistics not of {channels} channels")
+    bn = (nn.BatchNorm2d if example.dim() == 4 else nn.BatchNorm1d)(
+        channels, eps=float(attrs.get("epsilon", 1e-5)), dtype=torch.float64).eval()
+    with torch.no_grad():
+        for t, value in ((bn.weight, scale), (bn.bias, bias), (bn.running_mean, mean),
+                         (bn.running_var, var)):
+            t.copy_(value)
+    check_batchnorm(bn, "BatchNormalization")
+    return bn
+
+
+def _avgpool(node, args, attrs, build):
+    """2-D AveragePool, symmetric explicit padding counted as zeros (count_include_pad=1;
+    without padding it makes no difference), ceil_mode=0: an AvgPool2d."""
+    kernel = [int(k) for k in attrs.get("kernel_shape", [])]
+    pads = [int(p) for p in attrs.get("pads", [0, 0, 0, 0])]
+    strides = [int(s) for s in attrs.get("strides", [1, 1])]
+    _no_attributes(attrs, {"kernel_shape": attrs.get("kernel_shape"), "pads": attrs.get("pads"),
+                           "strides": attrs.get("strides"), "auto_pad": b"NOTSET",
+                           "ceil_mode": 0, "count_include_pad": attrs.get(
+                               "count_include_pad") if any(pads) else 1, "dilations": [1, 1]})
+    if len(kernel) != 2 or len(pads) != 4 or pads[:2] != pads[2:]:
+        raise UnsupportedLayerError(f"kernel {kernel}, pads {pads}: 2-D pooling with "
+                                    "symmetric padding only")
+    if any(pads) and not attrs.get("count_include_pad", 0):
+        raise UnsupportedLayerError("padding not counted (count_include_pad=0): certnet bounds "
+                                    "averages over the padded window only")
+    if any(2 * p > k for p, k in zip(pads[:2], kernel, strict=True)):
+        raise UnsupportedLayerError(f"padding {pads} over half the kernel {kernel}")
+    return nn.AvgPool2d(tuple(kernel), tuple(strides), tuple(pads[:2]))
+
+
+def _global_avgpool(node, args, attrs, build):
+    """GlobalAveragePool: an AvgPool2d over the whole map, (batch, C, 1, 1) as ONNX has it."""
+    example = args[0].example
+    if example is None or example.dim() != 4:
+        raise UnsupportedLayerError("GlobalAveragePool on (batch, C, H, W) only")
+    return nn.AvgPool2d(tuple(example.shape[2:]))
 
 
 def _conv(node, args, attrs, build):
@@ -290,6 +620,26 @@ def _conv(node, args, attrs, build):
         if len(args) > 2:
             conv.bias.copy_(_const(args[2], "the bias").double())
     return conv
+
+
+def _clip(node, args, attrs, build):
+    """Clip from 0 below: a ReLU; up to a number t >= 0 too (ONNX ends are scalars): a
+    ClippedReLU (min(max(x, 0), t) = max(min(x, t), 0) for t >= 0)."""
+    _no_attributes(attrs, {})
+    low = args[1] if len(args) > 1 and node.input[1] else None
+    high = args[2] if len(args) > 2 and node.input[2] else None
+    if low is None or bool(_const(low, "the lower end").any()) or low.const.numel() != 1:
+        raise UnsupportedLayerError("Clip with a lower end other than 0")
+    if high is None:
+        return nn.ReLU()
+    shape = tuple(args[0].example.shape[1:]) if args[0].example is not None else ()
+    threshold = _thresholds(high, shape, "the upper end")
+    if _const(high, "the upper end").numel() != 1 or bool((threshold < 0).any()):
+        raise UnsupportedLayerError("Clip with an upper end that is not one number >= 0")
+    layer = ClippedReLU(list(shape)).double()
+    with torch.no_grad():
+        layer.threshold.copy_(threshold)
+    return layer
 
 
 def _concat(node, args, attrs, build):
@@ -314,5 +664,10 @@ for _name, _convert in (("Gemm", _gemm), ("MatMul", _matmul), ("Add", _add), ("S
                         ("Div", _div), ("Flatten", _flatten), ("Reshape", _reshape),
                         ("Conv", _conv), ("Relu", lambda *a: nn.ReLU()), ("Concat", _concat),
                         ("Identity", _identity), ("Dropout", _identity),
-                        ("Constant", _constant)):
+                        ("Constant", _constant), ("Squeeze", _squeeze),
+                        ("Unsqueeze", _unsqueeze), ("Transpose", _transpose),
+                        ("BatchNormalization", _batchnorm), ("AveragePool", _avgpool),
+                        ("GlobalAveragePool", _global_avgpool),
+                        ("Tanh", lambda *a: nn.Tanh()), ("Neg", lambda *a: Negate()),
+                        ("Clip", _clip)):
     ONNX_OPS.register(_name, _convert)

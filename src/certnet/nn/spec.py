@@ -13,7 +13,7 @@ from typing import Any
 from torch import nn
 
 from certnet.errors import ConfigError, UnsupportedLayerError
-from certnet.nn import activations, linf_dist, lipschitz  # noqa: F401  (their registrations)
+from certnet.nn import activations, linf_dist, lipschitz, reshape  # noqa: F401  (registrations)
 from certnet.nn.layer_types import LAYER_TYPES, layer_type
 from certnet.nn.lipschitz import trace_shapes
 from certnet.schema import validate

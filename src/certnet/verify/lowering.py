@@ -15,6 +15,7 @@ from torch import nn
 from certnet.errors import UnsupportedLayerError
 from certnet.nn.activations import ClippedMinMax, ClippedReLU, MinMax
 from certnet.nn.lipschitz import LipschitzConv2d, LipschitzLinear, ResidualConv2d
+from certnet.nn.reshape import Reshape
 
 Op = tuple  # ("affine", W, b) | ("relu",) | ("minmax",)
 
@@ -57,6 +58,13 @@ def _flatten(layer: nn.Flatten, shape: tuple[int, ...]) -> tuple[list[Op], tuple
     if layer.start_dim != 1 or layer.end_dim != -1:
         raise UnsupportedLayerError("verify: only Flatten(start_dim=1, end_dim=-1)")
     return [], (int(np.prod(shape)),)
+
+
+@lowering(Reshape)
+def _reshape(layer: Reshape, shape: tuple[int, ...]) -> tuple[list[Op], tuple[int, ...]]:
+    if int(np.prod(shape)) != int(np.prod(layer.shape)):
+        raise UnsupportedLayerError(f"verify: Reshape to {layer.shape} applied to {shape}")
+    return [], layer.shape
 
 
 @lowering(nn.Linear, LipschitzLinear)

@@ -39,6 +39,7 @@ from certnet.nn.activations import ClippedMinMax, ClippedReLU, MinMax
 from certnet.nn.layer_types import BY_CLASS, LayerType, layer_type, register_layer_type
 from certnet.nn.linf_dist import LinfDist, LinfDistConv2d, MeanShift, Negate
 from certnet.nn.lipschitz import LipschitzConv2d, LipschitzLinear, Normalize, ResidualConv2d
+from certnet.nn.reshape import Reshape
 
 __all__ = ["SLOPES", "AffineRule", "BoundRule", "LayerInput", "Slope", "check_supported",
            "register_bound_rule", "rule_for"]
@@ -77,6 +78,7 @@ for _cls in (nn.BatchNorm1d, nn.BatchNorm2d):
 register_bound_rule(Normalize, NormalizeRule())
 register_bound_rule(nn.AvgPool2d, AvgPoolRule())
 register_bound_rule(nn.Flatten, FlattenRule())
+register_bound_rule(Reshape, FlattenRule())
 register_bound_rule(nn.ReLU, ReLURule())
 register_bound_rule(MinMax, MinMaxRule())
 register_bound_rule(ClippedReLU, ClippedReLURule())

@@ -388,6 +388,9 @@ class AvgPoolRule(AffineRule):
 
 
 class FlattenRule(BoundRule):
+    """A reshape of each point (Flatten, :class:`certnet.nn.reshape.Reshape`): the interval is
+    the reshape of its ends, the coefficients go back reshaped to the input's shape; exact."""
+
     nonexpansive = True
     exact_interval = True
 
