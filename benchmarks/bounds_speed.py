@@ -44,7 +44,7 @@ from torch import nn
 
 from certnet.archs import build_arch
 from certnet.bounds import fused_training_loss, margin_bounds, margin_spec, training_bounds
-from certnet.bounds.rules import ConvRule
+from certnet.bounds.rules.affine import ConvRule
 from certnet.checkpoint import write_json
 from certnet.memory import keep_freed_memory
 from certnet.threat import ThreatModel

@@ -593,7 +593,7 @@ def test_the_sampling_check_catches_a_broken_relu_rule(method, monkeypatch):
         return lo + 0.3 * (hi - lo), hi - 0.3 * (hi - lo)
 
     monkeypatch.setattr(relaxation, "relu_relaxation", low_upper)
-    monkeypatch.setattr(rules.ReLURule, "interval", low_interval)
+    monkeypatch.setattr(rules.activations.ReLURule, "interval", low_interval)
     assert max_violation(layers, x, threat, ref, points, [method]) > 1e-6
 
 

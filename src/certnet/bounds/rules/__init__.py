@@ -7,32 +7,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from certnet.bounds.rules.activations import (
-    ClippedMinMaxRule,
-    ClippedReLURule,
-    MinMaxRule,
-    ReLURule,
-)
-from certnet.bounds.rules.affine import (
-    AffineRule,
-    AvgPoolRule,
-    BatchNormRule,
-    ConvRule,
-    FlattenRule,
-    IdentityRule,
-    LinearRule,
-    NormalizeRule,
-    ResidualConvRule,
-)
+from certnet.bounds.rules import activations, affine, linf_dist
+from certnet.bounds.rules.affine import AffineRule
 from certnet.bounds.rules.base import SLOPES, BoundRule, LayerInput, Slope
 from certnet.bounds.rules.graph_step import StepRule
-from certnet.bounds.rules.linf_dist import (
-    LinfDistConvRule,
-    LinfDistRule,
-    MeanShiftRule,
-    NegateRule,
-    TanhRule,
-)
 from certnet.errors import UnsupportedLayerError
 from certnet.graph.lower import Step
 from certnet.nn.activations import ClippedMinMax, ClippedReLU, MinMax
@@ -68,25 +46,19 @@ def check_supported(layers: nn.Sequential) -> None:
         rule_for(m).check(m, f"layer {i} ({type(m).__name__})")
 
 
-for _cls in (nn.Linear, LipschitzLinear):
-    register_bound_rule(_cls, LinearRule())
-for _cls in (nn.Conv2d, LipschitzConv2d):
-    register_bound_rule(_cls, ConvRule())
-register_bound_rule(ResidualConv2d, ResidualConvRule())
-for _cls in (nn.BatchNorm1d, nn.BatchNorm2d):
-    register_bound_rule(_cls, BatchNormRule())
-register_bound_rule(Normalize, NormalizeRule())
-register_bound_rule(nn.AvgPool2d, AvgPoolRule())
-register_bound_rule(nn.Flatten, FlattenRule())
-register_bound_rule(Reshape, FlattenRule())
-register_bound_rule(nn.ReLU, ReLURule())
-register_bound_rule(MinMax, MinMaxRule())
-register_bound_rule(ClippedReLU, ClippedReLURule())
-register_bound_rule(ClippedMinMax, ClippedMinMaxRule())
-register_bound_rule(nn.Identity, IdentityRule())
-register_bound_rule(LinfDist, LinfDistRule())
-register_bound_rule(LinfDistConv2d, LinfDistConvRule())
-register_bound_rule(MeanShift, MeanShiftRule())
-register_bound_rule(Negate, NegateRule())
-register_bound_rule(nn.Tanh, TanhRule())
-register_bound_rule(Step, StepRule())
+#: (exact layer classes, their rule's class): one rule instance per class
+_RULES = (((nn.Linear, LipschitzLinear), affine.LinearRule),
+          ((nn.Conv2d, LipschitzConv2d), affine.ConvRule),
+          ((ResidualConv2d,), affine.ResidualConvRule),
+          ((nn.BatchNorm1d, nn.BatchNorm2d), affine.BatchNormRule),
+          ((Normalize,), affine.NormalizeRule), ((nn.AvgPool2d,), affine.AvgPoolRule),
+          ((nn.Flatten, Reshape), affine.FlattenRule), ((nn.ReLU,), activations.ReLURule),
+          ((MinMax,), activations.MinMaxRule), ((ClippedReLU,), activations.ClippedReLURule),
+          ((ClippedMinMax,), activations.ClippedMinMaxRule),
+          ((nn.Identity,), affine.IdentityRule), ((LinfDist,), linf_dist.LinfDistRule),
+          ((LinfDistConv2d,), linf_dist.LinfDistConvRule),
+          ((MeanShift,), linf_dist.MeanShiftRule), ((Negate,), linf_dist.NegateRule),
+          ((nn.Tanh,), linf_dist.TanhRule), ((Step,), StepRule))
+for _classes, _rule in _RULES:
+    for _cls in _classes:
+        register_bound_rule(_cls, _rule())
