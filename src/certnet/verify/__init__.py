@@ -1,9 +1,10 @@
 """Exact robustness oracles for tiny piecewise-linear networks (testing certificates).
 
-For a network f built from Flatten, (Lipschitz)Linear, (Lipschitz, residual) Conv2d (as its
-dense matrix), ReLU, MinMax and their clipped forms (lowered exactly to affine / ReLU / MinMax
-operations by :mod:`certnet.verify.lowering`), a point x, a label and a radius eps, the oracles
-compute
+For a network f built from Flatten, Reshape, (Lipschitz)Linear, (Lipschitz, residual) Conv2d
+and AvgPool2d (as dense matrices), eval-mode BatchNorm, Normalize, ReLU, MinMax and their
+clipped forms, or a graph of them with residual adds and concatenations (its chain,
+:meth:`certnet.graph.Graph.chain`), all lowered exactly to affine / ReLU / MinMax operations by
+:mod:`certnet.verify.lowering`, a point x, a label and a radius eps, the oracles compute
 
     m* = min { min_{j != label} f(x')_label - f(x')_j :  ||x' - x|| <= eps,  lo <= x' <= hi }
 

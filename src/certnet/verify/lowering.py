@@ -1,7 +1,9 @@
-"""A network as float64 operations on the flattened input: affine (Flatten, (Lipschitz)Linear,
-(Lipschitz, residual) Conv2d as its dense matrix), ReLU and MinMax. Clipped forms are rewritten
+"""A network as float64 operations on the flattened input: affine (Flatten, Reshape,
+(Lipschitz)Linear, (Lipschitz, residual) Conv2d and AvgPool2d as their dense matrices,
+eval-mode BatchNorm / MeanShift, Normalize, Negate), ReLU and MinMax. Clipped forms are rewritten
 exactly with ReLUs: clamp(min(z, t), 0) = relu(t - relu(t - z)), max(m, l) = l + relu(m - l),
-min(M, u) = u - relu(u - M)."""
+min(M, u) = u - relu(u - M). A graph's chain (:mod:`certnet.graph.lower`) lowers step by step,
+its kept slots carried through each operator's nonlinearities (:func:`_step`)."""
 
 from __future__ import annotations
 
@@ -13,8 +15,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from certnet.errors import UnsupportedLayerError
+from certnet.graph.lower import Step
+from certnet.graph.ops import Add, Concat
 from certnet.nn.activations import ClippedMinMax, ClippedReLU, MinMax
-from certnet.nn.lipschitz import LipschitzConv2d, LipschitzLinear, ResidualConv2d
+from certnet.nn.linf_dist import MeanShift, Negate
+from certnet.nn.lipschitz import (
+    LipschitzConv2d,
+    LipschitzLinear,
+    Normalize,
+    ResidualConv2d,
+    batchnorm_affine,
+    check_batchnorm,
+)
 from certnet.nn.reshape import Reshape
 
 Op = tuple  # ("affine", W, b) | ("relu",) | ("minmax",)
@@ -117,6 +129,55 @@ def _conv_affine(layer: nn.Conv2d, shape: tuple[int, ...]) -> tuple[list[Op], tu
     return [("affine", columns.reshape(n, -1).T.numpy(), bias)], tuple(columns.shape[1:])
 
 
+def _channelwise(scale: torch.Tensor, shift: torch.Tensor, shape: tuple[int, ...]
+                 ) -> list[Op]:
+    """x * scale + shift with one (scale, shift) per channel (dim 0 of ``shape``)."""
+    per = int(np.prod(shape[1:]))
+    return [("affine", np.diag(np.repeat(_flat(scale), per)), np.repeat(_flat(shift), per))]
+
+
+@lowering(nn.BatchNorm1d, nn.BatchNorm2d)
+def _batchnorm(layer: nn.Module, shape: tuple[int, ...]) -> tuple[list[Op], tuple[int, ...]]:
+    if layer.training or shape[0] != layer.num_features:
+        raise UnsupportedLayerError(f"verify: {type(layer).__name__} in training mode or on "
+                                    f"shape {shape}")
+    check_batchnorm(layer, f"verify: {type(layer).__name__}")
+    return _channelwise(*batchnorm_affine(layer), shape), shape
+
+
+@lowering(MeanShift)
+def _mean_shift(layer: MeanShift, shape: tuple[int, ...]) -> tuple[list[Op], tuple[int, ...]]:
+    if layer.training or shape[0] != layer.num_features:
+        raise UnsupportedLayerError(f"verify: MeanShift in training mode or on shape {shape}")
+    mean = layer.running_mean.detach().double()
+    return _channelwise(torch.ones_like(mean), -mean, shape), shape
+
+
+@lowering(Normalize)
+def _normalize(layer: Normalize, shape: tuple[int, ...]) -> tuple[list[Op], tuple[int, ...]]:
+    mean, std = layer.mean.detach().double().view(-1), layer.std.detach().double().view(-1)
+    if len(shape) != 3 or mean.numel() not in (1, shape[0]):
+        raise UnsupportedLayerError(f"verify: Normalize of {mean.numel()} channels on {shape}")
+    mean, std = mean.expand(shape[0]), std.expand(shape[0])
+    return _channelwise(1 / std, -mean / std, shape), shape
+
+
+lowering(Negate)(lambda layer, shape: ([("affine", -np.eye(int(np.prod(shape))),
+                                         np.zeros(int(np.prod(shape))))], shape))
+
+
+@lowering(nn.AvgPool2d)
+def _avg_pool(layer: nn.AvgPool2d, shape: tuple[int, ...]) -> tuple[list[Op], tuple[int, ...]]:
+    """The pooling's dense matrix: column k is the pooling of the k-th basis image."""
+    if len(shape) != 3:
+        raise UnsupportedLayerError(f"verify: AvgPool2d on shape {shape}")
+    n = int(np.prod(shape))
+    with torch.no_grad():
+        columns = layer(torch.eye(n, dtype=torch.float64).view(n, *shape))
+    return [("affine", columns.reshape(n, -1).T.numpy(), np.zeros(columns[0].numel()))], \
+        tuple(columns.shape[1:])
+
+
 def _flat(t: torch.Tensor) -> np.ndarray:
     return t.detach().to(torch.float64).cpu().numpy().reshape(-1)
 
@@ -133,3 +194,94 @@ def _clamp_halves_ops(lower: np.ndarray, upper: np.ndarray) -> list[Op]:
     sign = np.diag(np.concatenate([np.ones(lower.size), -np.ones(upper.size)]))
     return [("affine", sign, np.concatenate([-lower, upper])), ("relu",),
             ("affine", sign, np.concatenate([lower, upper]))]
+
+
+def _affine(w: np.ndarray, b: np.ndarray | None = None) -> Op:
+    return ("affine", w, np.zeros(w.shape[0]) if b is None else b)
+
+
+def _compose(ops: list[Op]) -> list[Op]:
+    """``ops`` with each run of consecutive affine operations composed into one."""
+    out: list[Op] = []
+    for op in ops:
+        if op[0] == "affine" and out and out[-1][0] == "affine":
+            out[-1] = ("affine", op[1] @ out[-1][1], op[1] @ out[-1][2] + op[2])
+        else:
+            out.append(op)
+    return out
+
+
+def _join_ops(op: nn.Module, shapes: list[tuple[int, ...]]
+              ) -> tuple[list[Op], tuple[int, ...]]:
+    """The operator of a graph node on the concatenation of its flattened inputs: Add sums
+    them, Concat permutes them as torch.cat does, a one-input operator lowers as a layer."""
+    sizes = [int(np.prod(s)) for s in shapes]
+    if isinstance(op, Add) and len(shapes) == 2:
+        if shapes[0] != shapes[1]:
+            raise UnsupportedLayerError(f"verify: Add of shapes {shapes[0]} and {shapes[1]}")
+        eye = np.eye(sizes[0])
+        return [_affine(np.concatenate([eye, eye], 1))], shapes[0]
+    if isinstance(op, Concat):
+        dim = op.dim if op.dim >= 0 else op.dim + len(shapes[0]) + 1
+        if dim < 1 or any(len(s) != len(shapes[0]) for s in shapes):
+            raise UnsupportedLayerError(f"verify: Concat(dim={op.dim}) of shapes {shapes}")
+        starts = np.cumsum([0, *sizes])
+        index = torch.cat([torch.arange(int(a), int(a) + n).view(1, *s)
+                           for a, n, s in zip(starts, sizes, shapes, strict=False)], dim)
+        return [_affine(np.eye(starts[-1])[index.reshape(-1).numpy()])], \
+            tuple(index.shape[1:])
+    if len(shapes) != 1:
+        raise UnsupportedLayerError(f"verify: no exact encoding for {type(op).__name__} of "
+                                    f"{len(shapes)} inputs (supported: Add, Concat)")
+    return network_ops(op, shapes[0])
+
+
+@lowering(Step)
+def _step(step: Step, shape: tuple[int, ...]) -> tuple[list[Op], tuple[int, ...]]:
+    """One step of a graph's chain on the whole flat state: gather the op's input slots and
+    the kept slots [u; K], run the op's own operations on u while K rides along, output
+    [K; op(u)] (``last``: op(u)). Across a ReLU K travels as [relu(K); relu(-K)] (K =
+    relu(K) - relu(-K)); across a MinMax, which sorts coordinates i and i + N/2, as the pairs
+    (K, K), which it leaves alone. Consecutive affine operations are composed; exact."""
+    if int(np.prod(shape)) != sum(step.sizes):
+        raise UnsupportedLayerError(f"verify: a graph step over slots {step.shapes} applied "
+                                    f"to shape {shape}")
+    starts = np.cumsum([0, *step.sizes])
+    rows = np.eye(int(starts[-1]))
+    slots = [rows[starts[i]:starts[i + 1]] for i in range(len(step.sizes))]
+    inner, out_shape = _join_ops(step.op, [step.shapes[i] for i in step.inputs])
+    kept = 0 if step.last else sum(step.sizes[k] for k in step.keep)
+    gather = np.concatenate([*(slots[i] for i in step.inputs),
+                             *(slots[k] for k in step.keep if not step.last)])
+    ops, width = [_affine(gather)], gather.shape[0] - kept
+    eye_k = np.eye(kept)
+    for op in inner:
+        if op[0] == "affine":
+            w = np.zeros((op[1].shape[0] + kept, width + kept))
+            w[: op[1].shape[0], :width], w[op[1].shape[0]:, width:] = op[1], eye_k
+            ops.append(_affine(w, np.concatenate([op[2], np.zeros(kept)])))
+            width = op[1].shape[0]
+        elif not kept:
+            ops.append(op)
+        elif op[0] == "relu":  # [u; K] -> [u; K; -K] -> relu -> [u'; relu(K) - relu(-K)]
+            eye_u = np.eye(width)
+            ops += [_affine(np.block([[eye_u, np.zeros((width, kept))],
+                                      [np.zeros((kept, width)), eye_k],
+                                      [np.zeros((kept, width)), -eye_k]])), op,
+                    _affine(np.block([[eye_u, np.zeros((width, 2 * kept))],
+                                      [np.zeros((kept, width)), eye_k, -eye_k]]))]
+        elif op[0] == "minmax":  # [a; b; K] -> [a; K; b; K] -> sort -> [min; max; K]
+            h = width // 2
+            eye = np.eye(width + kept)
+            a, b, k = eye[:h], eye[h:width], eye[width:]
+            ops += [_affine(np.concatenate([a, k, b, k])), op]
+            eye = np.eye(width + 2 * kept)
+            ops.append(_affine(np.concatenate([eye[:h], eye[h + kept: width + kept],
+                                               eye[h: h + kept]])))
+        else:
+            raise UnsupportedLayerError(f"verify: graph step with a {op[0]!r} operation")
+    if step.last:
+        return _compose(ops), out_shape
+    eye = np.eye(width + kept)
+    ops.append(_affine(np.concatenate([eye[width:], eye[:width]])))  # [u'; K] -> [K; u']
+    return _compose(ops), (kept + width,)
