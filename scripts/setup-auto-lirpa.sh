@@ -11,5 +11,5 @@ VENV=.venv-auto-lirpa
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 "${pip[@]}" "torch==${TORCH_VERSION:-2.13.0}" "numpy<2"
-"${pip[@]}" -e . "numpy<2"
+"${pip[@]}" -e ".[onnx]" "numpy<2"   # onnx: benchmarks/vnncomp_bounds.py reads ONNX
 "${pip[@]}" --no-deps "auto_LiRPA==${AUTO_LIRPA_VERSION:-0.3}" appdirs
