@@ -274,3 +274,18 @@ def test_relu_upper_line_rounds_below_relu_without_its_charge():
         below += claimed > -top
         assert claimed - Fraction(float(rho[0, k])) <= -top
     assert below > 0
+
+
+def test_relu_drift_is_zero_only_where_both_inputs_are_nonpositive():
+    """The ReLU drift contract in both of its uses: the interval holds one of the two inputs
+    (the exact one in a rigorous walk, the float one for the clean pass) and the other lies
+    within ``error`` of it. Zero only where hi <= -error; one ulp less margin keeps it."""
+    relu = nn.ReLU()
+    error = torch.tensor([[1e-16, 1e-16, 1e-16, 0.0]], dtype=torch.float64)
+    hi = torch.tensor([[-2e-16, -1e-16, -5e-17, 0.0]], dtype=torch.float64)
+    drift = rule_for(relu).drift(relu, error, LayerInput(hi - 1, hi, hi))
+    assert drift.tolist() == [[0.0, 0.0, 1e-16, 0.0]]
+    # the clean-pass case: float input -5e-17 in the interval, exact input 5e-17 within the
+    # error: relu differs by 5e-17, which the drift must cover
+    exact, computed = Fraction(5, 10**17), Fraction(-5e-17)
+    assert abs(max(exact, 0) - max(computed, 0)) <= Fraction(float(drift[0, 2]))

@@ -46,7 +46,10 @@ class ReLURule(BoundRule):
         return relaxation_error(inp, inp.magnitude, 1)
 
     def drift(self, m, error, inp):
-        return error  # |relu(a) - relu(b)| <= |a - b|, and relu itself is exact
+        # |relu(a) - relu(b)| <= |a - b|, and relu itself is exact. Where hi <= -error, both
+        # inputs are <= 0 (one lies in the interval, the other within error of it; the
+        # comparison is exact), so both outputs are exactly 0
+        return torch.where(inp.hi <= -error, 0.0, error)
 
 
 class MinMaxRule(BoundRule):
