@@ -134,12 +134,11 @@ def prepare(name: str, head: bool) -> Path:
     lines += ["pytest_add_cli_args =", "    -p", "    no:cacheprovider",
               "use_git_change_detection = false", ""]
     (work / "setup.cfg").write_text("\n".join(lines))
+    (work / "commit.txt").write_text(git("rev-parse", "HEAD") + ("" if head else " +changes"))
     return work
 
 
 def run_module(name: str, head: bool) -> dict:
-    from mutmut.stats import status_by_exit_code
-
     work = prepare(name, head)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
            "MKL_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
@@ -148,12 +147,22 @@ def run_module(name: str, head: bool) -> dict:
     with open(work / "mutmut.log", "w") as log:
         rc = subprocess.run([mutmut, "run", "--max-children", "1"], cwd=work, env=env,
                             stdout=log, stderr=subprocess.STDOUT).returncode
-    seconds = round(time.monotonic() - start)
-    counts = {"killed": 0, "survived": 0, "timeout": 0, "other": 0}
+    return {**collect(name), "mutmut_exit_code": rc,
+            "seconds": round(time.monotonic() - start)}
+
+
+def collect(name: str) -> dict:
+    """The verdicts mutmut has recorded so far in ``.mutation/<name>/`` (a finished run, or
+    one stopped for time: its unchecked mutants are counted as such), and the survivors'
+    diffs into ``survivors.diff``."""
+    from mutmut.stats import status_by_exit_code
+
+    work = WORK / name
+    counts = {"killed": 0, "survived": 0, "timeout": 0, "other": 0, "not_checked": 0}
     survivors, others = [], []
     for meta in sorted((work / "mutants" / "src").rglob("*.py.meta")):
         for key, code in json.loads(meta.read_text())["exit_code_by_key"].items():
-            status = status_by_exit_code[code]
+            status = "not checked" if code is None else status_by_exit_code[code]
             if status in KILLED:
                 counts["killed"] += 1
             elif status in SURVIVED:
@@ -161,21 +170,25 @@ def run_module(name: str, head: bool) -> dict:
                 survivors.append(key)
             elif status in TIMEOUT:
                 counts["timeout"] += 1
+            elif status == "not checked":
+                counts["not_checked"] += 1
             else:
                 counts["other"] += 1
                 others.append(f"{key}: {status}")
-    if rc != 0 or not sum(counts.values()):
-        print(f"{name}: mutmut failed (exit {rc}); see {work / 'mutmut.log'}", file=sys.stderr)
+    checked = counts["killed"] + counts["survived"] + counts["timeout"] + counts["other"]
+    if not checked:
+        print(f"{name}: no verdicts in {work}; see {work / 'mutmut.log'}", file=sys.stderr)
+    mutmut = str(Path(sys.executable).parent / "mutmut")
     with open(work / "survivors.diff", "w") as out:
         for key in sorted(survivors):
-            out.write(subprocess.run([mutmut, "show", key], cwd=work, env=env,
-                                     capture_output=True, text=True).stdout + "\n")
-    total = sum(counts.values())
+            out.write(subprocess.run([mutmut, "show", key], cwd=work, capture_output=True,
+                                     text=True).stdout + "\n")
     return {
-        "sources": TARGETS[name][0], "tests": TARGETS[name][1], **counts, "total": total,
-        "score": round((counts["killed"] + counts["timeout"]) / total, 4) if total else None,
+        "sources": TARGETS[name][0], "tests": TARGETS[name][1], **counts,
+        "total": checked + counts["not_checked"],
+        "score": round((counts["killed"] + counts["timeout"]) / checked, 4) if checked
+        else None,
         "survivors": sorted(survivors), "other_statuses": sorted(others),
-        "mutmut_exit_code": rc, "seconds": seconds,
     }
 
 
@@ -186,6 +199,9 @@ def main() -> None:
     parser.add_argument("--head", action="store_true",
                         help="use the committed src/ and tests/ (git HEAD), not the working tree "
                         f"(the working tree's {SURVIVOR_TESTS} is still used)")
+    parser.add_argument("--collect", action="store_true",
+                        help="record what an earlier (or stopped) run of each module found, "
+                        "without running mutmut: unchecked mutants counted as such")
     args = parser.parse_args()
     unknown = [m for m in args.modules if m not in TARGETS]
     if unknown:
@@ -206,7 +222,10 @@ def main() -> None:
     }
     for name in args.modules or list(TARGETS):
         print(f"mutating {name} ...", flush=True)
-        entry = {**common, **run_module(name, args.head)}
+        entry = {**common, **(collect(name) if args.collect else run_module(name, args.head))}
+        stamp = WORK / name / "commit.txt"  # the commit the scratch copy was made from
+        if stamp.exists():
+            entry["commit"] = stamp.read_text().split()[0]
         # re-read just before writing: only this module's entry changes
         results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"modules": {}}
         results["modules"][name] = entry
