@@ -129,3 +129,17 @@ def test_rigorous_bounds_hold_in_exact_arithmetic_at_adversarial_magnitudes(meth
         for row in range(2):
             value = sum(Fraction(float(spec[0, row, k])) * z[k] for k in range(2))
             assert Fraction(float(lower_bound[0, row])) <= value
+
+
+def test_a_value_summed_three_ways_is_refused():
+    """x read twice by one add and kept for later: its coefficients would be summed with two
+    roundings, the first relative to a partial sum; certnet refuses rather than guess."""
+    from certnet.bounds.rules import check_supported
+    from certnet.errors import UnsupportedLayerError
+
+    head = nn.Linear(2, 2).double()
+    nodes = [Node(Add(), (INPUT, INPUT), "double"), Node(Add(), (0, INPUT), "plus"),
+             Node(head, (1,), "head")]
+    chain = lower(Graph(nodes, (2,)))
+    with pytest.raises(UnsupportedLayerError, match="three-way sum"):
+        check_supported(chain)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from certnet.bounds.rules.base import BoundRule, LayerInput, Slope
+from certnet.errors import UnsupportedLayerError
 from certnet.floats import gamma
 from certnet.graph.lower import Step
 from certnet.graph.ops import Add, Concat
@@ -136,6 +137,11 @@ class StepRule(BoundRule):
         return single is not None and single.uses_batch_statistics(m.op)
 
     def check(self, m: Step, where: str) -> None:
+        counts = Counter(m.keep) + Counter(m.inputs)
+        if max(counts.values()) > 2:  # see sum_error: one rounding per sum is bounded
+            raise UnsupportedLayerError(
+                f"{where}: a value read twice by {type(m.op).__name__} and also used later; "
+                "the rounding of a three-way sum of its coefficients is not bounded here")
         single = self._single(m)
         if single is not None:
             single.check(m.op, f"{where}, operator {type(m.op).__name__}")
@@ -184,8 +190,10 @@ class StepRule(BoundRule):
 
     def sum_error(self, m: Step, inp: LayerInput) -> torch.Tensor | None:
         """rho on the step's input: where a slot receives coefficients from two places (kept
-        and read, or read twice), their float sum is off by u of its own size: at most
-        sum_i |lam_i| gamma_2 |h_i| over the input (charged after the step)."""
+        and read, or read twice), their one float addition is off by u of the computed sum:
+        at most sum_i |lam_i| gamma_2 |h_i| over the input (charged after the step). Three
+        places would round twice, the first time relative to a partial sum the result need
+        not bound: :meth:`check` refuses them."""
         counts = Counter(m.keep) + Counter(m.inputs)
         if max(counts.values()) < 2:
             return None
