@@ -290,3 +290,31 @@ def test_reshape_is_exact_in_every_rule():
     for _ in range(20):
         z = exact(x[0].numpy() + 0.125 * rng.choice([-1.0, 1.0, 0.5], 4))
         assert Fraction(float(lower[0, 0].detach())) <= z[0] - z[1]
+
+
+def test_a_softmax_is_refused_with_what_to_do(tmp_path):
+    """ONNX and torch.fx alike: a final softmax is named, with the advice to bound logits."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Softmax", ["x"], ["y"], name="sm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "sm.onnx")
+    with pytest.raises(UnsupportedLayerError, match="'sm' \\(Softmax\\).*logits"):
+        load_onnx(tmp_path / "sm.onnx")
+
+    class Classifier(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return torch.softmax(self.fc(x), 1)
+
+    with pytest.raises(UnsupportedLayerError, match="softmax.*logits"):
+        from_module(Classifier().eval(), (3,))
+    with pytest.raises(UnsupportedLayerError, match="Softmax.*logits"):
+        from_module(nn.Sequential(nn.Linear(3, 3), nn.Softmax(1)).eval(), (3,))

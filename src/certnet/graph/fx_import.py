@@ -23,6 +23,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from certnet.errors import InputError, UnsupportedLayerError
 from certnet.graph.graph import INPUT, Graph, Node
+from certnet.graph.hints import hint
 from certnet.graph.ops import Add, Concat
 from certnet.nn.integrity import check_plain
 from certnet.nn.layer_types import layer_type
@@ -136,7 +137,7 @@ def _leaf(sub: nn.Module) -> nn.Module | None:
                                     "module.eval() first")
     if layer_type(sub) is None:
         raise UnsupportedLayerError(f"layer type {type(sub).__name__} is not supported (no "
-                                    "registered bound)")
+                                    f"registered bound){hint(type(sub).__name__)}")
     return sub
 
 
@@ -172,7 +173,8 @@ def from_module(module: nn.Module, input_shape: tuple[int, ...]) -> Graph:
             if node.op == "call_module":
                 _leaf(gm.get_submodule(str(node.target)))
             elif node.op in ("call_function", "call_method") and _key(node) not in FX_OPS:
-                raise UnsupportedLayerError("not supported; supported: " + ", ".join(
+                raise UnsupportedLayerError(f"not supported{hint(_name(_key(node)))}; "
+                                            "supported: " + ", ".join(
                     sorted({_name(f) for f, c in FX_OPS.items() if c is not _scale})))
         except UnsupportedLayerError as err:
             raise UnsupportedLayerError(f"{_where(node, gm)}: {err}") from None

@@ -21,6 +21,7 @@ from torch import nn
 
 from certnet.errors import InputError, UnsupportedLayerError
 from certnet.graph.graph import INPUT, Graph, Node
+from certnet.graph.hints import hint
 from certnet.graph.ops import Add, Concat
 from certnet.nn.activations import ClippedMinMax, ClippedReLU, MinMax
 from certnet.nn.linf_dist import LinfDist, MeanShift, Negate
@@ -125,7 +126,7 @@ def load_onnx(path: str | Path) -> Graph:
         elif node.domain not in ("", "ai.onnx") or node.op_type not in ONNX_OPS:
             raise UnsupportedLayerError(
                 f"{where}: operator {'of domain ' + node.domain + ' ' if node.domain else ''}"
-                f"not supported; supported: {', '.join(ONNX_OPS.names())}")
+                f"not supported{hint(node.op_type)}; supported: {', '.join(ONNX_OPS.names())}")
         else:
             convert = ONNX_OPS[node.op_type]
         if len(node.output) != 1:
