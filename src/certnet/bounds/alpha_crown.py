@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from certnet.bounds.crown import backward_bound
+from certnet.bounds.crown import backward_bound, relaxation_floor
 from certnet.bounds.rules import LayerInput, Slope, rule_for
 from certnet.optim import Adam
 from certnet.threat import ThreatModel
@@ -32,8 +32,9 @@ def optimized_bound(layers: nn.Sequential, seen: list[LayerInput], spec: torch.T
     :func:`backward_bound`, also for ``rigorous``: then every iterate's bound is rigorous,
     and so is their maximum), the lower slopes optimised for ``steps`` steps."""
     best = backward_bound(layers, seen, spec, x, threat, slope, rigorous=rigorous)
-    starts = {i: rule_for(m).slopes(m, seen[i], slope) for i, m in enumerate(layers)} \
-        if steps >= 1 else {}
+    floor = relaxation_floor(layers, len(layers))  # the backward passes stop there
+    starts = {i: rule_for(m).slopes(m, seen[i], slope) for i, m in enumerate(layers)
+              if i >= floor} if steps >= 1 else {}
     starts = {i: start for i, start in starts.items() if start is not None}  # CROWN's
     if not starts:
         return best
