@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from certnet.errors import ConfigError, InputError
+from certnet.floats import round_down
 from certnet.threat import check_eps, check_inputs, check_norm, norm_of, project
 
 
@@ -153,10 +154,11 @@ class PGD:
 
     def _attack(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         batch = x.shape[0]
-        if isinstance(self.eps, torch.Tensor):
-            eps = self.eps.detach().to(device=x.device, dtype=x.dtype)
-        else:
-            eps = torch.full((batch,), float(self.eps), device=x.device, dtype=x.dtype)
+        # the radius in x's dtype rounded down, so what _exact_fit fits to is never above the
+        # caller's eps (rounding 0.1 to float32 to nearest would give 0.10000000149)
+        exact = self.eps.detach().double() if isinstance(self.eps, torch.Tensor) else \
+            torch.full((batch,), float(self.eps), dtype=torch.float64)
+        eps = round_down(exact, x.dtype).to(x.device)
         step = 2.5 * eps / self.steps if self.step_size is None else \
             torch.full_like(eps, self.step_size)
         generator = torch.Generator().manual_seed(self.seed)
