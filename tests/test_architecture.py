@@ -23,7 +23,7 @@ LAYERS = {
     "attacks": (4, "attacks"), "falsify": (4, "attacks"),
     "methods": (5, "methods"), "certifiers": (5, "certifiers"),
     **dict.fromkeys(["config", "checkpoint", "certify", "audit", "train", "tblog", "zoo",
-                     "decide", "bounded", "export"],
+                     "decide", "any_model", "export"],
                     (6, "engine")),
     "cli": (7, "cli"), "__init__": (8, "api"),
 }

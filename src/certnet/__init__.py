@@ -17,8 +17,8 @@ choose_threads()
 
 _EXPORTS = {"load": "certnet.checkpoint", "save_model": "certnet.checkpoint",
             "Certificate": "certnet.methods", "CertifiedModel": "certnet.methods",
-            "GloroNet": "certnet.methods", "bounded": "certnet.bounded",
-            "Bounded": "certnet.bounded"}
+            "GloroNet": "certnet.methods", "bounded": "certnet.any_model",
+            "Bounded": "certnet.any_model"}
 
 __all__ = ["Bounded", "Certificate", "CertifiedModel", "GloroNet", "__version__", "bounded",
            "load", "save_model"]
