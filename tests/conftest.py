@@ -14,3 +14,14 @@ def mnist_available() -> bool:
     except DataError:
         pytest.skip("MNIST is not available on this machine")
     return True
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for a module's exact-oracle tests, whatever the library chose."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -43,13 +43,7 @@ def _bounded(seed: int) -> bool:
 SEEDS = [s for s in range(20) if _bounded(s)][:10]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread (the CPU is shared with long training runs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def graph_of(seed: int) -> Graph:

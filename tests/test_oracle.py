@@ -28,13 +28,7 @@ from certnet.verify import exact_min_margin, find_counterexample, min_margin
 SETTINGS = settings(max_examples=200, deadline=None, derandomize=True, database=None)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread (the CPU is shared with long training runs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # -- helpers -----------------------------------------------------------------------------------
