@@ -47,7 +47,7 @@ TARGETS: dict[str, tuple[list[str], list[str]]] = {
                         ["tests/test_local_lipschitz.py", "tests/test_mutants.py",
                          "tests/test_mutation_survivors.py",
                          "tests/test_mutation_survivors_masked.py"]),
-    "checkpoint": (["src/certnet/checkpoint.py"],
+    "checkpoint": (["src/certnet/checkpoint.py", "src/certnet/files.py"],
                    ["tests/test_train_checkpoint.py", "tests/test_bad_inputs.py",
                     # test_faults.py trains for minutes: only its checkpoint-write test
                     "tests/test_faults.py::test_failing_checkpoint_write_keeps_the_previous_one",

@@ -15,7 +15,7 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "certnet"
 LAYERS = {
     **dict.fromkeys(["errors", "floats", "registry", "schema", "timing", "memory", "device",
                      "threads", "distributed", "optim", "schedules", "threat", "certificate",
-                     "properties"],
+                     "properties", "files"],
                     (0, "foundation")),
     "nn": (1, "nn"), "data": (1, "data"),
     "graph": (2, "graph"),

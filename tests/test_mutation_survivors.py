@@ -571,14 +571,14 @@ def test_a_failed_train_state_write_leaves_nothing_and_raises_its_own_error(tmp_
     assert sorted(p.name for p in root.iterdir()) == ["epoch-0001"]
     # a failure after the rename (the directory's fsync): the temp directory is gone already,
     # and the fsync's error, not the cleanup's, is what the caller sees
-    fsync_dir = checkpoint._fsync_dir
+    fsync_dir = checkpoint.fsync_dir
 
     def failing_fsync(path):
         if path == root:
             raise OSError("fsync failed")
         fsync_dir(path)
 
-    monkeypatch.setattr(checkpoint, "_fsync_dir", failing_fsync)
+    monkeypatch.setattr(checkpoint, "fsync_dir", failing_fsync)
     with pytest.raises(OSError, match="^fsync failed$"):
         checkpoint.save_train_state(tmp_path, 2, {"w": torch.ones(2)}, {})
     assert checkpoint.load_train_state(tmp_path)[1]["epoch"] == 2

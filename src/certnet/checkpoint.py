@@ -29,6 +29,7 @@ from safetensors.torch import save as st_save
 from certnet import __version__
 from certnet.config import TrainConfig
 from certnet.errors import CertnetError, CheckpointError, ConfigError, UnsupportedLayerError
+from certnet.files import UMASK, atomic_write, fsync_dir
 from certnet.methods import get_method
 from certnet.methods.base import CertifiedModel
 from certnet.nn.integrity import check_certifiable
@@ -67,38 +68,6 @@ class CheckpointConfig(BaseModel):
     epoch: Count | None = None
     train: dict[str, Any] | None = None
     last_metrics: dict[str, float | str | None] | None = None
-
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str | Path, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix.
-    On failure (e.g. disk full) the previous file is left intact and the error propagates."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    raw = data.encode() if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the usual file mode
-        with os.fdopen(fd, "wb") as f:
-            f.write(raw)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def write_json(path: str | Path, payload: Any) -> None:
@@ -155,7 +124,7 @@ def _write_directory(final: Path, write: Callable[[Path], None], mode: int = 0o7
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -178,7 +147,7 @@ def save_model(directory: str | Path, model: CertifiedModel, **extra: Any) -> No
         write(directory)
     else:
         directory.parent.mkdir(parents=True, exist_ok=True)
-        _write_directory(directory, write, mode=0o777 & ~_UMASK)  # the usual mode
+        _write_directory(directory, write, mode=0o777 & ~UMASK)  # the usual mode
 
 
 def read_config(directory: str | Path) -> dict[str, Any]:

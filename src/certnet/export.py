@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 from certnet import __version__
-from certnet.checkpoint import _UMASK, _write_directory, atomic_write
+from certnet.checkpoint import _write_directory
 from certnet.errors import ConfigError, InputError, UnsupportedLayerError
+from certnet.files import UMASK, atomic_write
 from certnet.nn.activations import ClippedMinMax, ClippedReLU, MinMax
 from certnet.nn.layer_types import layer_type
 from certnet.nn.linf_dist import LinfDist, LinfDistConv2d, MeanShift, Negate
@@ -373,7 +374,7 @@ def export_vnnlib(model: Any, points: torch.Tensor, labels: Sequence[int] | torc
             atomic_write(folder / name, text)
         atomic_write(folder / "instances.csv", csv)
 
-    _write_directory(out, write, mode=0o777 & ~_UMASK)
+    _write_directory(out, write, mode=0o777 & ~UMASK)
     return out
 
 

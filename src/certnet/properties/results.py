@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from certnet.errors import InputError, PropertyError
+from certnet.files import atomic_write
 
-from .atomic import write_text_atomic
 from .sexpr import Source, decode, read_sexprs
 
 #: the answers a result file may give
@@ -77,7 +77,7 @@ def write_result(path: str | os.PathLike, status: str,
                  x: torch.Tensor | Sequence[float] | None = None,
                  y: torch.Tensor | Sequence[float] | None = None) -> None:
     """Write a VNN-COMP result file atomically (temporary file + ``os.replace``)."""
-    write_text_atomic(path, format_result(status, x, y))
+    atomic_write(path, format_result(status, x, y))
 
 
 def _read(path: str | os.PathLike) -> Source:

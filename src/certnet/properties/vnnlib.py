@@ -33,8 +33,8 @@ from fractions import Fraction
 from pathlib import Path
 
 from certnet.errors import PropertyError
+from certnet.files import atomic_write
 
-from .atomic import write_text_atomic
 from .exact import FLOAT_MAX, decimal_text
 from .property import Box, Case, Property, Row
 from .sexpr import Node, Source, decode, read_sexprs
@@ -411,7 +411,7 @@ def format_vnnlib(prop: Property, comment: str = "") -> str:
 
 def write_vnnlib(path: str | os.PathLike, prop: Property, comment: str = "") -> None:
     """Write ``prop`` to ``path`` atomically (it reads back equal with :func:`read_vnnlib`)."""
-    write_text_atomic(path, format_vnnlib(prop, comment))
+    atomic_write(path, format_vnnlib(prop, comment))
 
 
 def _bounds_text(box: Box) -> list[str]:
