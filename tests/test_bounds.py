@@ -790,8 +790,8 @@ class MyLinear(nn.Linear):
 
 
 UNSUPPORTED = {
-    "MaxPool2d": (nn.MaxPool2d(2), "no bound rule for layer MaxPool2d"),
-    "Sigmoid": (nn.Sigmoid(), "no bound rule for layer Sigmoid"),
+    "Softsign": (nn.Softsign(), "no bound rule for layer Softsign"),
+    "Hardswish": (nn.Hardswish(), "no bound rule for layer Hardswish"),
     "ReLU-subclass": (MyReLU(), "no bound rule for layer MyReLU"),
     "Linear-subclass": (MyLinear(4, 4), "no bound rule for layer MyLinear"),
     "nested-Sequential": (nn.Sequential(nn.ReLU()), "no bound rule for layer Sequential"),

@@ -33,6 +33,8 @@ from certnet.nn.lipschitz import (
     ResidualConv2d,
     trace_shapes,
 )
+from certnet.nn.pad import Pad
+from certnet.nn.scale import Scale
 from certnet.zoo import names
 
 ort = pytest.importorskip("onnxruntime")
@@ -86,11 +88,14 @@ def every_layer_type() -> tuple[nn.Sequential, tuple[int, ...]]:
     layers = nn.Sequential(
         Normalize([0.1, 0.2], [0.5, 0.7]), ResidualConv2d(2, 3, alpha=0.5), nn.BatchNorm2d(2),
         MinMax(), ClippedMinMax([2, 8, 8], -0.5, 0.5), ClippedReLU([2, 8, 8]),
-        nn.AvgPool2d(3, stride=1, padding=1), nn.AvgPool2d(2),
+        nn.AvgPool2d(3, stride=1, padding=1), nn.MaxPool2d(3, stride=1, padding=1),
+        nn.LeakyReLU(0.1), nn.AvgPool2d(2),
+        Pad([1, -1, -1, 1], 0.25), Scale(torch.ones(4, 4), torch.zeros(2, 1, 1)),
         LipschitzConv2d(2, 4, 3, stride=2, padding=1), nn.Conv2d(4, 4, 1), nn.Tanh(),
         LinfDistConv2d(4, 6, 3, padding=1, bias=True), MeanShift(6), nn.Flatten(),
         LipschitzLinear(24, 10), nn.BatchNorm1d(10), nn.Identity(), nn.Linear(10, 8),
-        LinfDist(8, 6, bias=True), LinfDist(6, 5, p=1), LinfDist(5, 4, p=2), Negate())
+        LinfDist(8, 6, bias=True), LinfDist(6, 5, p=1), LinfDist(5, 4, p=2), Negate(),
+        Scale(torch.ones(4), divide=True))
     shape = (2, 8, 8)
     trace_shapes(layers, shape)
     return random_(layers, 1), shape

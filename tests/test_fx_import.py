@@ -219,20 +219,23 @@ def test_untraceable_module_is_one_clear_error() -> None:
 
 def test_unknown_submodule_type_is_named() -> None:
     with pytest.raises(UnsupportedLayerError,
-                       match=r"fx node 'layer' \(layer: GELU\): layer type GELU is not "
+                       match=r"fx node 'layer' \(layer: ELU\): layer type ELU is not "
                              "supported"):
-        from_module(Wrap(nn.GELU()), (5,))
+        from_module(Wrap(nn.ELU()), (5,))
 
 
 def test_unknown_function_is_named() -> None:
     with pytest.raises(UnsupportedLayerError,
-                       match=r"fx node 'sigmoid' \(torch\.sigmoid\): not supported "
-                             r"\(not bounded yet.*\); supported: .*torch\.relu"):
-        from_module(Wrap(nn.Identity(), torch.sigmoid), (5,))
+                       match=r"fx node 'elu' \(torch\.nn\.functional\.elu\): not "
+                             r"supported \(not bounded yet.*\); supported: .*torch\.relu"):
+        from_module(Wrap(nn.Identity(), F.elu), (5,))
 
 
-@pytest.mark.parametrize("step", [lambda h: h + 1.0, lambda h: 2.0 * h])
-def test_constant_sum_and_product_are_refused(step) -> None:
+@pytest.mark.parametrize("step", [lambda h: h * h, lambda h: h / h, lambda h: h - h,
+                                  lambda h: 1.0 / h])
+def test_products_of_computed_values_are_refused(step) -> None:
+    """x * c, x / c, x + c, x - c, c - x are Scales (tests/test_scale_ops.py); products,
+    quotients and differences of two computed values, and reciprocals, are refused."""
     with pytest.raises(UnsupportedLayerError, match="constant"):
         from_module(Wrap(nn.Identity(), step), (5,))
 

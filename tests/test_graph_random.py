@@ -1,15 +1,16 @@
 """Random DAGs with every operator certnet bounds (issue 27): hypothesis draws small graphs
-(convolutions, ReLU, Tanh, MinMax, average pooling, eval-mode BatchNorm, Normalize, residual
-adds and channel concatenations on images; then a flatten, dense layers, adds and
-concatenations on vectors; a dense head) and checks that
+(convolutions, ReLU, LeakyReLU, Tanh, Sigmoid, GELU, MinMax, average and max pooling,
+eval-mode BatchNorm, Normalize, residual adds and channel concatenations on images; then a
+flatten, dense layers, LeakyReLU, SiLU, erf, adds and concatenations on vectors; a dense head)
+and checks that
 
 1. the chain the bounds engine walks (``Graph.chain()``) computes the graph bit for bit;
 2. every method's bound (IBP, CROWN-IBP, CROWN, alpha-CROWN; rigorous or not) is below
    spec . z at sampled points of the l_inf box, its corners (<= 8 input dims), and a PGD
    point, and (5) the same for an l2 ball;
 3. at eps = 0 every rigorous bound is below spec . z(x) and within 1e-8 (1 + |v|) of it;
-4. for graphs without Tanh and with <= 6 input dims, the exact MILP oracle's minimum margin
-   is above every rigorous margin bound.
+4. for graphs without smooth activations and with <= 6 input dims, the exact MILP oracle's
+   minimum margin is above every rigorous margin bound.
 
 CROWN is not tighter than IBP on every graph (with rigorous rounding charges and no unstable
 ReLU to gain from, it can be looser by the charges): that is not asserted per example;
@@ -34,7 +35,9 @@ from certnet.graph import INPUT, Graph, Node
 from certnet.graph.lower import Step
 from certnet.graph.ops import Add, Concat
 from certnet.nn.activations import MinMax
+from certnet.nn.linf_dist import LinfDist
 from certnet.nn.lipschitz import Normalize
+from certnet.nn.smooth import Erf
 from certnet.threat import ThreatModel
 from certnet.verify.oracle import exact_min_margin
 
@@ -58,8 +61,11 @@ def _count(key: str) -> None:
 # -- the strategy ------------------------------------------------------------------------------
 #: the operators drawn (repeats: affine layers and ReLUs more often, for unstable neurons)
 IMAGE_OPS = ("conv", "relu", "conv", "relu", "pool", "bn", "norm", "add", "concat", "tanh",
-             "minmax")
-VECTOR_OPS = ("linear", "relu", "linear", "relu", "add", "concat", "tanh", "minmax")
+             "minmax", "maxpool", "leaky", "sigmoid", "gelu")
+VECTOR_OPS = ("linear", "relu", "linear", "relu", "add", "concat", "tanh", "minmax", "leaky",
+              "silu", "erf")
+#: the smooth activations (no exact MILP encoding: the oracle check skips their graphs)
+SMOOTH = {"tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU, "silu": nn.SiLU, "erf": Erf}
 
 
 @st.composite
@@ -124,8 +130,21 @@ def graphs(draw: st.DrawFn) -> Graph:
                     linear.weight.copy_(randn(out, shape[0]) * scale / math.sqrt(shape[0]))
                     linear.bias.copy_(randn(out) * 0.5)
                 add(linear, (a,), (out,))
-            elif kind in ("relu", "tanh"):
-                add(nn.ReLU() if kind == "relu" else nn.Tanh(), (a,), shape)
+            elif kind == "relu":
+                add(nn.ReLU(), (a,), shape)
+            elif kind in SMOOTH:
+                add(SMOOTH[kind](), (a,), shape)
+            elif kind == "leaky":
+                slope = draw(st.sampled_from([0.0, 0.01, 0.3, 1.0]), label="slope")
+                add(nn.LeakyReLU(slope), (a,), shape)
+            elif kind == "maxpool":  # overlapping, padded windows too
+                k = draw(st.integers(2, 3), label="pool kernel")
+                stride = draw(st.integers(1, k), label="pool stride")
+                pad = draw(st.integers(0, k // 2), label="pool padding")
+                if min(shape[1:]) + 2 * pad < k:
+                    continue
+                add(nn.MaxPool2d(k, stride, pad), (a,),
+                    (shape[0], *((d + 2 * pad - k) // stride + 1 for d in shape[1:])))
             elif kind == "minmax":
                 if shape[0] % 2:
                     continue
@@ -320,7 +339,7 @@ def test_random_graphs(problem):
         assert (gap <= 1e-8).all(), (method, gap, _describe(graph))
 
     # (4) the exact oracle: min margin >= every rigorous margin lower bound
-    if any(isinstance(n.op, nn.Tanh) for n in graph.nodes) or x[0].numel() > 6:
+    if any(type(n.op) in SMOOTH.values() for n in graph.nodes) or x[0].numel() > 6:
         return
     with torch.no_grad():
         label = int(graph(x).argmax())
@@ -337,12 +356,13 @@ def test_random_graphs(problem):
         assert lowest <= oracle, (method, lowest, oracle, _describe(graph))
 
 
-def test_alpha_crown_with_a_relu_below_a_tanh():
-    """Tanh is interval-only, so the backward pass concretizes at its output box and the
-    slopes of a ReLU below it are never used: alpha-CROWN optimises only the slopes above
-    (it once asked autograd for the unused ones and crashed, found by this file)."""
+def test_alpha_crown_with_a_relu_below_an_interval_only_layer():
+    """An l_p-dist layer is interval-only, so the backward pass concretizes at its output box
+    and the slopes of a ReLU below it are never used: alpha-CROWN optimises only the slopes
+    above (it once asked autograd for the unused ones and crashed, found by this file with
+    Tanh, which was interval-only then)."""
     torch.manual_seed(0)
-    chain = nn.Sequential(nn.ReLU(), nn.Tanh(), nn.Linear(1, 2)).double()
+    chain = nn.Sequential(nn.ReLU(), LinfDist(1, 1), nn.Linear(1, 2)).double()
     x = torch.tensor([[0.5]], dtype=torch.float64)
     spec = torch.tensor([[[1.0, -1.0]]], dtype=torch.float64)
     bound = spec_bounds(chain, x, ThreatModel("linf", 0.01), spec, "alpha-crown",

@@ -31,6 +31,8 @@ from certnet.nn.activations import ClippedMinMax, ClippedReLU, MinMax
 from certnet.nn.layer_types import layer_type
 from certnet.nn.linf_dist import LinfDist, LinfDistConv2d, MeanShift, Negate
 from certnet.nn.lipschitz import LipschitzConv2d, LipschitzLinear, Normalize, ResidualConv2d
+from certnet.nn.pad import Pad, check_padding, pad_of
+from certnet.nn.scale import Scale
 
 #: the ONNX operator set and IR version written (onnxruntime >= 1.13 and most verifiers)
 OPSET, IR_VERSION = 17, 8
@@ -143,6 +145,23 @@ def _avgpool(m: nn.AvgPool2d, x: str, shape: tuple[int, ...], g: _Builder) -> st
                   count_include_pad=int(m.count_include_pad))
 
 
+def _maxpool(m: nn.MaxPool2d, x: str, shape: tuple[int, ...], g: _Builder) -> str:
+    """MaxPool: ONNX, as torch, takes the max over each window's inputs inside the map."""
+    if m.ceil_mode or m.return_indices:
+        raise _refuse(m, "ceil_mode and return_indices are not exported")
+
+    def pair(v: Any) -> list[int]:
+        return [int(v)] * 2 if isinstance(v, int) else [int(e) for e in v]
+    return g.node("MaxPool", [x], kernel_shape=pair(m.kernel_size),
+                  strides=pair(m.stride or m.kernel_size), pads=pair(m.padding) * 2,
+                  dilations=pair(m.dilation))
+
+
+def _leaky_relu(m: nn.LeakyReLU, x: str, shape: tuple[int, ...], g: _Builder) -> str:
+    """LeakyRelu: its slope becomes a float32 attribute (rounded to nearest, as the weights)."""
+    return g.node("LeakyRelu", [x], alpha=float(m.negative_slope))
+
+
 def _batchnorm(m: nn.modules.batchnorm._BatchNorm, x: str, shape: tuple[int, ...],
                g: _Builder) -> str:
     """Eval mode: normalised by the running statistics (a checkpoint's BatchNorm has them)."""
@@ -229,15 +248,48 @@ def _mean_shift(m: MeanShift, x: str, shape: tuple[int, ...], g: _Builder) -> st
     return g.node("Sub", [x, g.const(mean, "running_mean")])
 
 
+def _scale(m: Scale, x: str, shape: tuple[int, ...], g: _Builder) -> str:
+    """x * w (Mul) or x / w (Div), then + b (Add): its forward's two operations, w and b
+    rounded to float32 as the weights are (refused where that overflows, or zeroes a
+    divisor)."""
+    m.operands(torch.zeros(1, *shape))
+    for t in (m.weight, m.bias):
+        if t is not None and not bool(torch.isfinite(t.detach().float()).all()):
+            raise _refuse(m, "a constant beyond float32's range")
+    y = x
+    if m.weight is not None:
+        if m.divide and bool((m.weight.detach().float() == 0).any()):
+            raise _refuse(m, "a divisor that rounds to 0 in float32")
+        y = g.node("Div" if m.divide else "Mul", [y, g.const(m.weight, "scale")])
+    if m.bias is not None:
+        y = g.node("Add", [y, g.const(m.bias, "shift")])
+    return y if y != x else g.node("Identity", [x])
+
+
+def _pad(m: Pad, x: str, shape: tuple[int, ...], g: _Builder) -> str:
+    """Pad in constant mode: F.pad's (before, after) pairs from the last axis backwards
+    become ONNX's begins then ends of every axis (the batch's 0); the value in float32."""
+    padding, value = pad_of(m)
+    check_padding(padding, (1, *shape))
+    rank = len(shape) + 1
+    begins, ends = [0] * rank, [0] * rank
+    for k in range(len(padding) // 2):
+        begins[rank - 1 - k], ends[rank - 1 - k] = padding[2 * k], padding[2 * k + 1]
+    pads = g.const(np.array(begins + ends), "pads", np.int64)
+    return g.node("Pad", [x, pads, g.const(np.array(value), "pad_value")], mode="constant")
+
+
 #: exact layer class -> converter (a subclass may change ``forward``: never matched)
 CONVERTERS: dict[type[nn.Module], Converter] = {
     nn.Linear: _gemm, LipschitzLinear: _gemm,
     nn.Conv2d: _conv, LipschitzConv2d: _conv, ResidualConv2d: _residual_conv,
     Normalize: _normalize, nn.Flatten: _flatten, nn.ReLU: _unary("Relu"),
     nn.Identity: _unary("Identity"), nn.Tanh: _unary("Tanh"), Negate: _unary("Neg"),
-    nn.AvgPool2d: _avgpool, nn.BatchNorm1d: _batchnorm, nn.BatchNorm2d: _batchnorm,
+    nn.AvgPool2d: _avgpool, nn.MaxPool2d: _maxpool, nn.LeakyReLU: _leaky_relu,
+    nn.BatchNorm1d: _batchnorm, nn.BatchNorm2d: _batchnorm,
     MinMax: _minmax, ClippedReLU: _clipped_relu, ClippedMinMax: _clipped_minmax,
     LinfDist: _linf_dist, LinfDistConv2d: _linf_dist_conv, MeanShift: _mean_shift,
+    Pad: _pad, Scale: _scale,
 }
 
 

@@ -237,9 +237,13 @@ def _patch_bound(layers: nn.Sequential, part: list[LayerInput], x: torch.Tensor,
                 c = dot.transpose(0, 1)
                 full = (n, u, *lam.shape[1:])
                 gap = (up_w - lo_w).view(n, u, 1, *lo_w.shape[2:])
-                out = lam.new_empty(*full[:3], *full[4:], full[3]).permute(0, 1, 2, 5, 3, 4)
-                torch.mul(neg, gap, out=out)
-                lam = out.addcmul_(lam.expand(full), lo_w.view(n, u, 1, *lo_w.shape[2:]))
+                lower = lo_w.view(n, u, 1, *lo_w.shape[2:])
+                if torch.is_grad_enabled():  # out= kernels do not differentiate (weights)
+                    lam = neg * gap + lam.expand(full) * lower
+                else:
+                    out = lam.new_empty(*full[:3], *full[4:], full[3]).permute(0, 1, 2, 5, 3, 4)
+                    torch.mul(neg, gap, out=out)
+                    lam = out.addcmul_(lam.expand(full), lower)
                 lam = lam.view(n * u, *lam.shape[2:])
             else:
                 lam, c = relaxed_backward(lam, lo_w, up_w, bias_w)

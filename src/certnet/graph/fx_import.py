@@ -2,7 +2,10 @@
 a submodule of a registered layer type is kept as its node's operator (shared, not copied);
 functions and tensor methods become operator modules through one table, :data:`FX_OPS`
 (callable -> converter), as :data:`certnet.graph.onnx_import.ONNX_OPS` does for ONNX
-operators. The module must be in eval mode where that matters (dropout, BatchNorm), carry no
+operators. Arithmetic with a constant (a number, buffer or parameter, or a value computed from
+them alone, which is folded), ``x * c``, ``x / c``, ``x + c``, ``x - c``, ``c - x``, becomes a
+:class:`certnet.nn.scale.Scale`; ``F.pad`` in constant mode a :class:`certnet.nn.pad.Pad`.
+The module must be in eval mode where that matters (dropout, BatchNorm), carry no
 hooks, and trace without data-dependent control flow; anything else is one
 :class:`UnsupportedLayerError` naming the node. The graph is checked to compute exactly the
 module's function (``torch.equal`` on random inputs).
@@ -27,7 +30,11 @@ from certnet.graph.hints import hint
 from certnet.graph.ops import Add, Concat
 from certnet.nn.integrity import check_plain
 from certnet.nn.layer_types import layer_type
+from certnet.nn.linf_dist import Negate
+from certnet.nn.pad import Pad, check_padding
 from certnet.nn.reshape import Reshape
+from certnet.nn.scale import Scale
+from certnet.nn.smooth import Erf
 
 #: the batch size of the example input whose per-node outputs the converters read
 EXAMPLE_BATCH = 2
@@ -175,7 +182,7 @@ def from_module(module: nn.Module, input_shape: tuple[int, ...]) -> Graph:
             elif node.op in ("call_function", "call_method") and _key(node) not in FX_OPS:
                 raise UnsupportedLayerError(f"not supported{hint(_name(_key(node)))}; "
                                             "supported: " + ", ".join(
-                    sorted({_name(f) for f, c in FX_OPS.items() if c is not _scale})))
+                    sorted({_name(f) for f in FX_OPS})))
         except UnsupportedLayerError as err:
             raise UnsupportedLayerError(f"{_where(node, gm)}: {err}") from None
     param = next((t for t in [*module.parameters(), *module.buffers()]
@@ -330,23 +337,135 @@ def _plumbing(node: fx.Node, build: Build) -> Plumbing:
     return PLUMBING
 
 
-def _add(node: fx.Node, build: Build) -> Add:
+def _computed(value: Any, build: Build) -> bool:
+    """Whether an operand is computed from the network input (else a constant: a number, a
+    buffer, a parameter, or a value folded from them)."""
+    return isinstance(value, fx.Node) and value in build.ids
+
+
+def _operands(node: fx.Node, build: Build, what: str) -> tuple[Any, Any, bool] | None:
+    """(the computed operand, the constant one, whether the constant comes first) of a binary
+    arithmetic node; None when both are constants (the node is then a constant too, its value
+    the example run's)."""
+    a, b = _arg(node, 0, "input"), _arg(node, 1, "other")
+    if _computed(a, build) and _computed(b, build):
+        raise UnsupportedLayerError(f"{what} of two computed values: certnet reads it with a "
+                                    "constant only (a number, buffer or parameter)")
+    if not (_computed(a, build) or _computed(b, build)):
+        return None
+    return (a, b, False) if _computed(a, build) else (b, a, True)
+
+
+def _constant(value: Any, node: fx.Node, build: Build) -> torch.Tensor:
+    """A constant operand in the dtype the node computes in (a number or 0-d tensor is taken
+    in it by torch too), so the graph computes what the module does, bit for bit."""
+    value = build.example(value)
+    out = build.values[node]
+    if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
+        raise UnsupportedLayerError(f"an operand of type {type(value).__name__}")
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(out.dtype).clone()
+    return torch.tensor(value, dtype=out.dtype, device=out.device)
+
+
+def _scale_of(node: fx.Node, build: Build, x: fx.Node, weight: torch.Tensor | None = None,
+              bias: torch.Tensor | None = None, divide: bool = False) -> Scale:
+    """The :class:`Scale` computing ``node`` from its computed operand ``x``: the constants
+    must broadcast over each point of ``x`` without changing its shape."""
+    value, out = build.values[x], build.values[node]
+    layer = Scale(weight, bias, divide)
+    try:
+        if not isinstance(out, torch.Tensor) or out.shape != value.shape:
+            raise InputError(f"the result has shape {tuple(getattr(out, 'shape', ()))}, not "
+                             f"the input's {tuple(value.shape)}")
+        layer.operands(value)
+    except InputError as err:
+        raise UnsupportedLayerError(f"broadcasting a constant: {err}") from None
+    return layer
+
+
+def _add(node: fx.Node, build: Build) -> Add | Scale | Plumbing:
+    """x + y of two computed values: a residual :class:`Add`; x + c, c + x: a Scale."""
     if _arg(node, 2, "alpha", 1) != 1:
         raise UnsupportedLayerError("an add with alpha")
-    a, b = node.args[:2]
-    if not (a in build.ids and b in build.ids):
-        raise UnsupportedLayerError("x + constant (or + a weight) is not supported yet; only "
-                                    "sums of two computed values (residual connections)")
-    if build.values[a].shape != build.values[b].shape:
-        raise UnsupportedLayerError(f"adding shapes {tuple(build.values[a].shape)} and "
-                                    f"{tuple(build.values[b].shape)}: broadcasting is not "
-                                    "supported")
-    return Add()
+    a, b = _arg(node, 0, "input"), _arg(node, 1, "other")
+    if _computed(a, build) and _computed(b, build):
+        if build.values[a].shape != build.values[b].shape:
+            raise UnsupportedLayerError(f"adding shapes {tuple(build.values[a].shape)} and "
+                                        f"{tuple(build.values[b].shape)}: broadcasting is not "
+                                        "supported")
+        return Add()
+    found = _operands(node, build, "a sum")
+    if found is None:
+        return PLUMBING
+    x, c, _ = found
+    return _scale_of(node, build, x, bias=_constant(c, node, build))
 
 
-def _scale(node: fx.Node, build: Build) -> nn.Module:
-    raise UnsupportedLayerError("products and quotients (x * constant, x / constant) are not "
-                                "supported yet")
+def _sub(node: fx.Node, build: Build) -> Scale | Plumbing:
+    """x - c: x + (-c); c - x: x * -1 + c (both exactly the float difference)."""
+    if _arg(node, 2, "alpha", 1) != 1:
+        raise UnsupportedLayerError("a subtraction with alpha")
+    found = _operands(node, build, "a difference")
+    if found is None:
+        return PLUMBING
+    x, c, first = found
+    c = _constant(c, node, build)
+    if first:
+        return _scale_of(node, build, x, weight=-torch.ones((), dtype=c.dtype), bias=c)
+    return _scale_of(node, build, x, bias=-c)
+
+
+def _mul(node: fx.Node, build: Build) -> Scale | Plumbing:
+    """x * c, c * x: a Scale."""
+    found = _operands(node, build, "a product")
+    if found is None:
+        return PLUMBING
+    x, c, _ = found
+    return _scale_of(node, build, x, weight=_constant(c, node, build))
+
+
+def _div(node: fx.Node, build: Build) -> Scale | Plumbing:
+    """x / c: a Scale that divides (never a product with a rounded 1 / c)."""
+    if _arg(node, 2, "rounding_mode") is not None:
+        raise UnsupportedLayerError("a division with a rounding mode (not affine)")
+    found = _operands(node, build, "a quotient")
+    if found is None:
+        return PLUMBING
+    x, c, first = found
+    if first:
+        raise UnsupportedLayerError("a constant divided by a computed value (1 / x is not "
+                                    "affine); certnet divides by constants only")
+    c = _constant(c, node, build)
+    if bool((c == 0).any()):
+        raise UnsupportedLayerError("a division by zero")
+    return _scale_of(node, build, x, weight=c, divide=True)
+
+
+def _neg(node: fx.Node, build: Build) -> Negate | Plumbing:
+    """-x: a Negate (exact)."""
+    return Negate() if _computed(_arg(node, 0, "input"), build) else PLUMBING
+
+
+def _pad(node: fx.Node, build: Build) -> Pad | Plumbing:
+    """``F.pad(x, pad, mode="constant", value)``: a :class:`Pad`, its value taken in the
+    input's dtype (as F.pad takes it); other modes are refused."""
+    x, padding = _arg(node, 0, "input"), _arg(node, 1, "pad")
+    mode, value = _arg(node, 2, "mode", "constant"), _arg(node, 3, "value")
+    if not _computed(x, build):
+        return PLUMBING
+    if mode != "constant":
+        raise UnsupportedLayerError(f"padding mode {mode!r}: certnet bounds constant padding "
+                                    "only (reflect, replicate and circular padding are "
+                                    "refused)")
+    if not isinstance(padding, (list, tuple)) or \
+            not all(isinstance(p, int) and not isinstance(p, bool) for p in padding):
+        raise UnsupportedLayerError(f"padding {padding!r}: integers written in the code only")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise UnsupportedLayerError(f"a padding value {value!r} that is not a number")
+    example = build.values[x]
+    check_padding(padding, example.shape)
+    return Pad(padding, float(torch.tensor(value or 0.0, dtype=example.dtype)))
 
 
 def _cat(node: fx.Node, build: Build) -> Concat:
@@ -389,6 +508,40 @@ def _avg_pool2d(node: fx.Node, build: Build) -> nn.AvgPool2d:
     return pool
 
 
+#: F.max_pool2d's and torch.max_pool2d's arguments after the input, in their order
+_MAX_POOL_ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+
+
+def _max_pool2d(node: fx.Node, build: Build) -> nn.MaxPool2d:
+    """``F.max_pool2d`` / ``torch.max_pool2d``: the MaxPool2d module with its settings (it
+    calls F.max_pool2d; a stride of None or [] is the kernel's)."""
+    given = {**dict(zip(_MAX_POOL_ARGS, node.args[1:], strict=False)), **node.kwargs}
+    if len(node.args) > 1 + len(_MAX_POOL_ARGS) or set(given) - set(_MAX_POOL_ARGS) or \
+            any(isinstance(v, fx.Node) for v in given.values()):
+        raise UnsupportedLayerError(f"arguments not read: {node.args[1:]}, {node.kwargs}")
+    if given.get("ceil_mode") or given.get("return_indices"):
+        raise UnsupportedLayerError("max pooling with ceil_mode or return_indices: certnet "
+                                    "has no bound for it")
+    return nn.MaxPool2d(given["kernel_size"], given.get("stride") or None,
+                        given.get("padding", 0), given.get("dilation", 1))
+
+
+def _leaky_relu(node: fx.Node, build: Build) -> nn.LeakyReLU:
+    """``F.leaky_relu(x, negative_slope, inplace)`` / ``F.leaky_relu_``: the LeakyReLU module
+    (its rule refuses slopes outside [0, 1]), out of place: the graph's values are views of
+    one state, and the graph is checked to compute the module's function."""
+    slope = _arg(node, 1, "negative_slope", 0.01)
+    if not isinstance(slope, (int, float)):
+        raise UnsupportedLayerError(f"a negative slope {slope!r} that is not a number")
+    return nn.LeakyReLU(slope)
+
+
+for _fn in (F.max_pool2d, torch.max_pool2d):
+    FX_OPS[_fn] = _max_pool2d
+for _fn in (F.leaky_relu, F.leaky_relu_):
+    FX_OPS[_fn] = _leaky_relu
+
+
 for _fns, _convert_fn in (
         ((torch.relu, torch.relu_, F.relu, F.relu_, torch.Tensor.relu, torch.Tensor.relu_),
          _relu),
@@ -397,11 +550,28 @@ for _fns, _convert_fn in (
         ((torch.Tensor.view, torch.Tensor.reshape, torch.reshape), _reshape),
         ((torch.Tensor.size, getattr, operator.getitem), _plumbing),
         ((operator.add, torch.add, torch.Tensor.add), _add),
-        ((operator.mul, torch.mul, torch.Tensor.mul, operator.truediv, torch.div,
-          torch.Tensor.div), _scale),
+        ((operator.sub, torch.sub, torch.Tensor.sub), _sub),
+        ((operator.mul, torch.mul, torch.Tensor.mul), _mul),
+        ((operator.truediv, torch.div, torch.Tensor.div), _div),
+        ((operator.neg, torch.neg, torch.Tensor.neg), _neg),
+        ((F.pad,), _pad),
         ((torch.cat, torch.concat, torch.concatenate), _cat),
         ((F.dropout, F.dropout1d, F.dropout2d, F.alpha_dropout), _dropout),
         ((torch.Tensor.contiguous,), lambda node, build: None),
         ((F.avg_pool2d,), _avg_pool2d)):
     for _fn in _fns:
         FX_OPS[_fn] = _convert_fn
+
+
+def _gelu(node: fx.Node, build: Build) -> nn.GELU:
+    """``F.gelu(x, approximate=...)``: the GELU module with that form (its rule refuses the
+    tanh approximation)."""
+    return nn.GELU(approximate=_arg(node, 1, "approximate", "none"))
+
+
+for _fn in (torch.sigmoid, F.sigmoid, torch.Tensor.sigmoid, torch.special.expit):
+    FX_OPS[_fn] = lambda node, build: nn.Sigmoid()
+for _fn in (torch.erf, torch.special.erf, torch.Tensor.erf):
+    FX_OPS[_fn] = lambda node, build: Erf()
+FX_OPS[F.gelu] = _gelu
+FX_OPS[F.silu] = lambda node, build: nn.SiLU()

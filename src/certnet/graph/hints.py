@@ -6,11 +6,16 @@ _SOFTMAX = ("certnet bounds a classifier's logits; a final softmax changes no pr
             "no margin's sign: remove it (export or trace the logits, which a VNN-LIB "
             "property should then name)")
 _LATER = "not bounded yet (sound relaxations for it are planned); no silent pass is made"
+_PAD_MODES = ("certnet bounds constant padding only (nn.ZeroPad2d, nn.ConstantPad2d, F.pad "
+              "with mode='constant', ONNX Pad with mode='constant'); reflect, replicate and "
+              "circular padding are refused")
 
 #: lower-case operator name (ONNX op type, torch function or module class) -> the advice
 HINTS = {"softmax": _SOFTMAX, "logsoftmax": _SOFTMAX, "log_softmax": _SOFTMAX,
-         **dict.fromkeys(["sigmoid", "gelu", "erf", "leakyrelu", "leaky_relu", "maxpool",
-                          "maxpool2d", "max_pool2d", "pad"], _LATER)}
+         **dict.fromkeys(["elu", "selu", "softplus", "mish", "hardswish",
+                          "hardsigmoid"], _LATER),
+         **dict.fromkeys([f"{kind}pad{d}d" for kind in ("reflection", "replication", "circular")
+                          for d in (1, 2, 3)], _PAD_MODES)}
 
 
 def hint(name: str) -> str:

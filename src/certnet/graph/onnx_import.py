@@ -1,6 +1,9 @@
 """ONNX files as :class:`certnet.graph.Graph`: every node becomes a certnet operator module
-(``Gemm`` a ``nn.Linear``, ``Sub``/``Div`` by constants a :class:`Normalize`, ...) whose bound,
-rounding and spec rules are registered with its layer type. Parsed with the ``onnx`` package
+(``Gemm`` a ``nn.Linear``, ``Sub``/``Div`` by constants a :class:`Normalize`, ``MaxPool`` a
+``nn.MaxPool2d``, ``LeakyRelu`` a ``nn.LeakyReLU``, ``Mul``/``Div``/``Add``/``Sub`` with any
+other constant a :class:`certnet.nn.scale.Scale`, ``Pad`` in constant mode a
+:class:`certnet.nn.pad.Pad`, ...) whose bound, rounding and spec rules
+are registered with its layer type. Parsed with the ``onnx`` package
 (protobuf: loading executes nothing); external tensor data, unknown operators and attributes
 certnet does not model are refused naming the node. The converters are one table,
 :data:`ONNX_OPS` (operator type -> converter); before them, :func:`_fuse` replaces the node
@@ -26,7 +29,10 @@ from certnet.graph.ops import Add, Concat
 from certnet.nn.activations import ClippedMinMax, ClippedReLU, MinMax
 from certnet.nn.linf_dist import LinfDist, MeanShift, Negate
 from certnet.nn.lipschitz import Normalize, check_batchnorm
+from certnet.nn.pad import Pad, check_padding
 from certnet.nn.reshape import Reshape
+from certnet.nn.scale import Scale
+from certnet.nn.smooth import Erf
 from certnet.registry import Registry
 
 #: the largest ONNX file read (bytes): the shared VNN-COMP networks are a few MB
@@ -167,9 +173,12 @@ def _fuse(nodes: list[Any], consts: dict[str, Value], output: str) -> list[Any]:
     """``nodes`` with each of export's node groups for MinMax (Split, Min, Max, Concat),
     ClippedMinMax (Split, Min, Max, Max/Min with thresholds, Concat), ClippedReLU (Min with
     thresholds, Clip at 0) and l_p-dist at p = inf, 1, 2 (Unsqueeze, Sub, Abs, ReduceMax /
-    ReduceL1 / ReduceL2, optional Add of the bias) replaced by one :class:`Fused` node at
-    the group's last position. A group is taken only where its inner values are read by the
-    group alone, so the rest of the graph computes what it did."""
+    ReduceL1 / ReduceL2, optional Add of the bias), torch's exact GELU (Div by sqrt 2, Erf,
+    Add 1, Mul by the input, Mul by 0.5; the constant sqrt 2 to float32 precision, so the
+    group is GELU up to that rounding of its argument) and SiLU (Sigmoid, Mul by its input)
+    replaced by one :class:`Fused` node at the group's last position. A group is taken only
+    where its inner values are read by the group alone, so the rest of the graph computes
+    what it did."""
     users: dict[str, list[int]] = {}
     for i, node in enumerate(nodes):
         for name in node.input:
@@ -190,11 +199,29 @@ def _fuse(nodes: list[Any], consts: dict[str, Value], output: str) -> list[Any]:
         return next((_onnx().helper.get_attribute_value(a) for a in node.attribute
                      if a.name == key), default)
 
+    constant_nodes = {n.output[0]: n for n in nodes if n.op_type == "Constant" and n.output}
+
     def const_of(node: Any, value: str) -> str | None:
         """The other input of a two-input node, if it is an initializer."""
         other = [n for n in node.input if n != value]
         return other[0] if len(node.input) == 2 and len(other) == 1 and other[0] in consts \
             else None
+
+    def other_scalar(node: Any, value: str) -> float | None:
+        """The other input of a two-input node, if a one-element initializer or Constant."""
+        other = [n for n in node.input if n != value]
+        return scalar(other[0]) if len(node.input) == 2 and len(other) == 1 else None
+
+    def scalar(name: str) -> float | None:
+        """The value of a one-element constant (initializer or Constant node), else None."""
+        if name in consts:
+            tensor = consts[name].const
+        elif name in constant_nodes and attr(constant_nodes[name], "value") is not None:
+            tensor = torch.from_numpy(_onnx().numpy_helper.to_array(
+                attr(constant_nodes[name], "value")).copy())
+        else:
+            return None
+        return float(tensor.reshape(-1)[0]) if tensor.numel() == 1 else None
 
     def ints(node: Any, key: str, index: int) -> list[int] | None:
         """An integer list given as attribute ``key`` or as constant input ``index``."""
@@ -279,8 +306,37 @@ def _fuse(nodes: list[Any], consts: dict[str, Value], output: str) -> list[Any]:
         p = {"ReduceMax": math.inf, "ReduceL1": 1.0, "ReduceL2": 2.0}[nodes[reduce].op_type]
         take(group, f"Unsqueeze/Sub/Abs/{nodes[reduce].op_type}: LinfDist",
              inputs, lambda n, a, at, b, p=p: _linf_dist(a, p))
+    for i, node in enumerate(nodes):  # GELU: Div by sqrt 2, Erf, Add 1, Mul by x, Mul by 0.5
+        if node.op_type != "Erf" or i in taken or node.domain not in ("", "ai.onnx"):
+            continue
+        div = next((j for j, n in enumerate(nodes) if node.input[0] in n.output), None)
+        if div is None or nodes[div].op_type != "Div" or only(nodes[div].output[0], "Erf") != i \
+                or not _near(other_scalar(nodes[div], nodes[div].input[0]), math.sqrt(2)):
+            continue
+        x = nodes[div].input[0]
+        add = only(node.output[0], "Add")
+        times = None if add is None else only(nodes[add].output[0], "Mul")
+        half = None if times is None else only(nodes[times].output[0], "Mul")
+        if half is None or other_scalar(nodes[add], node.output[0]) != 1.0 or \
+                sorted(nodes[times].input) != sorted([x, nodes[add].output[0]]) or \
+                other_scalar(nodes[half], nodes[times].output[0]) != 0.5:
+            continue
+        take([div, i, add, times, half], "Div/Erf/Add/Mul/Mul: GELU", [x],
+             lambda n, a, at, b: nn.GELU())
+    for i, node in enumerate(nodes):  # SiLU: Sigmoid, then Mul by its own input
+        if node.op_type != "Sigmoid" or i in taken or node.domain not in ("", "ai.onnx"):
+            continue
+        times = only(node.output[0], "Mul")
+        if times is not None and sorted(nodes[times].input) == sorted([node.input[0],
+                                                                       node.output[0]]):
+            take([i, times], "Sigmoid/Mul: SiLU", [node.input[0]], lambda n, a, at, b: nn.SiLU())
     return [fused.get(i, node) for i, node in enumerate(nodes)
             if i in fused or i not in taken]
+
+
+def _near(value: float | None, target: float) -> bool:
+    """Whether a constant is ``target`` to float32 precision (an exported sqrt 2)."""
+    return value is not None and abs(value - target) <= 2 ** -23 * target
 
 
 def _thresholds(value: Value, shape: tuple[int, ...], what: str) -> torch.Tensor:
@@ -404,18 +460,82 @@ def _matmul(node, args, attrs, build):
     return _linear(_const(args[1], "the right factor").double().T, None)
 
 
+def _folded(args: list[Value], op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+            ) -> Value | None:
+    """The constant ``op(a, b)`` of two constant inputs (folded as onnxruntime computes it, in
+    their stored dtype), else None."""
+    if len(args) == 2 and all(a.const is not None for a in args):
+        return Value(const=op(args[0].const, args[1].const))
+    return None
+
+
+def _elementwise(dynamic: Value, weight: torch.Tensor | None = None,
+                 bias: torch.Tensor | None = None, divide: bool = False) -> Scale:
+    """A :class:`Scale` on the computed value ``dynamic``: its constants must broadcast over
+    each point without changing its shape (never over the batch)."""
+    layer = Scale(weight, bias, divide)
+    if dynamic.example is not None:
+        try:
+            layer.operands(dynamic.example)
+        except InputError as err:
+            raise UnsupportedLayerError(str(err)) from None
+    return layer
+
+
+def _linear_shift(op: nn.Linear, c: torch.Tensor) -> nn.Module | None:
+    """A bias-free MatMul's Linear with ``c`` as its bias (one entry per output)."""
+    return _linear(op.weight.detach(), c) if op.bias is None and \
+        c.numel() == op.out_features else None
+
+
+def _scale_shift(op: Scale, c: torch.Tensor) -> Scale | None:
+    """x * w (x / w) then + c: one Scale, computing the same two float operations."""
+    return Scale(op.weight, c, op.divide) if op.bias is None else None
+
+
+def _normalize_shift(op: Normalize, c: torch.Tensor) -> Scale | None:
+    """A lone Div (a Normalize of mean 0: (x - 0) / s is x / s exactly) then + c: one Scale."""
+    return Scale(op.std, c, divide=True) if not bool(op.mean.any()) else None
+
+
+#: exact operator class -> how it takes a ``+ c`` that follows it (computing the same float
+#: operations), or None where it cannot
+_SHIFTS: dict[type[nn.Module], Callable[[Any, torch.Tensor], nn.Module | None]] = {
+    nn.Linear: _linear_shift, Scale: _scale_shift, Normalize: _normalize_shift}
+
+
 def _add(node, args, attrs, build):
-    """x + c right after a bias-free MatMul read only here: the Linear's bias (exact)."""
+    """x + y of two computed values: a residual :class:`Add`. x + c (or c + x) right after an
+    operator read only here that takes it exactly (:data:`_SHIFTS`: a bias-free MatMul's bias,
+    a Scale's or a lone Div's shift): that operator with c; else a Scale adding c."""
     if all(a.const is None for a in args):
         return Add()  # a residual connection: a node of two inputs
+    folded = _folded(args, torch.add)
+    if folded is not None:
+        return folded
     first = args[1].const is not None
     const, dynamic = (args[1], args[0]) if first else (args[0], args[1])
+    c = _const(const, "the added term")
     last = build.nodes[-1].op if build.nodes and dynamic.node == len(build.nodes) - 1 else None
-    if type(last) is nn.Linear and last.bias is None and \
-            build.uses.get(node.input[0 if first else 1], 0) == 1:
-        return build.replace_last(_linear(last.weight.detach(),
-                                           _const(const, "the added term")))
-    raise UnsupportedLayerError("adding a constant is supported after a MatMul only")
+    shift = _SHIFTS.get(type(last))
+    if shift is not None and build.uses.get(node.input[0 if first else 1], 0) == 1:
+        fused = shift(last, c)
+        if fused is not None:
+            _elementwise(dynamic, bias=c)  # c broadcasts over each point, elementwise
+            return build.replace_last(fused)
+    return _elementwise(dynamic, bias=c)
+
+
+def _mul(node, args, attrs, build):
+    """x * c or c * x, c any constant broadcasting over each point: a Scale."""
+    folded = _folded(args, torch.mul)
+    if folded is not None:
+        return folded
+    if all(a.const is None for a in args):
+        raise UnsupportedLayerError("a product of two computed values; certnet multiplies by "
+                                    "constants only")
+    const, dynamic = (args[1], args[0]) if args[1].const is not None else (args[0], args[1])
+    return _elementwise(dynamic, weight=_const(const, "the factor"))
 
 
 def _normalize(mean: torch.Tensor, std: torch.Tensor) -> Normalize:
@@ -440,26 +560,98 @@ def _per_channel(value: Value, dynamic: Value, what: str) -> torch.Tensor:
 
 
 def _sub(node, args, attrs, build):
+    """x - c: per feature of (batch, features) a MeanShift, per channel of images a Normalize
+    (folded with a Div after it), any other constant a Scale adding -c (the same float
+    difference); c - x: a Scale x * -1 + c (exactly the float c - x)."""
+    folded = _folded(args, torch.sub)
+    if folded is not None:
+        return folded
+    if args[0].const is not None:
+        c = _const(args[0], "the minuend")
+        return _elementwise(args[1], weight=-torch.ones((), dtype=c.dtype), bias=c)
     if args[1].const is None:
-        raise UnsupportedLayerError("subtracting a non-constant")
+        raise UnsupportedLayerError("a difference of two computed values; certnet subtracts "
+                                    "constants only")
     example = args[0].example
-    if example is not None and example.dim() == 2:  # (batch, features) - per feature
-        shift = MeanShift(example.shape[1]).double().eval()
-        with torch.no_grad():
-            shift.running_mean.copy_(_thresholds(args[1], tuple(example.shape[1:]),
-                                                 "the subtracted term"))
-        return shift
-    return _normalize(_per_channel(args[1], args[0], "the subtracted term"),
-                      torch.ones(1, dtype=torch.float64))
+    try:
+        if example is not None and example.dim() == 2:  # (batch, features) - per feature
+            shift = MeanShift(example.shape[1]).double().eval()
+            with torch.no_grad():
+                shift.running_mean.copy_(_thresholds(args[1], tuple(example.shape[1:]),
+                                                     "the subtracted term"))
+            return shift
+        return _normalize(_per_channel(args[1], args[0], "the subtracted term"),
+                          torch.ones(1, dtype=torch.float64))
+    except UnsupportedLayerError:
+        return _elementwise(args[0], bias=-_const(args[1], "the subtracted term"))
 
 
 def _div(node, args, attrs, build):
-    std = _per_channel(args[1], args[0], "the divisor").double()
+    """x / c: per channel of images a Normalize (folded into the Normalize of a Sub before
+    it), any other constant a Scale dividing by c (never a product with 1 / c)."""
+    folded = _folded(args, lambda a, b: torch.div(  # integers: truncated, as ONNX divides them
+        a, b, rounding_mode=None if a.is_floating_point() else "trunc"))
+    if folded is not None:
+        return folded
+    if args[1].const is None:
+        raise UnsupportedLayerError("a division by a computed value (1 / x is not affine); "
+                                    "certnet divides by constants only")
+    try:
+        std = _per_channel(args[1], args[0], "the divisor").double()
+    except UnsupportedLayerError:
+        return _elementwise(args[0], weight=_const(args[1], "the divisor"), divide=True)
     last = build.nodes[-1].op if build.nodes and args[0].node == len(build.nodes) - 1 else None
     if type(last) is Normalize and bool((last.std == 1).all()) and \
             build.uses.get(node.input[0], 0) == 1:  # (x - m) / 1 / s = (x - m) / s exactly
         return build.replace_last(_normalize(last.mean.flatten(), std).double())
     return _normalize(torch.zeros(1, dtype=torch.float64), std)
+
+
+def _pad(node, args, attrs, build):
+    """Pad in constant mode: the pads (an attribute before opset 11, else a constant input),
+    the value (attribute ``value`` before opset 11, else an optional constant input; 0 by
+    default) and the optional constant axes (opset 18) as a :class:`Pad`; the batch is never
+    padded. Reflect, edge and wrap modes are refused."""
+    mode = attrs.get("mode", b"constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if mode != "constant":
+        raise UnsupportedLayerError(f"Pad mode {mode!r}: certnet bounds constant padding only "
+                                    "(reflect, edge and wrap padding are refused)")
+    _no_attributes(attrs, {"mode": attrs.get("mode"), "pads": attrs.get("pads"),
+                           "value": attrs.get("value")})
+    example = args[0].example
+    if example is None:
+        raise UnsupportedLayerError("padding a constant")
+    if "pads" in attrs:
+        pads = [int(p) for p in attrs["pads"]]
+    elif len(args) > 1:
+        pads = [int(v) for v in _const(args[1], "the pads").flatten().tolist()]
+    else:
+        raise UnsupportedLayerError("Pad without pads")
+    value = float(attrs.get("value", 0.0))
+    if len(args) > 2 and node.input[2]:
+        given = _const(args[2], "the padding value")
+        if given.numel() != 1:
+            raise UnsupportedLayerError("a padding value of more than one entry")
+        value = float(given.reshape(()))
+    rank = example.dim()
+    axes = list(range(rank))
+    if len(args) > 3 and node.input[3]:
+        axes = [int(a) + rank if int(a) < 0 else int(a)
+                for a in _const(args[3], "the axes").flatten().tolist()]
+    if len(pads) != 2 * len(axes) or len(set(axes)) != len(axes) or \
+            not all(0 <= a < rank for a in axes):
+        raise UnsupportedLayerError(f"pads {pads} for axes {axes} of a rank-{rank} input")
+    begins, ends = dict(zip(axes, pads[:len(axes)], strict=True)), \
+        dict(zip(axes, pads[len(axes):], strict=True))
+    if begins.get(0, 0) or ends.get(0, 0):
+        raise UnsupportedLayerError(f"pads {pads} pad the batch axis")
+    padding = [p for axis in range(rank - 1, 0, -1)
+               for p in (begins.get(axis, 0), ends.get(axis, 0))]
+    while len(padding) > 2 and not any(padding[-2:]):  # leading axes left alone: no pair
+        padding = padding[:-2]
+    check_padding(padding, example.shape)
+    return Pad(padding, value)
 
 
 def _flatten(node, args, attrs, build):
@@ -604,6 +796,45 @@ def _global_avgpool(node, args, attrs, build):
     return nn.AvgPool2d(tuple(example.shape[2:]))
 
 
+def _maxpool(node, args, attrs, build):
+    """2-D MaxPool, symmetric explicit padding (ONNX and torch alike take the max over the
+    window's inputs inside the map), any strides and dilations, ceil_mode=0, one output: a
+    MaxPool2d."""
+    kernel = [int(k) for k in attrs.get("kernel_shape", [])]
+    pads = [int(p) for p in attrs.get("pads", [0, 0, 0, 0])]
+    strides = [int(s) for s in attrs.get("strides", [1, 1])]
+    dilations = [int(d) for d in attrs.get("dilations", [1, 1])]
+    _no_attributes(attrs, {"kernel_shape": attrs.get("kernel_shape"), "pads": attrs.get("pads"),
+                           "strides": attrs.get("strides"), "dilations": attrs.get("dilations"),
+                           "auto_pad": b"NOTSET", "ceil_mode": 0, "storage_order": 0})
+    example = args[0].example
+    if example is None or example.dim() != 4 or len(kernel) != 2 or len(pads) != 4 or \
+            pads[:2] != pads[2:] or len(strides) != 2 or len(dilations) != 2:
+        raise UnsupportedLayerError(f"kernel {kernel}, pads {pads}: 2-D pooling of (batch, C, "
+                                    "H, W) with symmetric padding only")
+    if any(2 * p > d * (k - 1) + 1 for p, k, d in zip(pads[:2], kernel, dilations,
+                                                       strict=True)):
+        raise UnsupportedLayerError(f"padding {pads} over half the kernel {kernel}")
+    return nn.MaxPool2d(tuple(kernel), tuple(strides), tuple(pads[:2]), tuple(dilations))
+
+
+def _leaky_relu(node, args, attrs, build):
+    """LeakyRelu: a LeakyReLU with slope alpha (a float32 attribute, default float32 0.01, read
+    exactly); certnet bounds 0 <= alpha <= 1."""
+    _no_attributes(attrs, {"alpha": attrs.get("alpha")})
+    alpha = float(attrs.get("alpha", float(torch.tensor(0.01, dtype=torch.float32))))
+    if not 0 <= alpha <= 1:
+        raise UnsupportedLayerError(f"LeakyRelu alpha={alpha!r}: certnet bounds slopes in "
+                                    "[0, 1] only")
+    return nn.LeakyReLU(alpha)
+
+
+ONNX_OPS.register("Mul", _mul)
+ONNX_OPS.register("Pad", _pad)
+ONNX_OPS.register("MaxPool", _maxpool)
+ONNX_OPS.register("LeakyRelu", _leaky_relu)
+
+
 def _conv(node, args, attrs, build):
     weight = _const(args[1], "the kernel").double()
     if weight.dim() != 4:
@@ -672,3 +903,16 @@ for _name, _convert in (("Gemm", _gemm), ("MatMul", _matmul), ("Add", _add), ("S
                         ("Tanh", lambda *a: nn.Tanh()), ("Neg", lambda *a: Negate()),
                         ("Clip", _clip)):
     ONNX_OPS.register(_name, _convert)
+
+
+def _gelu(node, args, attrs, build):
+    approximate = attrs.get("approximate", b"none")
+    if approximate not in ("none", b"none"):
+        raise UnsupportedLayerError("Gelu with approximate='tanh' is not bounded; only the exact "
+                                    "form x Phi(x)")
+    return nn.GELU()
+
+
+ONNX_OPS.register("Sigmoid", lambda *a: nn.Sigmoid())
+ONNX_OPS.register("Erf", lambda *a: Erf())
+ONNX_OPS.register("Gelu", _gelu)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +36,7 @@ from certnet.nn.spectral import (
     dense_spectral_bound,
     magnitude_bound,
 )
-from certnet.schema import Count, Positive
+from certnet.schema import Count, Fraction, Positive
 
 #: Buffers that only feed the power-iteration estimate, never a forward pass or a bound.
 ESTIMATE_ONLY_BUFFERS = frozenset({"power_iterate"})
@@ -558,6 +558,26 @@ for _name, _cls in (("batchnorm1d", nn.BatchNorm1d), ("batchnorm2d", nn.BatchNor
 register_layer_type(LayerType(nn.AvgPool2d, "avgpool", lambda m: {
     "kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding},
     {"kernel_size": PAIR, "stride": PAIR, "padding": PAD}))
+
+
+def _maxpool_describe(m: nn.MaxPool2d) -> dict[str, Any]:
+    """Its spec fields; ceil_mode and return_indices (another function) are never stored."""
+    if m.ceil_mode or m.return_indices:
+        raise UnsupportedLayerError("cannot describe MaxPool2d with ceil_mode or "
+                                    "return_indices")
+    return {"kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding,
+            "dilation": m.dilation}
+
+
+# max pooling and LeakyReLU (0 <= a <= 1): each output moves at most as far as one input (l_inf)
+register_layer_type(LayerType(
+    nn.MaxPool2d, "maxpool", _maxpool_describe,
+    {"kernel_size": PAIR, "stride": PAIR, "padding": PAD, "dilation": PAIR},
+    linf_bound=unit_bound))
+register_layer_type(LayerType(
+    nn.LeakyReLU, "leaky_relu", lambda m: {"negative_slope": m.negative_slope},
+    {"negative_slope": Fraction},
+    linf_bound=lambda m: 1.0 if 0 <= m.negative_slope <= 1 else None))
 register_layer_type(LayerType(nn.Linear, linf_bound=_rows_linf_bound, convert=_from_linear))
 register_layer_type(LayerType(nn.Conv2d, convert=_from_conv))
 for _cls in (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout):

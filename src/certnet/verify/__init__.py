@@ -2,9 +2,10 @@
 
 For a network f built from Flatten, Reshape, (Lipschitz)Linear, (Lipschitz, residual) Conv2d
 and AvgPool2d (as dense matrices), eval-mode BatchNorm, Normalize, ReLU, MinMax and their
-clipped forms, or a graph of them with residual adds and concatenations (its chain,
-:meth:`certnet.graph.Graph.chain`), all lowered exactly to affine / ReLU / MinMax operations by
-:mod:`certnet.verify.lowering`, a point x, a label and a radius eps, the oracles compute
+clipped forms, LeakyReLU and MaxPool2d, or a graph of them with residual adds and
+concatenations (its chain, :meth:`certnet.graph.Graph.chain`), all lowered exactly to affine /
+ReLU / MinMax operations by :mod:`certnet.verify.lowering`, a point x, a label and a radius
+eps, the oracles compute
 
     m* = min { min_{j != label} f(x')_label - f(x')_j :  ||x' - x|| <= eps,  lo <= x' <= hi }
 

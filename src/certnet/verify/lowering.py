@@ -1,8 +1,10 @@
 """A network as float64 operations on the flattened input: affine (Flatten, Reshape,
 (Lipschitz)Linear, (Lipschitz, residual) Conv2d and AvgPool2d as their dense matrices,
-eval-mode BatchNorm / MeanShift, Normalize, Negate), ReLU and MinMax. Clipped forms are rewritten
+eval-mode BatchNorm / MeanShift, Normalize, Negate, constant padding, elementwise arithmetic
+with constants), ReLU and MinMax. Clipped forms are rewritten
 exactly with ReLUs: clamp(min(z, t), 0) = relu(t - relu(t - z)), max(m, l) = l + relu(m - l),
-min(M, u) = u - relu(u - M). A graph's chain (:mod:`certnet.graph.lower`) lowers step by step,
+min(M, u) = u - relu(u - M); LeakyReLU as relu(z) - a relu(-z), MaxPool2d as a tree of
+MinMax pairs per window. A graph's chain (:mod:`certnet.graph.lower`) lowers step by step,
 its kept slots carried through each operator's nonlinearities (:func:`_step`)."""
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from certnet.nn.lipschitz import (
     batchnorm_affine,
     check_batchnorm,
 )
+from certnet.nn.pad import TORCH_PADS, Pad, check_padding, pad_of
 from certnet.nn.reshape import Reshape
+from certnet.nn.scale import Scale
 
 Op = tuple  # ("affine", W, b) | ("relu",) | ("minmax",)
 
@@ -176,6 +180,82 @@ def _avg_pool(layer: nn.AvgPool2d, shape: tuple[int, ...]) -> tuple[list[Op], tu
         columns = layer(torch.eye(n, dtype=torch.float64).view(n, *shape))
     return [("affine", columns.reshape(n, -1).T.numpy(), np.zeros(columns[0].numel()))], \
         tuple(columns.shape[1:])
+
+
+@lowering(nn.LeakyReLU)
+def _leaky_relu(layer: nn.LeakyReLU, shape: tuple[int, ...]
+                ) -> tuple[list[Op], tuple[int, ...]]:
+    """relu(z) - a relu(-z): z where z > 0, a z elsewhere, for any slope a (exact)."""
+    eye = np.eye(int(np.prod(shape)))
+    return [_affine(np.concatenate([eye, -eye])), ("relu",),
+            _affine(np.concatenate([eye, -float(layer.negative_slope) * eye], 1))], shape
+
+
+@lowering(nn.MaxPool2d)
+def _max_pool(layer: nn.MaxPool2d, shape: tuple[int, ...]) -> tuple[list[Op], tuple[int, ...]]:
+    """Each window's max (over its inputs inside the map: torch pads with -inf) as a tree of
+    pairwise maxes: every round pairs each window's candidates (an odd one with itself) into
+    [a; b], a MinMax sorts the pairs (max(a, b) = b + relu(a - b)), and the maxima are the
+    next candidates; exact."""
+    if len(shape) != 3 or layer.return_indices or layer.ceil_mode:
+        raise UnsupportedLayerError(f"verify: MaxPool2d on shape {shape} (return_indices and "
+                                    "ceil_mode are not encoded)")
+    n = int(np.prod(shape))
+    with torch.no_grad():  # input index + 1 at each window entry, 0 where it is padding
+        ids = torch.arange(1, n + 1, dtype=torch.float64).view(shape[0], 1, *shape[1:])
+        cols = F.unfold(ids, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
+        out_shape = tuple(layer(torch.zeros(1, *shape, dtype=torch.float64)).shape[1:])
+    windows = [[int(v) - 1 for v in cols[c, :, o] if v > 0]
+               for c in range(cols.shape[0]) for o in range(cols.shape[2])]
+    if len(windows) != int(np.prod(out_shape)) or not all(windows):
+        raise UnsupportedLayerError(f"verify: MaxPool2d windows on shape {shape}")
+    ops: list[Op] = []
+    width = n
+    while any(len(w) > 1 for w in windows):
+        firsts, seconds, rounds = [], [], []
+        for w in windows:
+            rounds.append(range(len(firsts), len(firsts) + (len(w) + 1) // 2))
+            firsts += w[::2]
+            seconds += w[1::2] + w[-1:] * (len(w) % 2)
+        pairs = len(firsts)
+        gather = np.zeros((2 * pairs, width))
+        gather[np.arange(2 * pairs), firsts + seconds] = 1.0
+        ops += [_affine(gather), ("minmax",)]
+        windows = [[pairs + i for i in r] for r in rounds]  # the maxima: the second half
+        width = 2 * pairs
+    pick = np.zeros((len(windows), width))
+    pick[np.arange(len(windows)), [w[0] for w in windows]] = 1.0
+    return [*ops, _affine(pick)], out_shape
+
+
+@lowering(Pad, *TORCH_PADS)
+def _pad(layer: nn.Module, shape: tuple[int, ...]) -> tuple[list[Op], tuple[int, ...]]:
+    """Constant padding as the 0/1 matrix copying each kept input and the constant where
+    padded: column k is the zero-padded k-th basis vector, the bias the padded zero input
+    (exact)."""
+    padding, value = pad_of(layer)
+    check_padding(padding, (1, *shape))
+    n = int(np.prod(shape))
+    with torch.no_grad():
+        columns = F.pad(torch.eye(n, dtype=torch.float64).view(n, *shape), padding)
+        bias = F.pad(torch.zeros(1, *shape, dtype=torch.float64), padding, value=value)
+    return [("affine", columns.reshape(n, -1).T.numpy(), bias.reshape(-1).numpy())], \
+        tuple(columns.shape[1:])
+
+
+@lowering(Scale)
+def _scale(layer: Scale, shape: tuple[int, ...]) -> tuple[list[Op], tuple[int, ...]]:
+    """x * w + b as diag(w) x + b (exact); x / w + b as diag(1 / w) x + b, 1 / w rounded
+    once (as Normalize's 1 / std)."""
+    like = torch.zeros(1, *shape, dtype=torch.float64)
+    weight, bias = layer.operands(like)
+    scale = torch.ones_like(like) if weight is None else \
+        torch.broadcast_to(weight.detach().double().cpu(), like.shape)
+    if layer.divide:
+        scale = 1 / scale
+    shift = torch.zeros_like(like) if bias is None else \
+        torch.broadcast_to(bias.detach().double().cpu(), like.shape)
+    return [("affine", np.diag(_flat(scale)), _flat(shift))], shape
 
 
 def _flat(t: torch.Tensor) -> np.ndarray:

@@ -74,9 +74,10 @@ def min_margin(layers: nn.Sequential, x: torch.Tensor, label: int, eps: float, n
     point ``x`` (no batch dimension) intersected with ``domain``; see :mod:`certnet.verify` for
     the methods and their tolerances (MILP: Tjeng, Xiao & Tedrake, ICLR 2019). Raises
     :class:`UnsupportedLayerError` for layers without an exact lowering
-    (:mod:`certnet.verify.lowering`: affine layers, ReLU, MinMax, their clipped forms, and a
-    graph's chain of steps with residual adds and concatenations), and :class:`InputError`
-    for an enumeration problem above ``max_dim`` input dimensions."""
+    (:mod:`certnet.verify.lowering`: affine layers, ReLU, MinMax, their clipped forms,
+    LeakyReLU, MaxPool2d, and a graph's chain of steps with residual adds and
+    concatenations), and :class:`InputError` for an enumeration problem above ``max_dim``
+    input dimensions."""
     if norm not in ("l2", "linf"):
         raise ConfigError(f"verify: norm must be 'l2' or 'linf', got {norm!r}")
     method = method or ("milp" if norm == "linf" else "enumerate")

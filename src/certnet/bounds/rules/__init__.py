@@ -1,23 +1,30 @@
 """The bound rules (one per exact layer type, held by its registration
 :class:`certnet.nn.layer_types.LayerType`): interface (:mod:`.base`), affine rules (:mod:`.affine`),
-ReLU relaxation maths (:mod:`.relaxation`), activations (:mod:`.activations`), l_p-dist and
-companions (:mod:`.linf_dist`)."""
+ReLU relaxation maths (:mod:`.relaxation`), activations (:mod:`.activations`), smooth
+activations (:mod:`.smooth`), LeakyReLU and max pooling (:mod:`.piecewise`), l_p-dist and
+companions (:mod:`.linf_dist`), constant padding (:mod:`.pad`) and elementwise arithmetic with
+constants (:mod:`.scale`)."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from certnet.bounds.rules import activations, affine, linf_dist
+from certnet.bounds.rules import activations, affine, linf_dist, piecewise, smooth
 from certnet.bounds.rules.affine import AffineRule
 from certnet.bounds.rules.base import SLOPES, BoundRule, LayerInput, Slope
 from certnet.bounds.rules.graph_step import StepRule
+from certnet.bounds.rules.pad import PadRule
+from certnet.bounds.rules.scale import ScaleRule
 from certnet.errors import UnsupportedLayerError
 from certnet.graph.lower import Step
 from certnet.nn.activations import ClippedMinMax, ClippedReLU, MinMax
 from certnet.nn.layer_types import BY_CLASS, LayerType, layer_type, register_layer_type
 from certnet.nn.linf_dist import LinfDist, LinfDistConv2d, MeanShift, Negate
 from certnet.nn.lipschitz import LipschitzConv2d, LipschitzLinear, Normalize, ResidualConv2d
+from certnet.nn.pad import TORCH_PADS, Pad
 from certnet.nn.reshape import Reshape
+from certnet.nn.scale import Scale
+from certnet.nn.smooth import Erf
 
 __all__ = ["SLOPES", "AffineRule", "BoundRule", "LayerInput", "Slope", "check_supported",
            "register_bound_rule", "rule_for"]
@@ -58,7 +65,12 @@ _RULES = (((nn.Linear, LipschitzLinear), affine.LinearRule),
           ((nn.Identity,), affine.IdentityRule), ((LinfDist,), linf_dist.LinfDistRule),
           ((LinfDistConv2d,), linf_dist.LinfDistConvRule),
           ((MeanShift,), linf_dist.MeanShiftRule), ((Negate,), linf_dist.NegateRule),
-          ((nn.Tanh,), linf_dist.TanhRule), ((Step,), StepRule))
+          ((nn.Tanh,), smooth.TanhRule), ((nn.Sigmoid,), smooth.SigmoidRule),
+          ((Erf,), smooth.ErfRule), ((nn.GELU,), smooth.GELURule),
+          ((nn.SiLU,), smooth.SiLURule),
+          ((nn.LeakyReLU,), piecewise.LeakyReLURule), ((nn.MaxPool2d,), piecewise.MaxPoolRule),
+          ((Pad, *TORCH_PADS), PadRule), ((Scale,), ScaleRule),
+          ((Step,), StepRule))
 for _classes, _rule in _RULES:
     for _cls in _classes:
         register_bound_rule(_cls, _rule())

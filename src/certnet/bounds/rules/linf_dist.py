@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from certnet.bounds.rules.affine import AffineRule, ChannelAffineRule
-from certnet.bounds.rules.base import BoundRule, LayerInput
+from certnet.bounds.rules.base import BoundRule
 from certnet.floats import eta, unit_roundoff
 from certnet.nn.linf_dist_kernels import linf_dist_interval
 
@@ -182,28 +182,3 @@ class NegateRule(AffineRule):
 
     def bias(self, m, inp):
         return None
-
-
-class TanhRule(BoundRule):
-    """tanh is increasing: the interval is its endpoints' images. No linear relaxation here."""
-
-    relaxable = False
-    nonexpansive = True
-
-    def interval(self, m, inp):
-        return torch.tanh(inp.lo), torch.tanh(inp.hi)
-
-    @staticmethod
-    def _libm(m: nn.Module, inp: LayerInput) -> torch.Tensor:
-        """torch's tanh is within 4 ulps (Sleef's and glibc's are within 1-2, CUDA's 2): an
-        end and the forward pass at any input are within 16u |tanh| + the smallest subnormal
-        of the exact monotone image."""
-        top = torch.tanh(inp.magnitude)
-        return 16 * unit_roundoff(top.dtype) * top + torch.finfo(top.dtype).smallest_normal * \
-            torch.finfo(top.dtype).eps
-
-    def interval_error(self, m, inp):
-        return 2 * self._libm(m, inp)
-
-    def drift(self, m, error, inp):
-        return error + self._libm(m, inp)  # tanh is 1-Lipschitz

@@ -1,0 +1,309 @@
+"""Sigmoid, tanh, erf, GELU and SiLU (issue 27; certnet.bounds.rules.smooth): the constants the
+relaxations rest on checked in high precision, the tangent / chord / mean-value lines against
+the exact function (mpmath at 200 bits, the lines in exact rational arithmetic) on adversarial
+intervals, the interval and drift against torch's forward pass, every bound method against
+samples and PGD, and the importers (torch.fx functions, ONNX Sigmoid / Erf / Gelu and the
+exported GELU and SiLU patterns) against torch and onnxruntime."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import mpmath
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import certnet
+from certnet.bounds.margins import spec_bounds
+from certnet.bounds.rules import rule_for
+from certnet.bounds.rules.base import LayerInput
+from certnet.bounds.rules.smooth import ERF, GELU, SIGMOID, SILU, TANH
+from certnet.errors import ConfigError, UnsupportedLayerError
+from certnet.falsify import falsify
+from certnet.graph.onnx_import import load_onnx
+from certnet.nn.smooth import Erf
+from certnet.threat import ThreatModel
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+mp = mpmath.mp
+
+
+def _exact(name: str, x: mpmath.mpf) -> mpmath.mpf:
+    return {"Sigmoid": lambda v: 1 / (1 + mpmath.exp(-v)), "Tanh": mpmath.tanh,
+            "Erf": mpmath.erf, "GELU": lambda v: v * (1 + mpmath.erf(v / mpmath.sqrt(2))) / 2,
+            "SiLU": lambda v: v / (1 + mpmath.exp(-v))}[name](x)
+
+
+def _gelu_slope(x):
+    return (1 + mpmath.erf(x / mpmath.sqrt(2))) / 2 + x * mpmath.npdf(x)
+
+
+def _silu_slope(x):
+    s = 1 / (1 + mpmath.exp(-x))
+    return s * (1 + x * (1 - s))
+
+
+SLOPES = {"GELU": _gelu_slope, "SiLU": _silu_slope}
+ACTIVATIONS = {"Sigmoid": nn.Sigmoid(), "Tanh": nn.Tanh(), "Erf": Erf(), "GELU": nn.GELU(),
+               "SiLU": nn.SiLU()}
+
+
+@pytest.mark.parametrize("name, fn, guesses", [("GELU", GELU, (-0.75, 1.41)),
+                                               ("SiLU", SILU, (-1.28, 2.4))])
+def test_the_constants_hold_in_high_precision(name, fn, guesses):
+    slope = SLOPES[name]
+    with mpmath.workdps(50):
+        root = mpmath.findroot(slope, guesses[0])  # the function's minimum
+        (a, b, value), = fn.value_minima
+        assert a < root < b and value < _exact(name, root) and fn.range[0] <= value
+        inflection = mpmath.findroot(lambda x: mpmath.diff(slope, x), guesses[1])
+        (a, b, least), = fn.slope_minima
+        assert a < -inflection < b and least < slope(-inflection)
+        assert [w[0] < p < w[1] for w, p in zip(fn.inflections, (-inflection, inflection),
+                                                strict=True)] == [True, True]
+        # f' is largest at the right inflection and tends to 1 above; smallest at the left
+        assert slope(inflection) < fn.lipschitz and -slope(-inflection) < fn.lipschitz
+        for k, x in enumerate((-inflection - 1, 0, inflection + 1)):  # each piece's curvature
+            assert (mpmath.diff(slope, x) > 0) == ((k % 2 == 0) == fn.convex_first)
+
+
+def test_the_other_constants_hold_in_high_precision():
+    with mpmath.workdps(50):
+        assert 2 / mpmath.sqrt(mpmath.pi) < ERF.lipschitz and 1.2 > 2 / mpmath.sqrt(mpmath.pi)
+        assert SIGMOID.lipschitz == 0.25 and TANH.lipschitz == 1.0
+
+
+def _intervals(seed: int) -> list[tuple[float, float]]:
+    """Intervals where the lines' rounding matters: every scale of width (down to a few
+    ulps), every magnitude (subnormal to 1e300), and around the inflections and minima."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for centre in [0.0, -0.7517915, -1.4142135623730951, 1.4142135623730951, 1e-300, -3.0,
+                   5e-324, 40.0, -40.0, 1e300, -1e300, *rng.normal(0, 3, 12)]:
+        for width in (0.0, 1e-15, 1e-9, 1e-3, 0.3, 2.0, 20.0):
+            lo = float(centre) - width * float(rng.random())
+            hi = lo + width * max(1.0, abs(lo)) * float(rng.random())
+            out.append((lo, hi))
+            out.append((lo, np.nextafter(lo, math.inf)))
+    return out
+
+
+def _as_columns(intervals: list[tuple[float, float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    lo, hi = zip(*intervals, strict=True)
+    return (torch.tensor(lo, dtype=torch.float64).view(-1, 1),
+            torch.tensor(hi, dtype=torch.float64).view(-1, 1))
+
+
+@pytest.mark.parametrize("name", list(ACTIVATIONS))
+def test_the_lines_hold_exactly_on_adversarial_intervals(name):
+    """s x + b <= f(x) <= t x + c at the ends and interior floats of each interval, with f
+    in 200-bit arithmetic and the lines in exact rationals."""
+    act = ACTIVATIONS[name]
+    rule = rule_for(act)
+    lo, hi = _as_columns(_intervals(0))
+    s, b, t, c = (v.view(-1).tolist() for v in rule.lines(act, LayerInput(lo, hi, lo)))
+    grid = torch.linspace(0, 1, 9, dtype=torch.float64)
+    points = (lo + (hi - lo) * grid).clamp(lo, hi)
+    with mpmath.workprec(200):
+        for i, row in enumerate(points.tolist()):
+            for x in row:
+                exact = _exact(name, mpmath.mpf(x))
+                low = Fraction(s[i]) * Fraction(x) + Fraction(b[i])
+                high = Fraction(t[i]) * Fraction(x) + Fraction(c[i])
+                assert mpmath.mpf(low.numerator) / low.denominator <= exact, (i, x)
+                assert mpmath.mpf(high.numerator) / high.denominator >= exact, (i, x)
+
+
+@pytest.mark.parametrize("name", list(ACTIVATIONS))
+def test_interval_and_drift_cover_the_exact_and_the_float_forward(name):
+    act = ACTIVATIONS[name]
+    rule = rule_for(act)
+    lo, hi = _as_columns(_intervals(1))
+    inp = LayerInput(lo, hi, lo)
+    low, high = rule.interval(act, inp)
+    err = rule.interval_error(act, inp)
+    low, high = (low - err).view(-1).tolist(), (high + err).view(-1).tolist()
+    error = (hi - lo).abs().clamp(max=1.0) * 1e-3  # the inputs' own float error
+    drift = rule.drift(act, error, inp).view(-1).tolist()
+    points = (lo + (hi - lo) * torch.linspace(0, 1, 7, dtype=torch.float64)).clamp(lo, hi)
+    moved = (points + error).clamp(lo - error, hi + error)
+    floats, moved_floats = act(points).tolist(), act(moved).tolist()
+    with mpmath.workprec(200):
+        for i, row in enumerate(points.tolist()):
+            for x, fx, fy in zip(row, floats[i], moved_floats[i], strict=True):
+                exact = _exact(name, mpmath.mpf(x))
+                assert low[i] <= exact <= high[i] and low[i] <= fx <= high[i], (i, x)
+                assert abs(mpmath.mpf(fy) - exact) <= drift[i], (i, x)
+
+
+def _net(act: nn.Module) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 12), act, nn.Linear(12, 12), act, nn.Linear(12, 3)).double()
+
+
+@pytest.mark.parametrize("name", list(ACTIVATIONS))
+def test_every_method_holds_against_samples_and_pgd(name):
+    net = _net(ACTIVATIONS[name])
+    generator = torch.Generator().manual_seed(1)
+    x = torch.rand(3, 4, dtype=torch.float64, generator=generator)
+    spec = torch.randn(3, 2, 3, dtype=torch.float64, generator=generator)
+    for eps in (0.0, 0.05, 0.4):
+        noise = torch.rand(500, 3, 4, dtype=torch.float64, generator=generator) * 2 - 1
+        with torch.no_grad():
+            outs = net((x + eps * noise).clamp(0, 1).flatten(0, 1)).view(500, 3, 3)
+        values = torch.einsum("nbk,bsk->nbs", outs, spec).amin(0)
+        for p in range(3):  # PGD on each point's first row
+            lo, hi = (x[p:p + 1] - eps).clamp(0, 1), (x[p:p + 1] + eps).clamp(0, 1)
+            _, best = falsify(net, lo, hi, lambda z, p=p: z @ spec[p, 0])
+            values[p, 0] = min(float(values[p, 0]), best)
+        bounds = {}
+        for method in ("ibp", "crown-ibp", "crown", "alpha-crown"):
+            for rigorous in (False, True):
+                bound = spec_bounds(net, x, ThreatModel("linf", eps), spec, method,
+                                    rigorous=rigorous)
+                slack = 0 if rigorous else 1e-9 * (1 + values.abs())  # plain: rounding
+                assert (bound <= values + slack).all(), (method, rigorous, eps)
+                bounds[method, rigorous] = bound
+        if eps == 0:
+            with torch.no_grad():
+                exact = torch.einsum("bk,bsk->bs", net(x), spec)
+            assert (bounds["crown", True] >= exact - 1e-8).all()
+        else:  # the relaxation gains over intervals
+            assert (bounds["crown", True] > bounds["ibp", True]).all()
+
+
+def test_the_gelu_tanh_approximation_is_refused():
+    net = nn.Sequential(nn.Linear(3, 4), nn.GELU(approximate="tanh"), nn.Linear(4, 2))
+    with pytest.raises((UnsupportedLayerError, ConfigError), match="approximate='tanh'"):
+        certnet.bounded(net, (3,)).certify(torch.rand(1, 3), 0.1, "linf", "crown")
+
+
+class _Functions(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        h = torch.sigmoid(h) + F.gelu(h) + torch.erf(h) + h.tanh() + F.silu(h)
+        return self.b(torch.special.expit(h))
+
+
+def test_fx_reads_the_smooth_functions_and_certifies_soundly():
+    model = _Functions().double().eval()
+    bounded = certnet.bounded(model, (3,))
+    kinds = [type(node.op).__name__ for node in bounded.graph.nodes]
+    assert {"Sigmoid", "GELU", "Erf", "Tanh", "SiLU"} <= set(kinds)
+    x = torch.rand(4, 3, dtype=torch.float64)
+    assert torch.equal(bounded.graph(x), model(x))
+    cert = bounded.certify(x, 0.01, "linf", "crown")
+    for i in range(4):  # a certified point's prediction survives PGD on every other class
+        if not cert.certified[i]:
+            continue
+        lo, hi = (x[i:i + 1] - 0.01).clamp(0, 1), (x[i:i + 1] + 0.01).clamp(0, 1)
+        pred = int(cert.pred[i])
+        _, best = falsify(model, lo, hi, lambda z, p=pred: z[:, p] - z[:, 1 - p])
+        assert best > 0
+
+
+@pytest.mark.parametrize("opset", [17, 20])
+def test_onnx_gelu_sigmoid_and_erf_match_onnxruntime(tmp_path, opset):
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = nn.Sequential(nn.Linear(3, 5), nn.GELU(), nn.Linear(5, 4), nn.Sigmoid(),
+                          nn.Linear(4, 4), nn.SiLU(), nn.Linear(4, 2)).eval()
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(model, (torch.rand(1, 3),), str(path), dynamo=False,
+                      opset_version=opset, input_names=["x"], dynamic_axes={"x": {0: "N"}})
+    graph = load_onnx(path)
+    assert [type(n.op).__name__ for n in graph.nodes] == [
+        "Linear", "GELU", "Linear", "Sigmoid", "Linear", "SiLU", "Linear"]
+    x = np.random.default_rng(0).random((6, 3), dtype=np.float32)
+    ref = ort.InferenceSession(str(path)).run(None, {"x": x})[0]
+    ours = graph(torch.from_numpy(x).double()).detach().numpy()
+    assert np.abs(ours - ref).max() <= 1e-5
+    # Erf as its own node, and Gelu(approximate="tanh") refused
+    w = numpy_helper.from_array(np.eye(3, dtype=np.float32), "w")
+    for op, kwargs, fine in (("Erf", {}, True), ("Gelu", {"approximate": "tanh"}, False)):
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node(op, ["h"], ["y"],
+                                                                                   **kwargs)]
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(
+            "x", TensorProto.FLOAT, ["N", 3])], [helper.make_tensor_value_info(
+                "y", TensorProto.FLOAT, ["N", 3])], [w])
+        onnx_path = tmp_path / f"{op}.onnx"
+        import onnx
+
+        onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 20)]),
+                  onnx_path)
+        if fine:
+            ours = load_onnx(onnx_path)(torch.from_numpy(x).double()).detach().numpy()
+            ref = ort.InferenceSession(str(onnx_path)).run(None, {"x": x})[0]
+            assert np.abs(ours - ref).max() <= 1e-6
+        else:
+            with pytest.raises(UnsupportedLayerError, match="approximate='tanh'"):
+                load_onnx(onnx_path)
+
+
+def _skewed(act: nn.Module, share: float) -> nn.Module:
+    """``act`` with its float forward moved by ``share`` of the error the rule allows for it,
+    up or down by the last bit of x: as bad a libm as the rounding charges admit (with the
+    true few-ulp error of torch's own evaluation on top, inside the rest)."""
+    rule = rule_for(act)
+
+    class Skewed(nn.Module):
+        def forward(self, x):
+            sign = 1 - 2 * (x.view(torch.int64) & 1).to(x.dtype)
+            return act(x) + share * sign * rule.error(x.abs())
+    return Skewed()
+
+
+@pytest.mark.parametrize("name", list(ACTIVATIONS))
+def test_the_rounding_charges_hold_for_the_worst_libm_they_admit(name):
+    """Lines, interval and drift stay sound when torch's f is off by 70% of the error they
+    charge for it, in either direction (the other 30% cover torch's real error)."""
+    act = ACTIVATIONS[name]
+    rule, skewed = rule_for(act), _skewed(act, 0.7)
+    lo, hi = _as_columns(_intervals(2))
+    inp = LayerInput(lo, hi, lo)
+    s, b, t, c = (v.view(-1).tolist() for v in rule.lines(skewed, inp))
+    low, high = rule.interval(skewed, inp)
+    err = rule.interval_error(skewed, inp)
+    low, high = (low - err).view(-1).tolist(), (high + err).view(-1).tolist()
+    points = (lo + (hi - lo) * torch.linspace(0, 1, 7, dtype=torch.float64)).clamp(lo, hi)
+    floats = skewed(points).tolist()
+    with mpmath.workprec(200):
+        for i, row in enumerate(points.tolist()):
+            for x, fx in zip(row, floats[i], strict=True):
+                exact = _exact(name, mpmath.mpf(x))
+                line_lo = Fraction(s[i]) * Fraction(x) + Fraction(b[i])
+                line_hi = Fraction(t[i]) * Fraction(x) + Fraction(c[i])
+                assert mpmath.mpf(line_lo.numerator) / line_lo.denominator <= exact, (i, x)
+                assert mpmath.mpf(line_hi.numerator) / line_hi.denominator >= exact, (i, x)
+                assert low[i] <= exact <= high[i] and low[i] <= fx <= high[i], (i, x)
+
+
+@pytest.mark.parametrize("name", list(ACTIVATIONS))
+def test_torch_is_well_inside_the_error_the_rules_charge(name):
+    """The charges assume torch's f within 16 ulps of its size and its derivative within
+    64 u: measured against 200-bit values, torch uses at most a quarter of each."""
+    act = ACTIVATIONS[name]
+    rule = rule_for(act)
+    x = torch.cat([torch.linspace(-30, 30, 601, dtype=torch.float64),
+                   torch.logspace(-300, 2, 200, dtype=torch.float64),
+                   -torch.logspace(-300, 2, 200, dtype=torch.float64)])
+    values, slopes = act(x).tolist(), rule.fn.derivative(x).tolist()
+    allowed = rule.error(x.abs()).tolist()
+    u = 2.0 ** -53
+    with mpmath.workprec(200):
+        for xi, fx, dx, e in zip(x.tolist(), values, slopes, allowed, strict=True):
+            v = mpmath.mpf(xi)
+            assert abs(mpmath.mpf(fx) - _exact(name, v)) <= e / 4, xi
+            exact_slope = SLOPES[name](v) if name in SLOPES else \
+                mpmath.diff(lambda z: _exact(name, z), v)
+            assert abs(mpmath.mpf(dx) - exact_slope) <= 16 * u, xi
