@@ -84,6 +84,18 @@ def bridge_old_onnx_imports() -> None:
         torch._C.Node.__getitem__ = moved_helper._node_get
 
 
+def bridge_named_members(lirpa) -> None:
+    """auto_LiRPA 0.3's ``BoundedModule._named_members`` predates torch's ``remove_duplicate``
+    argument, which ``parameters()`` passes (its sparse intermediate bounds call it): accept it
+    (the override always removes duplicates, torch's default)."""
+    own = lirpa.BoundedModule._named_members
+
+    def named_members(self, get_members_fn, prefix="", recurse=True, remove_duplicate=True):
+        return own(self, get_members_fn, prefix, recurse)
+
+    lirpa.BoundedModule._named_members = named_members
+
+
 def load_auto_lirpa():
     """The auto_LiRPA module, or (None, why) when it cannot be imported."""
     try:
@@ -91,6 +103,7 @@ def load_auto_lirpa():
         import auto_LiRPA  # noqa: PLC0415
     except Exception as err:  # not installed, or broken by its own dependencies
         return None, f"{type(err).__name__}: {err}"
+    bridge_named_members(auto_LiRPA)
     return auto_LiRPA, None
 
 

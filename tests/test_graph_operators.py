@@ -23,8 +23,8 @@ from certnet.graph import Graph
 from certnet.graph.fx_import import from_module
 from certnet.graph.onnx_import import load_onnx
 from certnet.nn.activations import ClippedMinMax, ClippedReLU, MinMax
-from certnet.nn.linf_dist import LinfDist, MeanShift, Negate
-from certnet.nn.lipschitz import LipschitzConv2d, LipschitzLinear, trace_shapes
+from certnet.nn.linf_dist import LinfDist, LinfDistConv2d, MeanShift, Negate
+from certnet.nn.lipschitz import LipschitzConv2d, LipschitzLinear, Normalize, trace_shapes
 from certnet.nn.reshape import Reshape
 from certnet.threat import ThreatModel
 from certnet.verify.lowering import network_ops
@@ -220,6 +220,26 @@ def test_certnet_exports_of_linf_dist_nets_come_back(tmp_path):
     _same_layers(graph, layers, shape)
     assert [n.op.p for n in graph.nodes if type(n.op) is LinfDist] == [float("inf"), 2.0,
                                                                        float("inf")]
+    _contains_samples(graph.chain(), shape, methods=("ibp",))
+
+
+def test_certnet_exports_of_linf_dist_conv_nets_come_back(tmp_path):
+    """The convolutional l_p-dist layer's export (one-hot patch Conv, then the distance
+    group) reads back as that layer, strides, padding, p and bias included."""
+    shape = (2, 7, 7)
+    layers = _random(nn.Sequential(LinfDistConv2d(2, 4, 3, stride=2, padding=1),
+                                   MeanShift(4), LinfDistConv2d(4, 3, 2, p=2, bias=True),
+                                   nn.Flatten(), LinfDist(27, 3)), shape)
+    graph = _exported(layers, shape, tmp_path)
+    # an image's mean shift reads back as the per-channel Normalize computing the same
+    assert [type(n.op) for n in graph.nodes] == [LinfDistConv2d, Normalize, LinfDistConv2d,
+                                                 nn.Flatten, LinfDist]
+    x = torch.rand(4, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(graph(x), layers.double()(x))
+    convs = [n.op for n in graph.nodes if type(n.op) is LinfDistConv2d]
+    assert [(c.kernel_size, c.stride, c.padding, c.p, c.bias is not None) for c in convs] == \
+        [(3, 2, 1, float("inf"), False), (2, 1, 0, 2.0, True)]
     _contains_samples(graph.chain(), shape, methods=("ibp",))
 
 

@@ -27,7 +27,7 @@ from certnet.graph.graph import INPUT, Graph, Node
 from certnet.graph.hints import hint
 from certnet.graph.ops import Add, Concat
 from certnet.nn.activations import ClippedMinMax, ClippedReLU, MinMax
-from certnet.nn.linf_dist import LinfDist, MeanShift, Negate
+from certnet.nn.linf_dist import LinfDist, LinfDistConv2d, MeanShift, Negate
 from certnet.nn.lipschitz import Normalize, check_batchnorm
 from certnet.nn.pad import Pad, check_padding
 from certnet.nn.reshape import Reshape
@@ -304,6 +304,14 @@ def _fuse(nodes: list[Any], consts: dict[str, Value], output: str) -> list[Any]:
         if bias is not None:
             group, inputs = [*group, add], [*inputs, bias]
         p = {"ReduceMax": math.inf, "ReduceL1": 1.0, "ReduceL2": 2.0}[nodes[reduce].op_type]
+        conv = next((j for j, n in enumerate(nodes) if node.input[0] in n.output), None)
+        patches = None if conv is None or only(node.input[0], "Unsqueeze") != i else \
+            _patch_conv(nodes[conv], consts)
+        if patches is not None:  # the convolutional layer: its one-hot patch conv first
+            take([conv, *group], f"Conv/Unsqueeze/Sub/Abs/{nodes[reduce].op_type}: "
+                 "LinfDistConv2d", [nodes[conv].input[0], *inputs[1:]],
+                 lambda n, a, at, b, p=p, g=patches: _linf_dist_conv(a, p, *g))
+            continue
         take(group, f"Unsqueeze/Sub/Abs/{nodes[reduce].op_type}: LinfDist",
              inputs, lambda n, a, at, b, p=p: _linf_dist(a, p))
     for i, node in enumerate(nodes):  # GELU: Div by sqrt 2, Erf, Add 1, Mul by x, Mul by 0.5
@@ -386,6 +394,52 @@ def _linf_dist(args: list[Value], p: float) -> LinfDist:
         layer.weight.copy_(weight)
         if layer.bias is not None:
             layer.bias.copy_(_thresholds(args[2], (weight.shape[0],), "the bias"))
+    return layer
+
+
+def _patch_conv(node: Any, consts: dict[str, Value]) -> tuple[int, int, int] | None:
+    """(kernel, stride, padding) if ``node`` is the patch extraction certnet's export writes
+    for an l_p-dist convolution: a Conv without bias whose kernel is the one-hot tensor taking
+    input (c, i, j) to channel c k k + i k + j (unfold's order), square, equal strides and
+    pads, no dilation or groups; else None."""
+    if node.op_type != "Conv" or len(node.input) != 2 or node.input[1] not in consts:
+        return None
+    kernel = consts[node.input[1]].const
+    attrs = {a.name: _onnx().helper.get_attribute_value(a) for a in node.attribute}
+    if kernel.dim() != 4 or kernel.shape[2] != kernel.shape[3]:
+        return None
+    c, k = kernel.shape[1], kernel.shape[2]
+    onehot = torch.zeros(c * k * k, c, k, k, dtype=kernel.dtype)
+    rows = torch.arange(c * k * k)
+    onehot[rows, rows // (k * k), rows // k % k, rows % k] = 1
+    strides, pads = list(attrs.get("strides", [1, 1])), list(attrs.get("pads", [0] * 4))
+    if kernel.shape[0] != c * k * k or not torch.equal(kernel, onehot) or \
+            len(set(strides)) != 1 or len(set(pads)) != 1 or \
+            set(attrs) - {"kernel_shape", "strides", "pads", "dilations", "group"} or \
+            any(d != 1 for d in attrs.get("dilations", [1, 1])) or attrs.get("group", 1) != 1:
+        return None
+    return k, strides[0], pads[0]
+
+
+def _linf_dist_conv(args: list[Value], p: float, kernel: int, stride: int, padding: int
+                    ) -> LinfDistConv2d:
+    """The convolutional l_p-dist layer of certnet's export (patches, then distances)."""
+    weight = _const(args[1], "the weights").double()
+    example = args[0].example
+    if example is None or example.dim() != 4 or weight.dim() != 4 or \
+            weight.shape[1] != example.shape[1] * kernel * kernel or weight.shape[2:] != (1, 1):
+        raise UnsupportedLayerError(f"weights of shape {tuple(weight.shape)} for patches of "
+                                    f"{tuple(example.shape) if example is not None else None}")
+    layer = LinfDistConv2d(example.shape[1], weight.shape[0], kernel, stride, padding, p,
+                           bias=len(args) > 2).double()
+    with torch.no_grad():
+        layer.weight.copy_(weight.flatten(1))
+        if layer.bias is not None:
+            bias = _const(args[2], "the bias").double()
+            if bias.numel() != weight.shape[0]:
+                raise UnsupportedLayerError(f"a bias of shape {tuple(bias.shape)} for "
+                                            f"{weight.shape[0]} filters")
+            layer.bias.copy_(bias.flatten())
     return layer
 
 
