@@ -178,7 +178,8 @@ def test_every_method_holds_against_samples_and_pgd(name):
 
 def test_the_gelu_tanh_approximation_is_refused():
     net = nn.Sequential(nn.Linear(3, 4), nn.GELU(approximate="tanh"), nn.Linear(4, 2))
-    with pytest.raises((UnsupportedLayerError, ConfigError), match="approximate='tanh'"):
+    with pytest.raises((UnsupportedLayerError, ConfigError), match=r"approximate='tanh'\) is "
+                       r"not bounded; only the exact form x Phi\(x\)"):
         certnet.bounded(net, (3,)).certify(torch.rand(1, 3), 0.1, "linf", "crown")
 
 
@@ -307,3 +308,104 @@ def test_torch_is_well_inside_the_error_the_rules_charge(name):
             exact_slope = SLOPES[name](v) if name in SLOPES else \
                 mpmath.diff(lambda z: _exact(name, z), v)
             assert abs(mpmath.mpf(dx) - exact_slope) <= 16 * u, xi
+
+
+def _window_intervals(name: str) -> list[tuple[float, float]]:
+    """Intervals that end inside each window (an inflection, an interior minimum of f or f'),
+    start inside it, or span it: where a containment test off by one comparison would put
+    the point on the wrong side."""
+    fn = rule_for(ACTIVATIONS[name]).fn
+    windows = [*fn.inflections, *[(a, b) for a, b, _ in fn.value_minima],
+               *[(a, b) for a, b, _ in fn.slope_minima]]
+    out = []
+    for a, b in windows:
+        mid = (a + b) / 2
+        out += [(a - 1.0, mid), (mid, b + 1.0), (a - 1e-3, b + 1e-3), (a, b), (a - 2.0, a),
+                (b, b + 2.0), (mid, mid)]
+    return out
+
+
+@pytest.mark.parametrize("name", list(ACTIVATIONS))
+def test_lines_and_interval_hold_at_the_windows_and_at_infinite_ends(name):
+    """Around every window, and on intervals with infinite ends (where torch's f may be NaN,
+    as GELU's at -inf): finite lines, exactly below / above f, and an interval holding f."""
+    act = ACTIVATIONS[name]
+    rule = rule_for(act)
+    big = [(-math.inf, -1.0), (-math.inf, 2.0), (1.0, math.inf), (-math.inf, math.inf),
+           (-3.0, math.inf)]
+    lo, hi = _as_columns(_window_intervals(name) + big)
+    inp = LayerInput(lo, hi, lo)
+    lines = rule.lines(act, inp)
+    assert all(v.isfinite().all() for v in lines)
+    s, b, t, c = (v.view(-1).tolist() for v in lines)
+    low, high = rule.interval(act, inp)
+    err = rule.interval_error(act, inp)
+    low, high = (low - err).view(-1).tolist(), (high + err).view(-1).tolist()
+    finite_lo, finite_hi = lo.clamp(min=-50.0), hi.clamp(max=50.0)
+    points = (finite_lo + (finite_hi - finite_lo) * torch.linspace(0, 1, 41,
+                                                                   dtype=torch.float64))
+    with mpmath.workprec(200):
+        for i, row in enumerate(points.tolist()):
+            for x in row:
+                exact = _exact(name, mpmath.mpf(x))
+                line_lo = Fraction(s[i]) * Fraction(x) + Fraction(b[i])
+                line_hi = Fraction(t[i]) * Fraction(x) + Fraction(c[i])
+                assert mpmath.mpf(line_lo.numerator) / line_lo.denominator <= exact, (i, x)
+                assert mpmath.mpf(line_hi.numerator) / line_hi.denominator >= exact, (i, x)
+                assert low[i] <= exact <= high[i], (i, x)
+
+
+@pytest.mark.parametrize("name, convex, concave, mixed", [
+    ("Sigmoid", (-3.0, -1.0), (0.5, 2.0), (-1.0, 1.5)),
+    ("Tanh", (-2.0, -0.5), (0.2, 1.0), (-0.5, 0.7)),
+    ("Erf", (-2.0, -0.5), (0.2, 1.0), (-0.5, 0.7)),
+    ("GELU", (-1.0, 1.0), (2.0, 3.0), (1.0, 2.0)),
+    ("SiLU", (-2.0, 2.0), (-5.0, -3.0), (1.0, 3.0))])
+def test_each_piece_gets_its_tangent_and_chord(name, convex, concave, mixed):
+    """Convex piece: tangent at l below, chord above; concave: chord below, tangent at u
+    above; across an inflection: both lines at the least slope on the interval."""
+    act = ACTIVATIONS[name]
+    rule = rule_for(act)
+    lo, hi = _as_columns([convex, concave, mixed])
+    s, _, t, _ = (v.view(-1) for v in rule.lines(act, LayerInput(lo, hi, lo)))
+    slope = rule.fn.derivative
+    ends = lo.view(-1), hi.view(-1)
+    chord = (act(ends[1]) - act(ends[0])) / (ends[1] - ends[0])
+    grid = lo[2] + (hi[2] - lo[2]) * torch.linspace(0, 1, 10001, dtype=torch.float64)
+    least = slope(grid).min()
+    expected_s = torch.stack([slope(ends[0][0]), chord[1], least])
+    expected_t = torch.stack([chord[0], slope(ends[1][1]), least])
+    assert torch.allclose(s, expected_s, atol=1e-6) and (s <= expected_s).all()
+    assert torch.allclose(t, expected_t, atol=1e-6) and (t <= expected_t).all()
+
+
+@pytest.mark.parametrize("name", list(ACTIVATIONS))
+def test_one_backward_step_is_within_its_rounding_charge(name):
+    """lam . (the lines) in exact rationals against the float step's lam_h . h + const, for
+    coefficients of every sign and size and inputs up to 1e8: the difference stays within
+    sum |lam_j| rho_j (``backward_error``)."""
+    act = ACTIVATIONS[name]
+    rule = rule_for(act)
+    generator = torch.Generator().manual_seed(5)
+    n = 64
+    lo = torch.randn(1, n, dtype=torch.float64, generator=generator) * \
+        torch.logspace(-2, 8, n, dtype=torch.float64)
+    hi = lo + torch.rand(1, n, dtype=torch.float64, generator=generator) * lo.abs().clamp(min=1)
+    inp = LayerInput(lo, hi, lo)
+    lam = torch.randn(1, 3, n, dtype=torch.float64, generator=generator) * \
+        torch.logspace(-3, 3, n, dtype=torch.float64)
+    coef, const = rule.backward(act, lam, inp, "adaptive")
+    rho = rule.backward_error(act, inp).view(-1).tolist()
+    s, b, t, c = (v.view(-1).tolist() for v in rule.lines(act, inp))
+    h = (lo + (hi - lo) * torch.rand(1, n, dtype=torch.float64, generator=generator))
+    for row in range(3):
+        exact = Fraction(0)
+        computed = Fraction(const[0, row].item())
+        charge = Fraction(0)
+        for j in range(n):
+            lj, hj = Fraction(lam[0, row, j].item()), Fraction(h[0, j].item())
+            slope, intercept = (s[j], b[j]) if lj >= 0 else (t[j], c[j])
+            exact += lj * (Fraction(slope) * hj + Fraction(intercept))
+            computed += Fraction(coef[0, row, j].item()) * hj
+            charge += abs(lj) * Fraction(rho[j])
+        assert abs(computed - exact) <= charge, (row, float(computed - exact), float(charge))
