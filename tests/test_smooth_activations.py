@@ -98,15 +98,20 @@ def _as_columns(intervals: list[tuple[float, float]]) -> tuple[torch.Tensor, tor
             torch.tensor(hi, dtype=torch.float64).view(-1, 1))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("name", list(ACTIVATIONS))
-def test_the_lines_hold_exactly_on_adversarial_intervals(name):
+def test_the_lines_hold_exactly_on_adversarial_intervals(name, dtype):
     """s x + b <= f(x) <= t x + c at the ends and interior floats of each interval, with f
-    in 200-bit arithmetic and the lines in exact rationals."""
+    in 200-bit arithmetic and the lines in exact rationals; in float32 walks too (training
+    bounds), whose unit roundoff every charge must use."""
     act = ACTIVATIONS[name]
     rule = rule_for(act)
     lo, hi = _as_columns(_intervals(0))
+    lo, hi = lo.to(dtype), hi.to(dtype)
+    keep = (lo.isfinite() & hi.isfinite()).view(-1)  # 1e300 overflows float32
+    lo, hi = lo[keep], hi[keep]
     s, b, t, c = (v.view(-1).tolist() for v in rule.lines(act, LayerInput(lo, hi, lo)))
-    grid = torch.linspace(0, 1, 9, dtype=torch.float64)
+    grid = torch.linspace(0, 1, 9, dtype=dtype)
     points = (lo + (hi - lo) * grid).clamp(lo, hi)
     with mpmath.workprec(200):
         for i, row in enumerate(points.tolist()):
@@ -278,9 +283,15 @@ def test_the_rounding_charges_hold_for_the_worst_libm_they_admit(name):
     low, high = (low - err).view(-1).tolist(), (high + err).view(-1).tolist()
     points = (lo + (hi - lo) * torch.linspace(0, 1, 7, dtype=torch.float64)).clamp(lo, hi)
     floats = skewed(points).tolist()
+    # drift: a float input off by as much as its own magnitude, through the skewed forward
+    error = lo.abs().maximum(hi.abs()).clamp(max=1.0)
+    drift = rule.drift(skewed, error, inp).view(-1).tolist()
+    moved = skewed(points + error).tolist()
     with mpmath.workprec(200):
         for i, row in enumerate(points.tolist()):
-            for x, fx in zip(row, floats[i], strict=True):
+            for x, fx, fy in zip(row, floats[i], moved[i], strict=True):
+                if math.isfinite(fy):
+                    assert abs(mpmath.mpf(fy) - _exact(name, mpmath.mpf(x))) <= drift[i], (i, x)
                 exact = _exact(name, mpmath.mpf(x))
                 line_lo = Fraction(s[i]) * Fraction(x) + Fraction(b[i])
                 line_hi = Fraction(t[i]) * Fraction(x) + Fraction(c[i])
@@ -341,9 +352,13 @@ def test_lines_and_interval_hold_at_the_windows_and_at_infinite_ends(name):
     low, high = rule.interval(act, inp)
     err = rule.interval_error(act, inp)
     low, high = (low - err).view(-1).tolist(), (high + err).view(-1).tolist()
+    plain_low, plain_high = (v.view(-1).tolist() for v in rule.interval(act, inp))
     finite_lo, finite_hi = lo.clamp(min=-50.0), hi.clamp(max=50.0)
-    points = (finite_lo + (finite_hi - finite_lo) * torch.linspace(0, 1, 41,
-                                                                   dtype=torch.float64))
+    grid = finite_lo + (finite_hi - finite_lo) * torch.linspace(0, 1, 41, dtype=torch.float64)
+    # the exact points the windows hold (nearest floats), where the interval meets them
+    special = torch.tensor(_critical_points(name), dtype=torch.float64).view(1, -1)
+    inside = (special >= finite_lo) & (special <= finite_hi)
+    points = torch.cat([grid, torch.where(inside, special, finite_lo)], 1)
     with mpmath.workprec(200):
         for i, row in enumerate(points.tolist()):
             for x in row:
@@ -353,6 +368,21 @@ def test_lines_and_interval_hold_at_the_windows_and_at_infinite_ends(name):
                 assert mpmath.mpf(line_lo.numerator) / line_lo.denominator <= exact, (i, x)
                 assert mpmath.mpf(line_hi.numerator) / line_hi.denominator >= exact, (i, x)
                 assert low[i] <= exact <= high[i], (i, x)
+                # unwidened (plain bounds): within rounding of f, NaN ends never a bound
+                assert plain_low[i] <= exact + 1e-12 and plain_high[i] >= exact - 1e-12, (i, x)
+
+
+def _critical_points(name: str) -> list[float]:
+    """The inflections and the interior minima of f and f' (for the monotone ones: the
+    inflection 0), to double precision."""
+    if name not in SLOPES:
+        return [0.0]
+    slope = SLOPES[name]
+    guesses = {"GELU": (-0.75, 1.41), "SiLU": (-1.28, 2.4)}[name]
+    with mpmath.workdps(30):
+        root = mpmath.findroot(slope, guesses[0])
+        inflection = mpmath.findroot(lambda x: mpmath.diff(slope, x), guesses[1])
+    return [float(root), float(-inflection), float(inflection)]
 
 
 @pytest.mark.parametrize("name, convex, concave, mixed", [

@@ -144,11 +144,11 @@ class SmoothRule(BoundRule):
         for a, b, value in fn.slope_minima:
             least = torch.where(_meets(lo, hi, (a, b)), least.clamp(max=value), least)
         # the chord's slope, rounded down: (fu_down - fl_up) / (hi - lo) rounds 3 times
-        width = hi - lo
-        chord = (fu_down - fl_up) / width
+        # (a width of 0 gives -inf or NaN: the moved-out ends cross; dropped as not finite)
+        chord = (fu_down - fl_up) / (hi - lo)
         chord = chord - 6 * u * chord.abs() - 4 * tiny
         none = torch.full_like(lo, -math.inf)
-        chord = torch.where((width > 0) & chord.isfinite(), chord, none)
+        chord = torch.where(chord.isfinite(), chord, none)
         convex, concave = self._curvature(lo, hi)
         s = torch.maximum(least, torch.where(convex, tangent_lo, torch.where(concave, chord, none)))
         t = torch.maximum(least, torch.where(convex, chord, torch.where(concave, tangent_hi, none)))
@@ -156,12 +156,12 @@ class SmoothRule(BoundRule):
         b, c = fl - s * lo, fu - t * hi
         b = b - gamma(4, lo.dtype) * ((s * lo).abs() + fl.abs()) - 2 * tiny
         c = c + gamma(4, lo.dtype) * ((t * hi).abs() + fu.abs()) + 2 * tiny
-        # an end that is not finite (or a NaN from one): the interval's ends as flat lines
+        # an end or a slope that is not finite makes b or c so (inf * 0 is NaN): there, the
+        # interval's ends as flat lines
         low, high = self.interval(m, inp)
         err = self.interval_error(m, inp)
         low, high = outward(low - err, high + err)
-        fine = lo.isfinite() & hi.isfinite() & s.isfinite() & t.isfinite() & b.isfinite() & \
-            c.isfinite()
+        fine = b.isfinite() & c.isfinite()
         big = torch.finfo(lo.dtype).max
         zero = torch.zeros_like(lo)
         return (torch.where(fine, s, zero), torch.where(fine, b, low.clamp(min=-big)),
@@ -217,6 +217,6 @@ class GELURule(SmoothRule):
     fn = GELU
 
     def check(self, m, where):
-        if getattr(m, "approximate", "none") != "none":
+        if m.approximate != "none":
             raise UnsupportedLayerError(f"{where}: GELU(approximate={m.approximate!r}) is not "
                                         "bounded; only the exact form x Phi(x)")
