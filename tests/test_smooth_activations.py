@@ -409,25 +409,28 @@ def test_each_piece_gets_its_tangent_and_chord(name, convex, concave, mixed):
     assert torch.allclose(t, expected_t, atol=1e-6) and (t <= expected_t).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("name", list(ACTIVATIONS))
-def test_one_backward_step_is_within_its_rounding_charge(name):
+def test_one_backward_step_is_within_its_rounding_charge(name, dtype):
     """lam . (the lines) in exact rationals against the float step's lam_h . h + const, for
     coefficients of every sign and size and inputs up to 1e8: the difference stays within
-    sum |lam_j| rho_j (``backward_error``)."""
+    sum |lam_j| rho_j (``backward_error``), in float64 and float32 walks."""
     act = ACTIVATIONS[name]
     rule = rule_for(act)
     generator = torch.Generator().manual_seed(5)
     n = 64
-    lo = torch.randn(1, n, dtype=torch.float64, generator=generator) * \
-        torch.logspace(-2, 8, n, dtype=torch.float64)
-    hi = lo + torch.rand(1, n, dtype=torch.float64, generator=generator) * lo.abs().clamp(min=1)
+    lo = (torch.randn(1, n, dtype=torch.float64, generator=generator) *
+          torch.logspace(-2, 8, n, dtype=torch.float64)).to(dtype)
+    hi = lo + (torch.rand(1, n, dtype=torch.float64, generator=generator).to(dtype) *
+               lo.abs().clamp(min=1))
     inp = LayerInput(lo, hi, lo)
-    lam = torch.randn(1, 3, n, dtype=torch.float64, generator=generator) * \
-        torch.logspace(-3, 3, n, dtype=torch.float64)
+    lam = (torch.randn(1, 3, n, dtype=torch.float64, generator=generator) *
+           torch.logspace(-3, 3, n, dtype=torch.float64)).to(dtype)
     coef, const = rule.backward(act, lam, inp, "adaptive")
     rho = rule.backward_error(act, inp).view(-1).tolist()
     s, b, t, c = (v.view(-1).tolist() for v in rule.lines(act, inp))
-    h = (lo + (hi - lo) * torch.rand(1, n, dtype=torch.float64, generator=generator))
+    h = (lo + (hi - lo) * torch.rand(1, n, dtype=torch.float64, generator=generator).to(dtype))
+    h = h.clamp(lo, hi)
     for row in range(3):
         exact = Fraction(0)
         computed = Fraction(const[0, row].item())
