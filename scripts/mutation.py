@@ -65,6 +65,11 @@ TARGETS: dict[str, tuple[list[str], list[str]]] = {
     # the smooth activations' rules alone (a slice of "bounds" that finishes in minutes)
     "smooth": (["src/certnet/bounds/rules/smooth.py"],
                ["tests/test_smooth_activations.py", "tests/test_mutation_survivors.py"]),
+    # constant arithmetic and padding (layers and rules): another slice of "bounds"
+    "scale_pad": (["src/certnet/bounds/rules/scale.py", "src/certnet/bounds/rules/pad.py",
+                   "src/certnet/nn/scale.py", "src/certnet/nn/pad.py"],
+                  ["tests/test_scale_ops.py", "tests/test_pad.py",
+                   "tests/test_mutation_survivors.py"]),
     "certifiers": (["src/certnet/certifiers/*.py"],
                    ["tests/test_certifiers_soundness.py", "tests/test_refusals.py",
                     "tests/test_lipschitz.py", "tests/test_local_lipschitz.py",

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Opt-in mutation testing of the soundness-critical modules (docs/testing.md); never part of
 # the default test suite or CI. Usage: scripts/mutation.sh [--head] [module ...]
-# (modules: rounding spectral masked_spectral checkpoint attacks bounds smooth certifiers; default
+# (modules: rounding spectral masked_spectral checkpoint attacks bounds smooth scale_pad
+# certifiers; default
 # all). Writes tests/mutation/results.json and prints a table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
