@@ -442,3 +442,28 @@ def test_one_backward_step_is_within_its_rounding_charge(name, dtype):
             computed += Fraction(coef[0, row, j].item()) * hj
             charge += abs(lj) * Fraction(rho[j])
         assert abs(computed - exact) <= charge, (row, float(computed - exact), float(charge))
+
+
+def test_verify_decides_robustness_of_an_onnx_gelu_sigmoid_net(tmp_path):
+    """certnet.bounded(ONNX).verify: a small ball holds; a ball around a point labelled with
+    a class the net does not predict is violated, by an input whose float64 outputs replay."""
+    from certnet.properties.robustness import linf_robustness
+
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 8), nn.Sigmoid(),
+                          nn.Linear(8, 3)).eval()
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(model, (torch.rand(1, 4),), str(path), dynamo=False, opset_version=17)
+    net = certnet.bounded(path)
+    x = torch.rand(4, dtype=torch.float64)
+    with torch.no_grad():
+        scores = net.graph(x.view(1, 4))[0]
+    label, other = int(scores.argmax()), int(scores.argmin())
+    holds = net.verify(linf_robustness(x, 1e-4, label, 3))
+    assert holds.status == "holds"
+    violated = net.verify(linf_robustness(x, 1e-4, other, 3))
+    assert violated.status == "violated"
+    with torch.no_grad():
+        replay = net.graph(violated.x.view(1, 4).double())[0]
+    rivals = torch.cat([replay[:other], replay[other + 1:]])
+    assert torch.equal(replay, violated.y.view(-1)) and rivals.max() >= replay[other]
