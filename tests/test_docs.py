@@ -170,3 +170,16 @@ def test_the_checks_can_fail(tmp_path: Path) -> None:
     ]
     assert nav_pages([{"A": "a.md"}, {"B": [{"C": "b/c.md"}, "d.md"]}]) == ["a.md", "b/c.md",
                                                                               "d.md"]
+
+
+def test_the_onnx_operator_list_names_every_operator_read() -> None:
+    """docs/verify.md's list of ONNX operators is the importer's table (ONNX_OPS), no more,
+    no less."""
+    from certnet.graph.onnx_import import ONNX_OPS
+
+    text = (ROOT / "docs" / "verify.md").read_text()
+    section = text[text.index("ONNX operators ("):text.index("\ntorch: any registered")]
+    named = set(re.findall(r"`([A-Z][A-Za-z]+)`", section))
+    assert set(ONNX_OPS.names()) <= named, set(ONNX_OPS.names()) - named
+    assert named <= set(ONNX_OPS.names()), named - set(ONNX_OPS.names())
+
