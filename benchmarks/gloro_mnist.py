@@ -30,7 +30,7 @@ from table import HEADER, RESULTS, row  # benchmarks/table.py, beside this scrip
 
 from certnet.certify import evaluate
 from certnet.checkpoint import load, write_json
-from certnet.cli import preset_path
+from certnet.config import preset_path
 from certnet.data import load_dataset
 from certnet.methods.gloro import GloroNet, SoundConstants, bottom_logit, pairwise_lipschitz
 from certnet.optim import Adam

@@ -12,12 +12,11 @@ import torch
 import certnet
 from certnet.archs import build_arch
 from certnet.cli import (
-    PRESET_DIR,
     build_parser,
     main,
     preset_description,
 )
-from certnet.config import TrainConfig
+from certnet.config import PRESETS, TrainConfig
 from certnet.methods.gloro import GloroNet
 from certnet.threads import choose_threads, default_threads
 
@@ -133,7 +132,7 @@ def test_every_option_has_help_and_shows_its_default():
 def test_presets_print_whole_descriptions(capsys):
     assert main(["presets"]) == 0
     out = " ".join(capsys.readouterr().out.split())
-    for path in PRESET_DIR.glob("*.yaml"):
+    for path in PRESETS.glob("*.yaml"):
         assert f"{path.stem} {preset_description(path)}" in out
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import itertools
 import json
 import math
@@ -20,30 +19,11 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from certnet import __version__
-from certnet.config import TrainConfig
+from certnet.config import PRESETS, TrainConfig, preset_path
 from certnet.errors import CertnetError, ConfigError
 from certnet.memory import keep_freed_memory
 from certnet.threads import default_threads
 from certnet.timing import Phases
-
-PRESET_DIR = Path(__file__).parent / "configs"
-
-
-def preset_path(name_or_path: str) -> Path:
-    """A YAML file path, or the name of a preset under ``certnet/configs``."""
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise ConfigError(f"config file {path} not found")
-        return path
-    preset = PRESET_DIR / f"{name_or_path}.yaml"
-    if not preset.is_file():
-        names = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-        near = difflib.get_close_matches(name_or_path, names, 3)
-        hint = f"did you mean {' or '.join(map(repr, near))}? " if near else ""
-        raise ConfigError(f"unknown preset {name_or_path!r}; {hint}`certnet presets` lists "
-                          f"all {len(names)}, or pass a .yaml file")
-    return preset
 
 
 def _number(kind: type, minimum: float):
@@ -483,7 +463,7 @@ def tqdm_or_list(items: list, bar: bool):
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    for path in sorted(PRESET_DIR.glob("*.yaml")):
+    for path in sorted(PRESETS.glob("*.yaml")):
         print(path.stem)
         print(textwrap.fill(preset_description(path), width=96, initial_indent="    ",
                             subsequent_indent="    ", break_on_hyphens=False))

@@ -7,6 +7,7 @@ This module does not import torch at import time, so the CLI can show the defaul
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -129,3 +130,24 @@ class TrainConfig:
         return {**dataclasses.asdict(self), "eps_schedule": self.eps_schedule.to_dict(),
                 "lr_schedule": self.lr_schedule.to_dict(),
                 "loss_schedules": {k: v.to_dict() for k, v in self.loss_schedules.items()}}
+
+
+#: the bundled training presets (``certnet train --config NAME``, ``certnet presets``)
+PRESETS = Path(__file__).parent / "configs"
+
+
+def preset_path(name_or_path: str) -> Path:
+    """A YAML file path, or the name of a preset under ``certnet/configs``."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found")
+        return path
+    preset = PRESETS / f"{name_or_path}.yaml"
+    if not preset.is_file():
+        names = sorted(p.stem for p in PRESETS.glob("*.yaml"))
+        near = difflib.get_close_matches(name_or_path, names, 3)
+        hint = f"did you mean {' or '.join(map(repr, near))}? " if near else ""
+        raise ConfigError(f"unknown preset {name_or_path!r}; {hint}`certnet presets` lists "
+                          f"all {len(names)}, or pass a .yaml file")
+    return preset

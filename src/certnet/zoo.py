@@ -16,11 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from certnet.checkpoint import CONFIG_FILE, load
-from certnet.config import TrainConfig
+from certnet.config import PRESETS, TrainConfig
 from certnet.errors import CheckpointError
 
-#: the bundled training presets (``certnet train --config NAME``)
-PRESETS = Path(__file__).parent / "configs"
 #: training-config fields that ``certnet train`` sets with a flag of the same name
 FLAGS = ("method", "arch", "dataset", "eps", "epochs", "batch_size", "lr", "seed",
          "eps_train_factor", "precision", "eval_every", "eval_limit", "train_limit")
