@@ -184,7 +184,7 @@ def test_affine_steps_lower_to_one_affine_operation(make):
 
 def test_concat_is_the_permutation_of_torch_cat():
     shapes = [(1, 2, 3), (2, 2, 3)]
-    step = Step(Concat(1), shapes, (1, 0), (), last=True)
+    step = Step(Concat(1), shapes, (1, 0), (), last=True, out_shape=(3, 2, 3))
     ops, out_shape = network_ops(step, (18,))
     state = torch.randn(1, 18, dtype=torch.float64)
     assert out_shape == (3, 2, 3)

@@ -18,12 +18,14 @@ from certnet.graph.graph import INPUT, Graph
 class Step(nn.Module):
     """One graph node on the chain: the state (B, *) is the concatenation of the flattened
     slots of ``shapes``; the step applies ``op`` to the slots ``inputs`` and returns the
-    slots ``keep`` followed by the result, flattened (``last``: the result as it is)."""
+    slots ``keep`` followed by the result, flattened (``last``: the result as it is), of
+    one point's shape ``out_shape``."""
 
     def __init__(self, op: nn.Module, shapes: list[tuple[int, ...]], inputs: tuple[int, ...],
-                 keep: tuple[int, ...], last: bool) -> None:
+                 keep: tuple[int, ...], last: bool, out_shape: tuple[int, ...]) -> None:
         super().__init__()
         self.op = op
+        self.out_shape = tuple(out_shape)
         self.shapes = [tuple(s) for s in shapes]
         self.inputs = tuple(inputs)
         self.keep = tuple(keep)
@@ -63,9 +65,9 @@ def lower(graph: Graph) -> nn.Sequential:
     with torch.no_grad():
         for n, node in enumerate(nodes):
             keep = tuple(k for k, v in enumerate(slots) if last_use[v] > n)
-            steps.append(Step(node.op, shapes, tuple(slots.index(j) for j in node.inputs), keep,
-                              last=n == len(nodes) - 1))
             values[n] = node.op(*[values[j] for j in node.inputs])
+            steps.append(Step(node.op, shapes, tuple(slots.index(j) for j in node.inputs), keep,
+                              last=n == len(nodes) - 1, out_shape=values[n].shape[1:]))
             slots = [slots[k] for k in keep] + [n]
             shapes = [shapes[k] for k in keep] + [tuple(values[n].shape[1:])]
     return nn.Sequential(*steps)

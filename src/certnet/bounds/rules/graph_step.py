@@ -112,10 +112,10 @@ class StepRule(BoundRule):
         slots = m.slots(t)
         return [slots[k] for k in m.keep]
 
-    def _on_result(self, m: Step, inp: LayerInput, ins: list[LayerInput],
-                   value: torch.Tensor | float) -> torch.Tensor:
+    def _on_result(self, m: Step, inp: LayerInput, value: torch.Tensor | float
+                   ) -> torch.Tensor:
         """A per-output quantity of the operator's result, as a state: 0 on the kept slots."""
-        shape = (len(inp.lo), *ins_out_shape(self._rule(m), m, ins))
+        shape = (len(inp.lo), *m.out_shape)
         result = torch.as_tensor(value, dtype=inp.lo.dtype, device=inp.lo.device).expand(shape)
         return self._state(m, [torch.zeros_like(k) for k in self._kept(m, inp.lo)], result)
 
@@ -177,7 +177,7 @@ class StepRule(BoundRule):
         error = rule.interval_error(m.op, ins if isinstance(rule, JoinRule) else ins[0])
         if error is None or (not isinstance(error, torch.Tensor) and not error):
             return error
-        return self._on_result(m, inp, ins, error)
+        return self._on_result(m, inp, error)
 
     def backward_error(self, m, inp):
         rule = self._rule(m)
@@ -186,7 +186,7 @@ class StepRule(BoundRule):
         rho = rule.backward_error(m.op, self._inputs(m, inp)[0])
         if rho is None or (not isinstance(rho, torch.Tensor) and not rho) or m.last:
             return rho
-        return self._on_result(m, inp, self._inputs(m, inp), rho)
+        return self._on_result(m, inp, rho)
 
     def sum_error(self, m: Step, inp: LayerInput) -> torch.Tensor | None:
         """rho on the step's input: where a slot receives coefficients from two places (kept
@@ -209,7 +209,7 @@ class StepRule(BoundRule):
             kept, out = [], lam
         else:
             *kept, out = flat.split([*sizes, flat.shape[2] - sum(sizes)], dim=2)
-            out = out.reshape(batch, rows, *ins_out_shape(rule, m, ins))
+            out = out.reshape(batch, rows, *m.out_shape)
         if isinstance(rule, JoinRule):
             lams, const = rule.backward(m.op, out, ins)
         else:
@@ -238,13 +238,5 @@ class StepRule(BoundRule):
             moved = rule.drift(m.op, errors[m.inputs[0]], ins[0])
         if moved is None:
             return None
-        shape = (len(inp.lo), *ins_out_shape(rule, m, ins))
-        return self._state(m, [errors[k] for k in m.keep], moved.expand(shape))
-
-
-def ins_out_shape(rule: BoundRule | JoinRule, m: Step, ins: list[LayerInput]
-                  ) -> tuple[int, ...]:
-    """The shape of one point of the operator's result (from its interval on one point)."""
-    one = [LayerInput(i.lo[:1], i.hi[:1], None) for i in ins]
-    lo, _ = rule.interval(m.op, one if isinstance(rule, JoinRule) else one[0])
-    return tuple(lo.shape[1:])
+        return self._state(m, [errors[k] for k in m.keep],
+                           moved.expand(len(inp.lo), *m.out_shape))
