@@ -467,3 +467,26 @@ def test_verify_decides_robustness_of_an_onnx_gelu_sigmoid_net(tmp_path):
         replay = net.graph(violated.x.view(1, 4).double())[0]
     rivals = torch.cat([replay[:other], replay[other + 1:]])
     assert torch.equal(replay, violated.y.view(-1)) and rivals.max() >= replay[other]
+
+
+@pytest.mark.parametrize("name", list(ACTIVATIONS))
+def test_l2_balls_through_smooth_activations_hold(name):
+    """In l2 the interval walk also carries each layer's ball (radius times the activation's
+    Lipschitz bound): every method's bound stays below samples of the l2 ball."""
+    net = _net(ACTIVATIONS[name])
+    generator = torch.Generator().manual_seed(7)
+    x = 0.25 + 0.5 * torch.rand(2, 4, dtype=torch.float64, generator=generator)
+    spec = torch.randn(2, 2, 3, dtype=torch.float64, generator=generator)
+    eps = 0.2
+    direction = torch.randn(4000, 2, 4, dtype=torch.float64, generator=generator)
+    radius = eps * torch.rand(4000, 2, 1, dtype=torch.float64, generator=generator) ** 0.25
+    points = (x + direction / direction.norm(dim=2, keepdim=True) * radius).clamp(0, 1)
+    with torch.no_grad():
+        outs = net(points.flatten(0, 1)).view(4000, 2, 3)
+    values = torch.einsum("nbk,bsk->nbs", outs, spec).amin(0)
+    for method in ("ibp", "crown-ibp", "crown", "alpha-crown"):
+        for rigorous in (False, True):
+            bound = spec_bounds(net, x, ThreatModel("l2", eps), spec, method,
+                                rigorous=rigorous)
+            slack = 0 if rigorous else 1e-9 * (1 + values.abs())
+            assert (bound <= values + slack).all(), (method, rigorous)
