@@ -61,7 +61,8 @@ TARGETS: dict[str, tuple[list[str], list[str]]] = {
                 "tests/test_certifiers_soundness.py", "tests/test_refusals.py",
                 "tests/test_mutation_survivors.py", "tests/test_smooth_activations.py",
                 "tests/test_maxpool.py", "tests/test_leaky_relu.py", "tests/test_scale_ops.py",
-                "tests/test_pad.py", "tests/test_graph_bounds.py"]),
+                "tests/test_pad.py", "tests/test_graph_bounds.py",
+                "tests/test_mutation_survivors_scale_pad.py"]),
     # the smooth activations' rules alone (a slice of "bounds" that finishes in minutes)
     "smooth": (["src/certnet/bounds/rules/smooth.py"],
                ["tests/test_smooth_activations.py", "tests/test_mutation_survivors.py"]),
@@ -69,7 +70,8 @@ TARGETS: dict[str, tuple[list[str], list[str]]] = {
     "scale_pad": (["src/certnet/bounds/rules/scale.py", "src/certnet/bounds/rules/pad.py",
                    "src/certnet/nn/scale.py", "src/certnet/nn/pad.py"],
                   ["tests/test_scale_ops.py", "tests/test_pad.py",
-                   "tests/test_mutation_survivors.py"]),
+                   "tests/test_mutation_survivors.py",
+                   "tests/test_mutation_survivors_scale_pad.py"]),
     "certifiers": (["src/certnet/certifiers/*.py"],
                    ["tests/test_certifiers_soundness.py", "tests/test_refusals.py",
                     "tests/test_lipschitz.py", "tests/test_local_lipschitz.py",
@@ -224,7 +226,8 @@ def main() -> None:
     if args.head:
         code = f"HEAD src/ and tests/, with the working tree's {SURVIVOR_TESTS}"
     elif dirty:
-        code = "working tree, dirty: " + ", ".join(line[3:] for line in dirty)
+        # porcelain lines are "XY path"; git() strips the first line's leading blank
+        code = "working tree, dirty: " + ", ".join(line.split(maxsplit=1)[1] for line in dirty)
     else:
         code = "working tree (clean)"
     common = {
