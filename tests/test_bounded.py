@@ -101,3 +101,15 @@ def test_any_traceable_module_certifies_residual_ones_included():
                 flipped = module(adv).argmax(1) != cert.pred
             assert not (flipped & cert.certified).any()
         assert net.certify(x, 0.003, certifier="crown").certified.any()
+
+
+def test_lipschitz_certifiers_say_what_they_need_and_how_to_get_it():
+    """A plain torch head has no sound l2 bound registered: the Lipschitz certifiers refuse
+    naming the last layer and the conversion, and the bound-propagation ones still apply."""
+    from certnet.errors import ConfigError
+
+    net = certnet.bounded(nn.Sequential(nn.Linear(4, 8), nn.Sigmoid(), nn.Linear(8, 3)), (4,))
+    for name in ("lipschitz", "local-lipschitz"):
+        with pytest.raises(ConfigError, match=r"ends in Linear; .*convert_sequential"):
+            net.certify(torch.rand(2, 4), 0.01, "linf", name)
+    assert {"ibp", "crown"} <= set(applicable(net, "linf"))

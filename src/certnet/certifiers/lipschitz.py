@@ -32,7 +32,10 @@ class LipschitzCertifier(Certifier):
     def applies(self, model, norm):
         layers = getattr(model, "layers", None)
         if not isinstance(layers, nn.Sequential) or not is_dense(layers[-1]):
-            return "it needs a network ending in a linear layer"
+            last = type(layers[-1]).__name__ if isinstance(layers, nn.Sequential) else None
+            return ("it needs a chain of layers ending in a dense layer with a sound l2 bound "
+                    f"(this one ends in {last}; a plain torch Sequential converts with "
+                    "certnet.nn.convert_sequential, or GloroNet.from_sequential)")
         try:
             for m in layers:
                 check_bounded(m)
