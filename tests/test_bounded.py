@@ -113,3 +113,19 @@ def test_lipschitz_certifiers_say_what_they_need_and_how_to_get_it():
         with pytest.raises(ConfigError, match=r"ends in Linear; .*convert_sequential"):
             net.certify(torch.rand(2, 4), 0.01, "linf", name)
     assert {"ibp", "crown"} <= set(applicable(net, "linf"))
+
+
+def test_a_plain_relu_chain_gets_lipschitz_certificates_as_its_gloro_twin():
+    """Plain Linear layers take their Lipschitz form (convert_sequential), so the Lipschitz
+    certifiers apply to a plain chain: the same certificates as GloroNet.from_sequential."""
+    torch.manual_seed(3)
+    seq = nn.Sequential(nn.Flatten(), nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 5)).eval()
+    x = torch.rand(16, 1, 4, 4)
+    net = certnet.bounded(seq, (1, 4, 4))
+    twin = certnet.GloroNet.from_sequential(seq, (1, 4, 4))
+    assert "lipschitz" in applicable(net, "l2")
+    ours = net.certify(x, 0.02, norm="l2", certifier="lipschitz")
+    theirs = twin.certify(x, 0.02, norm="l2", certifier="lipschitz")
+    assert torch.equal(ours.certified, theirs.certified) and torch.equal(ours.radius,
+                                                                         theirs.radius)
+    assert torch.equal(net(x), seq(x))  # the network itself is untouched

@@ -18,18 +18,20 @@ from torch import nn
 from certnet.certificate import Certificate
 from certnet.certifiers import certify as certify_with
 from certnet.decide import Verdict, decide
-from certnet.errors import InputError
+from certnet.errors import InputError, UnsupportedLayerError
 from certnet.graph import Graph
 from certnet.nn.integrity import Float64Twin, check_plain
+from certnet.nn.lipschitz import convert_sequential
 from certnet.properties import Property, read_vnnlib
 from certnet.threat import check_norm
 
 
 class Bounded:
     """A network as certifiers see it: ``layers`` (its chain, :meth:`Graph.chain`: residual
-    adds and concatenations included), input and output shapes, a default norm and certifier
-    (``crown``: bound propagation applies to every supported network). ``graph`` keeps the
-    network's own structure."""
+    adds and concatenations included; a chain of plain torch layers with known Lipschitz forms
+    as those, :func:`_with_known_bounds`), input and output shapes, a default norm and
+    certifier (``crown``: bound propagation applies to every supported network). ``graph``
+    keeps the network's own structure and operators."""
 
     method = "bounded"
     slope = "adaptive"
@@ -37,7 +39,7 @@ class Bounded:
     def __init__(self, graph: Graph, norm: str = "linf", certifier: str = "crown") -> None:
         self.graph = graph
         self.input_shape = graph.input_shape
-        self.layers = graph.chain()
+        self.layers = _with_known_bounds(graph.chain(), graph.input_shape)
         with torch.no_grad():
             out = self.layers(torch.zeros(1, *self.input_shape,
                                           dtype=next(graph.parameters()).dtype))
@@ -71,6 +73,17 @@ class Bounded:
         """Decide a VNN-LIB property (a :class:`Property` or a file): :func:`certnet.decide`."""
         prop = prop if isinstance(prop, Property) else read_vnnlib(Path(prop))
         return decide(self.layers, self.input_shape, prop, methods, timeout)
+
+
+def _with_known_bounds(chain: nn.Sequential, input_shape: tuple[int, ...]) -> nn.Sequential:
+    """``chain`` with its plain Linear / Conv2d layers as certnet's Lipschitz layers computing
+    the same function (weights copied, outputs checked: :func:`convert_sequential`), so the
+    Lipschitz certifiers apply where their maths does; ``chain`` itself where a layer has no
+    such form (a lowered graph's steps, a smooth activation): bound propagation only."""
+    try:
+        return convert_sequential(chain, input_shape)
+    except UnsupportedLayerError:
+        return chain
 
 
 def bounded(model: nn.Module | str | Path, input_shape: tuple[int, ...] | None = None,
