@@ -111,7 +111,7 @@ def test_lipschitz_certifiers_say_what_they_need_and_how_to_get_it():
     net = certnet.bounded(nn.Sequential(nn.Linear(4, 8), nn.Sigmoid(), nn.Linear(8, 3)), (4,))
     for name in ("lipschitz", "local-lipschitz"):
         with pytest.raises(ConfigError, match=r"ends in Linear; .*convert_sequential"):
-            net.certify(torch.rand(2, 4), 0.01, "linf", name)
+            net.certify(torch.rand(2, 4), 0.01, name, "linf")
     assert {"ibp", "crown"} <= set(applicable(net, "linf"))
 
 

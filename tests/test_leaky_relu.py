@@ -142,7 +142,7 @@ def test_the_oracle_lowering_is_exact_and_agrees_with_the_rigorous_bounds():
     model = bounded(net, (3,))
     assert {"crown", "linf-lipschitz"} <= set(applicable(model, "linf"))
     for certifier in ("crown", "linf-lipschitz"):
-        cert = model.certify(x[:3], 0.08, "linf", certifier)
+        cert = model.certify(x[:3], 0.08, certifier, "linf")
         for b in range(3):
             if bool(cert.certified[b]):
                 assert exact_min_margin(net, x[b], int(cert.pred[b]), 0.08, "linf") > 0

@@ -167,7 +167,7 @@ def test_certified_points_are_robust_and_the_oracle_reads_graphs():
     model = bounded(net, (1, 3, 3))
     assert {"crown", "alpha-crown", "linf-lipschitz"} <= set(applicable(model, "linf"))
     for certifier in ("crown", "linf-lipschitz"):
-        cert = model.certify(x, 0.02, "linf", certifier)
+        cert = model.certify(x, 0.02, certifier, "linf")
         for b in range(3):
             if bool(cert.certified[b]):
                 assert exact_min_margin(net, x[b], int(cert.pred[b]), 0.02, "linf") > 0

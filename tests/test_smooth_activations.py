@@ -185,7 +185,7 @@ def test_the_gelu_tanh_approximation_is_refused():
     net = nn.Sequential(nn.Linear(3, 4), nn.GELU(approximate="tanh"), nn.Linear(4, 2))
     with pytest.raises((UnsupportedLayerError, ConfigError), match=r"approximate='tanh'\) is "
                        r"not bounded; only the exact form x Phi\(x\)"):
-        certnet.bounded(net, (3,)).certify(torch.rand(1, 3), 0.1, "linf", "crown")
+        certnet.bounded(net, (3,)).certify(torch.rand(1, 3), 0.1, "crown", "linf")
 
 
 class _Functions(nn.Module):
@@ -206,7 +206,7 @@ def test_fx_reads_the_smooth_functions_and_certifies_soundly():
     assert {"Sigmoid", "GELU", "Erf", "Tanh", "SiLU"} <= set(kinds)
     x = torch.rand(4, 3, dtype=torch.float64)
     assert torch.equal(bounded.graph(x), model(x))
-    cert = bounded.certify(x, 0.01, "linf", "crown")
+    cert = bounded.certify(x, 0.01, "crown", "linf")
     for i in range(4):  # a certified point's prediction survives PGD on every other class
         if not cert.certified[i]:
             continue

@@ -62,8 +62,8 @@ class Bounded:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.graph(x)
 
-    def certify(self, x: torch.Tensor, eps: float, norm: str | None = None,
-                certifier: str | None = None) -> Certificate:
+    def certify(self, x: torch.Tensor, eps: float, certifier: str | None = None,
+                norm: str | None = None) -> Certificate:
         """Sound certificates of the predicted class of each point of ``x`` (inputs in [0, 1])
         over the ``norm`` ball of radius ``eps`` (:func:`certnet.certifiers.certify`)."""
         return certify_with(self, x, eps, certifier, norm)
