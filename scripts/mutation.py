@@ -62,7 +62,8 @@ TARGETS: dict[str, tuple[list[str], list[str]]] = {
                 "tests/test_mutation_survivors.py", "tests/test_smooth_activations.py",
                 "tests/test_maxpool.py", "tests/test_leaky_relu.py", "tests/test_scale_ops.py",
                 "tests/test_pad.py", "tests/test_graph_bounds.py",
-                "tests/test_mutation_survivors_scale_pad.py"]),
+                "tests/test_mutation_survivors_scale_pad.py",
+                "tests/test_mutation_survivors_piecewise.py"]),
     # the smooth activations' rules alone (a slice of "bounds" that finishes in minutes)
     "smooth": (["src/certnet/bounds/rules/smooth.py"],
                ["tests/test_smooth_activations.py", "tests/test_mutation_survivors.py"]),
@@ -75,7 +76,8 @@ TARGETS: dict[str, tuple[list[str], list[str]]] = {
     # LeakyReLU and MaxPool2d: another slice of "bounds"
     "piecewise": (["src/certnet/bounds/rules/piecewise.py"],
                   ["tests/test_leaky_relu.py", "tests/test_maxpool.py",
-                   "tests/test_mutation_survivors.py"]),
+                   "tests/test_mutation_survivors.py",
+                   "tests/test_mutation_survivors_piecewise.py"]),
     "certifiers": (["src/certnet/certifiers/*.py"],
                    ["tests/test_certifiers_soundness.py", "tests/test_refusals.py",
                     "tests/test_lipschitz.py", "tests/test_local_lipschitz.py",
