@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from exact import ExactNet
+from graph_checks import agree_with_onnxruntime, save_onnx
 from torch import nn
 
 import certnet
@@ -30,7 +31,7 @@ from certnet.threat import ThreatModel
 from certnet.verify.lowering import network_ops
 
 onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 
@@ -53,18 +54,6 @@ def _contains_samples(layers: nn.Module, shape: tuple[int, ...], eps: float = 0.
             assert (bound <= values).all(), (method, rigorous)
 
 
-def _save(tmp_path, nodes, inits, in_shape, out_shape, opset=13):
-    graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, in_shape)],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
-        [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
-    path = tmp_path / "m.onnx"
-    onnx.save(model, path)
-    return path
-
-
 def _ints(*values: int) -> np.ndarray:
     return np.array(values, np.int64)
 
@@ -74,16 +63,6 @@ def _rand(*shape: int, seed: int = 0, low: float | None = None) -> np.ndarray:
     if low is not None:
         return rng.uniform(low, low + 1, shape).astype(np.float32)
     return (rng.standard_normal(shape) * 0.5).astype(np.float32)
-
-
-def _agree(path, graph: Graph, n: int = 6) -> None:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    x = torch.rand(n, *graph.input_shape, generator=torch.Generator().manual_seed(1)).float()
-    ref = session.run(None, {"x": x.numpy()})[0]
-    with torch.no_grad():
-        ours = graph(x.double()).numpy()
-    assert ours.shape == ref.shape
-    assert np.abs(ours - ref).max() <= 1e-5 * (1 + np.abs(ref).max())
 
 
 def test_new_onnx_operators_match_onnxruntime_and_bounds_hold(tmp_path):
@@ -115,7 +94,7 @@ def test_new_onnx_operators_match_onnxruntime_and_bounds_hold(tmp_path):
              "m1": _rand(6, seed=8), "v1": _rand(6, seed=9, low=0.5),
              "zero": np.array(0, np.float32), "top": np.array(0.75, np.float32),
              "w2": _rand(3, 6, seed=11)}
-    path = _save(tmp_path, nodes, inits, ["N", 2, 6, 6], ["N", 3])
+    path = save_onnx(tmp_path, nodes, inits, ["N", 2, 6, 6], ["N", 3])
     graph = load_onnx(path)
     assert [type(node.op).__name__ for node in graph.nodes] == [
         "BatchNorm2d", "Conv2d", "Tanh", "AvgPool2d", "Negate", "Reshape", "Reshape",
@@ -123,7 +102,7 @@ def test_new_onnx_operators_match_onnxruntime_and_bounds_hold(tmp_path):
         "BatchNorm1d", "ClippedReLU", "ReLU", "Linear"]
     assert graph.nodes[12].op.kernel_size == (2, 2) and graph.nodes[0].op.eps == \
         pytest.approx(1e-3)
-    _agree(path, graph)
+    agree_with_onnxruntime(path, graph)
     _contains_samples(graph.chain(), graph.input_shape)
 
 

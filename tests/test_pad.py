@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from exact import exact_layer, rationals
+from graph_checks import agree_with_onnxruntime, attacked_minimum, save_onnx
 from torch import nn
 
 from certnet.bounds.ibp import layer_interval
@@ -28,7 +29,6 @@ from certnet.bounds.rules import LayerInput, rule_for
 from certnet.errors import UnsupportedLayerError
 from certnet.export import to_onnx
 from certnet.falsify import falsify
-from certnet.graph import Graph
 from certnet.graph.fx_import import from_module
 from certnet.graph.onnx_import import load_onnx
 from certnet.nn.lipschitz import convert_sequential
@@ -37,9 +37,9 @@ from certnet.threat import ThreatModel
 from certnet.verify.lowering import network_ops
 from certnet.verify.oracle import exact_min_margin
 
-onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from onnx import helper  # noqa: E402
 
 METHODS = ("ibp", "crown-ibp", "crown", "alpha-crown")
 F64 = torch.float64
@@ -141,28 +141,6 @@ def test_fx_refuses_other_padding_naming_the_node(step, error):
 
 
 # -- ONNX ------------------------------------------------------------------------------------
-def _save(tmp_path, nodes, inits, in_shape, out_shape, opset=13):
-    graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, in_shape)],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
-        [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
-    path = tmp_path / f"m{opset}.onnx"
-    onnx.save(model, path)
-    return path
-
-
-def _agree(path, graph: Graph, n: int = 6) -> None:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    x = torch.rand(n, *graph.input_shape, generator=torch.Generator().manual_seed(1)).float()
-    ref = session.run(None, {"x": x.numpy()})[0]
-    with torch.no_grad():
-        ours = graph(x.double()).numpy()
-    assert ours.shape == ref.shape
-    assert np.abs(ours - ref).max() <= 1e-5 * (1 + np.abs(ref).max())
-
-
 def _ints(*values: int) -> np.ndarray:
     return np.array(values, np.int64)
 
@@ -187,15 +165,15 @@ def test_onnx_reads_pad_in_constant_mode_in_every_opset(tmp_path):
         nodes = [pads[0], *common, pads[1], helper.make_node("Flatten", ["d"], ["e"]),
                  helper.make_node("Gemm", ["e", "w", "bias"], ["y"], transB=1)]
         weights = np.random.default_rng(1).standard_normal((3, 2 * 3 * 6)).astype(np.float32)
-        path = _save(tmp_path, nodes, {**inits, "k": k, "w": weights,
-                                       "bias": np.zeros(3, np.float32)}, ["N", 1, 4, 4],
-                     ["N", 3], opset)
+        path = save_onnx(tmp_path, nodes, {**inits, "k": k, "w": weights,
+                                           "bias": np.zeros(3, np.float32)}, ["N", 1, 4, 4],
+                         ["N", 3], opset, name=f"m{opset}.onnx")
         graph = load_onnx(path)
         assert [type(n.op).__name__ for n in graph.nodes] == [
             "Pad", "Conv2d", "ReLU", "Pad", "Flatten", "Linear"], opset
         assert graph.nodes[0].op.padding == (1, 1, 1, 1) and graph.nodes[0].op.value == 0.25
         assert graph.nodes[3].op.padding == (2, 0, 0, -1) and graph.nodes[3].op.value == 0
-        _agree(path, graph)
+        agree_with_onnxruntime(path, graph)
 
 
 @pytest.mark.parametrize("mode", ["reflect", "edge", "wrap", "batch"])
@@ -203,7 +181,7 @@ def test_onnx_refuses_other_padding_naming_the_node(tmp_path, mode):
     pads = _ints(1, 0, 0, 0, 0, 0, 0, 0) if mode == "batch" else _ints(0, 0, 1, 1, 0, 0, 1, 1)
     node = helper.make_node("Pad", ["x", "p"], ["y"], name="pad",
                             mode="constant" if mode == "batch" else mode)
-    path = _save(tmp_path, [node], {"p": pads}, [1, 1, 4, 4], [1, 1, 6, 6])
+    path = save_onnx(tmp_path, [node], {"p": pads}, [1, 1, 4, 4], [1, 1, 6, 6])
     with pytest.raises(UnsupportedLayerError, match="batch" if mode == "batch" else
                        f"Pad mode '{mode}'.*constant padding only") as info:
         load_onnx(path)
@@ -252,21 +230,6 @@ def test_the_lowering_is_the_padding():
 
 
 # -- bounds ----------------------------------------------------------------------------------
-def _values(layers: nn.Module, x: torch.Tensor, eps: float, spec: torch.Tensor) -> torch.Tensor:
-    g = torch.Generator().manual_seed(5)
-    lo, hi = (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
-    noise = torch.rand(300, *x.shape, dtype=F64, generator=g)
-    with torch.no_grad():
-        out = layers((lo + (hi - lo) * noise).flatten(0, 1)).view(300, len(x), -1)
-    values = torch.einsum("nbk,bsk->nbs", out, spec).amin(0)
-    for b in range(len(x)):
-        for s in range(spec.shape[1]):
-            _, found = falsify(layers, lo[b:b + 1], hi[b:b + 1],
-                               lambda z, b=b, s=s: z @ spec[b, s], steps=20, restarts=4)
-            values[b, s] = min(float(values[b, s]), found)
-    return values
-
-
 def test_bounds_contain_sampled_and_attacked_outputs_and_are_exact_at_zero():
     torch.manual_seed(0)
     chain = from_module(Line().double().eval(), (1, 4, 4)).chain()
@@ -274,7 +237,7 @@ def test_bounds_contain_sampled_and_attacked_outputs_and_are_exact_at_zero():
     x = torch.rand(2, 1, 4, 4, dtype=F64, generator=g)
     spec = torch.randn(2, 3, 3, dtype=F64, generator=g)
     eps = 0.05
-    values = _values(chain, x, eps, spec)
+    values = attacked_minimum(chain, x, eps, spec)
     for method in METHODS:
         for rigorous in (False, True):
             bound = spec_bounds(chain, x, ThreatModel("linf", eps), spec, method,

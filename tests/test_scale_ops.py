@@ -19,6 +19,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from exact import exact_layer, rationals
+from graph_checks import agree_with_onnxruntime, attacked_minimum, save_onnx
+from piecewise_checks import box_points
 from torch import nn
 
 from certnet.bounds.ibp import layer_interval
@@ -27,16 +29,15 @@ from certnet.bounds.rules import LayerInput, rule_for
 from certnet.errors import InputError, UnsupportedLayerError
 from certnet.export import to_onnx
 from certnet.falsify import falsify
-from certnet.graph import Graph
 from certnet.graph.fx_import import from_module
 from certnet.graph.onnx_import import load_onnx
 from certnet.nn.scale import Scale
 from certnet.threat import ThreatModel
 from certnet.verify.oracle import exact_min_margin
 
-onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from onnx import helper  # noqa: E402
 
 METHODS = ("ibp", "crown-ibp", "crown", "alpha-crown")
 F64 = torch.float64
@@ -136,33 +137,11 @@ def test_fx_refuses_what_is_not_elementwise_affine(step, error):
 
 
 # -- ONNX ------------------------------------------------------------------------------------
-def _save(tmp_path, nodes, inits, in_shape, out_shape, opset=13):
-    graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, in_shape)],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
-        [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
-    path = tmp_path / "m.onnx"
-    onnx.save(model, path)
-    return path
-
-
 def _rand(*shape: int, seed: int = 0, low: float | None = None) -> np.ndarray:
     rng = np.random.default_rng(seed)
     if low is not None:
         return rng.uniform(low, low + 1, shape).astype(np.float32)
     return rng.standard_normal(shape).astype(np.float32)
-
-
-def _agree(path, graph: Graph, n: int = 6) -> None:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    x = torch.rand(n, *graph.input_shape, generator=torch.Generator().manual_seed(1)).float()
-    ref = session.run(None, {"x": x.numpy()})[0]
-    with torch.no_grad():
-        ours = graph(x.double()).numpy()
-    assert ours.shape == ref.shape
-    assert np.abs(ours - ref).max() <= 1e-5 * (1 + np.abs(ref).max())
 
 
 def test_onnx_reads_arithmetic_with_constants_and_keeps_its_normalisations(tmp_path):
@@ -186,13 +165,13 @@ def test_onnx_reads_arithmetic_with_constants_and_keeps_its_normalisations(tmp_p
              "cols": _rand(3, seed=3, low=0.5), "half": np.array(0.5, np.float32),
              "two": np.array([2.0], np.float32), "w": _rand(4, 18, seed=4),
              "three": np.array(3.0, np.float32), "bias": _rand(4, seed=5)}
-    path = _save(tmp_path, nodes, inits, ["N", 2, 3, 3], ["N", 4])
+    path = save_onnx(tmp_path, nodes, inits, ["N", 2, 3, 3], ["N", 4])
     graph = load_onnx(path)
     assert [type(n.op).__name__ for n in graph.nodes] == [
         "Normalize", "Scale", "ReLU", "Scale", "Scale", "Scale", "Scale", "Scale", "Flatten",
         "Linear", "Scale", "MeanShift"]
     assert graph.nodes[1].op.bias is not None and graph.nodes[3].op.divide
-    _agree(path, graph)
+    agree_with_onnxruntime(path, graph)
 
 
 @pytest.mark.parametrize("case, message", [
@@ -210,7 +189,7 @@ def test_onnx_refuses_what_is_not_elementwise_affine(tmp_path, case, message):
              "broadcast": ([helper.make_node("Mul", ["x", "c"], ["y"], name="n")],
                            {"c": np.ones((2, 1, 4), np.float32)})}
     nodes, inits = cases[case]
-    path = _save(tmp_path, nodes, inits, [1, 4], [1, 4])
+    path = save_onnx(tmp_path, nodes, inits, [1, 4], [1, 4])
     with pytest.raises((UnsupportedLayerError, InputError), match=message) as info:
         load_onnx(path)
     assert "ONNX node 'n'" in str(info.value)
@@ -290,22 +269,6 @@ def test_constants_loaded_after_construction_are_checked():
 
 
 # -- bounds ----------------------------------------------------------------------------------
-def _values(layers: nn.Module, x: torch.Tensor, eps: float, spec: torch.Tensor) -> torch.Tensor:
-    """min over sampled and PGD points of the box (clipped to [0, 1]) of spec . z (B, S)."""
-    g = torch.Generator().manual_seed(5)
-    lo, hi = (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
-    noise = torch.rand(300, *x.shape, dtype=F64, generator=g)
-    with torch.no_grad():
-        out = layers((lo + (hi - lo) * noise).flatten(0, 1)).view(300, len(x), -1)
-    values = torch.einsum("nbk,bsk->nbs", out, spec).amin(0)
-    for b in range(len(x)):
-        for s in range(spec.shape[1]):
-            _, found = falsify(layers, lo[b:b + 1], hi[b:b + 1],
-                               lambda z, b=b, s=s: z @ spec[b, s], steps=20, restarts=4)
-            values[b, s] = min(float(values[b, s]), found)
-    return values
-
-
 def test_bounds_contain_sampled_and_attacked_outputs_and_are_exact_at_zero():
     torch.manual_seed(0)
     chain = from_module(Arithmetic().double().eval(), (2, 4, 4)).chain()
@@ -313,7 +276,7 @@ def test_bounds_contain_sampled_and_attacked_outputs_and_are_exact_at_zero():
     x = torch.rand(2, 2, 4, 4, dtype=F64, generator=g)
     spec = torch.randn(2, 3, 3, dtype=F64, generator=g)
     eps = 0.02
-    values = _values(chain, x, eps, spec)
+    values = attacked_minimum(chain, x, eps, spec)
     for method in METHODS:
         for rigorous in (False, True):
             bound = spec_bounds(chain, x, ThreatModel("linf", eps), spec, method,
@@ -381,16 +344,6 @@ def _box(shape: tuple[int, ...], seed: int) -> tuple[torch.Tensor, torch.Tensor]
     return lo.unsqueeze(0), (lo + width).unsqueeze(0)
 
 
-def _points(lo: torch.Tensor, hi: torch.Tensor, seed: int) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    flat_lo, flat_hi = lo.flatten(), hi.flatten()
-    corners = itertools.islice(itertools.product((0, 1), repeat=flat_lo.numel()), 64)
-    points = [torch.where(torch.tensor(c, dtype=torch.bool), flat_hi, flat_lo) for c in corners]
-    points += [(flat_lo + torch.rand(flat_lo.numel(), generator=g, dtype=F64) *
-                (flat_hi - flat_lo)).clamp(flat_lo, flat_hi) for _ in range(16)]
-    return [p.view(lo.shape) for p in points]
-
-
 def _flat(t: torch.Tensor) -> list[Fraction]:
     return list(rationals(t).reshape(-1))
 
@@ -405,7 +358,7 @@ def test_the_rule_rounding_holds_in_exact_arithmetic(name, factory, shape, seed)
     exact = exact_scale(m, shape)
     lo, hi = _box(shape, seed)
     inp = LayerInput(lo, hi, (lo + hi) / 2)
-    points = _points(lo, hi, seed + 1)
+    points = box_points(lo, hi, seed + 1)
     rule = rule_for(m)
     with torch.no_grad():
         floats = [_flat(m(h)) for h in points]
@@ -573,7 +526,7 @@ def test_scales_and_pads_in_branches_bound_through_the_lowered_chain():
     chain = graph.chain()
     x = torch.rand(2, 3, dtype=F64, generator=torch.Generator().manual_seed(1))
     spec = torch.randn(2, 2, 3, dtype=F64, generator=torch.Generator().manual_seed(2))
-    values = _values(chain, x, 0.1, spec)
+    values = attacked_minimum(chain, x, 0.1, spec)
     for method in METHODS:
         for rigorous in (False, True):
             bound = spec_bounds(chain, x, ThreatModel("linf", 0.1), spec, method,

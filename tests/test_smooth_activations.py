@@ -92,6 +92,15 @@ def _intervals(seed: int) -> list[tuple[float, float]]:
     return out
 
 
+def _assert_between_lines(lines: tuple[float, float, float, float], x: float,
+                          exact: mpmath.mpf, i: int) -> None:
+    """s x + b <= f(x) <= t x + c, the lines in exact rationals, f(x) in 200 bits."""
+    s, b, t, c = (Fraction(v) for v in lines)
+    low, high = s * Fraction(x) + b, t * Fraction(x) + c
+    assert mpmath.mpf(low.numerator) / low.denominator <= exact, (i, x)
+    assert mpmath.mpf(high.numerator) / high.denominator >= exact, (i, x)
+
+
 def _as_columns(intervals: list[tuple[float, float]]) -> tuple[torch.Tensor, torch.Tensor]:
     lo, hi = zip(*intervals, strict=True)
     return (torch.tensor(lo, dtype=torch.float64).view(-1, 1),
@@ -117,10 +126,7 @@ def test_the_lines_hold_exactly_on_adversarial_intervals(name, dtype):
         for i, row in enumerate(points.tolist()):
             for x in row:
                 exact = _exact(name, mpmath.mpf(x))
-                low = Fraction(s[i]) * Fraction(x) + Fraction(b[i])
-                high = Fraction(t[i]) * Fraction(x) + Fraction(c[i])
-                assert mpmath.mpf(low.numerator) / low.denominator <= exact, (i, x)
-                assert mpmath.mpf(high.numerator) / high.denominator >= exact, (i, x)
+                _assert_between_lines((s[i], b[i], t[i], c[i]), x, exact, i)
 
 
 @pytest.mark.parametrize("name", list(ACTIVATIONS))
@@ -293,10 +299,7 @@ def test_the_rounding_charges_hold_for_the_worst_libm_they_admit(name):
                 if math.isfinite(fy):
                     assert abs(mpmath.mpf(fy) - _exact(name, mpmath.mpf(x))) <= drift[i], (i, x)
                 exact = _exact(name, mpmath.mpf(x))
-                line_lo = Fraction(s[i]) * Fraction(x) + Fraction(b[i])
-                line_hi = Fraction(t[i]) * Fraction(x) + Fraction(c[i])
-                assert mpmath.mpf(line_lo.numerator) / line_lo.denominator <= exact, (i, x)
-                assert mpmath.mpf(line_hi.numerator) / line_hi.denominator >= exact, (i, x)
+                _assert_between_lines((s[i], b[i], t[i], c[i]), x, exact, i)
                 assert low[i] <= exact <= high[i] and low[i] <= fx <= high[i], (i, x)
 
 
@@ -363,10 +366,7 @@ def test_lines_and_interval_hold_at_the_windows_and_at_infinite_ends(name):
         for i, row in enumerate(points.tolist()):
             for x in row:
                 exact = _exact(name, mpmath.mpf(x))
-                line_lo = Fraction(s[i]) * Fraction(x) + Fraction(b[i])
-                line_hi = Fraction(t[i]) * Fraction(x) + Fraction(c[i])
-                assert mpmath.mpf(line_lo.numerator) / line_lo.denominator <= exact, (i, x)
-                assert mpmath.mpf(line_hi.numerator) / line_hi.denominator >= exact, (i, x)
+                _assert_between_lines((s[i], b[i], t[i], c[i]), x, exact, i)
                 assert low[i] <= exact <= high[i], (i, x)
                 # unwidened (plain bounds): within rounding of f, NaN ends never a bound
                 assert plain_low[i] <= exact + 1e-12 and plain_high[i] >= exact - 1e-12, (i, x)
