@@ -29,7 +29,7 @@ from certnet.errors import ConfigError, InputError, UnsupportedLayerError
 from certnet.files import UMASK, atomic_write
 from certnet.nn.activations import ClippedMinMax, ClippedReLU, MinMax
 from certnet.nn.layer_types import layer_type
-from certnet.nn.linf_dist import LinfDist, LinfDistConv2d, MeanShift, Negate
+from certnet.nn.linf_dist import LinfDist, LinfDistConv2d, MeanShift, Negate, patch_kernel
 from certnet.nn.lipschitz import LipschitzConv2d, LipschitzLinear, Normalize, ResidualConv2d
 from certnet.nn.pad import Pad, check_padding, pad_of
 from certnet.nn.scale import Scale
@@ -233,10 +233,7 @@ def _linf_dist_conv(m: LinfDistConv2d, x: str, shape: tuple[int, ...], g: _Build
     """Patches by a convolution with one-hot kernels (exact: one product by 1 per output, as
     unfold's C * k * k order), then the distance to each filter at every position."""
     c, k = m.in_channels, m.kernel_size
-    onehot = torch.zeros(c * k * k, c, k, k)
-    rows = torch.arange(c * k * k)
-    onehot[rows, rows // (k * k), rows // k % k, rows % k] = 1.0
-    patches = g.node("Conv", [x, g.const(onehot, "patch_kernel")], "patches",
+    patches = g.node("Conv", [x, g.const(patch_kernel(c, k), "patch_kernel")], "patches",
                      kernel_shape=[k, k], strides=[m.stride] * 2, pads=[m.padding] * 4)
     u = _distance(m, patches, (m.out_channels, c * k * k, 1, 1), g)
     return u if m.bias is None else g.node("Add", [u, g.const(m.bias.view(-1, 1, 1), "bias")])

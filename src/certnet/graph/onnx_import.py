@@ -27,7 +27,7 @@ from certnet.graph.graph import INPUT, Graph, Node
 from certnet.graph.hints import hint
 from certnet.graph.ops import Add, Concat
 from certnet.nn.activations import ClippedMinMax, ClippedReLU, MinMax
-from certnet.nn.linf_dist import LinfDist, LinfDistConv2d, MeanShift, Negate
+from certnet.nn.linf_dist import LinfDist, LinfDistConv2d, MeanShift, Negate, patch_kernel
 from certnet.nn.lipschitz import Normalize, check_batchnorm
 from certnet.nn.pad import Pad, check_padding
 from certnet.nn.reshape import Reshape
@@ -409,12 +409,9 @@ def _patch_conv(node: Any, consts: dict[str, Value]) -> tuple[int, int, int] | N
     if kernel.dim() != 4 or kernel.shape[2] != kernel.shape[3]:
         return None
     c, k = kernel.shape[1], kernel.shape[2]
-    onehot = torch.zeros(c * k * k, c, k, k, dtype=kernel.dtype)
-    rows = torch.arange(c * k * k)
-    onehot[rows, rows // (k * k), rows // k % k, rows % k] = 1
     strides, pads = list(attrs.get("strides", [1, 1])), list(attrs.get("pads", [0] * 4))
-    if kernel.shape[0] != c * k * k or not torch.equal(kernel, onehot) or \
-            len(set(strides)) != 1 or len(set(pads)) != 1 or \
+    if kernel.shape[0] != c * k * k or not torch.equal(kernel, patch_kernel(c, k, kernel.dtype)) \
+            or len(set(strides)) != 1 or len(set(pads)) != 1 or \
             set(attrs) - {"kernel_shape", "strides", "pads", "dilations", "group"} or \
             any(d != 1 for d in attrs.get("dilations", [1, 1])) or attrs.get("group", 1) != 1:
         return None

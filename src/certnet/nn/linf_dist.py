@@ -108,6 +108,18 @@ class LinfDistConv2d(nn.Module):
         return u if self.bias is None else u + self.bias.view(1, -1, 1, 1)
 
 
+def patch_kernel(channels: int, kernel_size: int, dtype: torch.dtype = torch.float32
+                 ) -> torch.Tensor:
+    """The one-hot convolution kernel (C k k, C, k, k) whose output channel c k k + i k + j
+    copies input (c, i, j): :meth:`LinfDistConv2d.patches` as a convolution (unfold's order),
+    how the ONNX export writes it and the ONNX reader recognises it."""
+    k = kernel_size
+    onehot = torch.zeros(channels * k * k, channels, k, k, dtype=dtype)
+    rows = torch.arange(channels * k * k)
+    onehot[rows, rows // (k * k), rows // k % k, rows % k] = 1
+    return onehot
+
+
 class MeanShift(nn.Module):
     """Mean-only batch normalisation (Zhang et al. 2021, §5: BatchNorm without the variance
     division and affine map): z = h - mu per channel, mu the batch mean in training (running
