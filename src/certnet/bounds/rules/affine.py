@@ -114,6 +114,21 @@ def bias_term(lam: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return (lam * bias).sum(list(range(2, lam.dim()))) if lam.dim() > 2 else lam * bias
 
 
+def live_product(lam: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """lam @ weight over only the outputs some coefficient is non-zero on: behind a ReLU its
+    dead neurons (most of them in a certified net) and, on the first step back from a layer's
+    neurons, every neuron not asked for carry zero coefficients. The same sum less exact
+    zeros, so any summation order's rounding bound still holds. Not where autograd records
+    lam: a coefficient that is zero now may move (alpha-CROWN's slopes start at 0)."""
+    if lam.requires_grad:
+        return lam @ weight
+    live = lam.reshape(-1, lam.shape[-1]).ne(0).any(0)
+    kept = live.nonzero().squeeze(1)
+    if len(kept) > live.numel() // 2:
+        return lam @ weight
+    return lam.index_select(-1, kept) @ weight.index_select(0, kept)
+
+
 class WeightRule(AffineRule):
     """z = W h + b with a weight tensor W that ``apply`` uses (a matrix product, a convolution).
     The interval is IBP's centre/radius form computed as (W/2)(hi + lo) + b -/+ (|W|/2)(hi - lo):
@@ -158,7 +173,7 @@ class LinearRule(WeightRule):
         return F.linear(h, weight, bias)
 
     def transpose(self, m, lam, inp):
-        return lam @ m.weight
+        return live_product(lam, m.weight)
 
 
 class ConvRule(WeightRule):
