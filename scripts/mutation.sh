@@ -2,7 +2,9 @@
 # Opt-in mutation testing of the soundness-critical modules (docs/testing.md); never part of
 # the default test suite or CI. Usage: scripts/mutation.sh [--head] [module ...]
 # (modules: rounding spectral masked_spectral checkpoint attacks bounds smooth scale_pad
-# piecewise certifiers; default all). Writes tests/mutation/results.json and prints a table.
+# piecewise crown ibp relu_affine graph_step patches lipschitz_bounds certifiers; default all;
+# bounds = the slices smooth .. lipschitz_bounds and the two __init__ files, in one run).
+# Writes tests/mutation/results.json and prints a table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MUTMUT_VERSION=3.8.1
