@@ -27,6 +27,7 @@ rounding, from the magnitudes that enter its operations (:mod:`certnet.floats`):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -50,9 +51,11 @@ class LayerInput:
         """max(|lo|, |hi|): the largest |h| of each input over the interval (exact)."""
         return torch.maximum(self.lo.abs(), self.hi.abs())
 
-    @property
+    @functools.cached_property
     def largest(self) -> torch.Tensor:
-        """Each point's largest |h| over the interval, shaped (B, 1, ...) to broadcast."""
+        """Each point's largest |h| over the interval, shaped (B, 1, ...) to broadcast (read
+        by every rounding charge on this input: computed once; ``lo`` and ``hi`` are never
+        changed in place, a tightened interval is a new LayerInput)."""
         top = torch.maximum(self.hi.flatten(1).amax(1), self.lo.flatten(1).amin(1).neg())
         return top.view(-1, *([1] * (self.lo.dim() - 1)))
 
