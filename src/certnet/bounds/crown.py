@@ -96,9 +96,13 @@ def crown_walk(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
     # float forward - exact forward per neuron; the tightenings below only shrink the
     # intervals these bounds were computed on, so they stay valid
     drifts = drift_walk(layers, seen) if rigorous else []
+    tightened = None  # the last layer tightened: the intervals after it are re-propagated
     for i, m in enumerate(layers):
         if not needs_bounds(m):
             continue
+        if tightened is not None:  # only as far as this layer: the next tightening restarts
+            _propagate(layers, seen, tightened, i, rigorous)
+            tightened = None
         unstable = rule_for(m).unstable(m, seen[i].lo, seen[i].hi).flatten(1)
         rows = unstable.any(0).nonzero().squeeze(1)
         if len(rows) == 0:
@@ -116,12 +120,21 @@ def crown_walk(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
                                                       torch.maximum(upper, lo[:, rows])),
                                   hi[:, rows])
         seen[i] = LayerInput(lo.view_as(seen[i].lo), hi.view_as(seen[i].hi), seen[i].clean)
-        for j in range(i, len(layers)):  # re-propagate the intervals after the tightening
-            lo_j, hi_j = layer_interval(layers[j], seen[j], rigorous)
-            nxt = seen[j + 1]
-            seen[j + 1] = LayerInput(torch.maximum(lo_j, nxt.lo), torch.minimum(hi_j, nxt.hi),
-                                     nxt.clean)
+        tightened = i
+    if tightened is not None:
+        _propagate(layers, seen, tightened, len(layers), rigorous)
     return seen, clean
+
+
+def _propagate(layers: nn.Sequential, seen: list[LayerInput], start: int, stop: int,
+               rigorous: bool) -> None:
+    """Intersect the intervals of layers start + 1 .. stop's inputs with those propagated
+    from layer ``start``'s (tightened) input interval."""
+    for j in range(start, stop):
+        lo_j, hi_j = layer_interval(layers[j], seen[j], rigorous)
+        nxt = seen[j + 1]
+        seen[j + 1] = LayerInput(torch.maximum(lo_j, nxt.lo), torch.minimum(hi_j, nxt.hi),
+                                 nxt.clean)
 
 
 def _neuron_bounds(layers: nn.Sequential, seen: list[LayerInput], x: torch.Tensor,
