@@ -93,7 +93,7 @@ TARGETS: dict[str, tuple[list[str], list[str]]] = {
                      "src/certnet/bounds/rules/relaxation.py"],
                     ["tests/test_bounds.py", "tests/test_rule_rounding.py",
                      "tests/test_exact_rounding.py", "tests/test_activations.py",
-                     "tests/test_live_product.py", "tests/test_graph_bounds.py",
+                     "tests/test_crown_shortcuts.py", "tests/test_graph_bounds.py",
                      "tests/test_mutants.py", "tests/test_mutation_survivors.py"]),
     "graph_step": (["src/certnet/bounds/rules/graph_step.py"],
                    ["tests/test_graph_bounds.py", "tests/test_graph_oracle.py",

@@ -25,9 +25,10 @@ def backward_bound(layers: nn.Sequential, seen: list[LayerInput], spec: torch.Te
                    x: torch.Tensor, threat: ThreatModel, slope: Slope = "adaptive",
                    stop: int = 0, upto: int | None = None,
                    alphas: Mapping[int, torch.Tensor] | None = None,
-                   rigorous: bool = False) -> torch.Tensor:
-    """Lower bound (B, S) on spec . z over the threat model around ``x``, z the output of
-    ``layers[:upto]``.
+                   rigorous: bool = False, offset: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """Lower bound (B, S) on spec . z + offset over the threat model around ``x``, z the
+    output of ``layers[:upto]`` (``offset``: exact constants (B, S), default 0).
 
     ``spec`` has shape (B, S, *z.shape[1:]). The relaxation walks back from layer ``upto - 1``
     to layer ``stop`` (raised to :func:`relaxation_floor`), using ``seen`` (each layer's input
@@ -38,8 +39,10 @@ def backward_bound(layers: nn.Sequential, seen: list[LayerInput], spec: torch.Te
     each step's rounding is charged to the bound (:class:`Rounding`)."""
     upto = len(layers) if upto is None else upto
     stop = max(stop, relaxation_floor(layers, upto))
-    lam, const = spec, spec.new_zeros(spec.shape[:2])
+    lam, const = spec, spec.new_zeros(spec.shape[:2]) if offset is None else offset
     rounding = Rounding(const) if rigorous else None
+    if rounding is not None and offset is not None:
+        rounding.constant(offset)
     for i in range(upto - 1, stop - 1, -1):
         choice = alphas[i] if alphas is not None and i in alphas else slope
         rule = rule_for(layers[i])
@@ -161,12 +164,22 @@ def _neuron_bounds(layers: nn.Sequential, seen: list[LayerInput], x: torch.Tenso
         n = part[0].lo.shape[0]
         for r in range(0, len(rows), row_chunk):
             idx = rows[r:r + row_chunk]
-            unit = lower.new_zeros(len(idx), shape.numel())
-            unit[torch.arange(len(idx)), idx] = 1.0
-            unit = unit.view(1, len(idx), *shape)
-            spec = torch.cat([unit, -unit], dim=1).expand(n, -1, *shape)
-            bound = backward_bound(layers, part, spec, x[points], threat, slope, upto=upto,
-                                   rigorous=rigorous)
+            # the first step back, where the layer's rule selects its rows exactly (a gather,
+            # not a product of one-hot rows: a dense layer's rows of W and b)
+            first = rule_for(layers[upto - 1]).output_rows(layers[upto - 1], idx, part[upto - 1])
+            if first is None:
+                unit = lower.new_zeros(len(idx), shape.numel())
+                unit[torch.arange(len(idx)), idx] = 1.0
+                unit = unit.view(1, len(idx), *shape)
+                spec = torch.cat([unit, -unit], dim=1).expand(n, -1, *shape)
+                bound = backward_bound(layers, part, spec, x[points], threat, slope,
+                                       upto=upto, rigorous=rigorous)
+            else:
+                a, b = first
+                spec = torch.cat([a, -a]).unsqueeze(0).expand(n, *([-1] * a.dim()))
+                bound = backward_bound(layers, part, spec, x[points], threat, slope,
+                                       upto=upto - 1, rigorous=rigorous,
+                                       offset=torch.cat([b, -b]).expand(n, -1))
             lower[points, r:r + len(idx)] = bound[:, :len(idx)]
             upper[points, r:r + len(idx)] = -bound[:, len(idx):]
     return lower, upper

@@ -175,6 +175,12 @@ class LinearRule(WeightRule):
     def transpose(self, m, lam, inp):
         return live_product(lam, m.weight)
 
+    def output_rows(self, m, rows, inp):
+        if inp.lo.dim() != 2:  # a dense layer on (B, ..., in): a flat output is no row of W
+            return None
+        bias = m.bias[rows] if m.bias is not None else m.weight.new_zeros(len(rows))
+        return m.weight[rows], bias
+
 
 class ConvRule(WeightRule):
     """Zero-padded convolution, any stride; the transpose is ``conv_transpose2d`` with the

@@ -166,6 +166,13 @@ class BoundRule:
         (0 where it is): the sparsity penalty of local-Lipschitz training. None if unknown."""
         return None
 
+    def output_rows(self, m: nn.Module, rows: torch.Tensor, inp: LayerInput
+                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(A[rows], b[rows]) for the flat outputs ``rows`` of a layer z = A h + b whose A and b
+        are entries of its parameters, exactly (a gather: CROWN's first step back from a
+        layer's neurons); None where they are not (the step is then taken as a product)."""
+        return None
+
     def interval(self, m: nn.Module, inp: LayerInput) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 

@@ -1,0 +1,89 @@
+"""Full CROWN's shortcuts on dense layers. The backward product skips the outputs no
+coefficient reaches (``live_product``): the same values as ``lam @ W``, weights of dead
+outputs never read, and the full product wherever autograd records lam. The first step back
+from a layer's neurons selects rows of W and b (``output_rows``) instead of multiplying one-hot
+rows: the same bounds, the rigorous ones no looser (that step no longer rounds)."""
+
+import pytest
+import torch
+from torch import nn
+
+from certnet.bounds.crown import crown_walk
+from certnet.bounds.rules import LayerInput
+from certnet.bounds.rules.affine import LinearRule, live_product
+from certnet.threat import ThreatModel
+
+
+def _lam(dead: int, requires_grad: bool = False) -> torch.Tensor:
+    torch.manual_seed(0)
+    lam = torch.randn(2, 5, 8, dtype=torch.float64)
+    lam[..., :dead] = 0.0  # outputs behind dead ReLUs: zero for every point and row
+    return lam.requires_grad_(requires_grad)
+
+
+def test_equals_the_full_product_up_to_the_rounding_of_any_order():
+    weight = torch.randn(8, 6, dtype=torch.float64)
+    for dead in (0, 3, 6, 8):
+        lam = _lam(dead)
+        got, full = live_product(lam, weight), lam @ weight
+        assert got.shape == full.shape
+        bound = 16 * torch.finfo(torch.float64).eps * (lam.abs() @ weight.abs())
+        assert ((got - full).abs() <= bound).all()
+
+
+def test_weights_of_outputs_no_coefficient_reaches_are_never_read():
+    weight = torch.randn(8, 6, dtype=torch.float64)
+    weight[:6] = torch.nan  # read, they would make every entry NaN
+    lam = _lam(6)
+    assert torch.equal(live_product(lam, weight), lam[..., 6:] @ weight[6:])
+    assert torch.equal(live_product(torch.zeros_like(lam), weight),
+                       torch.zeros(2, 5, 6, dtype=torch.float64))
+
+
+def test_more_than_half_live_and_recorded_coefficients_take_the_full_product():
+    weight = torch.randn(8, 6, dtype=torch.float64)
+    weight[:3] = torch.nan
+    assert live_product(_lam(3), weight).isnan().all()  # 5 of 8 live: the full product
+    weight[3] = torch.nan
+    assert not live_product(_lam(4), weight).isnan().any()  # half: the live rows only
+    # under autograd a zero coefficient may still move: its gradient needs every weight
+    lam = _lam(6, requires_grad=True)
+    weight = torch.randn(8, 6, dtype=torch.float64)
+    live_product(lam, weight).sum().backward()
+    assert torch.allclose(lam.grad[0, 0], weight.sum(1), rtol=0, atol=1e-12)
+    assert (lam.grad[..., :6] != 0).all()  # the zero coefficients get their gradient
+
+
+def _net() -> nn.Sequential:
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16),
+                         nn.ReLU(), nn.Linear(16, 3)).double()
+
+
+@pytest.mark.parametrize("rigorous", [False, True])
+def test_selected_rows_give_the_bounds_of_one_hot_rows(monkeypatch, rigorous):
+    net, x = _net(), torch.rand(3, 1, 3, 4, dtype=torch.float64)
+    threat = ThreatModel("linf", 0.2)
+    with torch.no_grad():
+        fast, _ = crown_walk(net, x, threat, rigorous=rigorous)
+        monkeypatch.setattr(LinearRule, "output_rows", lambda self, m, rows, inp: None)
+        slow, _ = crown_walk(net, x, threat, rigorous=rigorous)
+    if rigorous:  # one step less to charge: somewhere strictly tighter
+        assert any((a.lo > b.lo).any() for a, b in zip(fast, slow, strict=True))
+    for a, b in zip(fast, slow, strict=True):
+        tol = 1e-12 * (1 + b.hi.abs().amax())
+        assert (a.lo >= b.lo - tol).all() and (a.hi <= b.hi + tol).all()
+        assert torch.allclose(a.lo, b.lo, rtol=0, atol=1e-9)
+        assert torch.allclose(a.hi, b.hi, rtol=0, atol=1e-9)
+
+
+def test_rows_are_exact_entries_and_only_of_flat_dense_layers():
+    layer = nn.Linear(5, 4).double()
+    rows = torch.tensor([3, 1])
+    flat = LayerInput(*(torch.zeros(2, 5, dtype=torch.float64),) * 3)
+    a, b = LinearRule().output_rows(layer, rows, flat)
+    assert torch.equal(a, layer.weight[rows]) and torch.equal(b, layer.bias[rows])
+    layer.bias = None
+    assert torch.equal(LinearRule().output_rows(layer, rows, flat)[1], torch.zeros(2).double())
+    deep = LayerInput(*(torch.zeros(2, 3, 5, dtype=torch.float64),) * 3)
+    assert LinearRule().output_rows(layer, rows, deep) is None
