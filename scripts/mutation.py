@@ -181,8 +181,10 @@ def prepare(name: str, head: bool) -> Path:
     lines = ["[mutmut]", "source_paths = src", "only_mutate ="]
     lines += [f"    {s}" for s in sources]
     lines += ["pytest_add_cli_args_test_selection ="] + [f"    {t}" for t in tests]
+    # a mutant's CPU limit is 2 * multiplier * (its tests' time + 1 s): mutmut's 15 lets one
+    # mutant that loops hold a core for most of an hour on the slow bounds tests
     lines += ["pytest_add_cli_args =", "    -p", "    no:cacheprovider",
-              "use_git_change_detection = false", ""]
+              "use_git_change_detection = false", "timeout_multiplier = 3", ""]
     (work / "setup.cfg").write_text("\n".join(lines))
     (work / "commit.txt").write_text(git("rev-parse", "HEAD") + ("" if head else " +changes"))
     return work
