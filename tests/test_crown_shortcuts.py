@@ -2,15 +2,20 @@
 coefficient reaches (``live_product``): the same values as ``lam @ W``, weights of dead
 outputs never read, and the full product wherever autograd records lam. The first step back
 from a layer's neurons selects rows of W and b (``output_rows``) instead of multiplying one-hot
-rows: the same bounds, the rigorous ones no looser (that step no longer rounds)."""
+rows: the same bounds, the rigorous ones no looser (that step no longer rounds). |W| and its
+row sums are computed once per walk (``fixed_weights``), never carried into the next."""
+
+import copy
 
 import pytest
 import torch
 from torch import nn
 
 from certnet.bounds.crown import crown_walk
+from certnet.bounds.margins import margin_walk
 from certnet.bounds.rules import LayerInput
 from certnet.bounds.rules.affine import LinearRule, live_product
+from certnet.bounds.rules.fixed_weights import fixed_weights
 from certnet.threat import ThreatModel
 
 
@@ -87,3 +92,34 @@ def test_rows_are_exact_entries_and_only_of_flat_dense_layers():
     assert torch.equal(LinearRule().output_rows(layer, rows, flat)[1], torch.zeros(2).double())
     deep = LayerInput(*(torch.zeros(2, 3, 5, dtype=torch.float64),) * 3)
     assert LinearRule().output_rows(layer, rows, deep) is None
+
+
+def test_weight_quantities_are_kept_for_one_walk_only():
+    layer = nn.Linear(4, 3).double().requires_grad_(False)
+    rule = LinearRule()
+    inp = LayerInput(*(torch.zeros(1, 4, dtype=torch.float64),) * 3)
+    assert rule.abs_row_sums(layer, inp) is not rule.abs_row_sums(layer, inp)  # no walk
+    with fixed_weights():
+        kept = rule.abs_row_sums(layer, inp)
+        with fixed_weights():  # an inner walk shares the outer one's
+            assert rule.abs_row_sums(layer, inp) is kept
+        assert rule.abs_weight(layer) is rule.abs_weight(layer)
+    with fixed_weights():  # a new walk: computed again, from the weights as they are now
+        with torch.no_grad():
+            layer.weight.mul_(2)
+        assert torch.equal(rule.abs_row_sums(layer, inp), 2 * kept)
+    with fixed_weights():  # recorded by autograd: a graph per use, never kept
+        layer.weight.requires_grad_(True)
+        assert rule.abs_weight(layer) is not rule.abs_weight(layer)
+
+
+def test_bounds_after_a_weight_update_are_those_of_the_new_weights():
+    net, x = _net(), torch.rand(3, 1, 3, 4, dtype=torch.float64)
+    threat, ref = ThreatModel("linf", 0.2), torch.tensor([0, 1, 2])
+    with torch.no_grad():
+        margin_walk(net, x, threat, ref, "crown", rigorous=True)
+        for p in net.parameters():
+            p.mul_(1.5)
+        after = margin_walk(net, x, threat, ref, "crown", rigorous=True)[0]
+        fresh = margin_walk(copy.deepcopy(net), x, threat, ref, "crown", rigorous=True)[0]
+    assert torch.equal(after, fresh)

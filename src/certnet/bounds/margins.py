@@ -13,6 +13,7 @@ from certnet.bounds.alpha_crown import optimized_bound
 from certnet.bounds.crown import affine_tail, backward_bound, crown_walk, relaxation_floor
 from certnet.bounds.ibp import drift_walk, interval_walk
 from certnet.bounds.rules import LayerInput, Slope
+from certnet.bounds.rules.fixed_weights import fixed_weights
 from certnet.floats import gamma
 from certnet.threat import ThreatModel
 
@@ -48,10 +49,11 @@ def margin_walk(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
     bound on the exact margin, minus how far the float logits z_ref and z_j may drift from
     the exact ones from the point where the bound concretizes on (the input, or the box of
     the last layer the backward pass stops at, which holds the float values too)."""
-    seen, logits = _walk(layers, x, threat, method, slope, rigorous, with_clean=ref is None)
-    ref = logits.argmax(1) if ref is None else ref
-    spec = margin_spec(ref, seen[-1].lo.shape[1]).to(seen[-1].lo.dtype)
-    lower, drift = _lower(layers, seen, spec, x, threat, method, slope, rigorous)
+    with fixed_weights():
+        seen, logits = _walk(layers, x, threat, method, slope, rigorous, with_clean=ref is None)
+        ref = logits.argmax(1) if ref is None else ref
+        spec = margin_spec(ref, seen[-1].lo.shape[1]).to(seen[-1].lo.dtype)
+        lower, drift = _lower(layers, seen, spec, x, threat, method, slope, rigorous)
     if rigorous:
         lower = lower - (drift.gather(1, ref.unsqueeze(1)) + _others(drift, ref))
     return lower, seen, logits
@@ -64,9 +66,10 @@ def spec_bounds(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
     specification ``spec`` (B, S, K) of the outputs z (a VNN-LIB property's rows).
     ``rigorous``: below the exact value and that of the float forward pass, which differ by
     at most |spec| . drift (the drift per output, :func:`drift_walk`), rounded up."""
-    seen, _ = _walk(layers, x, threat, method, slope, rigorous, with_clean=False)
-    spec = spec.to(seen[-1].lo.dtype)
-    lower, drift = _lower(layers, seen, spec, x, threat, method, slope, rigorous)
+    with fixed_weights():
+        seen, _ = _walk(layers, x, threat, method, slope, rigorous, with_clean=False)
+        spec = spec.to(seen[-1].lo.dtype)
+        lower, drift = _lower(layers, seen, spec, x, threat, method, slope, rigorous)
     if not rigorous:
         return lower
     # the products and the sum round (gamma_{K+1} relative), the difference rounds down

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from certnet.bounds.rules.base import BoundRule, LayerInput, channels_last
+from certnet.bounds.rules.fixed_weights import once
 from certnet.distributed import batch_mean, batch_variance, distributed_run
 from certnet.errors import UnsupportedLayerError
 from certnet.floats import eta, gamma, unit_roundoff
@@ -146,13 +147,15 @@ class WeightRule(AffineRule):
     def linear(self, m, h, inp):
         return self.apply(m, h, self.weight(m), None)
 
+    def abs_weight(self, m: nn.Module) -> torch.Tensor:
+        return once(m, "abs_weight", lambda: self.weight(m).abs())
+
     def linear_abs(self, m, r, inp):
-        return self.apply(m, r, self.weight(m).abs(), None)
+        return self.apply(m, r, self.abs_weight(m), None)
 
     def interval(self, m, inp):
-        weight = self.weight(m)
-        z = self.apply(m, inp.hi + inp.lo, weight * 0.5, m.bias)
-        r = self.apply(m, inp.hi - inp.lo, weight.abs() * 0.5, None)
+        z = self.apply(m, inp.hi + inp.lo, self.weight(m) * 0.5, m.bias)
+        r = self.apply(m, inp.hi - inp.lo, self.abs_weight(m) * 0.5, None)
         return z - r, z + r
 
 
@@ -161,7 +164,8 @@ class LinearRule(WeightRule):
         return m.in_features
 
     def abs_row_sums(self, m, inp):
-        return m.weight.abs().sum(1, keepdim=True).T * (1 + gamma(m.in_features, m.weight.dtype))
+        return once(m, "abs_row_sums", lambda: self.abs_weight(m).sum(1, keepdim=True).T * (
+            1 + gamma(m.in_features, m.weight.dtype)))
 
     def outputs(self, m, inp):
         return m.out_features
@@ -199,9 +203,11 @@ class ConvRule(WeightRule):
 
     def abs_row_sums(self, m, inp):
         """Each output channel's sum of |W| (the zero padding only drops terms): no conv."""
-        weight = self.weight(m)
-        rows = weight.abs().flatten(1).sum(1) * (1 + gamma(weight[0].numel(), weight.dtype))
-        return rows.view(1, -1, 1, 1)
+        def rows() -> torch.Tensor:
+            weight = self.abs_weight(m)
+            sums = weight.flatten(1).sum(1) * (1 + gamma(weight[0].numel(), weight.dtype))
+            return sums.view(1, -1, 1, 1)
+        return once(m, "abs_row_sums", rows)
 
     def outputs(self, m, inp):
         size = [(n + 2 * p - k) // s + 1 for n, p, k, s in
