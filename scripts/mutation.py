@@ -182,9 +182,12 @@ def prepare(name: str, head: bool) -> Path:
     lines += [f"    {s}" for s in sources]
     lines += ["pytest_add_cli_args_test_selection ="] + [f"    {t}" for t in tests]
     # a mutant's CPU limit is 2 * multiplier * (its tests' time + 1 s): mutmut's 15 lets one
-    # mutant that loops hold a core for most of an hour on the slow bounds tests
+    # mutant that loops hold a core for most of an hour on the slow bounds tests. Workers
+    # fork from a server that never ran the suite: forked from the process that did (mutmut's
+    # default), the bounds and certifier workers hung on a lock at their first test
     lines += ["pytest_add_cli_args =", "    -p", "    no:cacheprovider",
-              "use_git_change_detection = false", "timeout_multiplier = 3", ""]
+              "use_git_change_detection = false", "timeout_multiplier = 3",
+              "process_isolation = forkserver", ""]
     (work / "setup.cfg").write_text("\n".join(lines))
     (work / "commit.txt").write_text(git("rev-parse", "HEAD") + ("" if head else " +changes"))
     return work
