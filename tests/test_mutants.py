@@ -91,7 +91,19 @@ def test_alpha_crown_keeps_the_best_iterate_at_a_large_learning_rate(lr):
         spec = margin_spec(logits.argmax(1), dims[-1]).to(F64)
         crown = backward_bound(layers, seen, spec, x, threat, "adaptive")
         alpha = optimized_bound(layers, seen, spec, x, threat, "adaptive", lr=lr)
+        last = optimized_bound(layers, seen, spec, x, threat, "adaptive", lr=lr, steps=0)
+        # rigorous: the slopes are chosen on the plain bound; each row's best ones are kept
+        # and the rigorous bound is evaluated there (not at the last iterate's)
+        rigorous_seen, _ = crown_walk(layers, x, threat, rigorous=True)
+        rigorous = optimized_bound(layers, rigorous_seen, spec, x, threat, "adaptive", lr=lr,
+                                   rigorous=True)
+        plain_there = optimized_bound(layers, rigorous_seen, spec, x, threat, "adaptive",
+                                      lr=lr)
     assert (alpha >= crown).all(), (alpha - crown).min()
+    assert torch.equal(last, crown)  # no steps: CROWN's own bound
+    assert (rigorous <= plain_there).all()
+    assert (rigorous >= plain_there - 1e-9 * (1 + plain_there.abs())).all(), \
+        (rigorous - plain_there).min()
 
 
 # -- 3. spectral.py magnitude_bound made smaller ----------------------------------------------
