@@ -670,10 +670,13 @@ def test_training_bounds_mix_ibp_and_crown_ibp(net):
     with torch.no_grad():
         ibp = margin_bounds(layers, x, threat, ref, "ibp")
         crown_ibp = margin_bounds(layers, x, threat, ref, "crown-ibp")
+        # training mixes CROWN-IBP's own backward bound (Zhang et al. 2020, Eq. 9); a
+        # certificate takes the larger of it and IBP's
+        raw, _ = training_bounds(layers, x, threat, ref, 1.0)
+        assert torch.allclose(crown_ibp, torch.maximum(raw, ibp), rtol=0, atol=1e-12)
         for beta in (0.0, 0.3, 1.0):
             lower, logits = training_bounds(layers, x, threat, ref, beta)
-            assert torch.allclose(lower, beta * crown_ibp + (1 - beta) * ibp, rtol=0,
-                                  atol=1e-10)
+            assert torch.allclose(lower, beta * raw + (1 - beta) * ibp, rtol=0, atol=1e-10)
             assert torch.allclose(logits, layers(x), rtol=0, atol=1e-12)
 
 

@@ -123,3 +123,18 @@ def test_bounds_after_a_weight_update_are_those_of_the_new_weights():
         after = margin_walk(net, x, threat, ref, "crown", rigorous=True)[0]
         fresh = margin_walk(copy.deepcopy(net), x, threat, ref, "crown", rigorous=True)[0]
     assert torch.equal(after, fresh)
+
+
+def test_an_activation_on_the_input_has_no_layer_before_it_to_select_from(monkeypatch):
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Sigmoid(), nn.Flatten(), nn.Linear(12, 8), nn.ReLU(),
+                        nn.Linear(8, 3)).double()
+    x = torch.rand(2, 1, 3, 4, dtype=torch.float64)
+    threat = ThreatModel("linf", 0.1)
+    with torch.no_grad():
+        fast, _ = crown_walk(net, x, threat, rigorous=True)
+        monkeypatch.setattr(LinearRule, "output_rows", lambda self, m, rows, inp: None)
+        slow, _ = crown_walk(net, x, threat, rigorous=True)
+    assert torch.equal(fast[0].lo, slow[0].lo) and torch.equal(fast[0].hi, slow[0].hi)
+    for a, b in zip(fast, slow, strict=True):
+        assert (a.lo >= b.lo - 1e-12).all() and (a.hi <= b.hi + 1e-12).all()

@@ -807,3 +807,19 @@ def test_every_certifier_is_checked_on_certified_points():
         totals.update(outcome(name).certified)
     print(f"\ncertified points checked: {dict(sorted(totals.items()))}")
     assert all(totals[c] >= 10 for c in NAMES), dict(totals)
+
+
+def test_the_drift_is_subtracted_rounded_down_in_exact_arithmetic():
+    """lower - |spec| . drift as margin_walk and spec_bounds return it is at most the exact
+    difference, where plain float subtraction of a rounded-down sum would land above it."""
+    from certnet.bounds.margins import _minus_drift, margin_spec
+
+    lower = torch.tensor([[1.0, 3.0]], dtype=torch.float64)
+    # drift_ref + drift_j = 1 + 2^-54 rounds down to 1: lower - (a + b) would give 0 > -2^-54
+    drift = torch.tensor([[1.0, 2.0 ** -54, 2.0]], dtype=torch.float64)
+    spec = margin_spec(torch.tensor([0]), 3).double()
+    got = _minus_drift(lower, spec, drift)
+    for k, j in enumerate((1, 2)):
+        exact = Fraction(1.0 if k == 0 else 3.0) - Fraction(1.0) - Fraction(float(drift[0, j]))
+        assert Fraction(float(got[0, k])) <= exact
+    assert float(lower[0, 0] - (drift[0, 0] + drift[0, 1])) == 0.0  # the naive form's error

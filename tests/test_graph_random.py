@@ -10,11 +10,10 @@ and checks that
    point, and (5) the same for an l2 ball;
 3. at eps = 0 every rigorous bound is below spec . z(x) and within 1e-8 (1 + |v|) of it;
 4. for graphs without smooth activations and with <= 6 input dims, the exact MILP oracle's
-   minimum margin is above every rigorous margin bound.
-
-CROWN is not tighter than IBP on every graph (with rigorous rounding charges and no unstable
-ReLU to gain from, it can be looser by the charges): that is not asserted per example;
-tests/test_graph_bounds.py checks that CROWN's relaxation gains through the joins.
+   minimum margin is above every rigorous margin bound;
+6. CROWN-IBP, CROWN and alpha-CROWN are never looser than IBP (each takes the larger of its
+   backward bound and IBP's on its own, tighter, intervals; 1e-12 relative for rounding).
+   tests/test_graph_bounds.py checks that CROWN's relaxation gains through the joins.
 """
 
 from __future__ import annotations
@@ -329,6 +328,12 @@ def test_random_graphs(problem):
     for (norm, method, rigorous), bound in results.items():
         assert_below(bound, spec[0], z if norm == "linf" else z2, 0.0 if rigorous else 1e-9,
                      f"{norm} {method} rigorous={rigorous} eps={eps} on {_describe(graph)}")
+
+    # (6) never looser than IBP
+    for (norm, method, rigorous), bound in results.items():
+        ibp = results[norm, "ibp", rigorous]
+        assert (bound >= ibp - 1e-12 * (1 + ibp.abs())).all(), \
+            (norm, method, rigorous, (bound - ibp).min(), _describe(graph))
 
     # (3) eps = 0: exact up to rounding
     clean = outputs_of(chain, x)

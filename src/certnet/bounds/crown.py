@@ -166,7 +166,8 @@ def _neuron_bounds(layers: nn.Sequential, seen: list[LayerInput], x: torch.Tenso
             idx = rows[r:r + row_chunk]
             # the first step back, where the layer's rule selects its rows exactly (a gather,
             # not a product of one-hot rows: a dense layer's rows of W and b)
-            first = rule_for(layers[upto - 1]).output_rows(layers[upto - 1], idx, part[upto - 1])
+            first = None if upto == 0 else \
+                rule_for(layers[upto - 1]).output_rows(layers[upto - 1], idx, part[upto - 1])
             if first is None:
                 unit = lower.new_zeros(len(idx), shape.numel())
                 unit[torch.arange(len(idx)), idx] = 1.0

@@ -53,9 +53,7 @@ def margin_walk(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
         seen, logits = _walk(layers, x, threat, method, slope, rigorous, with_clean=ref is None)
         ref = logits.argmax(1) if ref is None else ref
         spec = margin_spec(ref, seen[-1].lo.shape[1]).to(seen[-1].lo.dtype)
-        lower, drift = _lower(layers, seen, spec, x, threat, method, slope, rigorous)
-    if rigorous:
-        lower = lower - (drift.gather(1, ref.unsqueeze(1)) + _others(drift, ref))
+        lower = _lower(layers, seen, spec, x, threat, method, slope, rigorous)
     return lower, seen, logits
 
 
@@ -68,11 +66,14 @@ def spec_bounds(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
     at most |spec| . drift (the drift per output, :func:`drift_walk`), rounded up."""
     with fixed_weights():
         seen, _ = _walk(layers, x, threat, method, slope, rigorous, with_clean=False)
-        spec = spec.to(seen[-1].lo.dtype)
-        lower, drift = _lower(layers, seen, spec, x, threat, method, slope, rigorous)
-    if not rigorous:
-        return lower
-    # the products and the sum round (gamma_{K+1} relative), the difference rounds down
+        return _lower(layers, seen, spec.to(seen[-1].lo.dtype), x, threat, method, slope,
+                      rigorous)
+
+
+def _minus_drift(lower: torch.Tensor, spec: torch.Tensor, drift: torch.Tensor) -> torch.Tensor:
+    """lower - |spec| . drift (drift (B, K): how far each float output may be from the exact
+    one), rounded down: the products and the sum round (gamma_{K+1} relative), the difference
+    by one step down (for margins, |spec| . drift = drift_ref + drift_j)."""
     spread = (spec.abs() * drift.unsqueeze(1)).sum(2) * (1 + gamma(spec.shape[2] + 2,
                                                                lower.dtype))
     difference = lower - spread
@@ -91,25 +92,25 @@ def _walk(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel, method: B
 
 def _lower(layers: nn.Sequential, seen: list[LayerInput], spec: torch.Tensor, x: torch.Tensor,
            threat: ThreatModel, method: BoundMethod, slope: Slope, rigorous: bool
-           ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The method's lower bound on spec . z (exact network) and, if ``rigorous``, how far
-    each float output may drift from its exact value (B, K) from where the bound
-    concretizes on."""
-    stop = affine_tail(layers) if method == "ibp" else 0
-    if method == "alpha-crown":
-        lower = optimized_bound(layers, seen, spec, x, threat, slope, rigorous=rigorous)
-    else:
-        lower = backward_bound(layers, seen, spec, x, threat, slope, stop=stop,
-                               rigorous=rigorous)
-    if not rigorous:
-        return lower, None
-    return lower, drift_walk(layers, seen, max(stop, relaxation_floor(layers, len(layers))))[-1]
-
-
-def _others(values: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """(B, K - 1): the entries j != ref of each row, in the order of :func:`margin_spec`."""
-    keep = torch.ones_like(values, dtype=torch.bool).scatter(1, ref.unsqueeze(1), False)
-    return values[keep].view(len(values), -1)
+           ) -> torch.Tensor:
+    """The method's lower bound on spec . z (``rigorous``: of the exact network and of its
+    float forward pass, minus how far the float outputs may drift from the exact ones from
+    where the bound concretizes on). A backward pass to the input is never looser than IBP's
+    bound on the same intervals (through the affine tail, concretized on its input interval):
+    the larger of the two is taken, so CROWN and CROWN-IBP are never looser than IBP."""
+    tail = affine_tail(layers)
+    best = None
+    for stop in sorted({tail} if method == "ibp" else {0, tail}):
+        if method == "alpha-crown" and stop == 0:
+            lower = optimized_bound(layers, seen, spec, x, threat, slope, rigorous=rigorous)
+        else:
+            lower = backward_bound(layers, seen, spec, x, threat, slope, stop=stop,
+                                   rigorous=rigorous)
+        if rigorous:
+            start = max(stop, relaxation_floor(layers, len(layers)))
+            lower = _minus_drift(lower, spec, drift_walk(layers, seen, start)[-1])
+        best = lower if best is None else torch.maximum(best, lower)
+    return best
 
 
 def training_bounds(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
