@@ -1,0 +1,106 @@
+"""Tests written against the mutants of the bounds slices (``crown``: bounds/crown.py,
+backward_rounding.py, alpha_crown.py; ``certifiers``) that survived ``scripts/mutation.sh``
+(the list, with the mutant each test kills and the equivalent ones, is in
+tests/mutation/survivors.md).
+
+The soundness tests check whole bounds against sampled, attacked and exact values, where the
+backward pass's rounding charges (~1e-13 of a bound) are swamped: these check the charges
+themselves in exact arithmetic (the l1 norm of the coefficients rounded up, the largest rho
+per point, a scalar rho, the settled slack of docs/rounding.md) and the refusal's message."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import pytest
+import torch
+from torch import nn
+
+from certnet.bounds.backward_rounding import Rounding, l1_rows, largest, rule_rho
+from certnet.bounds.rules import LayerInput
+from certnet.bounds.rules.base import BoundRule
+from certnet.errors import UnsupportedLayerError
+from certnet.floats import gamma
+
+
+def _exact_l1(row: torch.Tensor) -> Fraction:
+    return sum((abs(Fraction(float(v))) for v in row.flatten().tolist()), Fraction(0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_l1_rows_is_each_rows_norm_rounded_up_in_exact_arithmetic(dtype):
+    """Kills the l2 norm, a norm over all rows (or all dims), and the rounding factor made
+    smaller or taken in float64 for a float32 walk: terms far below the first one's ulp are
+    lost by the float sum, and the bound must still hold them."""
+    tiny = torch.finfo(dtype).eps / 4
+    lam = torch.zeros(2, 3, 5, 64, dtype=dtype)
+    lam[..., 0, 0] = 1.0
+    lam[..., 1:, :] = tiny  # 319 terms each below half an ulp of the running sum
+    lam[1, 2] *= -3.0
+    got = l1_rows(lam)
+    assert got.shape == (2, 3)
+    for b in range(2):
+        for s in range(3):
+            assert Fraction(float(got[b, s])) >= _exact_l1(lam[b, s]), (dtype, b, s)
+    # and not by much: each row's own norm, not one over the whole batch
+    n = lam[0, 0].numel()
+    assert Fraction(float(got[0, 0])) <= _exact_l1(lam[0, 0]) * (1 + 2 * Fraction(gamma(n, dtype)))
+
+
+def test_largest_is_each_points_largest_rho():
+    """Kills the maximum over every point (and the dims argument dropped), and the scalar
+    and one-dimensional branches' shapes."""
+    rho = torch.tensor([[1.0, 5.0], [7.0, 2.0], [0.5, 0.25]], dtype=torch.float64)
+    assert torch.equal(largest(rho), torch.tensor([[5.0], [7.0], [0.5]], dtype=torch.float64))
+    assert torch.equal(largest(rho.view(3, 1, 2)), largest(rho))
+    assert torch.equal(largest(torch.tensor(3.0)), torch.tensor([[3.0]]))
+    assert torch.equal(largest(torch.tensor([2.0, 9.0])), torch.tensor([[9.0]]))
+    assert largest(0.25) == 0.25
+
+
+def _inp(batch: int = 2, width: int = 4) -> LayerInput:
+    lo = -torch.ones(batch, width, dtype=torch.float64)
+    return LayerInput(lo, -lo, torch.zeros_like(lo))
+
+
+def test_a_scalar_rho_is_charged_and_a_zero_one_is_not():
+    """Kills the charge skipped for a non-zero float rho (``and rho`` for ``and not rho``)."""
+    lam = torch.full((2, 3, 4), 0.5, dtype=torch.float64)
+    charged, free = Rounding(lam[:, :, 0]), Rounding(lam[:, :, 0])
+    charged.charge(lam, 0.25, _inp())
+    free.charge(lam, 0.0, _inp())
+    difference = charged.error - free.error
+    assert (difference >= 2.0 * 0.25).all()  # ||lam||_1 = 2 per row
+    assert (difference <= 2.0 * 0.25 * (1 + 1e-12)).all()
+
+
+def test_settle_subtracts_the_slack_of_docs_rounding():
+    """Kills the step and term counts started at other values: the slack is
+    E (1 + 2 gamma_{T+L+2}) + gamma_{L+6} (|base| + sum |c| + E) with L steps and T terms."""
+    base = torch.tensor([[3.0]], dtype=torch.float64)
+    const = torch.tensor([[-1.0]], dtype=torch.float64)
+    r = Rounding(base)
+    assert (r.steps, r.terms) == (0, 1)
+    r.constant(const)
+    settled = r.settle(base, const)
+    slack = gamma(6) * (3.0 + 1.0)  # no steps: E = 0, L = 0
+    assert float(settled[0, 0]) == 3.0 - 1.0 - slack
+    r.charge_sum(torch.tensor([[1e-10]], dtype=torch.float64), 7, _inp(1, 3))
+    e = float(r.error[0, 0])
+    slack = e * (1 + 2 * gamma(7 + 1 + 2)) + gamma(1 + 6) * (3.0 + 1.0 + e)
+    assert float(r.settle(base, const)[0, 0]) == pytest.approx(2.0 - slack, rel=0, abs=1e-25)
+
+
+class _NoBackwardError(BoundRule):
+    pass
+
+
+class Widget(nn.Module):
+    pass
+
+
+def test_a_rule_without_a_backward_error_is_refused_by_name():
+    """Kills the message's layer name and words."""
+    with pytest.raises(UnsupportedLayerError,
+                       match="^Widget: no bound on the rounding of its backward relaxation$"):
+        rule_rho(_NoBackwardError(), Widget(), _inp())
