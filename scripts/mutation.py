@@ -113,6 +113,7 @@ TARGETS: dict[str, tuple[list[str], list[str]]] = {
                           "tests/test_lipschitz.py", "tests/test_mutation_survivors.py"]),
     "certifiers": (["src/certnet/certifiers/*.py"],
                    ["tests/test_certifiers_soundness.py", "tests/test_refusals.py",
+                    "tests/test_linf_dist.py", "tests/test_exact_rounding.py",
                     "tests/test_lipschitz.py", "tests/test_local_lipschitz.py",
                     "tests/test_mutants.py", "tests/test_gloro.py",
                     "tests/test_mutation_survivors.py",

@@ -104,3 +104,19 @@ def test_a_rule_without_a_backward_error_is_refused_by_name():
     with pytest.raises(UnsupportedLayerError,
                        match="^Widget: no bound on the rounding of its backward relaxation$"):
         rule_rho(_NoBackwardError(), Widget(), _inp())
+
+
+def test_every_charged_step_is_counted_and_underflow_charged_as_stated():
+    """Kills the step count set instead of incremented, and the underflow charge made smaller
+    (or larger): each step adds (terms + 16) eta (n max|h| + 1) per point, n the input's
+    size (docs/rounding.md)."""
+    r = Rounding(torch.zeros(2, 1, dtype=torch.float64))
+    inp = LayerInput(torch.tensor([[-3.0, 1.0, 0.0], [0.5, 0.25, 2.0]], dtype=torch.float64),
+                     torch.tensor([[1.0, 2.0, 0.0], [0.5, 1.0, 2.0]], dtype=torch.float64),
+                     torch.zeros(2, 3, dtype=torch.float64))
+    r.charge_sum(0.0, 5, inp)
+    r.charge_sum(0.0, 5, inp)
+    assert r.steps == 2 and r.terms == 5
+    eta = torch.finfo(torch.float64).smallest_normal * torch.finfo(torch.float64).eps
+    for b, top in enumerate((3.0, 2.0)):
+        assert float(r.error[b, 0]) == 2 * ((5 + 16) * eta * (top * 3 + 1))
