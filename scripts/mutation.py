@@ -200,13 +200,17 @@ def prepare(name: str, head: bool) -> Path:
     return work
 
 
-def run_module(name: str, head: bool) -> dict:
-    work = prepare(name, head)
+def run_module(name: str, head: bool, resume: bool = False) -> dict:
+    """Run mutmut on a fresh scratch copy, or (``resume``) on the one a stopped run left:
+    mutmut keeps the verdicts it recorded and checks the rest."""
+    work = WORK / name
+    if not (resume and (work / "mutants").is_dir()):
+        work = prepare(name, head)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
            "MKL_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
     mutmut = str(Path(sys.executable).parent / "mutmut")
     start = time.monotonic()
-    with open(work / "mutmut.log", "w") as log:
+    with open(work / "mutmut.log", "a" if resume else "w") as log:
         rc = subprocess.run([mutmut, "run", "--max-children", "1"], cwd=work, env=env,
                             stdout=log, stderr=subprocess.STDOUT).returncode
     return {**collect(name), "mutmut_exit_code": rc,
@@ -264,12 +268,17 @@ def main() -> None:
     parser.add_argument("--collect", action="store_true",
                         help="record what an earlier (or stopped) run of each module found, "
                         "without running mutmut: unchecked mutants counted as such")
+    parser.add_argument("--resume", action="store_true",
+                        help="go on with a stopped run's scratch copy (its code and tests) "
+                        "where there is one, keeping its verdicts")
     args = parser.parse_args()
     unknown = [m for m in args.modules if m not in TARGETS]
     if unknown:
         parser.error(f"unknown module(s) {unknown}; known: {list(TARGETS)}")
     dirty = git("status", "--porcelain", "--", "src", "tests").splitlines()
-    if args.head:
+    if args.resume:
+        code = "a stopped run's scratch copy, resumed (its commit below)"
+    elif args.head:
         code = f"HEAD src/ and tests/, with the working tree's {SURVIVOR_TESTS}"
     elif dirty:
         # porcelain lines are "XY path"; git() strips the first line's leading blank
@@ -285,7 +294,8 @@ def main() -> None:
     }
     for name in args.modules or list(TARGETS):
         print(f"mutating {name} ...", flush=True)
-        entry = {**common, **(collect(name) if args.collect else run_module(name, args.head))}
+        entry = {**common, **(collect(name) if args.collect
+                              else run_module(name, args.head, args.resume))}
         stamp = WORK / name / "commit.txt"  # the commit the scratch copy was made from
         if stamp.exists():
             entry["commit"] = stamp.read_text().split()[0]
