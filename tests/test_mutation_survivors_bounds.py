@@ -74,21 +74,22 @@ def test_a_scalar_rho_is_charged_and_a_zero_one_is_not():
     assert (difference <= 2.0 * 0.25 * (1 + 1e-12)).all()
 
 
-def test_settle_subtracts_the_slack_of_docs_rounding():
-    """Kills the step and term counts started at other values: the slack is
-    E (1 + 2 gamma_{T+L+2}) + gamma_{L+6} (|base| + sum |c| + E) with L steps and T terms."""
-    base = torch.tensor([[3.0]], dtype=torch.float64)
-    const = torch.tensor([[-1.0]], dtype=torch.float64)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_settle_subtracts_the_slack_of_docs_rounding(dtype):
+    """Kills the step and term counts started at other values, and every change to the
+    settled slack E (1 + 2 gamma_{T+L+2}) + gamma_{L+6} (|base| + sum |c| + E), L steps, T
+    terms, gamma in the walk's dtype (the same operations, so the same floats)."""
+    base = torch.tensor([[3.0]], dtype=dtype)
+    const = torch.tensor([[-1.0]], dtype=dtype)
     r = Rounding(base)
     assert (r.steps, r.terms) == (0, 1)
     r.constant(const)
-    settled = r.settle(base, const)
-    slack = gamma(6) * (3.0 + 1.0)  # no steps: E = 0, L = 0
-    assert float(settled[0, 0]) == 3.0 - 1.0 - slack
-    r.charge_sum(torch.tensor([[1e-10]], dtype=torch.float64), 7, _inp(1, 3))
-    e = float(r.error[0, 0])
-    slack = e * (1 + 2 * gamma(7 + 1 + 2)) + gamma(1 + 6) * (3.0 + 1.0 + e)
-    assert float(r.settle(base, const)[0, 0]) == pytest.approx(2.0 - slack, rel=0, abs=1e-25)
+    assert torch.equal(r.settle(base, const), base + const - gamma(6, dtype) * (3.0 + 1.0))
+    inp = LayerInput(*(torch.zeros(1, 3, dtype=dtype),) * 3)  # no underflow reach beyond 1
+    r.charge_sum(torch.tensor([[0.5]], dtype=dtype), 7, inp)
+    e = r.error * (1 + 2 * gamma(7 + 1 + 2, dtype))
+    slack = e + gamma(1 + 6, dtype) * (base.abs() + 1.0 + e)
+    assert torch.equal(r.settle(base, const), base + const - slack)
 
 
 class _NoBackwardError(BoundRule):
