@@ -16,11 +16,15 @@ import pytest
 import torch
 from torch import nn
 
+from certnet.bounds import crown as crown_module
 from certnet.bounds.backward_rounding import Rounding, l1_rows, largest, rule_rho
+from certnet.bounds.crown import _propagate, crown_walk
+from certnet.bounds.ibp import interval_walk, layer_interval
 from certnet.bounds.rules import LayerInput
 from certnet.bounds.rules.base import BoundRule
 from certnet.errors import UnsupportedLayerError
 from certnet.floats import gamma
+from certnet.threat import ThreatModel
 
 
 def _exact_l1(row: torch.Tensor) -> Fraction:
@@ -121,3 +125,48 @@ def test_every_charged_step_is_counted_and_underflow_charged_as_stated():
     eta = torch.finfo(torch.float64).smallest_normal * torch.finfo(torch.float64).eps
     for b, top in enumerate((3.0, 2.0)):
         assert float(r.error[b, 0]) == 2 * ((5 + 16) * eta * (top * 3 + 1))
+
+
+def test_propagate_intersects_with_each_rigorous_interval_after_the_tightened_layer():
+    """Kills ``_propagate`` walking from layer 0 or only up to ``start``, and its intervals
+    taken without their rounding widening in a rigorous walk: after it, each interval past
+    ``start`` is exactly its old one intersected with the (rigorous) interval of the layer
+    below."""
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(),
+                        nn.Linear(5, 2)).double()
+    x = torch.rand(2, 4, dtype=torch.float64)
+    with torch.no_grad():
+        for rigorous in (True, False):
+            seen, _ = interval_walk(net, x, ThreatModel("linf", 0.3), rigorous=rigorous)
+            # tighten layer 1's input, as a CROWN pass would
+            old = list(seen)
+            mid = (seen[1].lo + seen[1].hi) / 2
+            seen[1] = LayerInput(seen[1].lo, torch.maximum(mid, seen[1].lo), seen[1].clean)
+            _propagate(net, seen, 1, len(net), rigorous)
+            assert seen[0] is old[0] and seen[1].hi is not old[1].hi
+            for j in range(1, len(net)):
+                lo, hi = layer_interval(net[j], seen[j], rigorous)
+                assert torch.equal(seen[j + 1].lo, torch.maximum(lo, old[j + 1].lo))
+                assert torch.equal(seen[j + 1].hi, torch.minimum(hi, old[j + 1].hi))
+            assert (seen[-1].hi < old[-1].hi).any()  # the tightening reached the output
+
+
+@pytest.mark.parametrize("slope", ["adaptive", "zero", "one", "same"])
+def test_patches_mode_gives_the_dense_bounds_for_every_slope(monkeypatch, slope):
+    """Kills the slope not passed on to the patches pass: CROWN behind convolutions runs on
+    patches (``patch_plan``); with the plan refused it runs on full maps, with the same
+    bounds."""
+    torch.manual_seed(5)
+    net = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 2, 3),
+                        nn.ReLU(), nn.Flatten(), nn.Linear(2 * 6 * 6, 3)).double()
+    x = torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    threat = ThreatModel("linf", 0.05)
+    with torch.no_grad():
+        assert crown_module.patch_plan(net, interval_walk(net, x, threat)[0], threat, 3)
+        patched, _ = crown_walk(net, x, threat, slope)
+        monkeypatch.setattr(crown_module, "patch_plan", lambda *args: None)
+        dense, _ = crown_walk(net, x, threat, slope)
+    for a, b in zip(patched, dense, strict=True):
+        assert torch.allclose(a.lo, b.lo, rtol=0, atol=1e-10)
+        assert torch.allclose(a.hi, b.hi, rtol=0, atol=1e-10)
