@@ -170,3 +170,28 @@ def test_patches_mode_gives_the_dense_bounds_for_every_slope(monkeypatch, slope)
     for a, b in zip(patched, dense, strict=True):
         assert torch.allclose(a.lo, b.lo, rtol=0, atol=1e-10)
         assert torch.allclose(a.hi, b.hi, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("conv", [True, False])
+def test_rigorous_neuron_bounds_charge_their_rounding_on_patches_and_on_maps(conv):
+    """Kills ``rigorous`` not passed on to the patches pass (or shifted into the chunk size):
+    the rigorous bounds of a layer's neurons lie strictly outside the plain ones (every step
+    is charged), behind convolutions (patches) as on dense layers."""
+    from certnet.bounds.crown import _neuron_bounds
+
+    torch.manual_seed(6)
+    if conv:
+        net = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 2, 3),
+                            nn.ReLU()).double()
+        x = torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    else:
+        net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 5), nn.ReLU()).double()
+        x = torch.rand(2, 6, dtype=torch.float64)
+    threat = ThreatModel("linf", 0.05)
+    with torch.no_grad():
+        seen, _ = interval_walk(net, x, threat, rigorous=True)
+        assert (crown_module.patch_plan(net, seen, threat, 3) is not None) == conv
+        rows = torch.arange(seen[3].lo[0].numel())
+        plain = _neuron_bounds(net, seen, x, threat, "adaptive", 3, rows, rigorous=False)
+        rigorous = _neuron_bounds(net, seen, x, threat, "adaptive", 3, rows, rigorous=True)
+    assert (rigorous[0] < plain[0]).all() and (rigorous[1] > plain[1]).all()
