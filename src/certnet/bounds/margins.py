@@ -98,17 +98,19 @@ def _lower(layers: nn.Sequential, seen: list[LayerInput], spec: torch.Tensor, x:
     where the bound concretizes on). A backward pass to the input is never looser than IBP's
     bound on the same intervals (through the affine tail, concretized on its input interval):
     the larger of the two is taken, so CROWN and CROWN-IBP are never looser than IBP."""
-    tail = affine_tail(layers)
+    # where each pass concretizes: backward passes stop at the relaxation floor at the
+    # latest, so where the floor is past the affine tail the two passes are one
+    floor = relaxation_floor(layers, len(layers))
+    tail = max(affine_tail(layers), floor)
     best = None
-    for stop in sorted({tail} if method == "ibp" else {0, tail}):
-        if method == "alpha-crown" and stop == 0:
+    for stop in [tail] if method == "ibp" else sorted({floor, tail}):
+        if method == "alpha-crown" and stop == floor:
             lower = optimized_bound(layers, seen, spec, x, threat, slope, rigorous=rigorous)
         else:
             lower = backward_bound(layers, seen, spec, x, threat, slope, stop=stop,
                                    rigorous=rigorous)
         if rigorous:
-            start = max(stop, relaxation_floor(layers, len(layers)))
-            lower = _minus_drift(lower, spec, drift_walk(layers, seen, start)[-1])
+            lower = _minus_drift(lower, spec, drift_walk(layers, seen, stop)[-1])
         best = lower if best is None else torch.maximum(best, lower)
     return best
 
