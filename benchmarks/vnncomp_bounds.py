@@ -30,7 +30,11 @@ its optimised bounds to the default dtype). Tightness = certnet bound - auto_LiR
 row (positive: certnet tighter), min and max over the rows, for the rigorous and the plain
 bound; a row is proved when its lower bound is above its d, a property when every violation
 disjunct has a proved row. ratio = certnet s / auto_LiRPA s (the issue's goal, 1.5x faster,
-is a ratio <= 0.667). Peak memory is not measured: one process holds both sides, so
+is a ratio <= 0.667). The process keeps freed memory (certnet.memory, as the ``certnet``
+command's own process does; ``--default-allocator`` leaves glibc's defaults, for comparison):
+with the defaults, once auto_LiRPA has run in the process, certnet's fresh weight-sized
+temporaries map new pages each time, which slows certnet's side and not auto_LiRPA's.
+Peak memory is not measured: one process holds both sides, so
 getrusage cannot tell them apart, and tracemalloc does not see torch's allocations.
 
 Writes ``benchmarks/results/vnncomp_bounds.json`` and prints a markdown table per network and
@@ -58,6 +62,7 @@ from machine import certnet_commit, cpu_model
 from certnet.bounds.margins import spec_bounds
 from certnet.checkpoint import write_json
 from certnet.graph.onnx_import import load_onnx
+from certnet.memory import keep_freed_memory
 from certnet.properties import read_instances, read_vnnlib
 from certnet.threat import BoxThreat
 
@@ -260,7 +265,11 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("float64", "float32"), default="float64")
     parser.add_argument("--root", type=Path, default=ROOT)
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--default-allocator", action="store_true",
+                        help="leave glibc's allocator as it is (by default the process keeps "
+                             "freed memory, as the certnet command does: certnet.memory)")
     args = parser.parse_args()
+    kept = False if args.default_allocator else keep_freed_memory()
     lirpa, why = load_auto_lirpa()
     if lirpa is None:
         raise SystemExit(f"auto_LiRPA is needed (scripts/setup-auto-lirpa.sh): {why}")
@@ -282,6 +291,7 @@ def main() -> None:
         "auto_lirpa": lirpa.__version__,
         "dtype": args.dtype,
         "limit": args.limit,
+        "keep_freed_memory": kept,
         "auto_lirpa_alpha_options": ALPHA_OPTS,
         "setup": "VNN-COMP properties, case 0's box, all violation rows as one spec C; "
                  "certnet spec_bounds rigorous and plain vs auto_LiRPA compute_bounds (alpha: "

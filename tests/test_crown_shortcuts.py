@@ -3,7 +3,9 @@ coefficient reaches (``live_product``): the same values as ``lam @ W``, weights 
 outputs never read, and the full product wherever autograd records lam. The first step back
 from a layer's neurons selects rows of W and b (``output_rows``) instead of multiplying one-hot
 rows: the same bounds, the rigorous ones no looser (that step no longer rounds). |W| and its
-row sums are computed once per walk (``fixed_weights``), never carried into the next."""
+row sums are computed once per walk (``fixed_weights``), never carried into the next; a
+layer's quantities on an interval once per interval (``LayerInput.memo``); the drifts of
+full CROWN's intervals are extended along its walk, not walked again."""
 
 import copy
 
@@ -12,10 +14,13 @@ import torch
 from torch import nn
 
 from certnet.bounds.crown import crown_walk
+from certnet.bounds.ibp import drift_walk
 from certnet.bounds.margins import margin_walk
 from certnet.bounds.rules import LayerInput
 from certnet.bounds.rules.affine import LinearRule, live_product
 from certnet.bounds.rules.fixed_weights import fixed_weights
+from certnet.bounds.rules.relaxation import fits, relu_lines, relu_relaxation
+from certnet.floats import round_down
 from certnet.threat import ThreatModel
 
 
@@ -138,3 +143,75 @@ def test_an_activation_on_the_input_has_no_layer_before_it_to_select_from(monkey
     assert torch.equal(fast[0].lo, slow[0].lo) and torch.equal(fast[0].hi, slow[0].hi)
     for a, b in zip(fast, slow, strict=True):
         assert (a.lo >= b.lo - 1e-12).all() and (a.hi <= b.hi + 1e-12).all()
+
+
+def test_interval_quantities_are_kept_with_the_interval_and_never_under_autograd():
+    """``LayerInput.memo``: a rule's quantity on an interval (a layer's size, its largest rho,
+    ReLU's lines) is computed once per interval; a new (tightened) interval computes its own,
+    and a value autograd records is never kept."""
+    layer, rule = nn.Linear(4, 3).double().requires_grad_(False), LinearRule()
+    inp = LayerInput(*(torch.full((2, 4), 0.5, dtype=torch.float64),) * 3)
+    size = rule.size(layer, inp)
+    assert rule.size(layer, inp) is size
+    other = LayerInput(inp.lo * 2, inp.hi * 2, inp.clean)
+    assert torch.equal(rule.size(layer, other) - layer.bias.abs(),
+                       2 * (size - layer.bias.abs()))
+    layer.requires_grad_(True)
+    fresh = LayerInput(*(torch.full((2, 4), 0.5, dtype=torch.float64),) * 3)
+    assert rule.size(layer, fresh) is not rule.size(layer, fresh)
+    calls = []
+    assert fresh.memo("k", lambda: calls.append(1) or 7) == 7
+    assert fresh.memo("k", lambda: calls.append(1) or 8) == 7 and calls == [1]
+
+
+def test_relu_lines_are_the_relaxation_and_kept_only_for_fixed_slopes():
+    lo = torch.tensor([[-1.0, 0.5, -2.0, -0.5]], dtype=torch.float64)
+    inp = LayerInput(lo, lo + 1.5, lo)
+    for slope in ("adaptive", "zero", "one", "same"):
+        lines = relu_lines(inp, slope)
+        assert relu_lines(inp, slope) is lines
+        for a, b in zip(lines, relu_relaxation(inp.lo, inp.hi, slope), strict=True):
+            assert torch.equal(a, b)
+    alpha = torch.full((1, 2, 4), 0.3, dtype=torch.float64)
+    assert relu_lines(inp, alpha) is not relu_lines(inp, alpha)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_fits_is_broadcast_shapes_test(seed):
+    gen = torch.Generator().manual_seed(seed)
+    target = tuple(int(d) for d in torch.randint(1, 4, (int(torch.randint(0, 5, (1,),
+                                                                          generator=gen)),),
+                                                 generator=gen))
+    for _ in range(20):
+        n = int(torch.randint(0, 6, (1,), generator=gen))
+        shape = tuple(int(d) for d in torch.randint(1, 4, (n,), generator=gen))
+        try:
+            same = torch.broadcast_shapes(shape, target) == target
+        except RuntimeError:
+            same = False
+        assert fits(torch.Size(shape), torch.Size(target)) == same, (shape, target)
+
+
+@pytest.mark.parametrize("rigorous", [False, True])
+def test_crown_walks_drifts_are_those_of_its_intervals(rigorous):
+    """The drifts full CROWN extends layer by layer as its intervals become final are
+    drift_walk's on the intervals it returns, bit for bit (certificates subtract them)."""
+    net, x = _net(), torch.rand(3, 1, 3, 4, dtype=torch.float64)
+    drifts = []
+    with torch.no_grad():
+        seen, _ = crown_walk(net, x, ThreatModel("linf", 0.2), rigorous=rigorous,
+                             drifts=drifts)
+        if not rigorous:
+            assert drifts == []
+            return
+        expected = drift_walk(net, seen)
+    assert len(drifts) == len(expected) == len(net) + 1
+    for a, b in zip(drifts, expected, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_rounding_down_to_the_same_dtype_is_the_value_itself():
+    value = torch.tensor([0.1, -0.3, 1e-310], dtype=torch.float64)
+    assert round_down(value, torch.float64) is value
+    down = round_down(value, torch.float32)
+    assert (down.double() <= value).all() and down.dtype == torch.float32

@@ -49,6 +49,8 @@ def outward(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 def round_down(value: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``value`` in ``dtype``, rounded toward -inf (toward zero for a radius: it never
     grows)."""
+    if value.dtype == dtype:  # nothing to round
+        return value
     down = value.to(dtype)
     return torch.where(down.to(value.dtype) > value,
                        torch.nextafter(down, torch.full_like(down, -torch.inf)), down)

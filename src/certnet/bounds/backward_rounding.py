@@ -20,6 +20,21 @@ def rule_rho(rule, m: nn.Module, inp: LayerInput) -> torch.Tensor | float:
     return rho
 
 
+def top_rho(rule, m: nn.Module, inp: LayerInput) -> torch.Tensor | float:
+    """:func:`largest` of :func:`rule_rho`, per point, kept with ``inp`` (every backward pass
+    through the layer on this interval charges it)."""
+    return inp.memo((m, "top_rho"), lambda: largest(rule_rho(rule, m, inp)))
+
+
+def top_sum_error(rule, m: nn.Module, inp: LayerInput) -> torch.Tensor | float | None:
+    """:func:`largest` of the rule's ``sum_error`` per point (None: no fork), kept with
+    ``inp``."""
+    def compute():
+        rho = rule.sum_error(m, inp)
+        return None if rho is None else largest(rho)
+    return inp.memo((m, "top_sum_error"), compute)
+
+
 class Rounding:
     """What a backward pass's float evaluation may have lost, per point and specification row
     (docs/rounding.md): sum over the steps of sum_j |lam_j| rho_j <= ||lam||_1 max_j rho_j
@@ -34,11 +49,12 @@ class Rounding:
         self.steps = 0
         self.terms = 1
 
-    def charge(self, lam: torch.Tensor, rho: torch.Tensor | float, inp: LayerInput) -> None:
-        """Add sum_j |lam_j| rho_j over the step's outputs (lam (B, S, *z)), and
-        :meth:`underflow` for its input ``inp``."""
-        exact = not isinstance(rho, torch.Tensor) and not rho  # no read of lam for nothing
-        self.charge_sum(0.0 if exact else l1_rows(lam) * largest(rho), lam[0, 0].numel(), inp)
+    def charge(self, lam: torch.Tensor, top: torch.Tensor | float, inp: LayerInput) -> None:
+        """Add ||lam||_1 top >= sum_j |lam_j| rho_j over the step's outputs (lam (B, S, *z);
+        ``top``: the largest rho per point (B, 1), :func:`top_rho`), and :meth:`underflow` for
+        its input ``inp``."""
+        exact = not isinstance(top, torch.Tensor) and not top  # no read of lam for nothing
+        self.charge_sum(0.0 if exact else l1_rows(lam) * top, lam[0, 0].numel(), inp)
 
     def charge_sum(self, error: torch.Tensor | float, terms: int, inp: LayerInput) -> None:
         """Add a step's charge computed by the caller (patches mode), on coefficients of
@@ -51,10 +67,15 @@ class Rounding:
     def underflow(self, terms: int, inp: LayerInput) -> None:
         """What products may lose to underflow whatever lam: each new coefficient sums at most
         ``terms`` + 16 products (eta each), and so does the constant, against inputs of size
-        at most the interval's magnitudes (sum_k H_k <= their number times the largest)."""
-        reach = inp.largest.flatten() * inp.lo[0].numel() + 1
-        lost = (terms + 16) * eta(reach.dtype) * reach
-        self.error = self.error + lost.view(-1, *([1] * (self.error.dim() - 1)))
+        at most the interval's magnitudes (sum_k H_k <= their number times the largest);
+        kept with ``inp``."""
+        dims = self.error.dim()
+
+        def compute() -> torch.Tensor:
+            reach = inp.largest.flatten() * inp.lo[0].numel() + 1
+            lost = (terms + 16) * eta(reach.dtype) * reach
+            return lost.view(-1, *([1] * (dims - 1)))
+        self.error = self.error + inp.memo(("underflow", terms, dims), compute)
 
     def constant(self, c: torch.Tensor) -> None:
         self.size = self.size + c.abs()

@@ -10,11 +10,13 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from certnet.bounds.backward_rounding import Rounding, rule_rho
+from certnet.bounds.backward_rounding import Rounding, top_rho, top_sum_error
 from certnet.bounds.crown_patches import patch_neuron_bounds, patch_plan
-from certnet.bounds.ibp import drift_walk, interval_walk, layer_interval
+from certnet.bounds.ibp import interval_walk, layer_drift, layer_interval
 from certnet.bounds.rules import LayerInput, Slope, check_supported, rule_for
 from certnet.errors import UnsupportedLayerError
+from certnet.floats import outward
+from certnet.nn.conv_algorithms import gemm_convolutions
 from certnet.threat import ThreatModel, box_minimum
 
 #: Coefficient-tensor elements one backward pass of full CROWN may hold (chunked beyond it).
@@ -39,20 +41,22 @@ def backward_bound(layers: nn.Sequential, seen: list[LayerInput], spec: torch.Te
     each step's rounding is charged to the bound (:class:`Rounding`)."""
     upto = len(layers) if upto is None else upto
     stop = max(stop, relaxation_floor(layers, upto))
+    mods = list(layers)  # indexing an nn.Sequential costs more than a step's small ops
     lam, const = spec, spec.new_zeros(spec.shape[:2]) if offset is None else offset
     rounding = Rounding(const) if rigorous else None
     if rounding is not None and offset is not None:
         rounding.constant(offset)
     for i in range(upto - 1, stop - 1, -1):
         choice = alphas[i] if alphas is not None and i in alphas else slope
-        rule = rule_for(layers[i])
+        m = mods[i]
+        rule = rule_for(m)
         if rounding is not None:
-            rounding.charge(lam, rule_rho(rule, layers[i], seen[i]), seen[i])
-        lam, c = rule.backward(layers[i], lam, seen[i], choice)
+            rounding.charge(lam, top_rho(rule, m, seen[i]), seen[i])
+        lam, c = rule.backward(m, lam, seen[i], choice)
         const = const + c
         if rounding is not None:
             rounding.constant(c)
-            forked = rule.sum_error(layers[i], seen[i])
+            forked = top_sum_error(rule, m, seen[i])
             if forked is not None:
                 rounding.charge(lam, forked, seen[i])
     base = threat.concretize(x, lam, rigorous) if stop == 0 else \
@@ -64,8 +68,8 @@ def relaxation_floor(layers: nn.Sequential, upto: int) -> int:
     """Index just past the last layer below ``upto`` without a linear relaxation (an
     interval-only rule, e.g. l_p-dist neurons), 0 if every layer has one: backward passes
     from ``upto`` concretize there, on that layer's output interval."""
-    return max((i + 1 for i in range(upto) if not rule_for(layers[i]).is_relaxable(layers[i])),
-               default=0)
+    return max((i + 1 for i, m in enumerate(list(layers)[:upto])
+                if not rule_for(m).is_relaxable(m)), default=0)
 
 
 def affine_tail(layers: nn.Sequential) -> int:
@@ -83,24 +87,33 @@ def needs_bounds(m: nn.Module) -> bool:
 
 
 def crown_walk(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
-               slope: Slope = "adaptive", rigorous: bool = False
+               slope: Slope = "adaptive", rigorous: bool = False,
+               drifts: list[torch.Tensor] | None = None
                ) -> tuple[list[LayerInput], torch.Tensor]:
     """Full CROWN: IBP intervals, then every activation's input interval tightened (in layer
     order) by a backward pass from that layer, for the neurons IBP leaves unstable; the
     intervals after it are re-propagated from the tightened ones. Returns like
     :func:`interval_walk` (``rigorous``: as there, every interval holds the exact and the
-    float forward values)."""
+    float forward values). ``drifts`` (rigorous only; optional): filled with
+    ``drift_walk(layers, seen)`` of the returned intervals, which the walk computes anyway."""
     check_supported(layers)
     if any(rule_for(m).uses_batch_statistics(m) for m in layers):
         raise UnsupportedLayerError("full CROWN bounds chunks of points, and a training-mode "
                                     "BatchNorm (or mean shift) normalises by its batch: put the "
                                     "network in eval mode (certificates always are)")
     seen, clean = interval_walk(layers, x, threat, rigorous=rigorous)
-    # float forward - exact forward per neuron; the tightenings below only shrink the
-    # intervals these bounds were computed on, so they stay valid
-    drifts = drift_walk(layers, seen) if rigorous else []
+    mods = list(layers)
+    # float forward - exact forward per neuron (drift_walk), extended to each layer once the
+    # intervals before it are final: those below a tightened layer never change again
+    drift = [torch.zeros_like(seen[0].lo)] if rigorous else []
+
+    def extend(upto: int) -> None:
+        with gemm_convolutions():  # as drift_walk's
+            for j in range(len(drift) - 1, upto):
+                drift.append(layer_drift(mods[j], drift[j], seen[j]))
+
     tightened = None  # the last layer tightened: the intervals after it are re-propagated
-    for i, m in enumerate(layers):
+    for i, m in enumerate(mods):
         if not needs_bounds(m):
             continue
         if tightened is not None:  # only as far as this layer: the next tightening restarts
@@ -112,8 +125,9 @@ def crown_walk(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
             continue
         lower, upper = _neuron_bounds(layers, seen, x, threat, slope, i, rows, rigorous)
         if rigorous:  # the float forward value lies within the drift of the exact one
-            drift = drifts[i].expand_as(seen[i].lo).flatten(1)[:, rows]
-            lower, upper = lower - drift, upper + drift
+            extend(i)
+            off = drift[i].expand_as(seen[i].lo).flatten(1)[:, rows]
+            lower, upper = outward(lower - off, upper + off)  # (each one rounding)
         # tighten only where IBP left the neuron unstable for that point, so a point's bounds
         # never depend on the other points of its batch
         mine = unstable[:, rows]
@@ -126,6 +140,9 @@ def crown_walk(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
         tightened = i
     if tightened is not None:
         _propagate(layers, seen, tightened, len(layers), rigorous)
+    if rigorous and drifts is not None:
+        extend(len(mods))
+        drifts[:] = drift
     return seen, clean
 
 
@@ -133,8 +150,8 @@ def _propagate(layers: nn.Sequential, seen: list[LayerInput], start: int, stop: 
                rigorous: bool) -> None:
     """Intersect the intervals of layers start + 1 .. stop's inputs with those propagated
     from layer ``start``'s (tightened) input interval."""
-    for j in range(start, stop):
-        lo_j, hi_j = layer_interval(layers[j], seen[j], rigorous)
+    for j, m in enumerate(list(layers)[start:stop], start):
+        lo_j, hi_j = layer_interval(m, seen[j], rigorous)
         nxt = seen[j + 1]
         seen[j + 1] = LayerInput(torch.maximum(lo_j, nxt.lo), torch.minimum(hi_j, nxt.hi),
                                  nxt.clean)
@@ -160,7 +177,9 @@ def _neuron_bounds(layers: nn.Sequential, seen: list[LayerInput], x: torch.Tenso
     upper = torch.empty_like(lower)
     for p in range(0, batch, point_chunk):
         points = slice(p, p + point_chunk)
-        part = [LayerInput(s.lo[points], s.hi[points], s.clean[points]) for s in seen]
+        # the whole batch: the intervals themselves, with what their charges keep (memo)
+        part = seen if point_chunk >= batch else \
+            [LayerInput(s.lo[points], s.hi[points], s.clean[points]) for s in seen]
         n = part[0].lo.shape[0]
         for r in range(0, len(rows), row_chunk):
             idx = rows[r:r + row_chunk]

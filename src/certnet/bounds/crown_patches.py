@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from certnet.bounds.backward_rounding import Rounding, l1_rows, largest, rule_rho
+from certnet.bounds.backward_rounding import Rounding, l1_rows, top_rho
 from certnet.bounds.rules import LayerInput, Slope, rule_for
-from certnet.bounds.rules.relaxation import relaxed_backward, relu_relaxation
+from certnet.bounds.rules.relaxation import relaxed_backward, relu_lines
 from certnet.floats import SQRT_TINY64, eta, gamma
 from certnet.threat import ThreatModel
 
@@ -54,7 +54,8 @@ def patch_neuron_bounds(layers: nn.Sequential, seen: list[LayerInput], x: torch.
                for m in layers[:upto]]  # computed once (effective weights are derived)
     for p in range(0, batch, point_chunk):
         points = slice(p, p + point_chunk)
-        part = [LayerInput(s.lo[points], s.hi[points], s.clean[points]) for s in seen]
+        part = seen if point_chunk >= batch else \
+            [LayerInput(s.lo[points], s.hi[points], s.clean[points]) for s in seen]
         for q in range(0, len(positions), position_chunk):
             for g in range(0, slots, slot_chunk):
                 channels = table[q:q + position_chunk, g:g + slot_chunk]
@@ -210,12 +211,14 @@ def _patch_bound(layers: nn.Sequential, part: list[LayerInput], x: torch.Tensor,
         return rows.reshape(n * u, *rows.shape[2:]).permute(0, 1, 4, 2, 3)
 
     windows = [_Windows(level, positions, start) for level in plan]
+    mods = list(layers)
     rounding = Rounding(lam.new_zeros(n, u, 2 * g)) if rigorous else None
     for i in range(upto - 1, -1, -1):
-        m, rule, inp, win = layers[i], rule_for(layers[i]), part[i], windows[i]
+        m, inp, win = mods[i], part[i], windows[i]
+        rule = rule_for(m)
         c = None
         if rounding is not None:
-            rounding.charge_sum(_patch_charge(lam, rule_rho(rule, m, inp), n, shared),
+            rounding.charge_sum(_patch_charge(lam, top_rho(rule, m, inp), n, shared),
                                 lam[0, 0].numel(), inp)
         if rule.patches == "conv":
             if m.bias is not None:
@@ -226,7 +229,7 @@ def _patch_bound(layers: nn.Sequential, part: list[LayerInput], x: torch.Tensor,
                 mask = win.inside.to(dtype).view(1, u, 1, 1, *win.inside.shape[1:])
                 lam = (lam.view(-1, u, *lam.shape[1:]) * mask).view(lam.shape)
         elif rule.patches == "relu":
-            lo_w, up_w, bias_w = relu_relaxation(inp.lo, inp.hi, slope)
+            lo_w, up_w, bias_w = relu_lines(inp, slope)
             lo_w, up_w, bias_w = win.gather(lo_w), win.gather(up_w), win.gather(bias_w)
             if shared:  # lam+ l + lam- u = lam- (u - l) + lam l, broadcast over the points
                 shared = False
@@ -281,12 +284,11 @@ def _patch_bound(layers: nn.Sequential, part: list[LayerInput], x: torch.Tensor,
     return base + const if rounding is None else rounding.settle(base, const)
 
 
-def _patch_charge(lam: torch.Tensor, rho: torch.Tensor | float, n: int, shared: bool
+def _patch_charge(lam: torch.Tensor, top: torch.Tensor | float, n: int, shared: bool
                   ) -> torch.Tensor:
     """An upper bound on sum_j |lam_j| rho_j over each window (n, U, 2G) (as
     :class:`Rounding`'s: ||lam||_1 max rho), lam the patches (U, 2G, C, h, w) when ``shared``
-    by the points, else (n * U, 2G, C, h, w), rho the step's, per point."""
-    top = largest(rho)
+    by the points, else (n * U, 2G, C, h, w), ``top`` the step's largest rho per point."""
     total = l1_rows(lam)
     return total.unsqueeze(0) * top.view(-1, 1, 1) if shared else \
         total.view(n, -1, lam.shape[1]) * top.view(-1, 1, 1)

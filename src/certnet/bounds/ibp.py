@@ -128,8 +128,8 @@ def drift_walk(layers: nn.Sequential, seen: list[LayerInput], start: int = 0
     bound holds on): each rule's ``drift`` in turn (docs/rounding.md)."""
     drifts = [torch.zeros_like(seen[start].lo)]
     with gemm_convolutions():
-        for i in range(start, len(layers)):
-            drifts.append(layer_drift(layers[i], drifts[-1], seen[i]))
+        for i, m in enumerate(list(layers)[start:], start):
+            drifts.append(layer_drift(m, drifts[-1], seen[i]))
     return drifts
 
 

@@ -50,10 +50,11 @@ def margin_walk(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
     the exact ones from the point where the bound concretizes on (the input, or the box of
     the last layer the backward pass stops at, which holds the float values too)."""
     with fixed_weights():
-        seen, logits = _walk(layers, x, threat, method, slope, rigorous, with_clean=ref is None)
+        seen, logits, drifts = _walk(layers, x, threat, method, slope, rigorous,
+                                     with_clean=ref is None)
         ref = logits.argmax(1) if ref is None else ref
         spec = margin_spec(ref, seen[-1].lo.shape[1]).to(seen[-1].lo.dtype)
-        lower = _lower(layers, seen, spec, x, threat, method, slope, rigorous)
+        lower = _lower(layers, seen, spec, x, threat, method, slope, rigorous, drifts)
     return lower, seen, logits
 
 
@@ -65,9 +66,9 @@ def spec_bounds(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
     ``rigorous``: below the exact value and that of the float forward pass, which differ by
     at most |spec| . drift (the drift per output, :func:`drift_walk`), rounded up."""
     with fixed_weights():
-        seen, _ = _walk(layers, x, threat, method, slope, rigorous, with_clean=False)
+        seen, _, drifts = _walk(layers, x, threat, method, slope, rigorous, with_clean=False)
         return _lower(layers, seen, spec.to(seen[-1].lo.dtype), x, threat, method, slope,
-                      rigorous)
+                      rigorous, drifts)
 
 
 def _minus_drift(lower: torch.Tensor, spec: torch.Tensor, drift: torch.Tensor) -> torch.Tensor:
@@ -82,22 +83,25 @@ def _minus_drift(lower: torch.Tensor, spec: torch.Tensor, drift: torch.Tensor) -
 
 def _walk(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel, method: BoundMethod,
           slope: Slope, rigorous: bool, with_clean: bool
-          ) -> tuple[list[LayerInput], torch.Tensor | None]:
+          ) -> tuple[list[LayerInput], torch.Tensor | None, list[torch.Tensor]]:
     """The forward walk a method's last pass needs: intermediate bounds by CROWN (crown,
-    alpha-crown) or by intervals."""
+    alpha-crown) or by intervals; with the drifts from the input where the walk has them
+    (``drift_walk(layers, seen)``, else [])."""
+    drifts: list[torch.Tensor] = []
     if method in ("crown", "alpha-crown"):
-        return crown_walk(layers, x, threat, slope, rigorous)
-    return interval_walk(layers, x, threat, with_clean=with_clean, rigorous=rigorous)
+        return *crown_walk(layers, x, threat, slope, rigorous, drifts), drifts
+    return *interval_walk(layers, x, threat, with_clean=with_clean, rigorous=rigorous), drifts
 
 
 def _lower(layers: nn.Sequential, seen: list[LayerInput], spec: torch.Tensor, x: torch.Tensor,
-           threat: ThreatModel, method: BoundMethod, slope: Slope, rigorous: bool
-           ) -> torch.Tensor:
+           threat: ThreatModel, method: BoundMethod, slope: Slope, rigorous: bool,
+           drifts: list[torch.Tensor] | None = None) -> torch.Tensor:
     """The method's lower bound on spec . z (``rigorous``: of the exact network and of its
     float forward pass, minus how far the float outputs may drift from the exact ones from
     where the bound concretizes on). A backward pass to the input is never looser than IBP's
     bound on the same intervals (through the affine tail, concretized on its input interval):
-    the larger of the two is taken, so CROWN and CROWN-IBP are never looser than IBP."""
+    the larger of the two is taken, so CROWN and CROWN-IBP are never looser than IBP.
+    ``drifts``: ``drift_walk(layers, seen)`` if the caller has it."""
     # where each pass concretizes: backward passes stop at the relaxation floor at the
     # latest, so where the floor is past the affine tail the two passes are one
     floor = relaxation_floor(layers, len(layers))
@@ -110,7 +114,8 @@ def _lower(layers: nn.Sequential, seen: list[LayerInput], spec: torch.Tensor, x:
             lower = backward_bound(layers, seen, spec, x, threat, slope, stop=stop,
                                    rigorous=rigorous)
         if rigorous:
-            lower = _minus_drift(lower, spec, drift_walk(layers, seen, stop)[-1])
+            drift = drifts[-1] if drifts and stop == 0 else drift_walk(layers, seen, stop)[-1]
+            lower = _minus_drift(lower, spec, drift)
         best = lower if best is None else torch.maximum(best, lower)
     return best
 

@@ -12,7 +12,7 @@ from certnet.bounds.rules.relaxation import (
     per_row_dot,
     relaxation_error,
     relu_backward,
-    relu_relaxation,
+    relu_lines,
 )
 from certnet.nn import branchless
 
@@ -24,7 +24,7 @@ class ReLURule(BoundRule):
     patches = "relu"
 
     def slopes(self, m, inp, slope):
-        return relu_relaxation(inp.lo, inp.hi, slope)[0]
+        return relu_lines(inp, slope)[0]
 
     def unstable(self, m, lo, hi):
         return (lo < 0) & (hi > 0)
@@ -40,7 +40,7 @@ class ReLURule(BoundRule):
         return torch.relu(inp.lo), torch.relu(inp.hi)
 
     def backward(self, m, lam, inp, slope):
-        return relu_backward(lam, inp.lo, inp.hi, slope)
+        return relu_backward(lam, inp.lo, inp.hi, slope, relu_lines(inp, slope))
 
     def backward_error(self, m, inp):
         return relaxation_error(inp, inp.magnitude, 1)

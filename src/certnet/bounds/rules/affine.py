@@ -50,11 +50,14 @@ class AffineRule(BoundRule):
 
     def size(self, m: nn.Module, inp: LayerInput) -> torch.Tensor:
         """M |A| 1 + |b| (B, *z), M each point's largest |h| on the interval: at least
-        |A| |h| + |b| for every h in it, the magnitude that enters each output's dot product."""
-        rows = self.abs_row_sums(m, inp)
-        size = inp.largest.flatten().view(-1, *([1] * (rows.dim() - 1))) * rows
-        bias = self.bias(m, inp)
-        return size if bias is None else size + bias.abs()
+        |A| |h| + |b| for every h in it, the magnitude that enters each output's dot product
+        (kept with ``inp``: every rounding bound of the layer on it reads it)."""
+        def compute() -> torch.Tensor:
+            rows = self.abs_row_sums(m, inp)
+            size = inp.largest.flatten().view(-1, *([1] * (rows.dim() - 1))) * rows
+            bias = self.bias(m, inp)
+            return size if bias is None else size + bias.abs()
+        return inp.memo((m, "size"), compute)
 
     def interval_error(self, m, inp):
         """``interval`` rounds c, r (or hi + lo, hi - lo), A c + b, |A| r and their sum: at
@@ -154,8 +157,10 @@ class WeightRule(AffineRule):
         return self.apply(m, r, self.abs_weight(m), None)
 
     def interval(self, m, inp):
-        z = self.apply(m, inp.hi + inp.lo, self.weight(m) * 0.5, m.bias)
-        r = self.apply(m, inp.hi - inp.lo, self.abs_weight(m) * 0.5, None)
+        half = once(m, "half_weight", lambda: self.weight(m) * 0.5)
+        half_abs = once(m, "half_abs_weight", lambda: self.abs_weight(m) * 0.5)
+        z = self.apply(m, inp.hi + inp.lo, half, m.bias)
+        r = self.apply(m, inp.hi - inp.lo, half_abs, None)
         return z - r, z + r
 
 
@@ -292,9 +297,12 @@ class ChannelAffineRule(AffineRule):
 
     def size(self, m, inp):
         """S = M |a| + |a mu| + |beta| per output (B, C, ...), M each point's largest |h|:
-        every computed value below is within a few u of S of its exact value."""
-        scale, shift = self.magnitudes(m, inp)
-        return inp.largest * self._view(scale, inp.lo) + self._view(shift, inp.lo)
+        every computed value below is within a few u of S of its exact value (kept with
+        ``inp``)."""
+        def compute() -> torch.Tensor:
+            scale, shift = self.magnitudes(m, inp)
+            return inp.largest * self._view(scale, inp.lo) + self._view(shift, inp.lo)
+        return inp.memo((m, "size"), compute)
 
     def interval_error(self, m, inp):
         """The scale a (a square root, a division, a product: 4u relative) and shift

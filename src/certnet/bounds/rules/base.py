@@ -28,8 +28,9 @@ rounding, from the magnitudes that enter its operations (:mod:`certnet.floats`):
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -45,6 +46,19 @@ class LayerInput:
     lo: torch.Tensor
     hi: torch.Tensor
     clean: torch.Tensor
+    _memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def memo(self, key: Hashable, compute: Callable[[], Any]) -> Any:
+        """``compute()``, a quantity of this interval (and of the layer named in ``key``,
+        whose weights must not change while the interval lives: one walk), computed once:
+        the rounding charges of a rigorous walk read each layer's several times. Not kept
+        where autograd records it (a training step's graph is used once)."""
+        if key not in self._memo:
+            value = compute()
+            if isinstance(value, torch.Tensor) and value.requires_grad:
+                return value
+            self._memo[key] = value
+        return self._memo[key]
 
     @property
     def magnitude(self) -> torch.Tensor:

@@ -16,7 +16,7 @@ from certnet.bounds.rules.relaxation import (
     per_row_dot,
     relaxation_error,
     relu_backward,
-    relu_relaxation,
+    relu_lines,
 )
 from certnet.errors import UnsupportedLayerError
 from certnet.floats import eta, gamma
@@ -40,7 +40,7 @@ class LeakyReLURule(BoundRule):
                                         f"<= 1, got {a!r}")
 
     def slopes(self, m, inp, slope):
-        return relu_relaxation(inp.lo, inp.hi, slope)[0]
+        return relu_lines(inp, slope)[0]
 
     def unstable(self, m, lo, hi):
         return (lo < 0) & (hi > 0)
@@ -67,7 +67,7 @@ class LeakyReLURule(BoundRule):
 
     def backward(self, m, lam, inp, slope):
         a = m.negative_slope
-        coef, const = relu_backward(lam, inp.lo, inp.hi, slope)
+        coef, const = relu_backward(lam, inp.lo, inp.hi, slope, relu_lines(inp, slope))
         return lam * a + coef * (1 - a), const * (1 - a)
 
     def backward_error(self, m, inp):

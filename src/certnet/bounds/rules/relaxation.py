@@ -68,10 +68,22 @@ def relu_relaxation(lo: torch.Tensor, hi: torch.Tensor, slope: Slope | torch.Ten
     return lower, upper, upper_bias
 
 
+def relu_lines(inp: LayerInput, slope: Slope | torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`relu_relaxation` on the interval ``inp``, kept with it for a fixed slope choice
+    (every backward pass through the layer on this interval reads the same lines)."""
+    if isinstance(slope, torch.Tensor):  # alpha-CROWN's, new each step
+        return relu_relaxation(inp.lo, inp.hi, slope)
+    return inp.memo(("relu_lines", slope), lambda: relu_relaxation(inp.lo, inp.hi, slope))
+
+
 def relu_backward(lam: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
-                  slope: Slope | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Coefficients on h and constant of a lower bound of lam . relu(h), h in [lo, hi]."""
-    lower, upper, upper_bias = relu_relaxation(lo, hi, slope)
+                  slope: Slope | torch.Tensor,
+                  lines: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coefficients on h and constant of a lower bound of lam . relu(h), h in [lo, hi]
+    (``lines``: :func:`relu_relaxation`'s of them, if the caller has them)."""
+    lower, upper, upper_bias = relu_relaxation(lo, hi, slope) if lines is None else lines
     if not isinstance(slope, torch.Tensor):  # one lower slope for every specification row
         lower = _like(lower.unsqueeze(1), lam)
     return relaxed_backward(lam, lower, _like(upper.unsqueeze(1), lam),
@@ -117,6 +129,14 @@ def per_row_dot(t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return sum_over(t * v)
 
 
+def fits(shape: torch.Size, target: torch.Size) -> bool:
+    """Whether ``shape`` broadcasts to ``target`` without enlarging it (an in-place op of a
+    ``target``-shaped tensor with it is then possible); torch.broadcast_shapes' test, at a
+    fraction of its cost per call."""
+    return len(shape) <= len(target) and \
+        all(s in (1, t) for s, t in zip(reversed(shape), reversed(target), strict=False))
+
+
 def sum_over(t: torch.Tensor) -> torch.Tensor:
     return t.sum(list(range(2, t.dim()))) if t.dim() > 2 else t
 
@@ -146,10 +166,8 @@ class _RelaxedBackward(torch.autograd.Function):
         coef = lam.clamp(max=0)
         const = per_row_dot(coef, upper_bias)
         gap = upper - lower
-        coef = coef.mul_(gap) if torch.broadcast_shapes(coef.shape, gap.shape) == coef.shape \
-            else coef * gap
-        coef = coef.addcmul_(lam, lower) if \
-            torch.broadcast_shapes(coef.shape, lower.shape) == coef.shape else coef + lam * lower
+        coef = coef.mul_(gap) if fits(gap.shape, coef.shape) else coef * gap
+        coef = coef.addcmul_(lam, lower) if fits(lower.shape, coef.shape) else coef + lam * lower
         ctx.save_for_backward(lam, lower, upper, upper_bias)
         return coef, const
 
@@ -177,8 +195,8 @@ class _RelaxedBackward(torch.autograd.Function):
                 g_bias = _rows_weighted(g_const, neg, upper_bias.shape)
             if need_upper:
                 g_upper = neg.mul_(g_coef).sum_to_size(upper.shape) if \
-                    torch.broadcast_shapes(neg.shape, g_coef.shape) == neg.shape and \
-                    not torch.is_grad_enabled() else (neg * g_coef).sum_to_size(upper.shape)
+                    fits(g_coef.shape, neg.shape) and not torch.is_grad_enabled() else \
+                    (neg * g_coef).sum_to_size(upper.shape)
             del neg
         if need_lower:
             g_lower = (g_coef * lam.clamp(min=0)).sum_to_size(lower.shape)
