@@ -195,3 +195,65 @@ def test_rigorous_neuron_bounds_charge_their_rounding_on_patches_and_on_maps(con
         plain = _neuron_bounds(net, seen, x, threat, "adaptive", 3, rows, rigorous=False)
         rigorous = _neuron_bounds(net, seen, x, threat, "adaptive", 3, rows, rigorous=True)
     assert (rigorous[0] < plain[0]).all() and (rigorous[1] > plain[1]).all()
+
+
+def test_alpha_crown_starts_from_adaptive_slopes_by_default():
+    """Kills optimized_bound's default slope changed: called without one, it is the
+    optimisation from CROWN's adaptive slopes."""
+    from certnet.bounds.alpha_crown import optimized_bound
+    from certnet.bounds.margins import margin_spec
+
+    torch.manual_seed(8)
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
+                        nn.Linear(8, 3)).double()
+    x, threat = torch.rand(2, 6, dtype=torch.float64), ThreatModel("linf", 0.3)
+    with torch.no_grad():
+        seen, _ = crown_walk(net, x, threat)
+    spec = margin_spec(torch.tensor([0, 1]), 3).double()
+    default = optimized_bound(net, seen, spec, x, threat, steps=3)
+    assert torch.equal(default, optimized_bound(net, seen, spec, x, threat, "adaptive",
+                                                steps=3))
+    assert not torch.equal(default, optimized_bound(net, seen, spec, x, threat, "same",
+                                                    steps=3))
+
+
+def test_full_crown_selects_rows_of_each_layer_on_its_own_input(monkeypatch):
+    """Kills the first step's ``output_rows`` handed another layer's interval: every call
+    gets the selected layer's input (a dense layer refuses, and the step falls back to
+    one-hot rows, on any input that is not its flat (B, in_features) one)."""
+    from certnet.bounds.rules.affine import LinearRule
+
+    torch.manual_seed(9)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 10),
+                        nn.ReLU(), nn.Linear(10, 3)).double()
+    x = torch.rand(2, 1, 3, 4, dtype=torch.float64)
+    seen_by = []
+    rows_of = LinearRule.output_rows
+
+    def spy(self, m, rows, inp):
+        seen_by.append((m.in_features, tuple(inp.lo.shape)))
+        return rows_of(self, m, rows, inp)
+    monkeypatch.setattr(LinearRule, "output_rows", spy)
+    with torch.no_grad():
+        crown_walk(net, x, ThreatModel("linf", 0.2), rigorous=True)
+    assert {features for features, _ in seen_by} == {12, 16}
+    assert all(shape == (2, features) for features, shape in seen_by)
+
+
+def test_full_crowns_neuron_bounds_follow_the_slope():
+    """Kills the slope dropped from (or replaced in) the neuron bounds' backward passes: the
+    intervals full CROWN tightens depend on the lower slope chosen, and the fixed choices
+    differ."""
+    torch.manual_seed(10)
+    net = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(),
+                        nn.Linear(12, 3)).double()
+    x, threat = torch.rand(3, 6, dtype=torch.float64), ThreatModel("linf", 0.4)
+    walks = {}
+    with torch.no_grad():
+        for slope in ("adaptive", "zero", "one", "same"):
+            walks[slope] = crown_walk(net, x, threat, slope)[0][3]
+    for a in walks:
+        for b in walks:
+            if a < b:
+                assert not (torch.equal(walks[a].lo, walks[b].lo) and
+                            torch.equal(walks[a].hi, walks[b].hi)), (a, b)
