@@ -17,7 +17,7 @@ from certnet.bounds.crown import crown_walk
 from certnet.bounds.ibp import drift_walk
 from certnet.bounds.margins import margin_walk
 from certnet.bounds.rules import LayerInput
-from certnet.bounds.rules.affine import LinearRule, live_product
+from certnet.bounds.rules.affine import ConvRule, LinearRule, live_product
 from certnet.bounds.rules.fixed_weights import fixed_weights
 from certnet.bounds.rules.relaxation import fits, relu_lines, relu_relaxation
 from certnet.floats import round_down
@@ -215,3 +215,77 @@ def test_rounding_down_to_the_same_dtype_is_the_value_itself():
     assert round_down(value, torch.float64) is value
     down = round_down(value, torch.float32)
     assert (down.double() <= value).all() and down.dtype == torch.float32
+
+
+@pytest.mark.parametrize("stride,padding,kernel", [(1, 1, (3, 3)), (2, 1, (3, 3)),
+                                                   (2, 0, (2, 3)), (1, 2, (3, 2)),
+                                                   (3, 1, (4, 4))])
+def test_conv_rows_are_the_kernel_on_each_window_exactly(stride, padding, kernel):
+    """A convolution's selected rows are exactly the transposed convolution of one-hot rows
+    (a product with 1 and sums of zeros: exact), for strides, paddings and kernels that leave
+    the window partly on the padding or the last input rows unused."""
+    torch.manual_seed(3)
+    conv = nn.Conv2d(2, 3, kernel, stride=stride, padding=padding).double()
+    inp = LayerInput(*(torch.zeros(1, 2, 7, 6, dtype=torch.float64),) * 3)
+    out_shape = conv(inp.lo).shape[1:]
+    rule = ConvRule()
+    rows = torch.randperm(out_shape.numel())[:12]
+    a, b = rule.output_rows(conv, rows, inp)
+    unit = torch.zeros(1, len(rows), out_shape.numel(), dtype=torch.float64)
+    unit[0, torch.arange(len(rows)), rows] = 1.0
+    with torch.no_grad():
+        expected = rule.transpose(conv, unit.view(1, len(rows), *out_shape), inp)[0]
+    assert torch.equal(a, expected)
+    assert torch.equal(b, conv.bias[rows // out_shape[1:].numel()])
+    assert rule.output_rows(conv, rows, LayerInput(*(torch.zeros(1, 84),) * 3)) is None
+
+
+def _residual() -> nn.Module:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(1, 3, 3, padding=1)
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+            self.head = nn.Linear(3 * 6 * 6, 4)
+
+        def forward(self, x):
+            h = torch.relu(self.stem(x))
+            h = torch.relu(h + self.conv(h))
+            return self.head(torch.flatten(h, 1))
+    torch.manual_seed(4)
+    return Net().double().eval()
+
+
+@pytest.mark.parametrize("rigorous", [False, True])
+def test_selected_rows_through_graph_steps_and_convolutions_give_the_same_bounds(
+        monkeypatch, rigorous):
+    """On a residual graph (torch.fx, lowered to steps) the first step back from a layer's
+    neurons selects the convolution's rows inside the step: the bounds of one-hot rows, the
+    rigorous ones no looser and somewhere strictly tighter (that step no longer rounds)."""
+    import certnet
+    from certnet.bounds import crown as crown_module
+    from certnet.bounds.rules.graph_step import StepRule
+
+    net = certnet.bounded(_residual(), (1, 6, 6)).layers
+    x, threat = torch.rand(2, 1, 6, 6, dtype=torch.float64), ThreatModel("linf", 0.1)
+    monkeypatch.setattr(crown_module, "patch_plan", lambda *args: None)
+    with torch.no_grad():
+        fast, _ = crown_walk(net, x, threat, rigorous=rigorous)
+        monkeypatch.setattr(StepRule, "output_rows", lambda self, m, rows, inp: None)
+        slow, _ = crown_walk(net, x, threat, rigorous=rigorous)
+    if rigorous:
+        assert any((a.lo > b.lo).any() for a, b in zip(fast, slow, strict=True))
+    for a, b in zip(fast, slow, strict=True):
+        tol = 1e-12 * (1 + b.hi.abs().amax())
+        assert (a.lo >= b.lo - tol).all() and (a.hi <= b.hi + tol).all()
+        assert torch.allclose(a.lo, b.lo, rtol=0, atol=1e-9)
+        assert torch.allclose(a.hi, b.hi, rtol=0, atol=1e-9)
+
+
+def test_a_computed_kernel_is_never_selected_as_exact_rows():
+    """The folded residual conv's kernel alpha W + I is computed (it rounds): its rows are
+    never handed out as exact entries."""
+    from certnet.bounds.rules.affine import ResidualConvRule
+
+    inp = LayerInput(*(torch.zeros(1, 2, 5, 5, dtype=torch.float64),) * 3)
+    assert ResidualConvRule().output_rows(None, torch.tensor([0, 1]), inp) is None

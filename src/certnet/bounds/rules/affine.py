@@ -230,6 +230,27 @@ class ConvRule(WeightRule):
     def bias(self, m, inp):
         return None if m.bias is None else m.bias.view(-1, 1, 1)
 
+    def output_rows(self, m, rows, inp):
+        """Output (c, y, x)'s row of A: the kernel W[c] copied onto its window of the input
+        (rows (y s - p) .., columns (x s - p) ..), the parts on the zero padding dropped (they
+        multiply zeros); b[c]. Copies only, so exact."""
+        weight = m.weight
+        if inp.lo.dim() != 4:
+            return None
+        (c_in, h, w), (k_h, k_w) = inp.lo.shape[1:], weight.shape[-2:]
+        (s_h, s_w), (p_h, p_w) = m.stride, m.padding
+        out_w = (w + 2 * p_w - k_w) // s_w + 1
+        out_hw = ((h + 2 * p_h - k_h) // s_h + 1) * out_w
+        channel, y, x = rows // out_hw, rows % out_hw // out_w, rows % out_w
+        n = len(rows)
+        canvas = weight.new_zeros(n, c_in, h + 2 * p_h, w + 2 * p_w)
+        at = torch.arange
+        canvas[at(n).view(-1, 1, 1, 1), at(c_in).view(1, -1, 1, 1),
+               (y * s_h).view(-1, 1, 1, 1) + at(k_h).view(1, 1, -1, 1),
+               (x * s_w).view(-1, 1, 1, 1) + at(k_w).view(1, 1, 1, -1)] = weight[channel]
+        bias = m.bias[channel] if m.bias is not None else weight.new_zeros(n)
+        return canvas[:, :, p_h:p_h + h, p_w:p_w + w], bias
+
     def transpose(self, m, lam, inp):
         weight = self.weight(m)
         out_h, out_w = lam.shape[-2:]
@@ -254,6 +275,9 @@ class ResidualConvRule(ConvRule):
 
     def fan_in(self, m):
         return m.weight[0].numel() + 2
+
+    def output_rows(self, m, rows, inp):
+        return None  # the kernel alpha W + I is computed: the step rounds, and is charged
 
     def abs_row_sums(self, m, inp):
         majorant = m.kernel_majorant().to(inp.lo.dtype)

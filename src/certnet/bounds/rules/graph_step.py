@@ -163,6 +163,24 @@ class StepRule(BoundRule):
         self._slots(m, state)[m.inputs[0]].copy_(start.expand_as(m.slots(inp.lo)[m.inputs[0]]))
         return state.view_as(inp.lo)
 
+    def output_rows(self, m: Step, rows: torch.Tensor, inp: LayerInput
+                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The operator's rows, where every row asked for is one of its result's (not a kept
+        slot's), placed on the slot it reads within the input state (zero elsewhere)."""
+        single = self._single(m)
+        start = 0 if m.last else sum(m.sizes[k] for k in m.keep)
+        if single is None or len(rows) == 0 or int(rows.min()) < start:
+            return None
+        (i,) = m.inputs
+        selected = single.output_rows(m.op, rows - start, self._inputs(m, inp)[0])
+        if selected is None:
+            return None
+        a, b = selected
+        state = a.new_zeros(len(rows), sum(m.sizes))
+        first = sum(m.sizes[:i])
+        state[:, first:first + m.sizes[i]] = a.reshape(len(rows), -1)
+        return state.view(len(rows), *inp.lo.shape[1:]), b
+
     # -- bounds --------------------------------------------------------------------------------
     def interval(self, m, inp):
         ins = self._inputs(m, inp)
