@@ -17,8 +17,11 @@ predicted class) over the l_inf ball of ``--eps`` by
 Every (side, repeat) runs in a fresh subprocess, the sides alternating, so each process's peak
 resident memory (getrusage) is its side's alone: ``peak MB`` is the growth of the peak over
 what the process held before bounding (model, inputs and auto_LiRPA's traced graph built),
-``process MB`` the whole process's peak. Seconds are the median over ``--repeats`` of the
-bound call alone. Writes ``benchmarks/results/resnet_bounds.json`` and prints a table.
+``process MB`` the whole process's peak. Every process keeps freed memory (certnet.memory, as
+the ``certnet`` command's does: a fresh coefficient tensor then reuses freed pages instead of
+faulting in new ones); ``--default-allocator`` leaves glibc's defaults. Seconds are the
+median over ``--repeats`` of the bound call alone. Writes
+``benchmarks/results/resnet_bounds.json`` and prints a table.
 Reproduce (``scripts/setup-auto-lirpa.sh`` builds the environment):
 
     OMP_NUM_THREADS=1 .venv-auto-lirpa/bin/python benchmarks/resnet_bounds.py --repeats 3
@@ -96,9 +99,14 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def child(side: str, method: str, width: int, points: int, eps: float) -> dict:
+def child(side: str, method: str, width: int, points: int, eps: float,
+          keep_memory: bool = True) -> dict:
     """One side's bound in this process: seconds, memory, bounds."""
     torch.set_default_dtype(torch.float64)  # auto_LiRPA casts optimised bounds to it
+    if keep_memory:  # as the certnet command's process does, for every side alike
+        from certnet.memory import keep_freed_memory  # noqa: PLC0415
+
+        keep_freed_memory()
     model, x, spec = setup(width, points)
     if side == "auto_lirpa":
         sys.path.insert(0, str(Path(__file__).parent))
@@ -146,7 +154,9 @@ def child(side: str, method: str, width: int, points: int, eps: float) -> dict:
 def spawn(side: str, method: str, args: argparse.Namespace) -> dict:
     out = subprocess.run([sys.executable, __file__, "--child", side, "--methods", method,
                           "--width", str(args.width), "--points", str(args.points),
-                          "--eps", str(args.eps)], capture_output=True, text=True)
+                          "--eps", str(args.eps)] +
+                         (["--default-allocator"] if args.default_allocator else []),
+                         capture_output=True, text=True)
     if out.returncode:
         return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -179,10 +189,14 @@ def main() -> None:
     parser.add_argument("--eps", type=float, default=0.02)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--default-allocator", action="store_true",
+                        help="leave glibc's allocator as it is in every process (by default "
+                             "each keeps freed memory, as the certnet command does)")
     parser.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.methods[0], args.width, args.points, args.eps)))
+        print(json.dumps(child(args.child, args.methods[0], args.width, args.points, args.eps,
+                               not args.default_allocator)))
         return
     rows = []
     for method in args.methods:
@@ -222,6 +236,7 @@ def main() -> None:
         "setup": "every (side, repeat) a fresh process, sides alternating; seconds = median "
                  "of the bound call; peak_mb = growth of the process's peak RSS during it; "
                  "tighter = certnet rigorous bound - auto_LiRPA bound (positive: tighter)",
+        "keep_freed_memory": not args.default_allocator,
         "rows": rows})
     print(table(rows))
     print(f"wrote {args.out}")

@@ -289,3 +289,38 @@ def test_a_computed_kernel_is_never_selected_as_exact_rows():
 
     inp = LayerInput(*(torch.zeros(1, 2, 5, 5, dtype=torch.float64),) * 3)
     assert ResidualConvRule().output_rows(None, torch.tensor([0, 1]), inp) is None
+
+
+@pytest.mark.parametrize("rigorous", [False, True])
+def test_each_point_carries_only_its_own_unstable_neurons(monkeypatch, rigorous):
+    """On full maps each point's backward passes carry only the neurons IBP left unstable for
+    it (``mine``): the bounds of those are the ones computed for every row, and full CROWN's
+    intervals of a point are those it gets alone."""
+    from certnet.bounds import crown as crown_module
+    from certnet.bounds.crown import _neuron_bounds
+    from certnet.bounds.ibp import interval_walk
+
+    torch.manual_seed(7)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3),
+                        nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).double()
+    monkeypatch.setattr(crown_module, "patch_plan", lambda *args: None)
+    x = torch.rand(4, 1, 6, 6, dtype=torch.float64)
+    x[0] = 0.0  # different points, different unstable sets
+    threat = ThreatModel("linf", 0.08)
+    with torch.no_grad():
+        seen, _ = interval_walk(net, x, threat, rigorous=rigorous)
+        unstable = (seen[3].lo < 0) & (seen[3].hi > 0)
+        unstable = unstable.flatten(1)
+        rows = unstable.any(0).nonzero().squeeze(1)
+        mine = unstable[:, rows]
+        assert not mine.all() and mine.sum(1).max() < len(rows)  # the case this is about
+        every = _neuron_bounds(net, seen, x, threat, "adaptive", 3, rows, rigorous)
+        own = _neuron_bounds(net, seen, x, threat, "adaptive", 3, rows, rigorous, mine)
+        for a, b in zip(own, every, strict=True):
+            assert torch.allclose(a[mine], b[mine], rtol=0, atol=1e-12)
+        together, _ = crown_walk(net, x, threat, rigorous=rigorous)
+        for p in range(len(x)):
+            alone, _ = crown_walk(net, x[p:p + 1], threat, rigorous=rigorous)
+            for a, b in zip(alone, together, strict=True):
+                assert torch.allclose(a.lo, b.lo[p:p + 1], rtol=0, atol=1e-12)
+                assert torch.allclose(a.hi, b.hi[p:p + 1], rtol=0, atol=1e-12)

@@ -123,14 +123,14 @@ def crown_walk(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
         rows = unstable.any(0).nonzero().squeeze(1)
         if len(rows) == 0:
             continue
-        lower, upper = _neuron_bounds(layers, seen, x, threat, slope, i, rows, rigorous)
+        mine = unstable[:, rows]
+        lower, upper = _neuron_bounds(layers, seen, x, threat, slope, i, rows, rigorous, mine)
         if rigorous:  # the float forward value lies within the drift of the exact one
             extend(i)
             off = drift[i].expand_as(seen[i].lo).flatten(1)[:, rows]
             lower, upper = outward(lower - off, upper + off)  # (each one rounding)
         # tighten only where IBP left the neuron unstable for that point, so a point's bounds
         # never depend on the other points of its batch
-        mine = unstable[:, rows]
         lo, hi = seen[i].lo.flatten(1).clone(), seen[i].hi.flatten(1).clone()
         lo[:, rows] = torch.where(mine, torch.maximum(lo[:, rows], lower), lo[:, rows])
         hi[:, rows] = torch.where(mine, torch.minimum(hi[:, rows],
@@ -159,47 +159,56 @@ def _propagate(layers: nn.Sequential, seen: list[LayerInput], start: int, stop: 
 
 def _neuron_bounds(layers: nn.Sequential, seen: list[LayerInput], x: torch.Tensor,
                    threat: ThreatModel, slope: Slope, upto: int, rows: torch.Tensor,
-                   rigorous: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                   rigorous: bool = False, mine: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """CROWN lower and upper bounds (B, len(rows)) of the flattened neurons ``rows`` of layer
     ``upto``'s input, in chunks of points and neurons that bound the memory used. Behind a
     convolution the coefficients of a neuron live on its receptive field only: they are kept
-    as patches over it (auto_LiRPA's "patches" mode) wherever that is smaller than the maps."""
+    as patches over it (auto_LiRPA's "patches" mode) wherever that is smaller than the maps.
+    ``mine`` (B, len(rows), optional): the rows each point needs; on full maps each point's
+    passes then carry only those (padded with others of the rows to the most any point
+    needs), and a row a point does not need may be left at -inf / +inf."""
     plan = patch_plan(layers, seen, threat, upto)
     if plan is not None:
         return patch_neuron_bounds(layers, seen, x, threat, slope, upto, rows, plan,
                                    CHUNK_ELEMENTS, rigorous)
     batch, shape = seen[upto].lo.shape[0], seen[upto].lo.shape[1:]
+    if mine is None:
+        width, table = len(rows), torch.arange(len(rows), device=rows.device).expand(batch, -1)
+    else:  # each point's own rows first (positions in ``rows``), then the others
+        width = int(mine.sum(1).max())
+        table = torch.argsort((~mine).to(torch.uint8), dim=1, stable=True)[:, :width]
     widest = max(s.lo[0].numel() for s in seen[:upto + 1])
     per_point = max(1, CHUNK_ELEMENTS // (2 * widest))
-    row_chunk = min(len(rows), per_point)
+    row_chunk = min(width, per_point)
     point_chunk = max(1, CHUNK_ELEMENTS // (2 * widest * row_chunk))
-    lower = seen[upto].lo.new_empty(batch, len(rows))
-    upper = torch.empty_like(lower)
+    lower = seen[upto].lo.new_full((batch, len(rows)), -torch.inf)
+    upper = torch.full_like(lower, torch.inf)
+    select = None if upto == 0 else rule_for(layers[upto - 1])
     for p in range(0, batch, point_chunk):
         points = slice(p, p + point_chunk)
         # the whole batch: the intervals themselves, with what their charges keep (memo)
         part = seen if point_chunk >= batch else \
             [LayerInput(s.lo[points], s.hi[points], s.clean[points]) for s in seen]
         n = part[0].lo.shape[0]
-        for r in range(0, len(rows), row_chunk):
-            idx = rows[r:r + row_chunk]
+        for r in range(0, width, row_chunk):
+            cols = table[points, r:r + row_chunk]  # (n, k): each point's rows of this chunk
+            idx, k = rows[cols], cols.shape[1]
             # the first step back, where the layer's rule selects its rows exactly (a gather,
             # not a product of one-hot rows: a dense layer's rows of W and b)
-            first = None if upto == 0 else \
-                rule_for(layers[upto - 1]).output_rows(layers[upto - 1], idx, part[upto - 1])
+            first = None if select is None else \
+                select.output_rows(layers[upto - 1], idx.flatten(), part[upto - 1])
             if first is None:
-                unit = lower.new_zeros(len(idx), shape.numel())
-                unit[torch.arange(len(idx)), idx] = 1.0
-                unit = unit.view(1, len(idx), *shape)
-                spec = torch.cat([unit, -unit], dim=1).expand(n, -1, *shape)
-                bound = backward_bound(layers, part, spec, x[points], threat, slope,
-                                       upto=upto, rigorous=rigorous)
+                unit = lower.new_zeros(n, k, shape.numel())
+                unit.scatter_(2, idx.unsqueeze(2), 1.0)
+                unit = unit.view(n, k, *shape)
+                bound = backward_bound(layers, part, torch.cat([unit, -unit], dim=1),
+                                       x[points], threat, slope, upto=upto, rigorous=rigorous)
             else:
-                a, b = first
-                spec = torch.cat([a, -a]).unsqueeze(0).expand(n, *([-1] * a.dim()))
-                bound = backward_bound(layers, part, spec, x[points], threat, slope,
-                                       upto=upto - 1, rigorous=rigorous,
-                                       offset=torch.cat([b, -b]).expand(n, -1))
-            lower[points, r:r + len(idx)] = bound[:, :len(idx)]
-            upper[points, r:r + len(idx)] = -bound[:, len(idx):]
+                a, b = first[0].view(n, k, *first[0].shape[1:]), first[1].view(n, k)
+                bound = backward_bound(layers, part, torch.cat([a, -a], dim=1), x[points],
+                                       threat, slope, upto=upto - 1, rigorous=rigorous,
+                                       offset=torch.cat([b, -b], dim=1))
+            lower[points].scatter_(1, cols, bound[:, :k])
+            upper[points].scatter_(1, cols, -bound[:, k:])
     return lower, upper

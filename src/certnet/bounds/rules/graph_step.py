@@ -236,14 +236,15 @@ class StepRule(BoundRule):
                 slope = parts[m.inputs[0]].reshape(batch, rows, *m.shapes[m.inputs[0]])
             lam_in, const = rule.backward(m.op, out, ins[0], slope)
             lams = [lam_in]
-        total = lam.new_zeros(batch, rows, sum(m.sizes))
-        offsets = [0]
-        for size in m.sizes:
-            offsets.append(offsets[-1] + size)
+        # each slot's coefficients: kept, read, both (one addition: ``sum_error``) or none
+        pieces: list[torch.Tensor | None] = [None] * len(m.sizes)
         for k, piece in zip(m.keep, kept, strict=True):
-            total[:, :, offsets[k]:offsets[k + 1]] += piece
+            pieces[k] = piece
         for i, piece in zip(m.inputs, lams, strict=True):
-            total[:, :, offsets[i]:offsets[i + 1]] += piece.reshape(batch, rows, -1)
+            piece = piece.reshape(batch, rows, -1)
+            pieces[i] = piece if pieces[i] is None else pieces[i] + piece
+        total = torch.cat([lam.new_zeros(batch, rows, size) if piece is None else piece
+                           for piece, size in zip(pieces, m.sizes, strict=True)], dim=2)
         return total.view(batch, rows, *inp.lo.shape[1:]), const
 
     def drift(self, m, error, inp):
