@@ -257,3 +257,23 @@ def test_full_crowns_neuron_bounds_follow_the_slope():
             if a < b:
                 assert not (torch.equal(walks[a].lo, walks[b].lo) and
                             torch.equal(walks[a].hi, walks[b].hi)), (a, b)
+
+
+@pytest.mark.parametrize("slope", ["adaptive", "zero", "one", "same"])
+def test_alpha_crown_without_steps_is_crown_at_the_given_slopes(slope):
+    """Kills the slope dropped from alpha-CROWN's starting bound: with no steps it is CROWN's
+    bound at the slopes asked for (and never below it with steps)."""
+    from certnet.bounds.alpha_crown import optimized_bound
+    from certnet.bounds.crown import backward_bound
+    from certnet.bounds.margins import margin_spec
+
+    torch.manual_seed(11)
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
+                        nn.Linear(8, 3)).double()
+    x, threat = torch.rand(2, 6, dtype=torch.float64), ThreatModel("linf", 0.3)
+    with torch.no_grad():
+        seen, _ = crown_walk(net, x, threat)
+        spec = margin_spec(torch.tensor([0, 1]), 3).double()
+        crown = backward_bound(net, seen, spec, x, threat, slope)
+    assert torch.equal(optimized_bound(net, seen, spec, x, threat, slope, steps=0), crown)
+    assert (optimized_bound(net, seen, spec, x, threat, slope, steps=3) >= crown).all()
