@@ -637,13 +637,15 @@ def test_zero_eps_bounds_are_the_exact_margins(net, norm):
 
 
 def test_chunked_crown_gives_the_same_bounds(net, monkeypatch):
-    """_neuron_bounds splits points and neurons into chunks past CHUNK_ELEMENTS: forcing one
-    point and one neuron per chunk must not change anything (eval mode)."""
+    """_neuron_bounds splits points and neurons into chunks past CHUNK_ELEMENTS (on full
+    maps) and PATCH_CHUNK_ELEMENTS (on patches): forcing one point and one neuron per chunk
+    must not change anything (eval mode)."""
     name, layers, x, ref, eps = net
     threat = ThreatModel("linf", eps["linf"])
     with torch.no_grad():
         whole = margin_bounds(layers, x, threat, ref, "crown")
         monkeypatch.setattr(crown_module, "CHUNK_ELEMENTS", 1)
+        monkeypatch.setattr(crown_module, "PATCH_CHUNK_ELEMENTS", 1)
         chunked = margin_bounds(layers, x, threat, ref, "crown")
     assert torch.allclose(whole, chunked, rtol=0, atol=1e-10)
 

@@ -19,8 +19,11 @@ from certnet.floats import outward
 from certnet.nn.conv_algorithms import gemm_convolutions
 from certnet.threat import ThreatModel, box_minimum
 
-#: Coefficient-tensor elements one backward pass of full CROWN may hold (chunked beyond it).
-CHUNK_ELEMENTS = 2 ** 25
+#: Coefficient-tensor elements one backward pass of full CROWN may hold (chunked beyond it):
+#: on full maps (dense layers, graph steps) few enough that a pass stays in cache, on patches
+#: more (benchmarks/crown_chunks.py measured both; the bounds do not depend on them).
+CHUNK_ELEMENTS = 2 ** 20
+PATCH_CHUNK_ELEMENTS = 2 ** 25
 
 
 def backward_bound(layers: nn.Sequential, seen: list[LayerInput], spec: torch.Tensor,
@@ -171,7 +174,7 @@ def _neuron_bounds(layers: nn.Sequential, seen: list[LayerInput], x: torch.Tenso
     plan = patch_plan(layers, seen, threat, upto)
     if plan is not None:
         return patch_neuron_bounds(layers, seen, x, threat, slope, upto, rows, plan,
-                                   CHUNK_ELEMENTS, rigorous)
+                                   PATCH_CHUNK_ELEMENTS, rigorous)
     batch, shape = seen[upto].lo.shape[0], seen[upto].lo.shape[1:]
     if mine is None:
         width, table = len(rows), torch.arange(len(rows), device=rows.device).expand(batch, -1)
