@@ -162,6 +162,8 @@ def test_interval_quantities_are_kept_with_the_interval_and_never_under_autograd
     calls = []
     assert fresh.memo("k", lambda: calls.append(1) or 7) == 7
     assert fresh.memo("k", lambda: calls.append(1) or 8) == 7 and calls == [1]
+    recorded = torch.ones(2, requires_grad=True) * 2  # a tuple holding a recorded tensor
+    assert fresh.memo("t", lambda: (recorded, 1.0)) is not fresh.memo("t", lambda: (recorded, 1.0))
 
 
 def test_relu_lines_are_the_relaxation_and_kept_only_for_fixed_slopes():

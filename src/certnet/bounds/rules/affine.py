@@ -196,6 +196,8 @@ class ConvRule(WeightRule):
     output padding that restores the input size."""
 
     patches = "conv"
+    #: ``weight`` is computed from the parameters (it rounds): its entries are no exact rows
+    computed_kernel = False
 
     def check(self, m, where):
         if m.padding_mode != "zeros" or m.dilation != (1, 1) or m.groups != 1 or \
@@ -233,10 +235,11 @@ class ConvRule(WeightRule):
     def output_rows(self, m, rows, inp):
         """Output (c, y, x)'s row of A: the kernel W[c] copied onto its window of the input
         (rows (y s - p) .., columns (x s - p) ..), the parts on the zero padding dropped (they
-        multiply zeros); b[c]. Copies only, so exact."""
-        weight = m.weight
-        if inp.lo.dim() != 4:
+        multiply zeros); b[c]. Copies only, so exact, where the kernel is a stored parameter
+        (not ``computed_kernel``)."""
+        if self.computed_kernel or inp.lo.dim() != 4:
             return None
+        weight = self.weight(m)
         (c_in, h, w), (k_h, k_w) = inp.lo.shape[1:], weight.shape[-2:]
         (s_h, s_w), (p_h, p_w) = m.stride, m.padding
         out_w = (w + 2 * p_w - k_w) // s_w + 1
@@ -244,7 +247,8 @@ class ConvRule(WeightRule):
         channel, y, x = rows // out_hw, rows % out_hw // out_w, rows % out_w
         n = len(rows)
         canvas = weight.new_zeros(n, c_in, h + 2 * p_h, w + 2 * p_w)
-        at = torch.arange
+        def at(k: int) -> torch.Tensor:
+            return torch.arange(k, device=rows.device)
         canvas[at(n).view(-1, 1, 1, 1), at(c_in).view(1, -1, 1, 1),
                (y * s_h).view(-1, 1, 1, 1) + at(k_h).view(1, 1, -1, 1),
                (x * s_w).view(-1, 1, 1, 1) + at(k_w).view(1, 1, 1, -1)] = weight[channel]
@@ -273,11 +277,10 @@ class ResidualConvRule(ConvRule):
     def weight(m: nn.Module) -> torch.Tensor:
         return m.effective_weight()
 
+    computed_kernel = True
+
     def fan_in(self, m):
         return m.weight[0].numel() + 2
-
-    def output_rows(self, m, rows, inp):
-        return None  # the kernel alpha W + I is computed: the step rounds, and is charged
 
     def abs_row_sums(self, m, inp):
         majorant = m.kernel_majorant().to(inp.lo.dtype)

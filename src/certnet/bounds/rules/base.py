@@ -55,7 +55,8 @@ class LayerInput:
         where autograd records it (a training step's graph is used once)."""
         if key not in self._memo:
             value = compute()
-            if isinstance(value, torch.Tensor) and value.requires_grad:
+            parts = value if isinstance(value, tuple) else (value,)
+            if any(isinstance(v, torch.Tensor) and v.requires_grad for v in parts):
                 return value
             self._memo[key] = value
         return self._memo[key]
