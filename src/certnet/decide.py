@@ -23,6 +23,7 @@ from torch import nn
 
 from certnet.bounds.margins import BOUND_METHODS, spec_bounds
 from certnet.bounds.rules import check_supported
+from certnet.bounds.rules.fixed_weights import fixed_weights
 from certnet.errors import ConfigError, InputError
 from certnet.falsify import falsify
 from certnet.nn.integrity import check_certifiable, check_plain
@@ -109,18 +110,19 @@ def decide(layers: nn.Sequential, input_shape: tuple[int, ...], prop: Property,
                     verdict.status, verdict.x, verdict.y = "violated", x[0], y[0]
                     return verdict
         timed("attack", begun)
-    for method in methods:
-        if out_of_time():
-            verdict.status = "timeout"
-            return verdict
-        begun = time.perf_counter()
-        for i, case in enumerate(cases):
-            if verdict.proved_by[i] is None and _proved(net, *case, method):
-                verdict.proved_by[i] = method
-        timed(method, begun)
-        if all(verdict.proved_by):
-            verdict.status = "holds"
-            return verdict
+    with fixed_weights():  # ``net`` is this call's own copy: its weights never change
+        for method in methods:
+            if out_of_time():
+                verdict.status = "timeout"
+                return verdict
+            begun = time.perf_counter()
+            for i, case in enumerate(cases):
+                if verdict.proved_by[i] is None and _proved(net, *case, method):
+                    verdict.proved_by[i] = method
+            timed(method, begun)
+            if all(verdict.proved_by):
+                verdict.status = "holds"
+                return verdict
     return verdict
 
 
