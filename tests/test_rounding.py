@@ -55,3 +55,23 @@ def test_empty_batch_gives_empty_logits_and_errors():
     twin = _twin()
     logits, error = float64_forward(twin.layers, torch.rand(0, *SHAPE), twin.derived.layers)
     assert logits.shape == (0, 10) and error.shape == (0,)
+
+
+def test_gemm_convolutions_switch_both_libraries_off_and_restore_them():
+    """Inside, oneDNN and cuDNN are off (convolutions as im2col + GEMM, whose rounding the
+    bounds cover); after, whatever they were, also when the body raises."""
+    from certnet.nn.conv_algorithms import gemm_convolutions
+
+    before = torch.backends.mkldnn.enabled, torch.backends.cudnn.enabled
+    for outer in (True, False):
+        torch.backends.mkldnn.enabled = torch.backends.cudnn.enabled = outer
+        try:
+            with gemm_convolutions():
+                assert not torch.backends.mkldnn.enabled and not torch.backends.cudnn.enabled
+                raise RuntimeError("inside")
+        except RuntimeError:
+            pass
+        assert torch.backends.mkldnn.enabled == outer and torch.backends.cudnn.enabled == outer
+        with gemm_convolutions(enabled=False):
+            assert torch.backends.mkldnn.enabled == outer
+    torch.backends.mkldnn.enabled, torch.backends.cudnn.enabled = before

@@ -5,7 +5,6 @@ iteration's; im2col + GEMM convolutions are fastest on CPU chunks that stay in c
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -20,10 +19,14 @@ def gemm_convolutions(enabled: bool = True) -> Iterator[None]:
     if not enabled:
         yield
         return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the flags context manager warns about TF32
-        with torch.backends.mkldnn.flags(enabled=False), torch.backends.cudnn.flags(enabled=False):
-            yield
+    # the two switches set directly (as without_onednn): the flags context managers (and the
+    # TF32 warning filter they need) cost more than a small layer's whole bound
+    onednn, cudnn = torch.backends.mkldnn.enabled, torch.backends.cudnn.enabled
+    torch.backends.mkldnn.enabled = torch.backends.cudnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled, torch.backends.cudnn.enabled = onednn, cudnn
 
 
 @contextmanager
