@@ -269,7 +269,8 @@ def test_selected_rows_through_graph_steps_and_convolutions_give_the_same_bounds
     from certnet.bounds.rules.graph_step import StepRule
 
     net = certnet.bounded(_residual(), (1, 6, 6)).layers
-    x, threat = torch.rand(2, 1, 6, 6, dtype=torch.float64), ThreatModel("linf", 0.1)
+    # l2: the stem's neurons get a pass too (over a box their interval is already exact)
+    x, threat = torch.rand(2, 1, 6, 6, dtype=torch.float64), ThreatModel("l2", 0.5)
     monkeypatch.setattr(crown_module, "patch_plan", lambda *args: None)
     with torch.no_grad():
         fast, _ = crown_walk(net, x, threat, rigorous=rigorous)
@@ -326,3 +327,33 @@ def test_each_point_carries_only_its_own_unstable_neurons(monkeypatch, rigorous)
             for a, b in zip(alone, together, strict=True):
                 assert torch.allclose(a.lo, b.lo[p:p + 1], rtol=0, atol=1e-12)
                 assert torch.allclose(a.hi, b.hi[p:p + 1], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_neurons_one_affine_map_from_the_input_box_keep_their_intervals(monkeypatch, norm):
+    """Over an l_inf box the interval of a layer that is one affine map (behind reshapes and
+    diagonal maps) of the input is already its exact range: full CROWN runs no pass for it,
+    and every other interval is within rounding of those with the pass. Over an l2 ball the
+    pass runs (its dual norm can be tighter than the intervals' ball bound)."""
+    from certnet.bounds import crown as crown_module
+    from certnet.nn.lipschitz import Normalize
+
+    torch.manual_seed(12)
+    net = nn.Sequential(Normalize([0.3], [0.7]), nn.Flatten(), nn.Linear(12, 10), nn.ReLU(),
+                        nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+    x, threat = torch.rand(3, 1, 3, 4, dtype=torch.float64), ThreatModel(norm, 0.2)
+    passes = []
+    bounds = crown_module._neuron_bounds
+
+    def spy(layers, seen, x, threat, slope, upto, *args):
+        passes.append(upto)
+        return bounds(layers, seen, x, threat, slope, upto, *args)
+    monkeypatch.setattr(crown_module, "_neuron_bounds", spy)
+    with torch.no_grad():
+        fast, _ = crown_walk(net, x, threat, rigorous=True)
+        assert passes == ([5] if norm == "linf" else [3, 5])
+        monkeypatch.setattr(crown_module, "_range_by_intervals", lambda *args: False)
+        slow, _ = crown_walk(net, x, threat, rigorous=True)
+    for a, b in zip(fast, slow, strict=True):
+        assert torch.allclose(a.lo, b.lo, rtol=0, atol=1e-12)
+        assert torch.allclose(a.hi, b.hi, rtol=0, atol=1e-12)

@@ -117,7 +117,7 @@ def crown_walk(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
 
     tightened = None  # the last layer tightened: the intervals after it are re-propagated
     for i, m in enumerate(mods):
-        if not needs_bounds(m):
+        if not needs_bounds(m) or _range_by_intervals(mods, threat, i):
             continue
         if tightened is not None:  # only as far as this layer: the next tightening restarts
             _propagate(layers, seen, tightened, i, rigorous)
@@ -147,6 +147,17 @@ def crown_walk(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
         extend(len(mods))
         drifts[:] = drift
     return seen, clean
+
+
+def _range_by_intervals(mods: list[nn.Module], threat: ThreatModel, upto: int) -> bool:
+    """Whether the interval of layer ``upto``'s input is already the exact range over an
+    l_inf threat's box, rounding aside: the layer before it has a range interval and every
+    one below maps boxes onto boxes. A backward pass could then only round differently
+    (over an l2 ball, CROWN's dual norm through a non-isometric diagonal layer is tighter
+    than the intervals' ball bound: never skipped)."""
+    return threat.norm == "linf" and upto > 0 and \
+        rule_for(mods[upto - 1]).has_range_interval(mods[upto - 1]) and \
+        all(rule_for(m).maps_boxes_to_boxes(m) for m in mods[:upto - 1])
 
 
 def _propagate(layers: nn.Sequential, seen: list[LayerInput], start: int, stop: int,

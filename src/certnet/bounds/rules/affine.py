@@ -19,6 +19,8 @@ class AffineRule(BoundRule):
     (``transpose``), the bias (``bias``, broadcastable to z) and the l2 norm of each row of A
     (``row_norms``: the exact range of z over an l2 ball of h)."""
 
+    range_interval = True
+
     def row_norms(self, m: nn.Module, inp: LayerInput) -> torch.Tensor:
         raise NotImplementedError
 
@@ -291,6 +293,8 @@ class ResidualConvRule(ConvRule):
 class ChannelAffineRule(AffineRule):
     """z = h * scale + shift per channel (Normalize; BatchNorm)."""
 
+    keeps_boxes = True
+
     def scale_shift(self, m: nn.Module, inp: LayerInput) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
@@ -455,6 +459,8 @@ class FlattenRule(BoundRule):
 
     nonexpansive = True
     exact_interval = True
+    range_interval = True
+    keeps_boxes = True
 
     def interval(self, m, inp):
         return m(inp.lo), m(inp.hi)
@@ -472,6 +478,8 @@ class FlattenRule(BoundRule):
 class IdentityRule(BoundRule):
     nonexpansive = True
     exact_interval = True
+    range_interval = True
+    keeps_boxes = True
     patches = "identity"
 
     def interval(self, m, inp):

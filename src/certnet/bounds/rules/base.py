@@ -98,6 +98,12 @@ class BoundRule:
     activation: bool = False
     relaxable: bool = True
     nonexpansive: bool = False
+    #: ``interval`` is the exact range of the outputs over the input box, rounding aside
+    #: (affine maps: the centre/radius form)
+    range_interval: bool = False
+    #: the image of a box is a box (each output a copy, or an affine function, of one input):
+    #: intervals taken through the layer lose nothing
+    keeps_boxes: bool = False
     #: ``interval`` is computed without rounding in any dtype (comparisons, clamps, reshapes).
     exact_interval: bool = False
     patches: str | None = None
@@ -112,6 +118,14 @@ class BoundRule:
     def is_relaxable(self, m: nn.Module) -> bool:
         """Whether it has a linear relaxation (``relaxable``)."""
         return self.relaxable
+
+    def has_range_interval(self, m: nn.Module) -> bool:
+        """Whether its interval is the exact range over a box (``range_interval``)."""
+        return self.range_interval
+
+    def maps_boxes_to_boxes(self, m: nn.Module) -> bool:
+        """Whether the image of a box is a box (``keeps_boxes``)."""
+        return self.keeps_boxes
 
     def sum_error(self, m: nn.Module, inp: LayerInput) -> torch.Tensor | float | None:
         """rho on the layer's input (broadcastable to (B, *h)) bounding what ``backward``

@@ -132,6 +132,14 @@ class StepRule(BoundRule):
         single = self._single(m)
         return single is None or single.is_relaxable(m.op)
 
+    def has_range_interval(self, m: Step) -> bool:
+        single = self._single(m)
+        return single is not None and single.has_range_interval(m.op)
+
+    def maps_boxes_to_boxes(self, m: Step) -> bool:
+        single = self._single(m)
+        return single is not None and single.maps_boxes_to_boxes(m.op)
+
     def uses_batch_statistics(self, m: Step) -> bool:
         single = self._single(m)
         return single is not None and single.uses_batch_statistics(m.op)

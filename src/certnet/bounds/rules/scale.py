@@ -36,6 +36,8 @@ from certnet.nn.scale import check_scale
 class ScaleRule(AffineRule):
     """z = a h + b elementwise (a diagonal affine map); equations in the module docstring."""
 
+    keeps_boxes = True
+
     def check(self, m: nn.Module, where: str) -> None:
         check_scale(m, where)
 
