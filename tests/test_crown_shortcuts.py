@@ -357,3 +357,22 @@ def test_neurons_one_affine_map_from_the_input_box_keep_their_intervals(monkeypa
     for a, b in zip(fast, slow, strict=True):
         assert torch.allclose(a.lo, b.lo, rtol=0, atol=1e-12)
         assert torch.allclose(a.hi, b.hi, rtol=0, atol=1e-12)
+
+
+def test_graph_steps_report_range_intervals_and_boxes_of_their_operator():
+    """A lowered graph's steps delegate the two capabilities to their operator: the stem
+    convolution's neurons keep their interval over a box; a join (Add) has neither."""
+    import certnet
+    from certnet.bounds.crown import _range_by_intervals
+    from certnet.bounds.rules import rule_for
+
+    net = list(certnet.bounded(_residual(), (1, 6, 6)).layers)
+    ops = [type(m.op).__name__ for m in net]
+    assert ops[:4] == ["Conv2d", "ReLU", "Conv2d", "Add"]
+    assert _range_by_intervals(net, ThreatModel("linf", 0.1), 1)
+    assert not _range_by_intervals(net, ThreatModel("l2", 0.1), 1)
+    assert not _range_by_intervals(net, ThreatModel("linf", 0.1), 4)  # behind a ReLU, an Add
+    assert not rule_for(net[3]).has_range_interval(net[3])
+    assert not rule_for(net[3]).maps_boxes_to_boxes(net[3])
+    assert rule_for(net[0]).has_range_interval(net[0])
+    assert not rule_for(net[0]).maps_boxes_to_boxes(net[0])  # a convolution mixes inputs
