@@ -277,3 +277,97 @@ def test_alpha_crown_without_steps_is_crown_at_the_given_slopes(slope):
         crown = backward_bound(net, seen, spec, x, threat, slope)
     assert torch.equal(optimized_bound(net, seen, spec, x, threat, slope, steps=0), crown)
     assert (optimized_bound(net, seen, spec, x, threat, slope, steps=3) >= crown).all()
+    # rigorous: CROWN's rigorous bound at those slopes (kills the plain one, or another
+    # slope, or no rigour, in the rigorous start)
+    with torch.no_grad():
+        seen, _ = crown_walk(net, x, threat, rigorous=True)
+        rigorous = backward_bound(net, seen, spec, x, threat, slope, rigorous=True)
+        plain = backward_bound(net, seen, spec, x, threat, slope)
+    assert (rigorous < plain).all()
+    assert torch.equal(optimized_bound(net, seen, spec, x, threat, slope, steps=0,
+                                       rigorous=True), rigorous)
+
+
+def _slopes_seen(monkeypatch) -> list[dict]:
+    """The alphas of every pass alpha-CROWN's optimisation runs (copies)."""
+    from certnet.bounds import alpha_crown
+
+    calls = []
+    bound = alpha_crown.backward_bound
+
+    def spy(*args, alphas=None, **kwargs):
+        if alphas is not None:
+            calls.append({i: a.detach().clone() for i, a in alphas.items()})
+        return bound(*args, alphas=alphas, **kwargs)
+    monkeypatch.setattr(alpha_crown, "backward_bound", spy)
+    return calls
+
+
+@pytest.mark.parametrize("slope", ["adaptive", "zero", "same"])
+def test_alpha_crown_starts_from_each_rules_slopes_on_every_layer(monkeypatch, slope):
+    """Kills the starting slopes taken with another choice, or without the layer or its
+    interval, and the activation on the input (index 0) left out: the first optimised pass
+    runs at every activation's ``slopes(m, seen[i], slope)``, one copy per row."""
+    from certnet.bounds.alpha_crown import optimized_bound
+    from certnet.bounds.margins import margin_spec
+    from certnet.bounds.rules import rule_for
+
+    torch.manual_seed(13)
+    net = nn.Sequential(nn.ReLU(), nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+    x, threat = torch.rand(2, 6, dtype=torch.float64) - 0.5, ThreatModel("linf", 0.3)
+    with torch.no_grad():
+        seen, _ = crown_walk(net, x, threat)
+    spec = margin_spec(torch.tensor([0, 1]), 3).double()
+    calls = _slopes_seen(monkeypatch)
+    optimized_bound(net, seen, spec, x, threat, slope, steps=2)
+    first = calls[0]
+    assert sorted(first) == [0, 2]
+    for i, alpha in first.items():
+        start = rule_for(net[i]).slopes(net[i], seen[i], slope)
+        assert torch.equal(alpha, start.unsqueeze(1).expand_as(alpha))
+
+
+def test_one_step_of_alpha_crown_moves_the_slopes_and_tightens():
+    """Kills the optimisation skipped for one step (``steps > 1``): one Adam step already
+    raises some row above CROWN's bound, and the second pass runs at moved slopes."""
+    from certnet.bounds.alpha_crown import optimized_bound
+    from certnet.bounds.crown import backward_bound
+    from certnet.bounds.margins import margin_spec
+
+    torch.manual_seed(8)
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
+                        nn.Linear(8, 3)).double()
+    x, threat = torch.rand(2, 6, dtype=torch.float64), ThreatModel("linf", 0.3)
+    with torch.no_grad():
+        seen, _ = crown_walk(net, x, threat)
+        spec = margin_spec(torch.tensor([0, 1]), 3).double()
+        crown = backward_bound(net, seen, spec, x, threat)
+    one = optimized_bound(net, seen, spec, x, threat, steps=1)
+    assert (one >= crown).all() and (one > crown).any()
+
+
+def test_alpha_crown_runs_on_a_graphs_steps():
+    """Kills the starting slopes asked of a rule without its layer: a graph step's rule reads
+    its step (the slot its activation sits on)."""
+    import certnet
+    from certnet.bounds.alpha_crown import optimized_bound
+    from certnet.bounds.crown import backward_bound
+    from certnet.bounds.margins import margin_spec
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 6)
+            self.head = nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            return self.head(torch.relu(h + self.b(h)))
+    torch.manual_seed(14)
+    net = certnet.bounded(Net().double(), (4,)).layers
+    x, threat = torch.rand(2, 4, dtype=torch.float64), ThreatModel("linf", 0.3)
+    with torch.no_grad():
+        seen, _ = crown_walk(net, x, threat)
+        spec = margin_spec(torch.tensor([0, 1]), 3).double()
+        crown = backward_bound(net, seen, spec, x, threat)
+    assert (optimized_bound(net, seen, spec, x, threat, steps=3) >= crown).all()
