@@ -371,3 +371,21 @@ def test_alpha_crown_runs_on_a_graphs_steps():
         spec = margin_spec(torch.tensor([0, 1]), 3).double()
         crown = backward_bound(net, seen, spec, x, threat)
     assert (optimized_bound(net, seen, spec, x, threat, steps=3) >= crown).all()
+
+
+def test_alpha_crown_moves_its_slopes_at_the_learning_rate_given():
+    """Kills Adam's learning rate left at its default: at lr 0 the slopes never move, and the
+    bound is CROWN's bit for bit, whatever the steps."""
+    from certnet.bounds.alpha_crown import optimized_bound
+    from certnet.bounds.crown import backward_bound
+    from certnet.bounds.margins import margin_spec
+
+    torch.manual_seed(8)
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
+                        nn.Linear(8, 3)).double()
+    x, threat = torch.rand(2, 6, dtype=torch.float64), ThreatModel("linf", 0.3)
+    with torch.no_grad():
+        seen, _ = crown_walk(net, x, threat)
+        spec = margin_spec(torch.tensor([0, 1]), 3).double()
+        crown = backward_bound(net, seen, spec, x, threat)
+    assert torch.equal(optimized_bound(net, seen, spec, x, threat, steps=4, lr=0.0), crown)
