@@ -12,11 +12,10 @@ from torch import nn
 
 from certnet.bounds.backward_rounding import Rounding, top_rho, top_sum_error
 from certnet.bounds.crown_patches import patch_neuron_bounds, patch_plan
-from certnet.bounds.ibp import interval_walk, layer_drift, layer_interval
+from certnet.bounds.ibp import extend_drifts, interval_walk, layer_interval
 from certnet.bounds.rules import LayerInput, Slope, check_supported, rule_for
 from certnet.errors import UnsupportedLayerError
 from certnet.floats import outward
-from certnet.nn.conv_algorithms import gemm_convolutions
 from certnet.threat import ThreatModel, box_minimum
 
 #: Coefficient-tensor elements one backward pass of full CROWN may hold (chunked beyond it):
@@ -109,12 +108,6 @@ def crown_walk(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
     # float forward - exact forward per neuron (drift_walk), extended to each layer once the
     # intervals before it are final: those below a tightened layer never change again
     drift = [torch.zeros_like(seen[0].lo)] if rigorous else []
-
-    def extend(upto: int) -> None:
-        with gemm_convolutions():  # as drift_walk's
-            for j in range(len(drift) - 1, upto):
-                drift.append(layer_drift(mods[j], drift[j], seen[j]))
-
     tightened = None  # the last layer tightened: the intervals after it are re-propagated
     for i, m in enumerate(mods):
         if not needs_bounds(m) or _range_by_intervals(mods, threat, i):
@@ -129,7 +122,7 @@ def crown_walk(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
         mine = unstable[:, rows]
         lower, upper = _neuron_bounds(layers, seen, x, threat, slope, i, rows, rigorous, mine)
         if rigorous:  # the float forward value lies within the drift of the exact one
-            extend(i)
+            extend_drifts(layers, seen, drift, i)
             off = drift[i].expand_as(seen[i].lo).flatten(1)[:, rows]
             lower, upper = outward(lower - off, upper + off)  # (each one rounding)
         # tighten only where IBP left the neuron unstable for that point, so a point's bounds
@@ -144,8 +137,7 @@ def crown_walk(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
     if tightened is not None:
         _propagate(layers, seen, tightened, len(layers), rigorous)
     if rigorous and drifts is not None:
-        extend(len(mods))
-        drifts[:] = drift
+        drifts[:] = extend_drifts(layers, seen, drift, len(mods))
     return seen, clean
 
 

@@ -126,10 +126,17 @@ def drift_walk(layers: nn.Sequential, seen: list[LayerInput], start: int = 0
     bound on |float forward - exact forward| over the rigorous intervals ``seen``, for inputs
     of layer ``start`` that are exact (the threat set's points, or any point of a box the
     bound holds on): each rule's ``drift`` in turn (docs/rounding.md)."""
-    drifts = [torch.zeros_like(seen[start].lo)]
+    return extend_drifts(layers, seen, [torch.zeros_like(seen[start].lo)], len(layers), start)
+
+
+def extend_drifts(layers: nn.Sequential, seen: list[LayerInput], drifts: list[torch.Tensor],
+                  upto: int, start: int = 0) -> list[torch.Tensor]:
+    """``drifts`` (:func:`drift_walk`'s from ``start``, as far as they go) extended in place
+    to layer ``upto``'s input; returns them."""
+    mods = list(layers)
     with gemm_convolutions():
-        for i, m in enumerate(list(layers)[start:], start):
-            drifts.append(layer_drift(m, drifts[-1], seen[i]))
+        for i in range(start + len(drifts) - 1, upto):
+            drifts.append(layer_drift(mods[i], drifts[-1], seen[i]))
     return drifts
 
 
