@@ -197,19 +197,26 @@ def test_rigorous_neuron_bounds_charge_their_rounding_on_patches_and_on_maps(con
     assert (rigorous[0] < plain[0]).all() and (rigorous[1] > plain[1]).all()
 
 
-def test_alpha_crown_starts_from_adaptive_slopes_by_default():
-    """Kills optimized_bound's default slope changed: called without one, it is the
-    optimisation from CROWN's adaptive slopes."""
-    from certnet.bounds.alpha_crown import optimized_bound
+def _alpha_case(seed: int):
+    """A small dense ReLU net, two points, their full CROWN intervals and margin rows:
+    (net, x, threat, seen, spec)."""
     from certnet.bounds.margins import margin_spec
 
-    torch.manual_seed(8)
+    torch.manual_seed(seed)
     net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
                         nn.Linear(8, 3)).double()
     x, threat = torch.rand(2, 6, dtype=torch.float64), ThreatModel("linf", 0.3)
     with torch.no_grad():
         seen, _ = crown_walk(net, x, threat)
-    spec = margin_spec(torch.tensor([0, 1]), 3).double()
+    return net, x, threat, seen, margin_spec(torch.tensor([0, 1]), 3).double()
+
+
+def test_alpha_crown_starts_from_adaptive_slopes_by_default():
+    """Kills optimized_bound's default slope changed: called without one, it is the
+    optimisation from CROWN's adaptive slopes."""
+    from certnet.bounds.alpha_crown import optimized_bound
+
+    net, x, threat, seen, spec = _alpha_case(8)
     default = optimized_bound(net, seen, spec, x, threat, steps=3)
     assert torch.equal(default, optimized_bound(net, seen, spec, x, threat, "adaptive",
                                                 steps=3))
@@ -265,15 +272,9 @@ def test_alpha_crown_without_steps_is_crown_at_the_given_slopes(slope):
     bound at the slopes asked for (and never below it with steps)."""
     from certnet.bounds.alpha_crown import optimized_bound
     from certnet.bounds.crown import backward_bound
-    from certnet.bounds.margins import margin_spec
 
-    torch.manual_seed(11)
-    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
-                        nn.Linear(8, 3)).double()
-    x, threat = torch.rand(2, 6, dtype=torch.float64), ThreatModel("linf", 0.3)
+    net, x, threat, seen, spec = _alpha_case(11)
     with torch.no_grad():
-        seen, _ = crown_walk(net, x, threat)
-        spec = margin_spec(torch.tensor([0, 1]), 3).double()
         crown = backward_bound(net, seen, spec, x, threat, slope)
     assert torch.equal(optimized_bound(net, seen, spec, x, threat, slope, steps=0), crown)
     assert (optimized_bound(net, seen, spec, x, threat, slope, steps=3) >= crown).all()
@@ -332,15 +333,9 @@ def test_one_step_of_alpha_crown_moves_the_slopes_and_tightens():
     raises some row above CROWN's bound, and the second pass runs at moved slopes."""
     from certnet.bounds.alpha_crown import optimized_bound
     from certnet.bounds.crown import backward_bound
-    from certnet.bounds.margins import margin_spec
 
-    torch.manual_seed(8)
-    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
-                        nn.Linear(8, 3)).double()
-    x, threat = torch.rand(2, 6, dtype=torch.float64), ThreatModel("linf", 0.3)
+    net, x, threat, seen, spec = _alpha_case(8)
     with torch.no_grad():
-        seen, _ = crown_walk(net, x, threat)
-        spec = margin_spec(torch.tensor([0, 1]), 3).double()
         crown = backward_bound(net, seen, spec, x, threat)
     one = optimized_bound(net, seen, spec, x, threat, steps=1)
     assert (one >= crown).all() and (one > crown).any()
@@ -378,14 +373,8 @@ def test_alpha_crown_moves_its_slopes_at_the_learning_rate_given():
     bound is CROWN's bit for bit, whatever the steps."""
     from certnet.bounds.alpha_crown import optimized_bound
     from certnet.bounds.crown import backward_bound
-    from certnet.bounds.margins import margin_spec
 
-    torch.manual_seed(8)
-    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
-                        nn.Linear(8, 3)).double()
-    x, threat = torch.rand(2, 6, dtype=torch.float64), ThreatModel("linf", 0.3)
+    net, x, threat, seen, spec = _alpha_case(8)
     with torch.no_grad():
-        seen, _ = crown_walk(net, x, threat)
-        spec = margin_spec(torch.tensor([0, 1]), 3).double()
         crown = backward_bound(net, seen, spec, x, threat)
     assert torch.equal(optimized_bound(net, seen, spec, x, threat, steps=4, lr=0.0), crown)
