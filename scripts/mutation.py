@@ -28,6 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / ".mutation"
 RESULTS = ROOT / "tests" / "mutation" / "results.json"
+#: each module's recorded verdicts (mutmut's meta files), so a later run in a new checkout
+#: carries over what an earlier one found (:func:`seed_verdicts`)
+VERDICTS = ROOT / "tests" / "mutation" / "verdicts"
 #: the tests written against survivors (tests/mutation/survivors.md)
 SURVIVOR_TESTS = "tests/test_mutation_survivors*.py"
 
@@ -198,12 +201,59 @@ def prepare(name: str, head: bool) -> Path:
     return work
 
 
+def seed_verdicts(name: str, work: Path) -> int:
+    """Start ``work`` from the verdicts recorded in ``tests/mutation/verdicts/<name>.json``.
+
+    Only kills (and timeouts) are carried over, and only while the slice's test list still
+    holds every file it had then: survivors always run again against today's tests. mutmut
+    itself drops the verdicts of every function whose code changed since (it keeps a hash per
+    function in the meta file and resets the mutants of a function whose hash differs)."""
+    from mutmut.stats import status_by_exit_code
+
+    path = VERDICTS / f"{name}.json"
+    if not path.exists():
+        return 0
+    saved = json.loads(path.read_text())
+    if not set(saved["tests"]) <= set(TARGETS[name][1]):
+        print(f"{name}: the slice's tests changed since {path.name}; not carried over")
+        return 0
+    kept = 0
+    for relative, meta in saved["meta"].items():
+        codes = {key: code if code is not None and status_by_exit_code[code] in KILLED | TIMEOUT
+                 else None for key, code in meta["exit_code_by_key"].items()}
+        kept += sum(code is not None for code in codes.values())
+        target = work / "mutants" / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps({
+            "exit_code_by_key": codes, "hash_by_function_name": meta["hash_by_function_name"],
+            "type_check_error_by_key": {}, "durations_by_key": {},
+            "estimated_durations_by_key": {}}))
+    print(f"{name}: {kept} verdicts carried over from {path.relative_to(ROOT)} "
+          f"(commit {saved['commit'][:10]})")
+    return kept
+
+
+def save_verdicts(name: str, work: Path, commit: str) -> None:
+    """Record the verdicts of ``work`` for :func:`seed_verdicts`."""
+    meta = {}
+    for path in sorted((work / "mutants" / "src").rglob("*.py.meta")):
+        data = json.loads(path.read_text())
+        meta[str(path.relative_to(work / "mutants"))] = {
+            key: data[key] for key in ("exit_code_by_key", "hash_by_function_name")}
+    if meta:
+        VERDICTS.mkdir(parents=True, exist_ok=True)
+        (VERDICTS / f"{name}.json").write_text(json.dumps(
+            {"commit": commit, "tests": TARGETS[name][1], "meta": meta}, indent=1) + "\n")
+
+
 def run_module(name: str, head: bool, resume: bool = False) -> dict:
     """Run mutmut on a fresh scratch copy, or (``resume``) on the one a stopped run left:
     mutmut keeps the verdicts it recorded and checks the rest."""
     work = WORK / name
+    carried = 0
     if not (resume and (work / "mutants").is_dir()):
         work = prepare(name, head)
+        carried = seed_verdicts(name, work)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
            "MKL_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
     mutmut = str(Path(sys.executable).parent / "mutmut")
@@ -211,7 +261,7 @@ def run_module(name: str, head: bool, resume: bool = False) -> dict:
     with open(work / "mutmut.log", "a" if resume else "w") as log:
         rc = subprocess.run([mutmut, "run", "--max-children", "1"], cwd=work, env=env,
                             stdout=log, stderr=subprocess.STDOUT).returncode
-    return {**collect(name), "mutmut_exit_code": rc,
+    return {**collect(name), "mutmut_exit_code": rc, "carried_over": carried,
             "seconds": round(time.monotonic() - start)}
 
 
@@ -297,6 +347,7 @@ def main() -> None:
         stamp = WORK / name / "commit.txt"  # the commit the scratch copy was made from
         if stamp.exists():
             entry["commit"] = stamp.read_text().split()[0]
+        save_verdicts(name, WORK / name, entry["commit"])
         # re-read just before writing: only this module's entry changes
         results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"modules": {}}
         results["modules"][name] = entry
