@@ -10,7 +10,9 @@ alpha-CROWN, and the wall seconds (median of ``--repeats``; the sides alternate,
 the machine's load alike; one untimed warm-up per network and method) of:
 
 * certnet ``spec_bounds(..., rigorous=True)`` (what ``certnet verify`` proves with: below the
-  exact value and that of the float forward pass),
+  exact value and that of the float forward pass), keeping the weight quantities its walks
+  read (|W|, W/2, |W|/2) across a network's properties, as ``certnet verify`` does with its
+  one float64 copy per network (``certnet.decide.prepare``),
 * certnet ``spec_bounds(..., rigorous=False)`` (the plain float bound),
 * auto_LiRPA ``compute_bounds(C=C, method="CROWN")``, and for alpha-CROWN its CROWN pass then
   ``method="CROWN-Optimized"`` with that pass's intermediate bounds fixed
@@ -60,6 +62,7 @@ from bounds_speed import load_auto_lirpa
 from machine import certnet_commit, cpu_model
 
 from certnet.bounds.margins import spec_bounds
+from certnet.bounds.rules.fixed_weights import fixed_weights
 from certnet.checkpoint import write_json
 from certnet.graph.onnx_import import load_onnx
 from certnet.memory import keep_freed_memory
@@ -121,6 +124,9 @@ def bench_network(network: str, root: Path, limit: int | None, methods: list[str
     net = copy.deepcopy(g.sequential()).to(dtype).eval()
     for p in net.parameters():
         p.requires_grad_(False)
+    # the weight quantities certnet's walks keep (|W|, W/2, ...), kept across the network's
+    # properties as `certnet verify` keeps them with its one copy per network (decide.prepare)
+    store: dict = {}
 
     def fresh(dense: bool = False):
         """A new auto_LiRPA module (0.3 keeps alpha indices across calls that break on a new
@@ -148,7 +154,7 @@ def bench_network(network: str, root: Path, limit: int | None, methods: list[str
                     assert torch.equal(bounded(x), net(x)), "auto_LiRPA's forward differs"
 
             def ours(rigorous: bool, method=method, x=x, threat=threat, spec=spec):
-                with torch.no_grad():
+                with torch.no_grad(), fixed_weights(store):
                     return spec_bounds(net, x, threat, spec, method, rigorous=rigorous)[0]
 
             def theirs(method=method, bx=bx, spec=spec, bounded=bounded):

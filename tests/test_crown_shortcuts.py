@@ -125,6 +125,19 @@ def test_weight_quantities_are_kept_for_one_walk_only():
         assert rule.abs_weight(layer) is not rule.abs_weight(layer)
 
 
+def test_a_store_keeps_weight_quantities_across_walks():
+    layer = nn.Linear(4, 3).double().requires_grad_(False)
+    rule, store = LinearRule(), {}
+    with fixed_weights(store):
+        kept = rule.abs_weight(layer)
+    with fixed_weights():  # another walk without the store: its own
+        assert rule.abs_weight(layer) is not kept
+    with fixed_weights(store):  # the store's again
+        assert rule.abs_weight(layer) is kept
+        with fixed_weights({}):  # an enclosing scope wins over an inner store
+            assert rule.abs_weight(layer) is kept
+
+
 def test_bounds_after_a_weight_update_are_those_of_the_new_weights():
     net, x = _net(), torch.rand(3, 1, 3, 4, dtype=torch.float64)
     threat, ref = ThreatModel("linf", 0.2), torch.tensor([0, 1, 2])

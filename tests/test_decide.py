@@ -13,7 +13,7 @@ from torch import nn
 
 from certnet.bounds.margins import spec_bounds
 from certnet.cli import main
-from certnet.decide import decide
+from certnet.decide import decide, prepare
 from certnet.errors import InputError
 from certnet.properties import linf_robustness, read_result, read_vnnlib
 from certnet.threat import BoxThreat
@@ -70,6 +70,27 @@ def test_decide_never_contradicts_the_exact_oracle():
                 with torch.no_grad():
                     assert torch.equal(net(verdict.x.view(1, 3))[0], verdict.y)
     assert seen["holds"] and seen["violated"], seen
+
+
+def test_a_prepared_twin_is_reused_while_it_matches_the_network():
+    """decide(twin=...) works on the twin's copy (and keeps its weight quantities there);
+    once the network's weights change, it decides on a fresh copy of the new weights."""
+    net = _net(3)
+    x = torch.full((3,), 0.5, dtype=torch.float64)
+    with torch.no_grad():
+        label = int(net(x.unsqueeze(0)).argmax())
+    prop = linf_robustness(x, 0.02, label, 3)
+    twin = prepare(net)
+    alone = decide(net, (3,), prop, methods=("crown",), attack=False)
+    assert alone.status == "holds"
+    shared = decide(net, (3,), prop, methods=("crown",), attack=False, twin=twin)
+    assert (shared.status, shared.proved_by) == (alone.status, alone.proved_by)
+    assert twin.weight_memo  # the bound walk kept |W| and co. with the twin
+    with torch.no_grad():
+        net[-1].bias[label] -= 100  # the other classes now win everywhere: never provable
+    flipped = decide(net, (3,), prop, methods=("crown",), attack=False, twin=twin)
+    assert flipped.status == decide(net, (3,), prop, methods=("crown",), attack=False).status
+    assert flipped.status != "holds"
 
 
 def test_decide_refuses_a_property_of_another_size():

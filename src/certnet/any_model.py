@@ -72,7 +72,8 @@ class Bounded:
             "ibp", "crown", "alpha-crown"), timeout: float | None = None) -> Verdict:
         """Decide a VNN-LIB property (a :class:`Property` or a file): :func:`certnet.decide`."""
         prop = prop if isinstance(prop, Property) else read_vnnlib(Path(prop))
-        return decide(self.layers, self.input_shape, prop, methods, timeout)
+        return decide(self.layers, self.input_shape, prop, methods, timeout,
+                      twin=self.float64_copy("bounds", lambda layers: None))
 
 
 def _with_known_bounds(chain: nn.Sequential, input_shape: tuple[int, ...]) -> nn.Sequential:

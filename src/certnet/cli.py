@@ -324,7 +324,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     """Decide VNN-LIB properties of ONNX networks (one instance, or a whole instances.csv):
     VNN-COMP result files and a JSON with the answers and timings."""
     from certnet.checkpoint import write_json
-    from certnet.decide import decide
+    from certnet.decide import decide, prepare
     from certnet.graph.onnx_import import load_onnx
     from certnet.properties import Instance, read_instances, read_vnnlib, write_result
 
@@ -345,12 +345,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
     rows, graphs = [], {}
     for inst in tqdm_or_list(instances, len(instances) > 1):
         try:
-            if inst.onnx not in graphs:
-                graphs[inst.onnx] = load_onnx(inst.onnx)
-            graph = graphs[inst.onnx]
-            verdict = decide(graph.chain(), graph.input_shape, read_vnnlib(inst.vnnlib),
-                             methods, timeout=args.timeout or inst.timeout_s,
-                             attack=not args.no_attack)
+            if inst.onnx not in graphs:  # one float64 copy per network, for all its properties
+                graph = load_onnx(inst.onnx)
+                chain = graph.chain()
+                graphs[inst.onnx] = graph.input_shape, chain, prepare(chain)
+            shape, chain, twin = graphs[inst.onnx]
+            verdict = decide(chain, shape, read_vnnlib(inst.vnnlib), methods,
+                             timeout=args.timeout or inst.timeout_s, attack=not args.no_attack,
+                             twin=twin)
         except CertnetError as err:
             if len(instances) == 1:
                 raise

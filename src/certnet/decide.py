@@ -12,7 +12,6 @@ lower bound on c . y above d (the property's d is rounded up, so the exact c . y
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from certnet.bounds.rules import check_supported
 from certnet.bounds.rules.fixed_weights import fixed_weights
 from certnet.errors import ConfigError, InputError
 from certnet.falsify import falsify
-from certnet.nn.integrity import check_certifiable, check_plain
+from certnet.nn.integrity import Float64Twin, check_plain
 from certnet.properties import Property
 from certnet.threat import BoxThreat
 
@@ -66,25 +65,35 @@ def _violation(rows: list[tuple[torch.Tensor, torch.Tensor]]):
     return objective
 
 
+def prepare(layers: nn.Sequential) -> Float64Twin:
+    """The float64 eval-mode copy :func:`decide` works on, for a caller that decides several
+    properties of one network (``twin=``); refuses hooked or patched layers."""
+    check_plain(layers)
+    return Float64Twin(layers, lambda net: None)
+
+
 def decide(layers: nn.Sequential, input_shape: tuple[int, ...], prop: Property,
            methods: tuple[str, ...] = ("ibp", "crown", "alpha-crown"),
-           timeout: float | None = None, attack: bool = True, seed: int = 0) -> Verdict:
+           timeout: float | None = None, attack: bool = True, seed: int = 0,
+           twin: Float64Twin | None = None) -> Verdict:
     """Decide ``prop`` for the network ``layers`` (computed in float64, eval mode) on inputs
     of ``input_shape`` (the property's X_i in row-major order). ``timeout`` (seconds) is
-    checked between stages: a stage that started finishes."""
+    checked between stages: a stage that started finishes. ``twin`` (optional): the caller's
+    :func:`prepare` of ``layers``, kept across properties (its copy and the weight quantities
+    the bounds keep are reused while it matches ``layers``)."""
     unknown = [m for m in methods if m not in BOUND_METHODS]
     if unknown:
         raise ConfigError(f"unknown bound methods {unknown}; choose from {BOUND_METHODS}")
     if math.prod(input_shape) != prop.n_inputs:
         raise InputError(f"the property has {prop.n_inputs} inputs, the network "
                          f"{math.prod(input_shape)} (shape {tuple(input_shape)})")
-    check_plain(layers)
-    net = copy.deepcopy(layers).double().eval()
+    if twin is None or not twin.matches(layers):
+        twin = prepare(layers)
+    net = twin.layers
     cases = [(*(t.view(1, *input_shape) for t in prop.box_tensors(i)), prop.violation_tensors(i))
              for i in range(len(prop.cases))]
     # the search stays in each box's float64 points (rounded inward), so what it finds is in
     inner = [case.box.inner_tensors() for case in prop.cases]
-    check_certifiable(net)
     check_supported(net)
     start = time.perf_counter()
     verdict = Verdict("unknown", proved_by=[None] * len(prop.cases))
@@ -110,7 +119,7 @@ def decide(layers: nn.Sequential, input_shape: tuple[int, ...], prop: Property,
                     verdict.status, verdict.x, verdict.y = "violated", x[0], y[0]
                     return verdict
         timed("attack", begun)
-    with fixed_weights():  # ``net`` is this call's own copy: its weights never change
+    with fixed_weights(twin.weight_memo):  # ``net`` is the twin's copy: its weights never change
         for method in methods:
             if out_of_time():
                 verdict.status = "timeout"

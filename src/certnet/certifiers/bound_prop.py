@@ -16,6 +16,7 @@ from torch import nn
 
 from certnet.bounds.margins import BoundMethod, margin_walk
 from certnet.bounds.rules import check_supported
+from certnet.bounds.rules.fixed_weights import fixed_weights
 from certnet.certifiers.base import Certificate, Certifier, layers_problem, register_certifier
 from certnet.nn.conv_algorithms import gemm_chunk
 from certnet.threat import ThreatModel
@@ -79,8 +80,8 @@ class BoundCertifier(Certifier):
 
     def certify(self, model, x, threat):
         twin = model.float64_copy("bounds", lambda layers: None)
-        return margin_certificate(twin.layers, x, threat, self.method,
-                                  model.slope)
+        with fixed_weights(twin.weight_memo):
+            return margin_certificate(twin.layers, x, threat, self.method, model.slope)
 
 
 for _cost, _name in enumerate(("ibp", "crown-ibp", "crown"), start=1):

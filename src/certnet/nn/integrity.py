@@ -77,6 +77,9 @@ class Float64Twin:
             torch.float64, memory_format=torch.contiguous_format).eval()
         check_certifiable(self.layers)
         self.derived = derive(self.layers)
+        #: the copy's weight quantities (|W|, ...) its bound walks keep across calls
+        #: (``fixed_weights(twin.weight_memo)``): the copy's weights never change
+        self.weight_memo: dict = {}
 
     def matches(self, layers: nn.Sequential) -> bool:
         mine_all, theirs_all = list(self.layers.modules()), list(layers.modules())

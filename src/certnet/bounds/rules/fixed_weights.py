@@ -15,12 +15,15 @@ _MEMO: ContextVar[dict | None] = ContextVar("certnet_fixed_weights", default=Non
 
 
 @contextmanager
-def fixed_weights() -> Iterator[None]:
-    """Within it :func:`once` keeps what it computes (an enclosing one keeps it longer)."""
+def fixed_weights(store: dict | None = None) -> Iterator[None]:
+    """Within it :func:`once` keeps what it computes (an enclosing one keeps it longer).
+    ``store`` (optional): the caller's own dict to keep it in, so a later scope over the same
+    modules starts from it: only for modules whose weights never change while the store lives
+    (a :class:`certnet.nn.integrity.Float64Twin`'s private copy)."""
     if _MEMO.get() is not None:
         yield
         return
-    token = _MEMO.set({})
+    token = _MEMO.set({} if store is None else store)
     try:
         yield
     finally:
