@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from certnet.bounds.crown import crown_walk
+from certnet.bounds.crown import affine_tail, backward_bound, backward_bounds, crown_walk
 from certnet.bounds.ibp import drift_walk
 from certnet.bounds.margins import margin_walk
 from certnet.bounds.rules import LayerInput
@@ -390,3 +390,20 @@ def test_graph_steps_report_range_intervals_and_boxes_of_their_operator():
     assert not rule_for(net[3]).maps_boxes_to_boxes(net[3])
     assert rule_for(net[0]).has_range_interval(net[0])
     assert not rule_for(net[0]).maps_boxes_to_boxes(net[0])  # a convolution mixes inputs
+
+
+@pytest.mark.parametrize("rigorous", [False, True])
+def test_passes_to_several_stops_share_their_steps_bit_for_bit(rigorous):
+    """backward_bounds: each stop's bound is the one its own pass gives (the shared steps
+    are the same arithmetic), duplicate stops included and a stop at the top."""
+    net, x = _net(), torch.rand(3, 1, 3, 4, dtype=torch.float64)
+    threat = ThreatModel("linf", 0.1)
+    seen, _ = crown_walk(net, x, threat, rigorous=rigorous)
+    spec = torch.randn(3, 4, seen[-1].lo.shape[1], dtype=torch.float64)
+    stops = [len(net), affine_tail(net), 3, 0, 3]
+    with torch.no_grad():
+        together = backward_bounds(net, seen, spec, x, threat, stops, rigorous=rigorous)
+        for stop, bound in zip(stops, together, strict=True):
+            alone = backward_bound(net, seen, spec, x, threat, stop=stop, rigorous=rigorous)
+            assert torch.equal(bound, alone), stop
+    assert not torch.equal(together[1], together[3])  # the stops do differ

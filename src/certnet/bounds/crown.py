@@ -5,7 +5,7 @@ backward pass from the margin specification with IBP's intermediate bounds)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -41,14 +41,38 @@ def backward_bound(layers: nn.Sequential, seen: list[LayerInput], spec: torch.Te
     ReLU layer i per specification row (alpha-CROWN), in place of ``slope``.
     ``rigorous``: a bound on the exact z in floating point (``seen`` must be rigorous too):
     each step's rounding is charged to the bound (:class:`Rounding`)."""
+    return backward_bounds(layers, seen, spec, x, threat, (stop,), slope, upto, alphas,
+                           rigorous, offset)[0]
+
+
+def backward_bounds(layers: nn.Sequential, seen: list[LayerInput], spec: torch.Tensor,
+                    x: torch.Tensor, threat: ThreatModel, stops: Sequence[int],
+                    slope: Slope = "adaptive", upto: int | None = None,
+                    alphas: Mapping[int, torch.Tensor] | None = None,
+                    rigorous: bool = False, offset: torch.Tensor | None = None
+                    ) -> list[torch.Tensor]:
+    """:func:`backward_bound` for each of ``stops`` (e.g. CROWN's and IBP's, Gowal et al.'s
+    elided tail), from one walk: the steps above a stop are shared by the passes that end
+    below it (the same arithmetic, so each bound is bit for bit the one a pass of its own
+    gives)."""
     upto = len(layers) if upto is None else upto
-    stop = max(stop, relaxation_floor(layers, upto))
+    floor = relaxation_floor(layers, upto)
+    ends = [max(stop, floor) for stop in stops]
     mods = list(layers)  # indexing an nn.Sequential costs more than a step's small ops
     lam, const = spec, spec.new_zeros(spec.shape[:2]) if offset is None else offset
     rounding = Rounding(const) if rigorous else None
     if rounding is not None and offset is not None:
         rounding.constant(offset)
-    for i in range(upto - 1, stop - 1, -1):
+    found: dict[int, torch.Tensor] = {}
+
+    def concretize(at: int) -> None:
+        base = threat.concretize(x, lam, rigorous) if at == 0 else \
+            box_minimum(lam, seen[at].lo, seen[at].hi, rigorous)
+        found[at] = base + const if rounding is None else rounding.settle(base, const)
+
+    for i in range(upto - 1, min(ends) - 1, -1):
+        if i + 1 in ends:
+            concretize(i + 1)
         choice = alphas[i] if alphas is not None and i in alphas else slope
         m = mods[i]
         rule = rule_for(m)
@@ -61,9 +85,8 @@ def backward_bound(layers: nn.Sequential, seen: list[LayerInput], spec: torch.Te
             forked = top_sum_error(rule, m, seen[i])
             if forked is not None:
                 rounding.charge(lam, forked, seen[i])
-    base = threat.concretize(x, lam, rigorous) if stop == 0 else \
-        box_minimum(lam, seen[stop].lo, seen[stop].hi, rigorous)
-    return base + const if rounding is None else rounding.settle(base, const)
+    concretize(min(ends))
+    return [found[end] for end in ends]
 
 
 def relaxation_floor(layers: nn.Sequential, upto: int) -> int:

@@ -10,7 +10,13 @@ import torch
 from torch import nn
 
 from certnet.bounds.alpha_crown import optimized_bound
-from certnet.bounds.crown import affine_tail, backward_bound, crown_walk, relaxation_floor
+from certnet.bounds.crown import (
+    affine_tail,
+    backward_bound,
+    backward_bounds,
+    crown_walk,
+    relaxation_floor,
+)
 from certnet.bounds.ibp import drift_walk, interval_walk
 from certnet.bounds.rules import LayerInput, Slope
 from certnet.bounds.rules.fixed_weights import fixed_weights
@@ -106,13 +112,16 @@ def _lower(layers: nn.Sequential, seen: list[LayerInput], spec: torch.Tensor, x:
     # latest, so where the floor is past the affine tail the two passes are one
     floor = relaxation_floor(layers, len(layers))
     tail = max(affine_tail(layers), floor)
+    stops = [tail] if method == "ibp" else sorted({floor, tail})
+    passes = {}
+    if method == "alpha-crown":
+        passes[floor] = optimized_bound(layers, seen, spec, x, threat, slope, rigorous=rigorous)
+        stops.remove(floor)
+    if stops:  # the passes share their steps through the tail
+        passes.update(zip(stops, backward_bounds(layers, seen, spec, x, threat, stops, slope,
+                                                 rigorous=rigorous), strict=True))
     best = None
-    for stop in [tail] if method == "ibp" else sorted({floor, tail}):
-        if method == "alpha-crown" and stop == floor:
-            lower = optimized_bound(layers, seen, spec, x, threat, slope, rigorous=rigorous)
-        else:
-            lower = backward_bound(layers, seen, spec, x, threat, slope, stop=stop,
-                                   rigorous=rigorous)
+    for stop, lower in passes.items():
         if rigorous:
             drift = drifts[-1] if drifts and stop == 0 else drift_walk(layers, seen, stop)[-1]
             lower = _minus_drift(lower, spec, drift)
@@ -128,12 +137,11 @@ def training_bounds(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
     clean logits of that walk."""
     seen, logits = interval_walk(layers, x, threat)
     spec = margin_spec(y, logits.shape[1]).to(logits.dtype)
+    parts = [(stop, w) for stop, w in ((affine_tail(layers), 1 - beta), (0, beta)) if w > 0]
     lower = 0.0
-    if beta < 1:
-        lower = (1 - beta) * backward_bound(layers, seen, spec, x, threat, slope,
-                                            stop=affine_tail(layers))
-    if beta > 0:
-        lower = lower + beta * backward_bound(layers, seen, spec, x, threat, slope)
+    bounds = backward_bounds(layers, seen, spec, x, threat, [stop for stop, _ in parts], slope)
+    for (_, w), bound in zip(parts, bounds, strict=True):
+        lower = lower + w * bound
     return lower, logits
 
 

@@ -104,8 +104,26 @@ def relaxed_backward(lam: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor
     """lam+ * lower + lam- * upper and the constant sum(lam- * upper_bias) over all but the
     first two dims, for slopes broadcastable to lam, with the gradient autograd gives that
     clamp formula. Fused: on CPU a fresh lam-sized tensor costs far more (page faults) than an
-    in-place pass over it, so the forward makes one and the backward two."""
-    return _RelaxedBackward.apply(lam, lower, upper, upper_bias)
+    in-place pass over it, so the forward makes one and the backward two. Where autograd
+    records nothing, the forward alone (the autograd.Function's call costs a third of it)."""
+    if torch.is_grad_enabled() and any(
+            t.requires_grad for t in (lam, lower, upper, upper_bias)):
+        return _RelaxedBackward.apply(lam, lower, upper, upper_bias)
+    return _relaxed_forward(lam, lower, upper, upper_bias)
+
+
+def _relaxed_forward(lam: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor,
+                     upper_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """lam- * (upper - lower) + lam * lower, which is lam+ * lower + lam- * upper up to one
+    rounding (upper - lower is exact for the fixed slope choices; an alpha-CROWN slope adds
+    one more, relative to lam's terms, which the certificates' rounding slack covers many
+    times over), and the constant."""
+    coef = lam.clamp(max=0)
+    const = per_row_dot(coef, upper_bias)
+    gap = upper - lower
+    coef = coef.mul_(gap) if fits(gap.shape, coef.shape) else coef * gap
+    coef = coef.addcmul_(lam, lower) if fits(lower.shape, coef.shape) else coef + lam * lower
+    return coef, const
 
 
 def _memory_flat(t: torch.Tensor, order: list[int]) -> torch.Tensor:
@@ -153,23 +171,15 @@ def _rows_weighted(w: torch.Tensor, t: torch.Tensor, shape: torch.Size) -> torch
 
 
 class _RelaxedBackward(torch.autograd.Function):
-    """Forward: lam- * (upper - lower) + lam * lower, which is lam+ * lower + lam- * upper up
-    to one rounding (upper - lower is exact for the fixed slope choices; an alpha-CROWN slope
-    adds one more, relative to lam's terms, which the certificates' rounding slack covers
-    many times over). Backward: the
-    gradient autograd takes through the clamp formula, kink included (at lam == 0 clamp passes
-    the gradient to both terms: slope lower + upper, and the upper bias); out of place, hence
-    differentiable again, under create_graph."""
+    """Forward: :func:`_relaxed_forward`. Backward: the gradient autograd takes through the
+    clamp formula, kink included (at lam == 0 clamp passes the gradient to both terms: slope
+    lower + upper, and the upper bias); out of place, hence differentiable again, under
+    create_graph."""
 
     @staticmethod
     def forward(ctx, lam, lower, upper, upper_bias):
-        coef = lam.clamp(max=0)
-        const = per_row_dot(coef, upper_bias)
-        gap = upper - lower
-        coef = coef.mul_(gap) if fits(gap.shape, coef.shape) else coef * gap
-        coef = coef.addcmul_(lam, lower) if fits(lower.shape, coef.shape) else coef + lam * lower
         ctx.save_for_backward(lam, lower, upper, upper_bias)
-        return coef, const
+        return _relaxed_forward(lam, lower, upper, upper_bias)
 
     @staticmethod
     def backward(ctx, g_coef, g_const):
