@@ -21,7 +21,7 @@ from certnet.bounds.rules.affine import ConvRule, LinearRule, live_product
 from certnet.bounds.rules.fixed_weights import fixed_weights
 from certnet.bounds.rules.relaxation import fits, relu_lines, relu_relaxation
 from certnet.floats import round_down
-from certnet.threat import ThreatModel
+from certnet.threat import BoxThreat, ThreatModel, box_minimum
 
 
 def _lam(dead: int, requires_grad: bool = False) -> torch.Tensor:
@@ -407,3 +407,22 @@ def test_passes_to_several_stops_share_their_steps_bit_for_bit(rigorous):
             alone = backward_bound(net, seen, spec, x, threat, stop=stop, rigorous=rigorous)
             assert torch.equal(bound, alone), stop
     assert not torch.equal(together[1], together[3])  # the stops do differ
+
+
+def test_a_box_threat_computes_its_terms_once_and_gives_box_minimum_bit_for_bit():
+    generator = torch.Generator().manual_seed(0)
+    lo = torch.rand(3, 5, 5, generator=generator, dtype=torch.float64)
+    threat = BoxThreat.of(lo, lo + torch.rand(3, 5, 5, generator=generator, dtype=torch.float64))
+    x = threat.center().expand(4, -1, -1, -1)
+    lam = torch.randn(4, 7, 3, 5, 5, generator=generator, dtype=torch.float64)
+    for rigorous in (False, True):
+        box = threat.enclosure(x) if rigorous else threat.box(x)
+        first = threat.concretize(x, lam, rigorous)
+        assert torch.equal(first, box_minimum(lam, *box, rigorous))
+        kept = dict(threat._kept)
+        assert torch.equal(threat.concretize(x, lam, rigorous), first)
+        assert all(threat._kept[k] is v for k, v in kept.items())  # nothing recomputed
+    # the float32 enclosure is its own entry, rounded outward from the float64 box
+    lo32, hi32 = threat.enclosure(x.float())
+    assert lo32.dtype == torch.float32 and (lo32.double() <= threat.lo).all() and \
+        (hi32.double() >= threat.hi).all()

@@ -8,8 +8,9 @@ here, so a model's training norm is only its default.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 
@@ -132,6 +133,9 @@ class BoxThreat(ThreatModel):
 
     lo: torch.Tensor | None = None
     hi: torch.Tensor | None = None
+    #: what the bounds read of the box again and again (its enclosure in a dtype, its centre
+    #: and radius), computed once: the box never changes
+    _kept: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def of(cls, lo: torch.Tensor, hi: torch.Tensor) -> BoxThreat:
@@ -149,24 +153,56 @@ class BoxThreat(ThreatModel):
         return self.lo.to(x).expand_as(x), self.hi.to(x).expand_as(x)
 
     def enclosure(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        lo, hi = outward_to(self.lo.to(x.device), self.hi.to(x.device), x.dtype)
+        lo, hi = self._once(("enclosure", x.dtype, x.device), lambda: outward_to(
+            self.lo.to(x.device), self.hi.to(x.device), x.dtype))
         return lo.expand_as(x), hi.expand_as(x)  # exact in float64: the set itself
+
+    def concretize(self, x: torch.Tensor, lam: torch.Tensor, rigorous: bool = False
+                   ) -> torch.Tensor:
+        """The exact minimum of lam . x' over the box (``rigorous``: a lower bound of it in
+        floating point): the same box for every point, so its terms are computed once."""
+        def terms() -> tuple[torch.Tensor, torch.Tensor, float]:
+            lo, hi = self.enclosure(x[:1]) if rigorous else self.box(x[:1])
+            return box_terms(lo, hi, rigorous)
+        center, radius, lost = self._once(("terms", rigorous, x.dtype, x.device), terms)
+        batch = (len(x), -1, -1)
+        return box_minimum_of(lam, (center.expand(batch), radius.expand(batch), lost))
+
+    def _once(self, key: tuple, compute: Callable[[], Any]) -> Any:
+        if key not in self._kept:
+            self._kept[key] = compute()
+        return self._kept[key]
 
 
 def box_minimum(lam: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, rigorous: bool = False
                 ) -> torch.Tensor:
     """Exact minimum of lam . h over the box [lo, hi]: lam (B, S, ...) -> (B, S).
-    ``rigorous``: a float lower bound of it. The centre c and radius r round, and so do both
-    dot products and their difference: at most gamma_{n+3} |lam| . (|c| + r) in all, which is
-    paid for by taking the radius r + gamma_{n+5} (|c| + r) (no extra product)."""
-    flat = lam.flatten(2)
+    ``rigorous``: a float lower bound of it (:func:`box_terms`)."""
+    return box_minimum_of(lam, box_terms(lo, hi, rigorous))
+
+
+def box_terms(lo: torch.Tensor, hi: torch.Tensor, rigorous: bool = False
+              ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The box's centre c and radius r (B, n, 1) and the underflow allowance that
+    :func:`box_minimum_of` reads. ``rigorous``: c and r round, and so do both dot products
+    and their difference: at most gamma_{n+3} |lam| . (|c| + r) in all, which is paid for by
+    taking the radius r + gamma_{n+5} (|c| + r) (no extra product); the products' underflow
+    by 2 (n + 2) eta."""
     center = ((hi + lo) / 2).flatten(1).unsqueeze(2)
     radius = ((hi - lo) / 2).flatten(1).unsqueeze(2)
     lost = 0.0
     if rigorous:
-        n = flat.shape[2]
-        radius = radius + gamma(n + 5, lam.dtype) * (center.abs() + radius)
-        lost = 2 * (n + 2) * eta(lam.dtype)  # the products' underflow
+        n = center.shape[1]
+        radius = radius + gamma(n + 5, lo.dtype) * (center.abs() + radius)
+        lost = 2 * (n + 2) * eta(lo.dtype)
+    return center, radius, lost
+
+
+def box_minimum_of(lam: torch.Tensor, terms: tuple[torch.Tensor, torch.Tensor, float]
+                   ) -> torch.Tensor:
+    """lam . c - |lam| . r - lost (:func:`box_terms`), lam (B, S, ...) -> (B, S)."""
+    flat = lam.flatten(2)
+    center, radius, lost = terms
     return (flat @ center).squeeze(2) - (flat.abs() @ radius).squeeze(2) - lost
 
 
