@@ -426,3 +426,20 @@ def test_a_box_threat_computes_its_terms_once_and_gives_box_minimum_bit_for_bit(
     lo32, hi32 = threat.enclosure(x.float())
     assert lo32.dtype == torch.float32 and (lo32.double() <= threat.lo).all() and \
         (hi32.double() >= threat.hi).all()
+
+
+def test_exact_inputs_drift_without_a_product_bit_for_bit(monkeypatch):
+    """An affine layer on exact inputs (zero drift) skips |A| 0: the drifts are those of
+    the product, and a layer whose own term is not full-shaped (a conv's) takes the product."""
+    net, x = _net(), torch.rand(3, 1, 3, 4, dtype=torch.float64)
+    seen, _ = crown_walk(net, x, ThreatModel("linf", 0.1), rigorous=True)
+    with torch.no_grad():
+        fast = drift_walk(net, seen)
+        monkeypatch.setattr(LinearRule, "outputs", lambda self, m, inp: -1)  # never skips
+        slow = drift_walk(net, seen)
+    assert all(torch.equal(a, b) for a, b in zip(fast, slow, strict=True))
+    assert not fast[2].eq(0).any()  # the first Linear's own rounding is there
+    conv = nn.Conv2d(1, 2, 3, padding=1).double()
+    inp = LayerInput(*(torch.rand(2, 1, 4, 4, dtype=torch.float64),) * 3)
+    with torch.no_grad():
+        assert ConvRule().drift(conv, torch.zeros_like(inp.lo), inp).shape == (2, 2, 4, 4)
