@@ -89,9 +89,11 @@ TARGETS: dict[str, tuple[list[str], list[str]]] = {
                "tests/test_exact_rounding.py", "tests/test_mutants.py",
                "tests/test_loss_fusion.py", "tests/test_crown_shortcuts.py",
                "tests/test_mutation_survivors.py", "tests/test_mutation_survivors_bounds.py"]),
+    # test_loss_fusion: fused_training_loss; test_decide: spec_bounds (no other file calls them)
     "ibp": (["src/certnet/bounds/ibp.py", "src/certnet/bounds/margins.py"],
             ["tests/test_bounds.py", "tests/test_rule_rounding.py",
              "tests/test_exact_rounding.py", "tests/test_mutants.py", "tests/test_refusals.py",
+             "tests/test_loss_fusion.py", "tests/test_decide.py",
              "tests/test_mutation_survivors.py", "tests/test_mutation_survivors_bounds.py"]),
     "relu_affine": (["src/certnet/bounds/rules/base.py", "src/certnet/bounds/rules/affine.py",
                      "src/certnet/bounds/rules/activations.py",
