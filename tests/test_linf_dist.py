@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -17,10 +18,12 @@ from certnet.bounds import margin_bounds
 from certnet.bounds.rules import LayerInput, rule_for
 from certnet.bounds.rules.linf_dist import dist_interval
 from certnet.certifiers import applicable, certify
+from certnet.certifiers.linf_lipschitz import lower_gaps
 from certnet.checkpoint import load, save_model
 from certnet.config import TrainConfig
 from certnet.errors import ConfigError, InputError
 from certnet.methods.linf_dist import LinfDistNet
+from certnet.nn.integrity import Float64Twin
 from certnet.nn.linf_dist import LinfDist, LinfDistConv2d, MeanShift, Negate, identity_init
 from certnet.nn.linf_dist_kernels import linf_dist_reference
 from certnet.nn.spec import build_layers, describe_layers
@@ -204,6 +207,10 @@ def exact(layers: nn.Sequential, x: torch.Tensor, label: int, eps: float, norm: 
         return exact_min_margin(layers, x, label, eps, norm, method="enumerate", **kwargs)
 
 
+#: certifiers whose certificates carry a lower bound on the margin over the ball
+MARGINS = ("linf-lipschitz", "ibp", "crown-ibp", "crown", "alpha-crown")
+
+
 def check_against_oracle(model: LinfDistNet, relu_net: nn.Sequential, x: torch.Tensor,
                          norms: tuple[str, ...], counts: dict[str, int], where: str,
                          radii: tuple[float, ...] = (0.02, 0.1, 0.3)) -> None:
@@ -223,6 +230,7 @@ def check_against_oracle(model: LinfDistNet, relu_net: nn.Sequential, x: torch.T
                 for name, cert in certs.items():
                     counts[name] = counts.get(name, 0) + bool(cert.certified[i])
                     assert not (bool(cert.certified[i]) and m_star <= 0), (name, where, eps)
+                    assert cert.margin is not None or name not in MARGINS, name
                     if cert.margin is not None:
                         assert float(cert.margin[i]) <= m_star + 1e-9 * (1 + abs(m_star)), \
                             (name, where, eps, norm)
@@ -440,3 +448,71 @@ def test_from_the_cli(tmp_path, mnist_available, capsys):
     assert load(out).layers[1].out_features == 16
     assert main(["certify", str(out), "--certifier", "linf-lipschitz", "--limit", "16"]) == 0
     assert "linf-lipschitz" in capsys.readouterr().out
+
+
+# -- the linf-lipschitz certifier at the edges of float64 ------------------------------------------
+class Chain:
+    """A plain network as certifiers see it (:class:`certnet.certifiers.base.Certifiable`)."""
+
+    method, norm, default_certifier, slope = "chain", "linf", "linf-lipschitz", "adaptive"
+
+    def __init__(self, layers: nn.Sequential, shape: tuple[int, ...], classes: int) -> None:
+        self.layers, self.input_shape, self.num_classes = layers, shape, classes
+
+    def float64_copy(self, key, derive):
+        return Float64Twin(self.layers, derive)
+
+
+def dense(weight: list[list[float]], bias: list[float]) -> nn.Sequential:
+    layer = nn.Linear(len(weight[0]), len(weight)).double()
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor(weight, dtype=torch.float64))
+        layer.bias.copy_(torch.tensor(bias, dtype=torch.float64))
+    return nn.Sequential(layer)
+
+
+def test_overflowing_logits_certify_nothing():
+    """At x = 0.9 the float64 logits are (inf, 1.07e308): the margin is NaN after the drift,
+    and read as robust it would certify class 0 at eps 0.49, where at x' = 0.41 the exact
+    logits are (1.428e308, 1.462e308). With 2 L above the largest float (inf / inf) the
+    radius is 0, not NaN."""
+    model = Chain(dense([[0.8e308], [-0.8e308]], [1.1e308, 1.79e308]), (1,), 2)
+    x = torch.tensor([[0.9]], dtype=torch.float64)
+    with torch.no_grad():
+        assert model.layers(x)[0, 0] == math.inf
+        inside = model.layers(torch.tensor([[0.41]], dtype=torch.float64))[0]
+    assert inside[1] > inside[0]  # exactly too: both are sums of two exact terms, far apart
+    cert = certify(model, x, 0.49, "linf-lipschitz")
+    assert not cert.certified.any() and cert.radius.eq(0).all() and cert.margin[0] == -math.inf
+    wide = Chain(dense([[1.7e308], [-0.5e308]], [0.2e308, 1.7e308]), (1,), 2)
+    cert = certify(wide, torch.tensor([[0.95]], dtype=torch.float64), 0.01, "linf-lipschitz")
+    assert not cert.certified.any() and cert.radius.eq(0).all()
+
+
+def test_one_output_certifies_nothing_and_two_outputs_do():
+    """With one output there is no other class to beat: nothing is certified (read as an
+    empty minimum, every radius would be infinite)."""
+    x = torch.rand(3, 2, generator=gen(30), dtype=torch.float64)
+    one = certify(Chain(dense([[0.3, -0.2]], [0.1]), (2,), 1), x, 0.01, "linf-lipschitz")
+    assert not one.certified.any() and one.radius.eq(0).all()
+    two = certify(Chain(dense([[0.3, -0.2], [-0.3, 0.2]], [5.0, 0.0]), (2,), 2), x, 0.01,
+                  "linf-lipschitz")
+    assert two.certified.all() and (two.radius > 0.01).all()
+
+
+def test_lower_gaps_are_below_the_exact_gaps():
+    """top - logits - spread rounded down, against exact rationals: spreads far below, equal
+    to and far above the logits, subnormal and huge magnitudes, near-cancelling logits."""
+    generator = gen(31)
+    scales = [(1, 1, 1e-13), (1, 1, 1), (1, 1e-3, 10), (1e-3, 1, 10), (1, 1, 1e3),
+              (1e300, 1e300, 1e301), (1e-300, 1e-300, 1e-299), (1, 1 - 2**-52, 3),
+              (2**-1070, 2**-1072, 2**-1060)]
+    for s_top, s_logit, s_spread in scales:
+        def draw(scale: float) -> torch.Tensor:
+            return torch.rand(200, 1, generator=generator, dtype=torch.float64) * scale
+        top, spread = draw(s_top), draw(s_spread)
+        logits = draw(s_logit) * torch.where(draw(1.0) < 0.5, -1.0, 1.0)
+        got = lower_gaps(top, logits, spread)
+        for t, v, w, g in zip(top.flatten().tolist(), logits.flatten().tolist(),
+                              spread.flatten().tolist(), got.flatten().tolist(), strict=True):
+            assert Fraction(g) <= Fraction(t) - Fraction(v) - Fraction(w), (t, v, w)

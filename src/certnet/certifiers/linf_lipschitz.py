@@ -55,19 +55,25 @@ class LinfLipschitzCertifier(Certifier):
         reach = (top - logits).scatter(1, pred.unsqueeze(1), torch.inf).amin(1) \
             .clamp_min(0) / (2 * lipschitz) * (1 + gamma(3))
         drift = ball_drift(twin.layers, outputs, prefix, reach)
-        spread = drift.gather(1, pred.unsqueeze(1)) + drift
-        # and the three subtractions' (and this one's) rounding
-        gaps = top - logits - spread - gamma(4) * (top.abs() + logits.abs() + spread)
+        gaps = lower_gaps(top, logits, drift.gather(1, pred.unsqueeze(1)) + drift)
         worst = gaps.scatter(1, pred.unsqueeze(1), torch.inf).amin(1) if \
             logits.shape[1] > 1 else torch.full_like(reach, -math.inf)
         worst = torch.where(torch.isnan(worst), -math.inf, worst)
         radius = torch.nextafter((worst / (2 * lipschitz)).clamp_min(0),
                                  torch.zeros_like(worst))  # the division rounds
-        radius = torch.minimum(radius, reach)
+        # NaN where 2 L overflows (inf / inf, -inf / inf): no radius (0 is always sound)
+        radius = torch.where(torch.isnan(radius) | torch.isnan(reach), 0.0,
+                             torch.minimum(radius, reach))
         # a lower bound on the exact margin over the eps-ball (the product rounded up)
         ball = worst - 2 * threat.eps * lipschitz * (1 + gamma(2))
         return Certificate(pred=pred, certified=radius > threat.eps,
                            radius=round_down(radius), margin=ball)
+
+
+def lower_gaps(top: torch.Tensor, logits: torch.Tensor, spread: torch.Tensor) -> torch.Tensor:
+    """top - logits - spread rounded down: the three subtractions (and this allowance's own
+    evaluation) round by at most gamma_4 (|top| + |logits| + spread), spread >= 0."""
+    return top - logits - spread - gamma(4) * (top.abs() + logits.abs() + spread)
 
 
 register_certifier(LinfLipschitzCertifier())
