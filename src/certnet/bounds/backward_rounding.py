@@ -44,48 +44,62 @@ class Rounding:
     round by at most gamma_{L+1} of their sum."""
 
     def __init__(self, like: torch.Tensor) -> None:
-        self.error = torch.zeros_like(like)
-        self.size = torch.zeros_like(like)
+        self.dims = like.dim()
+        self.error: torch.Tensor | float = 0.0
+        self.constants: list[torch.Tensor] = []  # their magnitudes are summed when settling
         self.steps = 0
         self.terms = 1
 
     def charge(self, lam: torch.Tensor, top: torch.Tensor | float, inp: LayerInput) -> None:
         """Add ||lam||_1 top >= sum_j |lam_j| rho_j over the step's outputs (lam (B, S, *z);
-        ``top``: the largest rho per point (B, 1), :func:`top_rho`), and :meth:`underflow` for
-        its input ``inp``."""
-        exact = not isinstance(top, torch.Tensor) and not top  # no read of lam for nothing
-        self.charge_sum(0.0 if exact else l1_rows(lam) * top, lam[0, 0].numel(), inp)
+        ``top``: the largest rho per point (B, 1), :func:`top_rho`; the l1 norm rounded up as
+        :func:`l1_rows` does, in the same product), and :meth:`underflow` for its input
+        ``inp``."""
+        terms = lam[0, 0].numel()
+        if not isinstance(top, torch.Tensor) and not top:  # no read of lam for nothing
+            self.charge_sum(0.0, terms, inp)
+            return
+        self._count(terms)
+        start, factor = self.error + self.underflow(terms, inp), 1 + gamma(terms + 1, lam.dtype)
+        norm = l1_rows(lam, False)
+        self.error = torch.addcmul(start, norm, top, value=factor) \
+            if isinstance(top, torch.Tensor) else start + norm * (factor * top)
 
     def charge_sum(self, error: torch.Tensor | float, terms: int, inp: LayerInput) -> None:
         """Add a step's charge computed by the caller (patches mode), on coefficients of
         ``terms`` entries per row."""
+        self._count(terms)
+        self.error = self.error + self.underflow(terms, inp) + error
+
+    def _count(self, terms: int) -> None:
         self.steps += 1
         self.terms = max(self.terms, terms)
-        self.underflow(terms, inp)
-        self.error = self.error + error
 
-    def underflow(self, terms: int, inp: LayerInput) -> None:
+    def underflow(self, terms: int, inp: LayerInput) -> torch.Tensor:
         """What products may lose to underflow whatever lam: each new coefficient sums at most
         ``terms`` + 16 products (eta each), and so does the constant, against inputs of size
         at most the interval's magnitudes (sum_k H_k <= their number times the largest);
         kept with ``inp``."""
-        dims = self.error.dim()
+        dims = self.dims
 
         def compute() -> torch.Tensor:
             reach = inp.largest.flatten() * inp.lo[0].numel() + 1
             lost = (terms + 16) * eta(reach.dtype) * reach
             return lost.view(-1, *([1] * (dims - 1)))
-        self.error = self.error + inp.memo(("underflow", terms, dims), compute)
+        return inp.memo(("underflow", terms, dims), compute)
 
     def constant(self, c: torch.Tensor) -> None:
-        self.size = self.size + c.abs()
+        self.constants.append(c)
 
     def settle(self, base: torch.Tensor, const: torch.Tensor) -> torch.Tensor:
         """base + const minus everything the evaluation may have lost, itself rounded up:
         the charges (sums of at most ``terms`` products each, ``steps`` of them added) and
-        the additions of the constants and of the slack itself."""
+        the additions of the constants (their magnitudes summed in any order) and of the
+        slack itself."""
+        size = torch.stack(torch.broadcast_tensors(*self.constants)).abs().sum(0) \
+            if self.constants else 0.0
         error = self.error * (1 + 2 * gamma(self.terms + self.steps + 2, base.dtype))
-        slack = error + gamma(self.steps + 6, base.dtype) * (base.abs() + self.size + error)
+        slack = error + gamma(self.steps + 6, base.dtype) * (base.abs() + size + error)
         return base + const - slack
 
 
@@ -94,13 +108,14 @@ class Rounding:
 L1_TEMPORARY_ELEMENTS = 2 ** 22
 
 
-def l1_rows(lam: torch.Tensor) -> torch.Tensor:
+def l1_rows(lam: torch.Tensor, rounded_up: bool = True) -> torch.Tensor:
     """||lam[b, s]||_1 (B, S), rounded up (n-term sums of non-negative terms, any order:
-    gamma_n)."""
+    gamma_n; ``rounded_up=False``: the float sum, for a caller that multiplies by
+    1 + gamma_{n+1} itself)."""
     dims = tuple(range(2, lam.dim()))
     norm = lam.abs().sum(dims) if lam.numel() <= L1_TEMPORARY_ELEMENTS else \
         torch.linalg.vector_norm(lam, 1, dim=dims)
-    return norm * (1 + gamma(lam[0, 0].numel() + 1, lam.dtype))
+    return norm * (1 + gamma(lam[0, 0].numel() + 1, lam.dtype)) if rounded_up else norm
 
 
 def largest(rho: torch.Tensor | float) -> torch.Tensor | float:
