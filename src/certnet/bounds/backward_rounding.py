@@ -55,7 +55,7 @@ class Rounding:
         ``top``: the largest rho per point (B, 1), :func:`top_rho`; the l1 norm rounded up as
         :func:`l1_rows` does, in the same product), and :meth:`underflow` for its input
         ``inp``."""
-        terms = lam[0, 0].numel()
+        terms = lam.shape[2:].numel()
         if not isinstance(top, torch.Tensor) and not top:  # no read of lam for nothing
             self.charge_sum(0.0, terms, inp)
             return
@@ -83,9 +83,8 @@ class Rounding:
         dims = self.dims
 
         def compute() -> torch.Tensor:
-            reach = inp.largest.flatten() * inp.lo[0].numel() + 1
-            lost = (terms + 16) * eta(reach.dtype) * reach
-            return lost.view(-1, *([1] * (dims - 1)))
+            reach = inp.largest.view(-1, *([1] * (dims - 1))) * inp.lo.shape[1:].numel() + 1
+            return (terms + 16) * eta(reach.dtype) * reach
         return inp.memo(("underflow", terms, dims), compute)
 
     def constant(self, c: torch.Tensor) -> None:
@@ -115,7 +114,7 @@ def l1_rows(lam: torch.Tensor, rounded_up: bool = True) -> torch.Tensor:
     dims = tuple(range(2, lam.dim()))
     norm = lam.abs().sum(dims) if lam.numel() <= L1_TEMPORARY_ELEMENTS else \
         torch.linalg.vector_norm(lam, 1, dim=dims)
-    return norm * (1 + gamma(lam[0, 0].numel() + 1, lam.dtype)) if rounded_up else norm
+    return norm * (1 + gamma(lam.shape[2:].numel() + 1, lam.dtype)) if rounded_up else norm
 
 
 def largest(rho: torch.Tensor | float) -> torch.Tensor | float:

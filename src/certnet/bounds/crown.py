@@ -207,7 +207,7 @@ def _neuron_bounds(layers: nn.Sequential, seen: list[LayerInput], x: torch.Tenso
     else:  # each point's own rows first (positions in ``rows``), then the others
         width = int(mine.sum(1).max())
         table = torch.argsort((~mine).to(torch.uint8), dim=1, stable=True)[:, :width]
-    widest = max(s.lo[0].numel() for s in seen[:upto + 1])
+    widest = max(s.lo.shape[1:].numel() for s in seen[:upto + 1])
     per_point = max(1, CHUNK_ELEMENTS // (2 * widest))
     row_chunk = min(width, per_point)
     point_chunk = max(1, CHUNK_ELEMENTS // (2 * widest * row_chunk))

@@ -219,7 +219,7 @@ def _patch_bound(layers: nn.Sequential, part: list[LayerInput], x: torch.Tensor,
         c = None
         if rounding is not None:
             rounding.charge_sum(_patch_charge(lam, top_rho(rule, m, inp), n, shared),
-                                lam[0, 0].numel(), inp)
+                                lam.shape[2:].numel(), inp)
         if rule.patches == "conv":
             if m.bias is not None:
                 c = (lam.sum((-2, -1)) @ m.bias.to(dtype)).view(-1, u, 2 * g)
@@ -262,7 +262,7 @@ def _patch_bound(layers: nn.Sequential, part: list[LayerInput], x: torch.Tensor,
     if shared:
         lam = per_point(lam)
     win = windows[0]
-    terms = lam[0, 0].numel()
+    terms = lam.shape[2:].numel()
     if threat.norm == "linf":
         lo, hi = threat.enclosure(x) if rigorous else threat.box(x)
         center, radius = win.gather((hi + lo) / 2), win.gather((hi - lo) / 2)

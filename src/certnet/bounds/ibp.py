@@ -173,7 +173,7 @@ def _ball(rule: AffineRule, m: nn.Module, inp: LayerInput, radius: torch.Tensor 
         return None
     r = torch.as_tensor(radius, dtype=inp.lo.dtype, device=inp.lo.device)
     if rigorous:
-        n = inp.lo[0].numel()
+        n = inp.lo.shape[1:].numel()
         norms = norms * (1 + gamma(n + 4, norms.dtype)) + n**0.5 * SQRT_TINY64
     reach = r.view(-1, *([1] * (inp.lo.dim() - 1))) * norms if r.dim() else r * norms
     return reach * (1 + gamma(1, reach.dtype)) + eta(reach.dtype) if rigorous else reach

@@ -44,7 +44,7 @@ class AffineRule(BoundRule):
         """|A| 1 (rounded up), or an upper bound broadcastable to (1, *z): one single-row
         product."""
         rows = self.linear_abs(m, torch.ones_like(inp.lo[:1]), inp)
-        return rows * (1 + gamma(inp.lo[0].numel(), rows.dtype))
+        return rows * (1 + gamma(inp.lo.shape[1:].numel(), rows.dtype))
 
     def outputs(self, m: nn.Module, inp: LayerInput) -> int:
         """The number of outputs per point."""
@@ -92,7 +92,7 @@ class AffineRule(BoundRule):
             return None
         dtype = inp.lo.dtype
         own = gamma(n + 4, dtype) * self.size(m, inp) + (2 * n + 4) * eta(dtype)
-        if own[0].numel() == self.outputs(m, inp) and not error.any():
+        if own.shape[1:].numel() == self.outputs(m, inp) and not error.any():
             return own  # exact inputs (the first layer's): |A| 0 = 0, so no product
         spread = self.linear_abs(m, error.expand_as(inp.lo), inp) * (1 + gamma(n + 2, dtype))
         return spread + own

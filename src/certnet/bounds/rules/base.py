@@ -71,8 +71,11 @@ class LayerInput:
         """Each point's largest |h| over the interval, shaped (B, 1, ...) to broadcast (read
         by every rounding charge on this input: computed once; ``lo`` and ``hi`` are never
         changed in place, a tightened interval is a new LayerInput)."""
-        top = torch.maximum(self.hi.flatten(1).amax(1), self.lo.flatten(1).amin(1).neg())
-        return top.view(-1, *([1] * (self.lo.dim() - 1)))
+        if self.lo.dim() == 1:  # one scalar per point (vector_norm would reduce dim=())
+            return torch.maximum(self.lo.abs(), self.hi.abs())
+        dims = tuple(range(1, self.lo.dim()))  # max |h| = max(|lo|, |hi|): both exact
+        return torch.maximum(torch.linalg.vector_norm(self.lo, torch.inf, dims, keepdim=True),
+                             torch.linalg.vector_norm(self.hi, torch.inf, dims, keepdim=True))
 
 
 def channels_last(t: torch.Tensor) -> torch.Tensor:

@@ -24,8 +24,8 @@ def relaxation_error(inp: LayerInput, reach: torch.Tensor, relus: int) -> torch.
     with intercepts below reach. Underflow: the slope and intercept each lose at most eta
     more, 8 eta (1 + reach) per relaxation; coefficients' products losing eta each, whatever
     lam, are charged by :class:`certnet.bounds.crown.Rounding` for every step."""
-    dtype = inp.lo.dtype
-    return relus * (gamma(inp.lo[0].numel() + 32, dtype) * reach + 8 * eta(dtype) * (1 + reach))
+    dtype, n = inp.lo.dtype, inp.lo.shape[1:].numel()
+    return relus * (gamma(n + 32, dtype) * reach + 8 * eta(dtype) * (1 + reach))
 
 
 def pairs_max(t: torch.Tensor) -> torch.Tensor:

@@ -86,7 +86,7 @@ class ScaleRule(AffineRule):
 
     def backward_error(self, m, inp):
         dtype = inp.lo.dtype
-        return gamma(inp.lo[0].numel() + 16, dtype) * (self.size(m, inp) + eta(dtype))
+        return gamma(inp.lo.shape[1:].numel() + 16, dtype) * (self.size(m, inp) + eta(dtype))
 
     def drift(self, m, error, inp):
         dtype = inp.lo.dtype

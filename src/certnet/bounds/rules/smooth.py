@@ -191,7 +191,7 @@ class SmoothRule(BoundRule):
         which h (|h| <= its magnitude) turns into u |lam| |s| |h|; the constant is two
         N-term dots and their sum: gamma_{N+1} |lam| max(|b|, |c|) (Higham §3.1)."""
         s, b, t, c = self.lines(m, inp)
-        n = inp.lo[0].numel()
+        n = inp.lo.shape[1:].numel()
         dtype = inp.lo.dtype
         return gamma(2, dtype) * torch.maximum(s.abs(), t.abs()) * inp.magnitude + \
             gamma(n + 3, dtype) * torch.maximum(b.abs(), c.abs())
