@@ -41,6 +41,7 @@ import torch
 from exact import LP_ACCURACY, Ball, ExactNet, linf_lipschitz_constant, lp_norm, unique_points
 from torch import nn
 
+from certnet.bounds.margins import spec_bounds
 from certnet.bounds.rules.linf_dist import dist_error
 from certnet.certifiers import certify
 from certnet.certifiers.base import CERTIFIERS
@@ -52,6 +53,7 @@ from certnet.nn.activations import MinMax
 from certnet.nn.linf_dist import LinfDist, MeanShift, Negate
 from certnet.nn.linf_dist_kernels import linf_dist, linf_dist_backend, linf_dist_reference
 from certnet.nn.lipschitz import LipschitzConv2d, LipschitzLinear, Normalize
+from certnet.threat import BoxThreat
 
 NORMS = ("linf", "l2")
 #: Every registered certifier (``best`` included), in a fixed order.
@@ -823,3 +825,21 @@ def test_the_drift_is_subtracted_rounded_down_in_exact_arithmetic():
         exact = Fraction(1.0 if k == 0 else 3.0) - Fraction(1.0) - Fraction(float(drift[0, j]))
         assert Fraction(float(got[0, k])) <= exact
     assert float(lower[0, 0] - (drift[0, 0] + drift[0, 1])) == 0.0  # the naive form's error
+
+
+@pytest.mark.parametrize("method", ["ibp", "crown-ibp", "crown", "alpha-crown"])
+def test_box_bounds_hold_at_a_point_of_cancelling_biases(method):
+    """spec_bounds over the one-point box {x} of _last_layer's net (B = 2^60 cancels: float64
+    computes z0 = 0 or -256 where the exact z0 = -(x1 + 60)): each rigorous bound on z0 and
+    on -z0 is below the exact value at x, in exact arithmetic. The plain bounds are not (so
+    the check can fail): a method whose rigorous pass ran plain would be caught here."""
+    net = _last_layer(-2.0**15).layers
+    spec = torch.tensor([[[1.0, 0.0], [-1.0, 0.0]]], dtype=F64)
+    for x1 in (0.05, 0.35, 0.6):
+        x = torch.tensor([x1, 0.5], dtype=F64)
+        threat = BoxThreat.of(x, x)
+        exact = -(Fraction(x1) + 60)
+        rigorous = spec_bounds(net, x.unsqueeze(0), threat, spec, method, rigorous=True)[0]
+        assert Fraction(float(rigorous[0])) <= exact and Fraction(float(rigorous[1])) <= -exact
+        plain = spec_bounds(net, x.unsqueeze(0), threat, spec, method)[0]
+        assert Fraction(float(plain[0])) > exact or Fraction(float(plain[1])) > -exact
