@@ -3,7 +3,8 @@ coefficient reaches (``live_product``): the same values as ``lam @ W``, weights 
 outputs never read, and the full product wherever autograd records lam. The first step back
 from a layer's neurons selects rows of W and b (``output_rows``) instead of multiplying one-hot
 rows: the same bounds, the rigorous ones no looser (that step no longer rounds). |W| and its
-row sums are computed once per walk (``fixed_weights``), never carried into the next; a
+row sums are computed once per walk (``fixed_weights``), carried into the next only in a
+store the caller keeps (a float64 twin's); a
 layer's quantities on an interval once per interval (``LayerInput.memo``); the drifts of
 full CROWN's intervals are extended along its walk, not walked again."""
 
