@@ -41,7 +41,10 @@ import torch
 from exact import LP_ACCURACY, Ball, ExactNet, linf_lipschitz_constant, lp_norm, unique_points
 from torch import nn
 
+from certnet.bounds.ibp import _ball
 from certnet.bounds.margins import spec_bounds
+from certnet.bounds.rules import LayerInput
+from certnet.bounds.rules.affine import LinearRule
 from certnet.bounds.rules.linf_dist import dist_error
 from certnet.certifiers import certify
 from certnet.certifiers.base import CERTIFIERS
@@ -843,3 +846,25 @@ def test_box_bounds_hold_at_a_point_of_cancelling_biases(method):
         assert Fraction(float(rigorous[0])) <= exact and Fraction(float(rigorous[1])) <= -exact
         plain = spec_bounds(net, x.unsqueeze(0), threat, spec, method)[0]
         assert Fraction(float(plain[0])) > exact or Fraction(float(plain[1])) > -exact
+
+
+def test_an_l2_ball_reach_is_above_the_exact_reach():
+    """IBP's l2-ball refinement (ibp._ball, rigorous): radius * ||row||_2 of every row, in
+    exact rationals, is at most the computed reach squared, at ordinary, tiny (squares
+    underflow) and huge magnitudes; the plain reach falls below it on some row (so the check
+    can fail)."""
+    generator = torch.Generator().manual_seed(5)
+    radius = 0.37
+    below = 0
+    for scale in (1.0, 2.0**-540, 2.0**-1000, 2.0**500):
+        layer = nn.Linear(300, 24).double()
+        with torch.no_grad():
+            layer.weight.copy_(torch.randn(24, 300, generator=generator, dtype=F64) * scale)
+        inp = LayerInput(*(torch.zeros(1, 300, dtype=F64),) * 3)
+        rigorous = _ball(LinearRule(), layer, inp, radius, rigorous=True).flatten().tolist()
+        plain = _ball(LinearRule(), layer, inp, radius, rigorous=False).flatten().tolist()
+        for row, got, loose in zip(layer.weight.tolist(), rigorous, plain, strict=True):
+            exact = Fraction(radius) ** 2 * sum(Fraction(w) ** 2 for w in row)
+            assert Fraction(got) ** 2 >= exact, scale
+            below += Fraction(loose) ** 2 < exact
+    assert below
