@@ -444,3 +444,29 @@ def test_exact_inputs_drift_without_a_product_bit_for_bit(monkeypatch):
     inp = LayerInput(*(torch.rand(2, 1, 4, 4, dtype=torch.float64),) * 3)
     with torch.no_grad():
         assert ConvRule().drift(conv, torch.zeros_like(inp.lo), inp).shape == (2, 2, 4, 4)
+
+
+@pytest.mark.parametrize("kernel, padding, stride", [
+    (3, 1, 1), (3, 0, 1), (5, 2, 1), (1, 0, 1), ((3, 5), (1, 2), 1), (3, 3, 1), (3, 1, 2)])
+def test_a_float64_stride_one_transpose_is_the_flipped_convolution(kernel, padding, stride):
+    """ConvRule.transpose in float64 at stride 1 (padding at most the kernel's size - 1): the
+    convolution with the flipped, transposed kernel, within the rounding of any summation
+    order of the transposed convolution's products; elsewhere the transposed convolution."""
+    conv = nn.Conv2d(3, 4, kernel, stride=stride, padding=padding).double()
+    inp = LayerInput(*(torch.zeros(2, 3, 9, 8, dtype=torch.float64),) * 3)
+    out = conv(inp.lo)
+    lam = torch.randn(2, 5, *out.shape[1:], dtype=torch.float64)
+    rule = ConvRule()
+    got = rule.transpose(conv, lam, inp)
+    flat = lam.reshape(-1, *lam.shape[2:])
+    extra = tuple(i - ((o - 1) * s - 2 * p + k) for i, o, s, p, k in zip(
+        (9, 8), out.shape[-2:], conv.stride, conv.padding, conv.weight.shape[-2:], strict=True))
+
+    def transposed(c: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.conv_transpose2d(
+            c, w, None, conv.stride, conv.padding, output_padding=extra).view_as(got)
+    terms = conv.weight.shape[0] * conv.weight.shape[2] * conv.weight.shape[3]
+    bound = 2 * terms * 2.0**-53 * transposed(flat.abs(), conv.weight.abs())
+    assert ((got - transposed(flat, conv.weight)).abs() <= bound).all()
+    flips = ConvRule.flipped_padding(conv, conv.weight) is not None
+    assert flips == (stride == 1 and padding != 3)
