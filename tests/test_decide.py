@@ -123,3 +123,28 @@ def test_cli_verify_writes_vnncomp_results(tmp_path, capsys):
     bad.write_text("(declare-const X_0 Real")
     assert main(["verify", str(net), str(bad)]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_the_bound_functions_defaults_are_the_documented_ones():
+    """spec_bounds: plain CROWN with adaptive slopes; margin_bounds / margin_walk: IBP with
+    adaptive slopes, plain. Each default is compared with the other choices, which differ on
+    this net (so a changed default is seen)."""
+    from certnet.bounds.margins import margin_bounds, margin_walk
+    from certnet.threat import ThreatModel
+
+    net = _net(5, width=16)
+    x = torch.full((1, 3), 0.5, dtype=torch.float64)
+    box = BoxThreat.of(x[0] - 0.3, x[0] + 0.3)
+    spec = torch.randn(1, 4, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with torch.no_grad():
+        default = spec_bounds(net, x, box, spec)
+        assert torch.equal(default, spec_bounds(net, x, box, spec, "crown", "adaptive",
+                                                rigorous=False))
+        for other in (dict(method="crown-ibp"), dict(slope="zero"), dict(rigorous=True)):
+            assert not torch.equal(default, spec_bounds(net, x, box, spec, **other)), other
+        threat, ref = ThreatModel("linf", 0.3), torch.tensor([0])
+        ibp = margin_bounds(net, x, threat, ref)
+        assert torch.equal(ibp, margin_bounds(net, x, threat, ref, "ibp", "adaptive"))
+        assert torch.equal(ibp, margin_walk(net, x, threat, ref)[0])
+        assert not torch.equal(ibp, margin_bounds(net, x, threat, ref, "crown"))
+        assert not torch.equal(margin_walk(net, x, threat, ref, rigorous=True)[0], ibp)
