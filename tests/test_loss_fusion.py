@@ -86,6 +86,34 @@ def test_fused_bound_at_beta_zero_is_ibps_robust_cross_entropy():
                                                       reduction="none"))
 
 
+def test_fused_bound_mixes_its_two_sums_linearly_and_its_crown_sum_is_the_chords():
+    """exp(bound(beta)) = (1 - beta) exp(bound(0)) + beta exp(bound(1)) (the two sums are
+    mixed before the log, everything scaled by the same exp(-max u)); at beta = 1 the sum is
+    sum_j (exp(l_j) - s_j l_j) + 1 - CROWN-IBP's lower bound of sum_j s_j m_j, s_j the
+    chords of exp on IBP's [l_j, u_j] (rebuilt here from IBP's margins and training_bounds'
+    backward pass)."""
+    from certnet.bounds import backward_bound, interval_walk, margin_spec
+    from certnet.bounds.crown import affine_tail
+
+    net = conv_net(6)
+    x = torch.rand(4, 1, 9, 9, generator=torch.Generator().manual_seed(6), dtype=F64)
+    y = torch.tensor([0, 1, 2, 3])
+    threat = ThreatModel("linf", 0.05)
+    at = {beta: fused_training_loss(net, x, threat, y, beta)[0] for beta in (0.0, 0.3, 1.0)}
+    torch.testing.assert_close(at[0.3].exp(), 0.7 * at[0.0].exp() + 0.3 * at[1.0].exp(),
+                               rtol=1e-12, atol=0)
+    seen, logits = interval_walk(net, x, threat)
+    spec = margin_spec(y, logits.shape[1]).to(F64)
+    lower = backward_bound(net, seen, spec, x, threat, stop=affine_tail(net))
+    upper = -backward_bound(net, seen, -spec, x, threat, stop=affine_tail(net))
+    lo, hi = -upper, -lower  # d_j = z_j - z_y
+    chord = (hi.exp() - lo.exp()) / (hi - lo)
+    fused = backward_bound(net, seen, (chord.unsqueeze(2) * spec).sum(1, keepdim=True), x,
+                           threat).squeeze(1)
+    total = 1 + (lo.exp() - chord * lo).sum(1) - fused
+    torch.testing.assert_close(at[1.0], total.log(), rtol=1e-10, atol=1e-12)
+
+
 def test_fused_bound_stays_finite_where_the_margins_overflow_exp():
     """Wide intervals early in training: exp(u_j) overflows float32 at u_j ~ 89; the bound is
     computed relative to exp(max u) and stays finite, gradients too."""
