@@ -142,6 +142,8 @@ def per_row_dot(t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     shape broadcastable to t, as a matrix product where the shapes allow (no t-sized product)."""
     if t.dim() > 2 and v.dim() == t.dim() and v.shape[1] == 1 and \
             v.shape[0] in (1, t.shape[0]) and v.shape[2:] == t.shape[2:]:
+        if t.dim() == 3:  # already (B, S, n): the same product, without the reshapes
+            return (t @ v.transpose(1, 2)).squeeze(2)
         order = _order(t)
         return (_memory_flat(t, order) @ _memory_flat(v, order).transpose(1, 2)).squeeze(2)
     return sum_over(t * v)
