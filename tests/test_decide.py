@@ -148,3 +148,29 @@ def test_the_bound_functions_defaults_are_the_documented_ones():
         assert torch.equal(ibp, margin_walk(net, x, threat, ref)[0])
         assert not torch.equal(ibp, margin_bounds(net, x, threat, ref, "crown"))
         assert not torch.equal(margin_walk(net, x, threat, ref, rigorous=True)[0], ibp)
+
+
+@pytest.mark.parametrize("method", ["crown", "alpha-crown"])
+def test_the_slope_choice_reaches_the_intermediate_bounds(method):
+    """margin_walk's intervals are full CROWN's with the caller's slope rule (not only its
+    last pass): equal to crown_walk's at that slope, and different between two slopes."""
+    from certnet.bounds.crown import crown_walk
+    from certnet.bounds.margins import margin_walk
+    from certnet.threat import ThreatModel
+
+    net = nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                        nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)).double().eval()
+    torch.manual_seed(7)
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.6)
+    x = torch.full((2, 3), 0.5, dtype=torch.float64)
+    threat, ref = ThreatModel("linf", 0.2), torch.tensor([0, 1])
+    seen = {}
+    with torch.no_grad():
+        for slope in ("zero", "one"):
+            seen[slope] = margin_walk(net, x, threat, ref, method, slope)[1]
+            walk = crown_walk(net, x, threat, slope)[0]
+            assert all(torch.equal(a.lo, b.lo) and torch.equal(a.hi, b.hi)
+                       for a, b in zip(seen[slope], walk, strict=True))
+    assert any(not torch.equal(a.lo, b.lo) for a, b in zip(seen["zero"], seen["one"],
+                                                            strict=True))
