@@ -111,6 +111,29 @@ def test_a_rule_without_a_backward_error_is_refused_by_name():
         rule_rho(_NoBackwardError(), Widget(), _inp())
 
 
+def test_a_rule_without_a_drift_or_an_interval_error_is_refused_by_name(monkeypatch):
+    """Kills the messages' layer name and words (ibp.layer_drift, ibp._rigorous_interval),
+    and a clean pass whose drift is unknown is infinite (no ball trusted), not an error."""
+    from certnet.bounds.ibp import _clean_drift, _rigorous_interval, layer_drift
+
+    class NoRounding(BoundRule):
+        def interval(self, m, inp):
+            return inp.lo, inp.hi
+
+    monkeypatch.setattr("certnet.bounds.ibp.rule_for", lambda m: NoRounding())
+    with pytest.raises(UnsupportedLayerError,
+                       match="^Widget: no bound on the rounding of its forward pass$"):
+        layer_drift(Widget(), torch.zeros(1, 3, dtype=torch.float64), _inp())
+    with pytest.raises(UnsupportedLayerError,
+                       match="^Widget: no bound on its interval's rounding$"):
+        _rigorous_interval(NoRounding(), Widget(), _inp())
+    clean = torch.zeros(1, 3, dtype=torch.float64)
+    out = torch.ones(1, 2, dtype=torch.float64)
+    moved = _clean_drift(NoRounding(), Widget(), clean, clean, out)
+    assert moved.shape == out.shape and moved.dtype == out.dtype and moved.isinf().all() \
+        and (moved > 0).all()
+
+
 def test_every_charged_step_is_counted_and_underflow_charged_as_stated():
     """Kills the step count set instead of incremented, and the underflow charge made smaller
     (or larger): each step adds (terms + 16) eta (n max|h| + 1) per point, n the input's
