@@ -851,12 +851,13 @@ def test_box_bounds_hold_at_a_point_of_cancelling_biases(method):
 def test_an_l2_ball_reach_is_above_the_exact_reach():
     """IBP's l2-ball refinement (ibp._ball, rigorous): radius * ||row||_2 of every row, in
     exact rationals, is at most the computed reach squared, at ordinary, tiny (squares
-    underflow) and huge magnitudes; the plain reach falls below it on some row (so the check
-    can fail)."""
+    underflow) and huge magnitudes, at a radius that float32 rounds down; the plain reach
+    falls below it on some row (so the check can fail)."""
     generator = torch.Generator().manual_seed(5)
-    radius = 0.37
     below = 0
-    for scale in (1.0, 2.0**-540, 2.0**-1000, 2.0**500):
+    # 0.7 rounds down in float32: a radius taken in the default dtype would be too small
+    for scale, radius in ((1.0, 0.37), (1.0, 0.7), (2.0**-540, 0.37), (2.0**-1000, 0.37),
+                          (2.0**500, 0.37)):
         layer = nn.Linear(300, 24).double()
         with torch.no_grad():
             layer.weight.copy_(torch.randn(24, 300, generator=generator, dtype=F64) * scale)
