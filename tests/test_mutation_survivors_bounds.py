@@ -401,3 +401,45 @@ def test_alpha_crown_moves_its_slopes_at_the_learning_rate_given():
     with torch.no_grad():
         crown = backward_bound(net, seen, spec, x, threat)
     assert torch.equal(optimized_bound(net, seen, spec, x, threat, steps=4, lr=0.0), crown)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_minus_drift_is_the_documented_formula(dtype):
+    """margins._minus_drift: lower - (|spec| . drift) (1 + gamma_{K+2}) in the bound's dtype,
+    then one step down (docs/rounding.md); kills changed sums, factors and directions."""
+    from certnet.bounds.margins import _minus_drift
+    from certnet.floats import gamma
+
+    generator = torch.Generator().manual_seed(9)
+    # K = 6 outputs: 1 + gamma_8 is a float apart from 1 + gamma_6 and 1 + gamma_9 in both
+    # dtypes (1 + gamma_n rounds to 1 + ceil(n / 2) ulps); drifts as large as the bounds, so
+    # the factor shows in the difference
+    lower = 8 * torch.randn(3, 4, generator=generator, dtype=torch.float64).to(dtype)
+    spec = torch.randn(3, 4, 6, generator=generator, dtype=torch.float64).to(dtype)
+    drift = torch.rand(3, 6, generator=generator, dtype=torch.float64).to(dtype)
+    spread = (spec.abs() * drift.unsqueeze(1)).sum(2) * (1 + gamma(8, dtype))
+    want = torch.nextafter(lower - spread, torch.full_like(lower, -torch.inf))
+    assert torch.equal(_minus_drift(lower, spec, drift), want)
+    assert (want < lower - spread).all()
+
+
+def test_a_float32_box_is_rounded_outward_in_a_rigorous_walk():
+    """interval_walk(rigorous=True) starts from the threat's enclosure: in float32, x - eps
+    and x + eps round to nearest (possibly inside the real set); the enclosure contains the
+    exact ends, the plain box does not always (so the check can fail)."""
+    from fractions import Fraction
+
+    from certnet.bounds.ibp import interval_walk
+    from certnet.threat import ThreatModel
+
+    x = torch.rand(1, 64, generator=torch.Generator().manual_seed(10)) * 0.5 + 0.25
+    threat = ThreatModel("linf", 0.1)
+    net = nn.Sequential(nn.Flatten())
+    rigorous = interval_walk(net, x, threat, rigorous=True)[0][0]
+    plain = interval_walk(net, x, threat)[0][0]
+    inside = 0
+    for i, v in enumerate(x[0].tolist()):
+        lo, hi = Fraction(v) - Fraction(0.1), Fraction(v) + Fraction(0.1)
+        assert Fraction(float(rigorous.lo[0, i])) <= lo and Fraction(float(rigorous.hi[0, i])) >= hi
+        inside += Fraction(float(plain.lo[0, i])) > lo or Fraction(float(plain.hi[0, i])) < hi
+    assert inside
