@@ -14,7 +14,7 @@ from torch import nn
 from certnet.bounds.margins import spec_bounds
 from certnet.cli import main
 from certnet.decide import decide, prepare
-from certnet.errors import InputError
+from certnet.errors import InputError, UnsupportedLayerError
 from certnet.properties import linf_robustness, read_result, read_vnnlib
 from certnet.threat import BoxThreat
 from certnet.verify.oracle import exact_min_margin
@@ -91,6 +91,9 @@ def test_a_prepared_twin_is_reused_while_it_matches_the_network():
     flipped = decide(net, (3,), prop, methods=("crown",), attack=False, twin=twin)
     assert flipped.status == decide(net, (3,), prop, methods=("crown",), attack=False).status
     assert flipped.status != "holds"
+    net[0].register_forward_hook(lambda m, i, o: o)  # the twin's copy has no hook: refused
+    with pytest.raises(UnsupportedLayerError, match="forward hooks"):
+        decide(net, (3,), prop, methods=("crown",), attack=False, twin=twin)
 
 
 def test_decide_refuses_a_property_of_another_size():

@@ -87,8 +87,9 @@ def decide(layers: nn.Sequential, input_shape: tuple[int, ...], prop: Property,
     if math.prod(input_shape) != prop.n_inputs:
         raise InputError(f"the property has {prop.n_inputs} inputs, the network "
                          f"{math.prod(input_shape)} (shape {tuple(input_shape)})")
+    check_plain(layers)  # also when a twin is given: hooks added since are not in its copy
     if twin is None or not twin.matches(layers):
-        twin = prepare(layers)
+        twin = Float64Twin(layers, lambda net: None)
     net = twin.layers
     cases = [(*(t.view(1, *input_shape) for t in prop.box_tensors(i)), prop.violation_tensors(i))
              for i in range(len(prop.cases))]
