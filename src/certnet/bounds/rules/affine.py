@@ -92,7 +92,7 @@ class AffineRule(BoundRule):
             return None
         dtype = inp.lo.dtype
         own = gamma(n + 4, dtype) * self.size(m, inp) + (2 * n + 4) * eta(dtype)
-        if own.shape[1:].numel() == self.outputs(m, inp) and not error.any():
+        if not error.any() and own.shape[1:].numel() == self.outputs(m, inp):
             return own  # exact inputs (the first layer's): |A| 0 = 0, so no product
         spread = self.linear_abs(m, error.expand_as(inp.lo), inp) * (1 + gamma(n + 2, dtype))
         return spread + own
@@ -277,7 +277,6 @@ class ConvRule(WeightRule):
         back = F.conv_transpose2d(flat, weight, None, m.stride, m.padding,
                                   output_padding=(in_h - pad, in_w - pad_w))
         return back.view(*lam.shape[:2], *back.shape[1:])
-
 
     @staticmethod
     def flipped_padding(m: nn.Module, weight: torch.Tensor) -> tuple[int, int] | None:
