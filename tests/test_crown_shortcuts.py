@@ -16,7 +16,7 @@ from torch import nn
 
 from certnet.bounds.crown import affine_tail, backward_bound, backward_bounds, crown_walk
 from certnet.bounds.ibp import drift_walk
-from certnet.bounds.margins import margin_walk
+from certnet.bounds.margins import margin_walk, spec_bounds
 from certnet.bounds.rules import LayerInput
 from certnet.bounds.rules.affine import ConvRule, LinearRule, live_product
 from certnet.bounds.rules.fixed_weights import fixed_weights
@@ -408,6 +408,30 @@ def test_passes_to_several_stops_share_their_steps_bit_for_bit(rigorous):
             alone = backward_bound(net, seen, spec, x, threat, stop=stop, rigorous=rigorous)
             assert torch.equal(bound, alone), stop
     assert not torch.equal(together[1], together[3])  # the stops do differ
+
+
+@pytest.mark.parametrize("rigorous", [False, True])
+def test_a_walk_without_its_clean_pass_gives_the_same_intervals(monkeypatch, rigorous):
+    """``with_clean=False`` (a specification's bound, a margin against a given class) runs
+    no clean pass, and the intervals, chunked into one point at a time too, are bit for
+    bit the walk's with the clean pass."""
+    from certnet.bounds import crown as crown_module
+
+    net, x = _net(), torch.rand(3, 1, 3, 4, dtype=torch.float64)
+    threat = ThreatModel("linf", 0.1)
+    monkeypatch.setattr(crown_module, "CHUNK_ELEMENTS", 1)  # one point per chunk
+    with torch.no_grad():
+        full, clean = crown_walk(net, x, threat, rigorous=rigorous)
+        calls = []  # the clean pass starts with the first layer on x itself
+        hook = net[0].register_forward_hook(lambda m, args, out: calls.append(args[0] is x))
+        bare, none = crown_walk(net, x, threat, rigorous=rigorous, with_clean=False)
+        spec = torch.randn(3, 2, full[-1].lo.shape[1], dtype=torch.float64)
+        spec_bounds(net, x, threat, spec, "crown", rigorous=rigorous)
+    hook.remove()
+    assert clean is not None and none is None and not any(calls)
+    assert all(s.clean is None for s in bare)
+    assert all(torch.equal(a.lo, b.lo) and torch.equal(a.hi, b.hi)
+               for a, b in zip(full, bare, strict=True))
 
 
 def test_a_box_threat_computes_its_terms_once_and_gives_box_minimum_bit_for_bit():

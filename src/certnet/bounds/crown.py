@@ -113,20 +113,21 @@ def needs_bounds(m: nn.Module) -> bool:
 
 def crown_walk(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel,
                slope: Slope = "adaptive", rigorous: bool = False,
-               drifts: list[torch.Tensor] | None = None
-               ) -> tuple[list[LayerInput], torch.Tensor]:
+               drifts: list[torch.Tensor] | None = None, with_clean: bool = True
+               ) -> tuple[list[LayerInput], torch.Tensor | None]:
     """Full CROWN: IBP intervals, then every activation's input interval tightened (in layer
     order) by a backward pass from that layer, for the neurons IBP leaves unstable; the
     intervals after it are re-propagated from the tightened ones. Returns like
     :func:`interval_walk` (``rigorous``: as there, every interval holds the exact and the
     float forward values). ``drifts`` (rigorous only; optional): filled with
-    ``drift_walk(layers, seen)`` of the returned intervals, which the walk computes anyway."""
+    ``drift_walk(layers, seen)`` of the returned intervals, which the walk computes anyway.
+    ``with_clean=False``: no clean pass (the clean inputs and output are None), as there."""
     check_supported(layers)
     if any(rule_for(m).uses_batch_statistics(m) for m in layers):
         raise UnsupportedLayerError("full CROWN bounds chunks of points, and a training-mode "
                                     "BatchNorm (or mean shift) normalises by its batch: put the "
                                     "network in eval mode (certificates always are)")
-    seen, clean = interval_walk(layers, x, threat, rigorous=rigorous)
+    seen, clean = interval_walk(layers, x, threat, rigorous=rigorous, with_clean=with_clean)
     mods = list(layers)
     # float forward - exact forward per neuron (drift_walk), extended to each layer once the
     # intervals before it are final: those below a tightened layer never change again
@@ -218,7 +219,7 @@ def _neuron_bounds(layers: nn.Sequential, seen: list[LayerInput], x: torch.Tenso
         points = slice(p, p + point_chunk)
         # the whole batch: the intervals themselves, with what their charges keep (memo)
         part = seen if point_chunk >= batch else \
-            [LayerInput(s.lo[points], s.hi[points], s.clean[points]) for s in seen]
+            [s.rows(points) for s in seen]
         n = part[0].lo.shape[0]
         for r in range(0, width, row_chunk):
             cols = table[points, r:r + row_chunk]  # (n, k): each point's rows of this chunk

@@ -55,7 +55,7 @@ def patch_neuron_bounds(layers: nn.Sequential, seen: list[LayerInput], x: torch.
     for p in range(0, batch, point_chunk):
         points = slice(p, p + point_chunk)
         part = seen if point_chunk >= batch else \
-            [LayerInput(s.lo[points], s.hi[points], s.clean[points]) for s in seen]
+            [s.rows(points) for s in seen]
         for q in range(0, len(positions), position_chunk):
             for g in range(0, slots, slot_chunk):
                 channels = table[q:q + position_chunk, g:g + slot_chunk]

@@ -95,7 +95,7 @@ def _walk(layers: nn.Sequential, x: torch.Tensor, threat: ThreatModel, method: B
     (``drift_walk(layers, seen)``, else [])."""
     drifts: list[torch.Tensor] = []
     if method in ("crown", "alpha-crown"):
-        return *crown_walk(layers, x, threat, slope, rigorous, drifts), drifts
+        return *crown_walk(layers, x, threat, slope, rigorous, drifts, with_clean), drifts
     return *interval_walk(layers, x, threat, with_clean=with_clean, rigorous=rigorous), drifts
 
 

@@ -45,7 +45,7 @@ class LayerInput:
 
     lo: torch.Tensor
     hi: torch.Tensor
-    clean: torch.Tensor
+    clean: torch.Tensor | None
     _memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def memo(self, key: Hashable, compute: Callable[[], Any]) -> Any:
@@ -60,6 +60,11 @@ class LayerInput:
                 return value
             self._memo[key] = value
         return self._memo[key]
+
+    def rows(self, points: slice) -> LayerInput:
+        """The interval (and clean input, where there is one) of the points ``points``."""
+        return LayerInput(self.lo[points], self.hi[points],
+                          None if self.clean is None else self.clean[points])
 
     @property
     def magnitude(self) -> torch.Tensor:
