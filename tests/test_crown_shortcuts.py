@@ -12,6 +12,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from certnet.bounds.crown import affine_tail, backward_bound, backward_bounds, crown_walk
@@ -432,6 +433,28 @@ def test_a_walk_without_its_clean_pass_gives_the_same_intervals(monkeypatch, rig
     assert all(s.clean is None for s in bare)
     assert all(torch.equal(a.lo, b.lo) and torch.equal(a.hi, b.hi)
                for a, b in zip(full, bare, strict=True))
+
+
+def test_a_dense_interval_reads_only_the_weights_its_other_steps_read():
+    """A dense layer's interval halves after its products: the same interval as the halved
+    weights' (within one rounding of each end, any order), with no weight-sized matrix kept
+    beyond W itself and |W|, which its backward steps and drift read."""
+    from certnet.floats import gamma
+
+    g = torch.Generator().manual_seed(3)
+    m = nn.Linear(7, 5).double()
+    lo = torch.randn(3, 7, generator=g, dtype=torch.float64)
+    inp = LayerInput(lo, lo + torch.rand(3, 7, generator=g, dtype=torch.float64), lo)
+    store: dict = {}
+    with torch.no_grad(), fixed_weights(store):
+        got = LinearRule().interval(m, inp)
+        half = F.linear(inp.hi + inp.lo, m.weight * 0.5, m.bias)
+        r = F.linear(inp.hi - inp.lo, m.weight.abs() * 0.5)
+        size = F.linear(torch.maximum(inp.lo.abs(), inp.hi.abs()), m.weight.abs(),
+                        m.bias.abs())
+    for a, b in zip(got, (half - r, half + r), strict=True):
+        assert ((a - b).abs() <= 4 * gamma(10) * size).all()
+    assert [name for _, name in store] == ["abs_weight"]
 
 
 def test_a_box_threat_computes_its_terms_once_and_gives_box_minimum_bit_for_bit():
