@@ -177,3 +177,11 @@ def test_the_slope_choice_reaches_the_intermediate_bounds(method):
                        for a, b in zip(seen[slope], walk, strict=True))
     assert any(not torch.equal(a.lo, b.lo) for a, b in zip(seen["zero"], seen["one"],
                                                             strict=True))
+    # and spec_bounds's: its bound is the last pass on crown_walk's intervals at that slope
+    from certnet.bounds.margins import _lower, margin_spec, spec_bounds
+
+    spec = margin_spec(ref, 3).double()
+    with torch.no_grad():
+        for slope in ("zero", "one"):
+            want = _lower(net, seen[slope], spec, x, threat, method, slope, False)
+            assert torch.equal(spec_bounds(net, x, threat, spec, method, slope), want)

@@ -443,3 +443,66 @@ def test_a_float32_box_is_rounded_outward_in_a_rigorous_walk():
         assert Fraction(float(rigorous.lo[0, i])) <= lo and Fraction(float(rigorous.hi[0, i])) >= hi
         inside += Fraction(float(plain.lo[0, i])) > lo or Fraction(float(plain.hi[0, i])) < hi
     assert inside
+
+
+def test_a_rigorous_walk_convolves_by_gemm_in_either_dtype(monkeypatch):
+    """A rigorous walk (float64, or its box in float32) runs its convolutions with oneDNN off
+    (im2col + GEMM, a dot product per output, whose rounding the bounds cover; oneDNN may use
+    Winograd); a plain walk leaves the backend as it was."""
+    import copy
+
+    from certnet.bounds.rules.affine import ConvRule
+
+    seen = []
+    apply = ConvRule.apply
+
+    def spy(self, m, h, weight, bias):
+        seen.append(torch.backends.mkldnn.enabled)
+        return apply(self, m, h, weight, bias)
+    monkeypatch.setattr(ConvRule, "apply", spy)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten()).double()
+    x, threat = torch.rand(1, 1, 5, 5, dtype=torch.float64), ThreatModel("linf", 0.1)
+    assert torch.backends.mkldnn.enabled
+    with torch.no_grad():
+        interval_walk(net, x, threat, rigorous=True)
+        interval_walk(net, x, threat, box_layers=copy.deepcopy(net).float())
+        rigorous = list(seen)
+        seen.clear()
+        interval_walk(net, x, threat)
+    assert rigorous and not any(rigorous)
+    assert seen and all(seen)
+
+
+def _long_sum_net() -> tuple[nn.Sequential, Fraction]:
+    """x -> 4096 outputs w_j x (w_j = 1 - k_j 2^-52, x = 1), specification: their sum. The
+    backward pass sums 4096 coefficients in float (rounding up to 2e-10 here), while the
+    forward pass rounds each output once (drift 3e-12 in all): the drift subtracted at the
+    end cannot pay for the backward pass's own rounding. Returns the net and the exact sum."""
+    g = torch.Generator().manual_seed(1)
+    linear = nn.Linear(1, 4096, bias=False).double()
+    with torch.no_grad():
+        linear.weight.copy_(1 - torch.randint(0, 2 ** 10, (4096, 1), generator=g).double()
+                            * 2.0 ** -52)
+    exact = sum((Fraction(w) for w in linear.weight.flatten().tolist()), Fraction(0))
+    return nn.Sequential(linear), exact
+
+
+@pytest.mark.parametrize("method", ["ibp", "crown-ibp", "crown", "alpha-crown"])
+def test_the_final_pass_charges_its_own_rounding_beyond_the_drift(method):
+    from certnet.bounds.crown import backward_bound
+    from certnet.bounds.ibp import drift_walk
+    from certnet.bounds.margins import _minus_drift, spec_bounds
+    from certnet.threat import BoxThreat
+
+    net, exact = _long_sum_net()
+    x = torch.ones(1, 1, dtype=torch.float64)
+    threat = BoxThreat.of(x[0], x[0])
+    spec = torch.ones(1, 1, 4096, dtype=torch.float64)
+    with torch.no_grad():
+        bound = spec_bounds(net, x, threat, spec, method, rigorous=True)
+        assert Fraction(float(bound)) <= exact
+        # non-vacuity: the same pass uncharged, less the drift, claims more than the exact sum
+        seen, _ = interval_walk(net, x, threat, rigorous=True)
+        plain = backward_bound(net, seen, spec, x, threat)
+        assert Fraction(float(_minus_drift(plain, spec, drift_walk(net, seen)[-1]))) > exact
