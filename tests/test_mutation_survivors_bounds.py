@@ -506,3 +506,29 @@ def test_the_final_pass_charges_its_own_rounding_beyond_the_drift(method):
         seen, _ = interval_walk(net, x, threat, rigorous=True)
         plain = backward_bound(net, seen, spec, x, threat)
         assert Fraction(float(_minus_drift(plain, spec, drift_walk(net, seen)[-1]))) > exact
+
+
+def test_alpha_crown_keeps_the_slope_choice_of_layers_it_does_not_optimise():
+    """A MinMax layer has no optimisable slopes: alpha-CROWN's passes relax it with the
+    caller's slope choice. With a zero learning rate every pass is CROWN's own, so the result
+    is CROWN's bound bit for bit; the upper line's slope on MinMax (the choice None) would be
+    tighter on some rows here, and show."""
+    from certnet.bounds.alpha_crown import optimized_bound
+    from certnet.bounds.crown import backward_bound
+    from certnet.bounds.rules import rule_for
+    from certnet.nn.activations import MinMax
+
+    torch.manual_seed(35)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), MinMax(),
+                        nn.Linear(8, 3)).double().eval()
+    x, threat = torch.rand(2, 4, dtype=torch.float64), ThreatModel("linf", 0.3)
+    spec = torch.randn(2, 4, 3, dtype=torch.float64)
+    with torch.no_grad():
+        seen, _ = crown_walk(net, x, threat)
+        crown = backward_bound(net, seen, spec, x, threat, "adaptive")
+        start = rule_for(net[1]).slopes(net[1], seen[1], "adaptive").unsqueeze(1)
+        other = backward_bound(net, seen, spec, x, threat, None,
+                               alphas={1: start.expand(-1, 4, -1)})
+    assert (other > crown + 1e-9).any()  # the case this is about
+    optimised = optimized_bound(net, seen, spec, x, threat, "adaptive", steps=1, lr=0.0)
+    assert torch.equal(optimised, crown)
