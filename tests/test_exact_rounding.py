@@ -851,13 +851,16 @@ def test_box_bounds_hold_at_a_point_of_cancelling_biases(method):
 def test_an_l2_ball_reach_is_above_the_exact_reach():
     """IBP's l2-ball refinement (ibp._ball, rigorous): radius * ||row||_2 of every row, in
     exact rationals, is at most the computed reach squared, at ordinary, tiny (squares
-    underflow) and huge magnitudes, at a radius that float32 rounds down; the plain reach
+    underflow) and huge magnitudes, at a radius that float32 rounds down and at a subnormal
+    one; the plain reach
     falls below it on some row (so the check can fail)."""
     generator = torch.Generator().manual_seed(5)
     below = 0
     # 0.7 rounds down in float32: a radius taken in the default dtype would be too small
+    # a subnormal radius: the product rounds to a multiple of the smallest subnormal, whatever
+    # the norms' relative slack
     for scale, radius in ((1.0, 0.37), (1.0, 0.7), (2.0**-540, 0.37), (2.0**-1000, 0.37),
-                          (2.0**500, 0.37)):
+                          (2.0**500, 0.37), (1.0, 3 * 2.0**-1074)):
         layer = nn.Linear(300, 24).double()
         with torch.no_grad():
             layer.weight.copy_(torch.randn(24, 300, generator=generator, dtype=F64) * scale)
@@ -869,3 +872,19 @@ def test_an_l2_ball_reach_is_above_the_exact_reach():
             assert Fraction(got) ** 2 >= exact, scale
             below += Fraction(loose) ** 2 < exact
     assert below
+
+
+def test_a_float32_l2_ball_reach_is_above_the_exact_reach():
+    """The same in float32 (a float32 network's rigorous walk): its norms round by float32's
+    unit, and the radius itself rounds (0.7 down) when taken in the layer's dtype."""
+    generator = torch.Generator().manual_seed(5)
+    for radius in (0.37, 0.7):
+        layer = nn.Linear(300, 24)
+        with torch.no_grad():
+            layer.weight.copy_(torch.randn(24, 300, generator=generator))
+        inp = LayerInput(*(torch.zeros(1, 300),) * 3)
+        reach = _ball(LinearRule(), layer, inp, radius, rigorous=True)
+        assert reach.dtype == torch.float32
+        for row, got in zip(layer.weight.tolist(), reach.flatten().tolist(), strict=True):
+            assert Fraction(got) ** 2 >= Fraction(radius) ** 2 * sum(Fraction(w) ** 2
+                                                                     for w in row)

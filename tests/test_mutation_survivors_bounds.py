@@ -532,3 +532,25 @@ def test_alpha_crown_keeps_the_slope_choice_of_layers_it_does_not_optimise():
     assert (other > crown + 1e-9).any()  # the case this is about
     optimised = optimized_bound(net, seen, spec, x, threat, "adaptive", steps=1, lr=0.0)
     assert torch.equal(optimised, crown)
+
+
+def test_a_plain_ball_reach_is_the_radius_times_the_row_norms():
+    from certnet.bounds.ibp import _ball
+    from certnet.bounds.rules.affine import LinearRule
+
+    layer = nn.Linear(5, 3).double()
+    inp = LayerInput(*(torch.zeros(1, 5, dtype=torch.float64),) * 3)
+    with torch.no_grad():
+        reach = _ball(LinearRule(), layer, inp, 0.37, rigorous=False)
+        assert torch.equal(reach, 0.37 * layer.weight.norm(dim=1))
+
+
+def test_a_float32_box_pass_is_offered_where_every_interval_bounds_its_rounding():
+    """Dense layers (their fan-in known) and exact ones (ReLU, Flatten) may run the box in
+    float32; a per-channel affine map (Normalize: no fan-in, its weights rounded) may not."""
+    from certnet.bounds.ibp import supports_low_precision
+    from certnet.nn.lipschitz import Normalize
+
+    dense = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    assert supports_low_precision(dense)
+    assert not supports_low_precision(nn.Sequential(Normalize([0.5], [0.25]), *dense))
