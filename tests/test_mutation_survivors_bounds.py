@@ -554,3 +554,50 @@ def test_a_float32_box_pass_is_offered_where_every_interval_bounds_its_rounding(
     dense = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
     assert supports_low_precision(dense)
     assert not supports_low_precision(nn.Sequential(Normalize([0.5], [0.25]), *dense))
+
+
+def test_every_pass_of_the_margin_and_training_bounds_takes_the_slope_given(monkeypatch):
+    """The caller's slope rule reaches every backward pass of margin_bounds, training_bounds
+    and fused_training_loss (CROWN's adaptive rule where none is given)."""
+    import inspect
+
+    from certnet.bounds import margins
+
+    seen = []
+    for name in ("backward_bound", "backward_bounds"):
+        original = getattr(margins, name)
+
+        def spy(*args, original=original, **kwargs):
+            bound = inspect.signature(original).bind(*args, **kwargs)
+            bound.apply_defaults()
+            seen.append(bound.arguments["slope"])
+            return original(*args, **kwargs)
+        monkeypatch.setattr(margins, name, spy)
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+    x, threat = torch.rand(2, 3, dtype=torch.float64), ThreatModel("linf", 0.3)
+    y = torch.tensor([0, 2])
+    with torch.no_grad():
+        for slope in ("zero", "one"):
+            seen.clear()
+            margins.margin_bounds(net, x, threat, y, "crown", slope)
+            margins.training_bounds(net, x, threat, y, 0.5, slope)
+            margins.fused_training_loss(net, x, threat, y, 0.5, slope)
+            assert seen and set(seen) == {slope}
+        seen.clear()
+        margins.fused_training_loss(net, x, threat, y, 0.5)
+        margins.training_bounds(net, x, threat, y, 0.5)
+        assert seen and set(seen) == {"adaptive"}
+
+
+def test_a_drift_walk_starts_at_the_input_by_default():
+    from certnet.bounds.ibp import drift_walk
+
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+    x, threat = torch.rand(2, 3, dtype=torch.float64), ThreatModel("linf", 0.1)
+    with torch.no_grad():
+        seen, _ = interval_walk(net, x, threat, rigorous=True)
+        drifts = drift_walk(net, seen)
+    assert len(drifts) == len(net) + 1 and not drifts[0].any() and drifts[1].gt(0).all()
+    assert all(torch.equal(a, b) for a, b in zip(drifts, drift_walk(net, seen, 0), strict=True))
