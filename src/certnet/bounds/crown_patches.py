@@ -288,7 +288,8 @@ def _patch_charge(lam: torch.Tensor, top: torch.Tensor | float, n: int, shared: 
                   ) -> torch.Tensor:
     """An upper bound on sum_j |lam_j| rho_j over each window (n, U, 2G) (as
     :class:`Rounding`'s: ||lam||_1 max rho), lam the patches (U, 2G, C, h, w) when ``shared``
-    by the points, else (n * U, 2G, C, h, w), ``top`` the step's largest rho per point."""
+    by the points, else (n * U, 2G, C, h, w), ``top`` the step's largest rho per point (B, 1)
+    or one for all (a float: an identity's 0.0)."""
     total = l1_rows(lam)
-    return total.unsqueeze(0) * top.view(-1, 1, 1) if shared else \
-        total.view(n, -1, lam.shape[1]) * top.view(-1, 1, 1)
+    top = top.view(-1, 1, 1) if isinstance(top, torch.Tensor) else top  # a scalar: any step
+    return total.unsqueeze(0) * top if shared else total.view(n, -1, lam.shape[1]) * top
