@@ -102,3 +102,30 @@ def test_a_pair_whose_gap_or_constant_is_unusable_certifies_nothing():
     assert radius[0] == torch.nextafter(torch.tensor(0.5, dtype=torch.float64),
                                         torch.tensor(0.0, dtype=torch.float64))
     assert radius[1:].eq(0).all(), radius
+
+
+def test_local_bounds_walk_rigorously_without_a_float32_box():
+    """Without a float32 copy (weights float32 cannot hold) the local walk is the rigorous
+    float64 one: its head interval holds the exact values behind biases of 2^52 that cancel
+    (a plain walk rounds them away)."""
+    from certnet.bounds.local import local_layer_bounds
+    from certnet.threat import ThreatModel
+
+    up, down, head = (LipschitzLinear(2, 2).double() for _ in range(3))
+    with torch.no_grad():
+        for layer in (up, down, head):
+            layer.weight.copy_(torch.eye(2, dtype=torch.float64))
+        up.bias.fill_(2.0 ** 52)
+        down.bias.fill_(-(2.0 ** 52))
+        head.bias.zero_()
+    net = nn.Sequential(up, nn.ReLU(), down, nn.ReLU(), head)
+    x = torch.tensor([[0.3, 0.6]], dtype=torch.float64)
+    threat = ThreatModel("linf", 0.125)
+    with torch.no_grad():
+        _, _, last = local_layer_bounds(net, x, threat, SoundConstants.of(net).layers, {},
+                                        box_layers=None)
+    lo, hi = (Fraction(v) for v in last.lo[0].tolist()), (Fraction(v) for v in last.hi[0].tolist())
+    for low, high, centre in zip(lo, hi, x[0].tolist(), strict=True):
+        for end in (Fraction(centre) - Fraction(0.125), Fraction(centre) + Fraction(0.125)):
+            exact = max(end, Fraction(0))  # relu(relu(h + 2^52) - 2^52), h + 2^52 > 0
+            assert low <= exact <= high
