@@ -11,8 +11,8 @@ the machine's load alike; one untimed warm-up per network and method) of:
 
 * certnet ``spec_bounds(..., rigorous=True)`` (what ``certnet verify`` proves with: below the
   exact value and that of the float forward pass), keeping the weight quantities its walks
-  read (|W|, W/2, |W|/2) across a network's properties, as ``certnet verify`` does with its
-  one float64 copy per network (``certnet.decide.prepare``),
+  read (|W|; W/2 and |W|/2 for convolutions) across a network's properties, as
+  ``certnet verify`` does with its one float64 copy per network (``certnet.decide.prepare``),
 * certnet ``spec_bounds(..., rigorous=False)`` (the plain float bound),
 * auto_LiRPA ``compute_bounds(C=C, method="CROWN")``, and for alpha-CROWN its CROWN pass then
   ``method="CROWN-Optimized"`` with that pass's intermediate bounds fixed
@@ -124,7 +124,7 @@ def bench_network(network: str, root: Path, limit: int | None, methods: list[str
     net = copy.deepcopy(g.sequential()).to(dtype).eval()
     for p in net.parameters():
         p.requires_grad_(False)
-    # the weight quantities certnet's walks keep (|W|, W/2, ...), kept across the network's
+    # the weight quantities certnet's walks keep (|W|, row sums, ...), kept across the network's
     # properties as `certnet verify` keeps them with its one copy per network (decide.prepare)
     store: dict = {}
 
