@@ -227,7 +227,7 @@ def test_a_step_with_batch_statistics_reads_the_clean_batch_and_is_refused_by_cr
             crown_walk(chain, x, threat)
 
 
-def test_a_step_whose_operator_has_no_relaxation_ends_the_backward_pass(shift_rules):
+def test_a_step_whose_operator_has_no_relaxation_ends_the_backward_pass():
     """An interval-only operator (no linear relaxation) inside a step: CROWN concretizes
     on its output interval instead of relaxing it."""
     from certnet.bounds.crown import relaxation_floor
