@@ -421,10 +421,12 @@ def test_a_walk_without_its_clean_pass_gives_the_same_intervals(monkeypatch, rig
     net, x = _net(), torch.rand(3, 1, 3, 4, dtype=torch.float64)
     threat = ThreatModel("linf", 0.1)
     monkeypatch.setattr(crown_module, "CHUNK_ELEMENTS", 1)  # one point per chunk
+    calls = []  # the clean pass starts with the first layer on x itself
+    hook = net[0].register_forward_hook(lambda m, args, out: calls.append(args[0] is x))
     with torch.no_grad():
         full, clean = crown_walk(net, x, threat, rigorous=rigorous)
-        calls = []  # the clean pass starts with the first layer on x itself
-        hook = net[0].register_forward_hook(lambda m, args, out: calls.append(args[0] is x))
+        assert any(calls)  # the hook sees a clean pass
+        calls.clear()
         bare, none = crown_walk(net, x, threat, rigorous=rigorous, with_clean=False)
         spec = torch.randn(3, 2, full[-1].lo.shape[1], dtype=torch.float64)
         spec_bounds(net, x, threat, spec, "crown", rigorous=rigorous)
