@@ -13,14 +13,14 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
-from exact import exact_layer, rationals
+from exact import _conv, exact_layer, rationals
 from torch import nn
 
 from certnet.bounds.ibp import layer_interval
 from certnet.bounds.rules import SLOPES, LayerInput, rule_for
 from certnet.nn.activations import ClippedMinMax, ClippedReLU, MinMax
 from certnet.nn.linf_dist import LinfDist, MeanShift, Negate
-from certnet.nn.lipschitz import LipschitzConv2d, LipschitzLinear, Normalize
+from certnet.nn.lipschitz import LipschitzConv2d, LipschitzLinear, Normalize, ResidualConv2d
 
 BIG = 2.0**52
 
@@ -45,6 +45,24 @@ def cancelling_conv() -> nn.Module:
     weight = torch.tensor([[[[1e16, 1.0], [-1e16, 0.5]]], [[[-2.0**-40, 3.0], [1e-3, -1.0]]]],
                           dtype=torch.float64)
     return _set(m, weight=weight, bias=torch.tensor([1e16, -1.5], dtype=torch.float64))
+
+
+def residual_conv() -> nn.Module:
+    """x + alpha conv(x) folded into the kernel alpha W + I (computed: it rounds), with a
+    huge weight beside O(1) ones and an alpha that makes alpha W inexact."""
+    m = ResidualConv2d(2, 3, alpha=0.3).double()
+    weight = torch.zeros(2, 2, 3, 3, dtype=torch.float64)
+    weight[0, 0] = torch.tensor([[1e16, 1.0, -0.7], [0.1, 3.0, -1e16], [2.0**-40, 0.0, 5.0]])
+    weight[1, 1, 1] = torch.tensor([-1.3, 7.0, 0.9])
+    weight[0, 1, 2, 2], weight[1, 0, 0, 0] = 1e-3, -2.5
+    return _set(m, weight=weight, bias=torch.tensor([3e15, -0.25], dtype=torch.float64))
+
+
+def _exact_residual_conv(m: ResidualConv2d) -> Callable[[np.ndarray], np.ndarray]:
+    """(alpha W + I) * v + b exactly: alpha (W * v) + v + b."""
+    conv, alpha = _conv(m), Fraction(m.alpha)  # W * v + b with the layer's own W
+    bias = rationals(m.bias).reshape(-1, 1, 1)
+    return lambda v: alpha * (conv(v) - bias) + v + bias
 
 
 def batchnorm() -> nn.Module:
@@ -100,6 +118,7 @@ def _exact_clipped_minmax(m: ClippedMinMax) -> Callable[[np.ndarray], np.ndarray
 CASES = [
     ("linear", cancelling_linear, (3,), 1.0),
     ("conv", cancelling_conv, (1, 2, 2), 1.0),
+    ("residual-conv", residual_conv, (2, 3, 3), 1.0),
     ("batchnorm", batchnorm, (3,), 10.0),
     ("normalize", lambda: Normalize([BIG], [3.0]).double(), (1, 1, 3), 1.0),
     ("relu", nn.ReLU, (4,), 1e8),
@@ -111,7 +130,8 @@ CASES = [
     ("mean-shift", mean_shift, (3,), 1.0),
     ("negate", Negate, (3,), 1e300),
 ]
-EXACT = {ClippedReLU: _exact_clipped_relu, ClippedMinMax: _exact_clipped_minmax}
+EXACT = {ClippedReLU: _exact_clipped_relu, ClippedMinMax: _exact_clipped_minmax,
+         ResidualConv2d: _exact_residual_conv}
 
 
 def _exact(m: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
