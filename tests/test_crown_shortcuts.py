@@ -438,9 +438,9 @@ def test_a_walk_without_its_clean_pass_gives_the_same_intervals(monkeypatch, rig
 
 
 def test_a_dense_interval_reads_only_the_weights_its_other_steps_read():
-    """A dense layer's interval halves after its products: the same interval as the halved
-    weights' (within one rounding of each end, any order), with no weight-sized matrix kept
-    beyond W itself and |W|, which its backward steps and drift read."""
+    """A dense layer's interval is IBP's centre/radius form on W and |W|: the same interval as
+    the halved weights' (within one rounding of each end, any order), with no weight-sized
+    matrix kept beyond W itself and |W|, which its backward steps and drift read."""
     from certnet.floats import gamma
 
     g = torch.Generator().manual_seed(3)

@@ -19,8 +19,8 @@ from certnet.nn.lipschitz import LipschitzLinear
 from certnet.nn.spectral import BOUND_SLACK
 
 
-def _exact_row_distance(w: torch.Tensor, i: int, j: int) -> Fraction:
-    """||w_i - w_j||_2 in exact rationals (a rational upper bound of the root's square)."""
+def _exact_squared_distance(w: torch.Tensor, i: int, j: int) -> Fraction:
+    """||w_i - w_j||_2 squared, in exact rationals."""
     return sum((Fraction(a) - Fraction(b)) ** 2 for a, b in zip(w[i].tolist(), w[j].tolist(),
                                                                 strict=True))
 
@@ -35,7 +35,7 @@ def test_sound_pairwise_constants_are_above_the_exact_ones_and_within_their_slac
     body = Fraction(float(sound.body))
     for i in range(4):
         for j in range(4):
-            squared = _exact_row_distance(w, i, j) * body ** 2
+            squared = _exact_squared_distance(w, i, j) * body ** 2
             k = Fraction(float(sound.pairwise[i, j]))
             assert k ** 2 >= squared
             if i != j:

@@ -203,7 +203,7 @@ def _neuron_bounds(layers: nn.Sequential, seen: list[LayerInput], x: torch.Tenso
         return patch_neuron_bounds(layers, seen, x, threat, slope, upto, rows, plan,
                                    PATCH_CHUNK_ELEMENTS, rigorous)
     batch, shape = seen[upto].lo.shape[0], seen[upto].lo.shape[1:]
-    if mine is None or batch == 1:  # (one point needs every row: they are its own)
+    if mine is None or bool(mine.all()):  # every point needs every row (one point always)
         width, table = len(rows), torch.arange(len(rows), device=rows.device).expand(batch, -1)
     else:  # each point's own rows first (positions in ``rows``), then the others
         width = int(mine.sum(1).max())

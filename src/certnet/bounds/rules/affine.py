@@ -142,8 +142,8 @@ class WeightRule(AffineRule):
     """z = W h + b with a weight tensor W that ``apply`` uses (a matrix product, a convolution).
     The interval is IBP's centre/radius form computed as (W/2)(hi + lo) + b -/+ (|W|/2)(hi - lo):
     halving the weight is exact, so it rounds as the centre/radius form does (``interval_error``
-    holds), with three elementwise passes over the activations fewer (a dense layer halves
-    after the product instead: :meth:`LinearRule.interval`)."""
+    holds), with three elementwise passes over the activations fewer (a dense layer keeps
+    :meth:`AffineRule.interval`: see :class:`LinearRule`)."""
 
     @staticmethod
     def weight(m: nn.Module) -> torch.Tensor:
@@ -181,16 +181,9 @@ class LinearRule(WeightRule):
     def outputs(self, m, inp):
         return m.out_features
 
-    def interval(self, m, inp):
-        """(W (hi + lo)) / 2 + b -/+ (|W| (hi - lo)) / 2: the halved weights' products, halved
-        after the sum instead (exact, as halving the weights is), so a dense layer, whose
-        weights outweigh its activations, reads W and |W| (which its backward steps and drift
-        read too) instead of two more weight-sized matrices."""
-        z = F.linear(inp.hi + inp.lo, m.weight).mul_(0.5)
-        if m.bias is not None:
-            z = z.add_(m.bias)
-        r = F.linear(inp.hi - inp.lo, self.abs_weight(m)).mul_(0.5)
-        return z - r, z + r
+    #: AffineRule's centre/radius form: a dense layer, whose weights outweigh its activations,
+    #: reads W and |W| (which its backward steps and drift read too), not W/2 and |W|/2
+    interval = AffineRule.interval
 
     def row_norms(self, m, inp):
         return m.weight.norm(dim=1)
