@@ -41,6 +41,11 @@ def rationals(t: torch.Tensor) -> np.ndarray:
     return out.reshape(tuple(t.shape))
 
 
+def flat_rationals(t: torch.Tensor) -> list[Fraction]:
+    """:func:`rationals` of ``t``, flattened to a list."""
+    return list(rationals(t).reshape(-1))
+
+
 def exact_sqrt(q: Fraction) -> Fraction:
     """sqrt(q) for a q whose numerator and denominator are perfect squares, else ValueError."""
     num, den = math.isqrt(q.numerator), math.isqrt(q.denominator)

@@ -17,7 +17,7 @@ from fractions import Fraction
 
 import pytest
 import torch
-from exact import rationals
+from exact import flat_rationals as _q
 from torch import nn
 
 from certnet.bounds.crown import backward_bound, crown_walk
@@ -39,10 +39,6 @@ F64, F32 = torch.float64, torch.float32
 def _box(lo: list[float], hi: list[float], dtype: torch.dtype = F64) -> LayerInput:
     lo_t, hi_t = torch.tensor([lo], dtype=dtype), torch.tensor([hi], dtype=dtype)
     return LayerInput(lo_t, hi_t, lo_t)
-
-
-def _q(t: torch.Tensor) -> list[Fraction]:
-    return list(rationals(t).reshape(-1))
 
 
 # -- the residual add's own rounding -----------------------------------------------------------

@@ -19,6 +19,7 @@ from fractions import Fraction
 import pytest
 import torch
 import torch.nn.functional as F
+from exact import flat_rationals as _flat
 from exact import rationals
 from piecewise_checks import box_points, check_backward, exact_of
 from torch import nn
@@ -28,10 +29,6 @@ from certnet.bounds.rules import LayerInput, rule_for
 from certnet.errors import UnsupportedLayerError
 
 F64, F32 = torch.float64, torch.float32
-
-
-def _flat(t: torch.Tensor) -> list[Fraction]:
-    return list(rationals(t).reshape(-1))
 
 
 def _exact_leaky(a: float, h: Fraction) -> Fraction:

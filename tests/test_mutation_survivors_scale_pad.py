@@ -21,7 +21,7 @@ from fractions import Fraction
 import pytest
 import torch
 import torch.nn.functional as F
-from exact import rationals
+from exact import flat_rationals as _flat
 from torch import nn
 
 from certnet.bounds.ibp import layer_interval
@@ -34,10 +34,6 @@ from certnet.nn.rounding import rounding_bound
 from certnet.nn.scale import Scale
 
 F64, F32 = torch.float64, torch.float32
-
-
-def _flat(t: torch.Tensor) -> list[Fraction]:
-    return list(rationals(t).reshape(-1))
 
 
 def _up(t: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from exact import exact_layer, rationals
+from exact import flat_rationals as _flat
 from graph_checks import agree_with_onnxruntime, attacked_minimum, save_onnx
 from torch import nn
 
@@ -281,10 +282,6 @@ def _box(shape: tuple[int, ...], seed: int) -> tuple[torch.Tensor, torch.Tensor]
     width = torch.rand(shape, generator=g, dtype=F64) * size * \
         torch.randint(0, 2, shape, generator=g)
     return lo.unsqueeze(0), (lo + width).unsqueeze(0)
-
-
-def _flat(t: torch.Tensor) -> list[Fraction]:
-    return list(rationals(t).reshape(-1))
 
 
 def _ends(t: torch.Tensor) -> list[Fraction | float]:
